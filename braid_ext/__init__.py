@@ -1,0 +1,35 @@
+"""braid_ext: a multigrid-reduction-in-time (MGRIT) solver with a C core.
+
+    from mpi4py import MPI
+    from braid_ext import Solver
+    from braid_ext.examples.dahlquist import Dahlquist
+
+    solver = Solver(Dahlquist(lam=-1.0), MPI.COMM_WORLD, 0.0, 1.0, 1024,
+                    max_levels=3, cfactor=4, relax="FCF", abs_tol=1e-12)
+    residuals = solver.solve()
+
+An app is any object with the methods step, init, clone, sum, norm, bufsize,
+pack and unpack (free and access optional); NumpyApp supplies all but step
+and init for numpy vectors.
+"""
+from mpi4py import MPI as _MPI  # loads the MPI library before the core
+
+from braid_ext._core import (
+    AccessStatus,
+    MGRITError,
+    NonFiniteResidualError,
+    Solver,
+    StepStatus,
+    check_app,
+)
+from braid_ext.numpy_app import NumpyApp
+
+__all__ = [
+    "Solver",
+    "StepStatus",
+    "AccessStatus",
+    "MGRITError",
+    "NonFiniteResidualError",
+    "NumpyApp",
+    "check_app",
+]

@@ -1,0 +1,616 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The MGRIT solver core, driven by a Python application object.
+
+A Python app supplies the vector operations and the time step as methods;
+the C core calls them through the trampolines below.  Vectors are arbitrary
+Python objects (numpy arrays, torch tensors, ...), held by the core in small
+boxes.
+"""
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.buffer cimport PyBUF_READ, PyBUF_WRITE
+from libc.stdint cimport int64_t, uintptr_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+from libc.math cimport isfinite
+
+from braid_ext.mgrit cimport *
+
+import math
+from mpi4py import MPI
+
+
+class MGRITError(RuntimeError):
+    """An MGRIT solve failed.  ``code`` is the core's error code; ``rank``
+    the rank where a callback failed first (or -1)."""
+
+    def __init__(self, message, code=MG_ERR_STATE, rank=-1):
+        super().__init__(message)
+        self.code = code
+        self.rank = rank
+
+
+class NonFiniteResidualError(MGRITError, FloatingPointError):
+    """The MGRIT residual became NaN or Inf; ``index`` is the first fine-grid
+    point (time index, or layer index for a network) where it did."""
+
+    def __init__(self, message, index):
+        super().__init__(message, MG_ERR_NONFINITE)
+        self.index = index
+
+
+cdef int CHKERR(int code) except -1:
+    """Raise for a non-zero status of a C call that involves no callback."""
+    if code == MG_OK:
+        return 0
+    msg = mg_ErrorString(code).decode()
+    if code == MG_ERR_ARG:
+        raise ValueError(msg)
+    if code == MG_ERR_MEMORY:
+        raise MemoryError(msg)
+    raise MGRITError(msg, code)
+
+
+# ---------------------------------------------------------------------------
+# vectors: a box around one Python object
+
+ctypedef struct Box:
+    PyObject *obj
+
+cdef inline mg_Vector box_new(object o) except NULL:
+    cdef Box *b = <Box*>malloc(sizeof(Box))
+    if b == NULL:
+        raise MemoryError()
+    Py_INCREF(o)
+    b.obj = <PyObject*>o
+    return <mg_Vector>b
+
+cdef inline void box_set(mg_Vector u, object o):
+    cdef Box *b = <Box*>u
+    Py_INCREF(o)
+    Py_DECREF(<object>b.obj)
+    b.obj = <PyObject*>o
+
+cdef inline object box_get(mg_Vector u):
+    return <object>(<Box*>u).obj
+
+
+# ---------------------------------------------------------------------------
+# status objects handed to step and access (valid only during the call)
+
+cdef class StepStatus:
+    """What a step is told: ``level`` (0 = fine), ``index`` and
+    ``index_stop`` (fine-grid indices of the step's start and end points),
+    ``t_start``, ``t_stop``, ``iter`` and ``rhs`` (the FAS right-hand side,
+    or None).  Valid only during the callback."""
+    cdef readonly int level
+    cdef readonly int64_t index
+    cdef readonly int64_t index_stop
+    cdef readonly double t_start
+    cdef readonly double t_stop
+    cdef readonly int iter
+    cdef readonly object rhs
+
+    def __repr__(self):
+        return (f"StepStatus(level={self.level}, index={self.index}, "
+                f"t_start={self.t_start}, t_stop={self.t_stop}, iter={self.iter}, "
+                f"rhs={'None' if self.rhs is None else 'set'})")
+
+
+cdef class AccessStatus:
+    """What access is told: ``index`` (fine-grid point), ``t``, ``iter``
+    and ``done``.  Valid only during the callback."""
+    cdef readonly int64_t index
+    cdef readonly double t
+    cdef readonly int iter
+    cdef readonly bint done
+
+
+# ---------------------------------------------------------------------------
+# the bridge: the Python app's bound methods, the first exception raised by
+# any of them, and the time spent inside them
+
+_REQUIRED = ("step", "init", "clone", "sum", "norm", "bufsize", "pack", "unpack")
+
+cdef class _Bridge:
+    cdef object app
+    cdef object f_step, f_init, f_clone, f_free, f_sum, f_norm
+    cdef object f_bufsize, f_pack, f_unpack, f_access
+    cdef bint adds_rhs
+    cdef StepStatus step_status
+    cdef AccessStatus access_status
+    cdef object error
+    cdef double app_time
+    cdef mg_Ops ops
+
+    def __cinit__(self, app):
+        missing = [m for m in _REQUIRED if not callable(getattr(app, m, None))]
+        if missing:
+            raise TypeError(
+                f"app {type(app).__name__} lacks the method(s) {', '.join(missing)}; "
+                f"an MGRIT app needs {', '.join(_REQUIRED)} (free and access are optional)")
+        self.app = app
+        self.f_step = app.step
+        self.f_init = app.init
+        self.f_clone = app.clone
+        self.f_free = getattr(app, "free", None)
+        self.f_sum = app.sum
+        self.f_norm = app.norm
+        self.f_bufsize = app.bufsize
+        self.f_pack = app.pack
+        self.f_unpack = app.unpack
+        self.f_access = getattr(app, "access", None)
+        self.adds_rhs = bool(getattr(app, "adds_rhs", False))
+        self.step_status = StepStatus.__new__(StepStatus)
+        self.access_status = AccessStatus.__new__(AccessStatus)
+        self.error = None
+        self.app_time = 0.0
+        memset(&self.ops, 0, sizeof(mg_Ops))
+        self.ops.step = _step
+        self.ops.init = _init
+        self.ops.clone = _clone
+        self.ops.free = _free
+        self.ops.sum = _sum
+        self.ops.norm = _norm
+        self.ops.bufsize = _bufsize
+        self.ops.bufpack = _bufpack
+        self.ops.bufunpack = _bufunpack
+        if self.f_access is not None:
+            self.ops.access = _access
+
+    cdef int fail(self, BaseException exc) noexcept:
+        if self.error is None:
+            self.error = exc
+        return 1
+
+    cdef object take_error(self):
+        e, self.error = self.error, None
+        return e
+
+
+# The trampolines: each holds the GIL already (mg_Drive is called with it),
+# never lets an exception escape, and returns 0 or 1.
+
+cdef int _step(mg_App app, mg_Vector u, const mg_StepStatus *st) noexcept:
+    cdef _Bridge b = <_Bridge><void*>app
+    cdef StepStatus s = b.step_status
+    cdef double t0
+    try:
+        s.level = st.level
+        s.index = st.index
+        s.index_stop = st.index_stop
+        s.t_start = st.t_start
+        s.t_stop = st.t_stop
+        s.iter = st.iter
+        s.rhs = box_get(st.rhs) if st.rhs != NULL else None
+        t0 = MPI_Wtime()
+        try:
+            v = b.f_step(box_get(u), s)
+            if v is None:
+                raise TypeError(f"{type(b.app).__name__}.step returned None; "
+                                "it must return the new state")
+            if st.rhs != NULL and not b.adds_rhs:
+                v = b.f_sum(1.0, s.rhs, 1.0, v)
+        finally:
+            b.app_time += MPI_Wtime() - t0
+            s.rhs = None
+        box_set(u, v)
+        return 0
+    except BaseException as e:
+        return b.fail(e)
+
+cdef int _init(mg_App app, double t, int64_t index, mg_Vector *out) noexcept:
+    cdef _Bridge b = <_Bridge><void*>app
+    cdef double t0 = MPI_Wtime()
+    try:
+        try:
+            v = b.f_init(t, index)
+        finally:
+            b.app_time += MPI_Wtime() - t0
+        if v is None:
+            raise TypeError(f"{type(b.app).__name__}.init returned None")
+        out[0] = box_new(v)
+        return 0
+    except BaseException as e:
+        return b.fail(e)
+
+cdef int _clone(mg_App app, mg_Vector u, mg_Vector *out) noexcept:
+    cdef _Bridge b = <_Bridge><void*>app
+    cdef double t0 = MPI_Wtime()
+    try:
+        try:
+            v = b.f_clone(box_get(u))
+        finally:
+            b.app_time += MPI_Wtime() - t0
+        out[0] = box_new(v)
+        return 0
+    except BaseException as e:
+        return b.fail(e)
+
+cdef int _free(mg_App app, mg_Vector u) noexcept:
+    cdef _Bridge b = <_Bridge><void*>app
+    cdef Box *bx = <Box*>u
+    cdef double t0
+    try:
+        if b.f_free is not None:
+            t0 = MPI_Wtime()
+            try:
+                b.f_free(<object>bx.obj)
+            finally:
+                b.app_time += MPI_Wtime() - t0
+        return 0
+    except BaseException as e:
+        return b.fail(e)
+    finally:
+        Py_DECREF(<object>bx.obj)
+        free(bx)
+
+cdef int _sum(mg_App app, double a, mg_Vector x, double c, mg_Vector y) noexcept:
+    cdef _Bridge b = <_Bridge><void*>app
+    cdef double t0 = MPI_Wtime()
+    try:
+        try:
+            v = b.f_sum(a, box_get(x), c, box_get(y))
+        finally:
+            b.app_time += MPI_Wtime() - t0
+        if v is None:
+            raise TypeError(f"{type(b.app).__name__}.sum returned None; "
+                            "it must return alpha*x + beta*y")
+        box_set(y, v)
+        return 0
+    except BaseException as e:
+        return b.fail(e)
+
+cdef int _norm(mg_App app, mg_Vector u, double *out) noexcept:
+    cdef _Bridge b = <_Bridge><void*>app
+    cdef double t0 = MPI_Wtime()
+    try:
+        try:
+            out[0] = float(b.f_norm(box_get(u)))
+        finally:
+            b.app_time += MPI_Wtime() - t0
+        return 0
+    except BaseException as e:
+        return b.fail(e)
+
+cdef int _bufsize(mg_App app, size_t *out) noexcept:
+    cdef _Bridge b = <_Bridge><void*>app
+    try:
+        n = int(b.f_bufsize())
+        if n < 0:
+            raise ValueError(f"{type(b.app).__name__}.bufsize returned {n} < 0")
+        out[0] = n
+        return 0
+    except BaseException as e:
+        return b.fail(e)
+
+cdef int _bufpack(mg_App app, mg_Vector u, void *buf, size_t size) noexcept:
+    cdef _Bridge b = <_Bridge><void*>app
+    cdef double t0 = MPI_Wtime()
+    try:
+        mv = PyMemoryView_FromMemory(<char*>buf, size, PyBUF_WRITE)
+        try:
+            b.f_pack(box_get(u), mv)
+        finally:
+            b.app_time += MPI_Wtime() - t0
+            mv.release()
+        return 0
+    except BaseException as e:
+        return b.fail(e)
+
+cdef int _bufunpack(mg_App app, const void *buf, size_t size, mg_Vector *out) noexcept:
+    cdef _Bridge b = <_Bridge><void*>app
+    cdef double t0 = MPI_Wtime()
+    try:
+        mv = PyMemoryView_FromMemory(<char*>buf, size, PyBUF_READ)
+        try:
+            v = b.f_unpack(mv)
+        finally:
+            b.app_time += MPI_Wtime() - t0
+            mv.release()
+        out[0] = box_new(v)
+        return 0
+    except BaseException as e:
+        return b.fail(e)
+
+cdef int _access(mg_App app, mg_Vector u, const mg_AccessStatus *st) noexcept:
+    cdef _Bridge b = <_Bridge><void*>app
+    cdef AccessStatus s = b.access_status
+    cdef double t0 = MPI_Wtime()
+    try:
+        s.index = st.index
+        s.t = st.t
+        s.iter = st.iter
+        s.done = st.done
+        try:
+            b.f_access(box_get(u), s)
+        finally:
+            b.app_time += MPI_Wtime() - t0
+        return 0
+    except BaseException as e:
+        return b.fail(e)
+
+
+# ---------------------------------------------------------------------------
+# option parsing: every check happens before the core is created, on every
+# rank alike, so a bad option raises everywhere before any work
+
+def _relax_sweeps(name, what="relax"):
+    if not isinstance(name, str) or not name or name[0] != "F" or \
+            (len(name) - 1) % 2 or name[1:] != "CF" * ((len(name) - 1) // 2):
+        raise ValueError(f"{what}={name!r}: expected 'F', 'FCF', 'FCFCF', ... "
+                         "(F-relaxation followed by CF sweeps)")
+    return (len(name) - 1) // 2
+
+def _per_level(value, name, check):
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise ValueError(f"{name}: give a value or a non-empty list of per-level values")
+    if len(values) > MG_MAX_LEVELS:
+        raise ValueError(f"{name}: at most {MG_MAX_LEVELS} per-level values")
+    for v in values:
+        check(v)
+    return values
+
+def _need(cond, message):
+    if not cond:
+        raise ValueError(message)
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+def _comm_handle(comm):
+    if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
+        raise TypeError(f"comm must be an mpi4py intracommunicator, not {comm!r}")
+    return MPI._addressof(comm)
+
+
+cdef class Solver:
+    """MGRIT solver of  u_0 = app.init(t_start, 0),  u_i = app.step(u_{i-1})
+    on ``nsteps`` uniform steps from ``t_start`` to ``t_stop``, with the time
+    points split in contiguous blocks over the ranks of ``comm``.
+
+    Options (keyword-only):
+      max_levels   number of grid levels (1 = sequential stepping across ranks)
+      cfactor      coarsening factor >= 2, or a list per level
+      min_coarse   coarsen while the coarse grid keeps >= this many steps
+      relax        'F', 'FCF', 'FCFCF', ... or a list per level
+      cycle        'V' or 'F'
+      skip         skip relaxation on the first down-cycle (coarse initial guess)
+      abs_tol, rel_tol   stop when the residual norm <= abs_tol or
+                   <= rel_tol * first residual norm
+      max_iter     maximum number of MGRIT iterations per solve
+      tnorm        'l2' or 'inf': norm of the residual over C-points
+      store        'all' keeps every fine point; 'C' C-points and the last
+      reverse      the last rank holds t_start (solves backward in time)
+      warm_start   a new solve starts from the last solution
+      step_cost, latency   virtual clock: cost of one step (per level) and of
+                   one message
+    """
+    cdef mg_Core core
+    cdef _Bridge bridge
+    cdef readonly object comm
+    cdef readonly int64_t nsteps
+    cdef readonly double t_start, t_stop
+    cdef readonly dict options
+
+    def __cinit__(self):
+        self.core = NULL
+
+    def __init__(self, app, comm, double t_start, double t_stop, nsteps, *,
+                 max_levels=2, cfactor=2, min_coarse=2, relax="FCF", cycle="V",
+                 skip=False, abs_tol=1e-10, rel_tol=0.0, max_iter=100,
+                 tnorm="l2", store="all", reverse=False, warm_start=True,
+                 step_cost=1.0, latency=0.0):
+        addr = _comm_handle(comm)
+        _need(_is_int(nsteps) and nsteps >= 1, f"nsteps={nsteps!r}: must be an integer >= 1")
+        _need(comm.Get_size() <= nsteps,
+              f"nsteps={nsteps} is smaller than the number of ranks ({comm.Get_size()}): "
+              "each rank must own at least one step; use fewer ranks or more steps")
+        _need(isfinite(t_start) and isfinite(t_stop) and t_start != t_stop,
+              f"t_start={t_start}, t_stop={t_stop}: must be finite and different")
+        _need(_is_int(max_levels) and 1 <= max_levels <= MG_MAX_LEVELS,
+              f"max_levels={max_levels!r}: must be an integer in [1, {MG_MAX_LEVELS}]")
+        cfactors = _per_level(cfactor, "cfactor", lambda v: _need(
+            _is_int(v) and v >= 2, f"cfactor={v!r}: the coarsening factor must be an integer >= 2"))
+        _need(_is_int(min_coarse) and min_coarse >= 1,
+              f"min_coarse={min_coarse!r}: must be an integer >= 1")
+        nrelax = [_relax_sweeps(r) for r in _per_level(relax, "relax", lambda v: None)]
+        _need(cycle in ("V", "F"), f"cycle={cycle!r}: must be 'V' or 'F'")
+        for name, v in (("abs_tol", abs_tol), ("rel_tol", rel_tol), ("latency", latency)):
+            _need(isinstance(v, (int, float)) and not isinstance(v, bool) and
+                  math.isfinite(v) and v >= 0, f"{name}={v!r}: must be a finite number >= 0")
+        _need(_is_int(max_iter) and max_iter >= 1, f"max_iter={max_iter!r}: must be an integer >= 1")
+        _need(tnorm in ("l2", "inf"), f"tnorm={tnorm!r}: must be 'l2' or 'inf'")
+        _need(store in ("all", "C"), f"store={store!r}: must be 'all' or 'C'")
+        costs = _per_level(step_cost, "step_cost", lambda v: _need(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
+            f"step_cost={v!r}: must be a finite number >= 0"))
+        for name, v in (("skip", skip), ("reverse", reverse), ("warm_start", warm_start)):
+            _need(isinstance(v, (bool, int)) and v in (0, 1), f"{name}={v!r}: must be True or False")
+
+        self.bridge = _Bridge(app)
+        self.comm = comm
+        self.nsteps = nsteps
+        self.t_start = t_start
+        self.t_stop = t_stop
+        self.options = dict(max_levels=max_levels, cfactor=cfactor, min_coarse=min_coarse,
+                            relax=relax, cycle=cycle, skip=bool(skip), abs_tol=abs_tol,
+                            rel_tol=rel_tol, max_iter=max_iter, tnorm=tnorm, store=store,
+                            reverse=bool(reverse), warm_start=bool(warm_start),
+                            step_cost=step_cost, latency=latency)
+
+        cdef MPI_Comm c = (<MPI_Comm*><uintptr_t>addr)[0]
+        CHKERR(mg_Init(c, t_start, t_stop, nsteps, <mg_App><void*>self.bridge,
+                       &self.bridge.ops, &self.core))
+        CHKERR(mg_SetMaxLevels(self.core, max_levels))
+        CHKERR(mg_SetMinCoarse(self.core, min_coarse))
+        self._per_level_set(cfactors, 0)
+        self._per_level_set(nrelax, 1)
+        self._per_level_set(costs, 2)
+        CHKERR(mg_SetCycle(self.core, MG_CYCLE_V if cycle == "V" else MG_CYCLE_F))
+        CHKERR(mg_SetSkip(self.core, int(skip)))
+        CHKERR(mg_SetAbsTol(self.core, abs_tol))
+        CHKERR(mg_SetRelTol(self.core, rel_tol))
+        CHKERR(mg_SetMaxIter(self.core, max_iter))
+        CHKERR(mg_SetTemporalNorm(self.core, MG_TNORM_L2 if tnorm == "l2" else MG_TNORM_INF))
+        CHKERR(mg_SetStoreAll(self.core, int(store == "all")))
+        CHKERR(mg_SetReverse(self.core, int(reverse)))
+        CHKERR(mg_SetWarmStart(self.core, int(warm_start)))
+        CHKERR(mg_SetLatency(self.core, latency))
+
+    cdef _per_level_set(self, list values, int which):
+        # a single value is for all levels; a list sets levels 0..k-1 and its
+        # last entry holds for the levels below
+        cdef int level
+        for level in range(MG_MAX_LEVELS):
+            v = values[min(level, len(values) - 1)]
+            if which == 0:
+                CHKERR(mg_SetCFactor(self.core, level, v))
+            elif which == 1:
+                CHKERR(mg_SetNRelax(self.core, level, v))
+            else:
+                CHKERR(mg_SetStepCost(self.core, level, v))
+
+    def __dealloc__(self):
+        if self.core != NULL:
+            mg_Destroy(&self.core)
+
+    cdef inline void _alive(self) except *:
+        if self.core == NULL:
+            raise MGRITError("the solver is closed")
+
+    def close(self):
+        """Free the core and every vector it holds.  Collective."""
+        if self.core != NULL:
+            mg_Destroy(&self.core)
+            self.bridge.take_error()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def solve(self):
+        """Run MGRIT to the tolerance or ``max_iter``.  Collective.  Returns
+        the residual norms.  A callback that raises on one rank makes every
+        rank raise: the original exception here, MGRITError elsewhere."""
+        self._alive()
+        self.bridge.app_time = 0.0
+        cdef int rc = mg_Drive(self.core)
+        cdef int fail_rank = -1
+        cdef int64_t index = -1
+        if rc == MG_OK:
+            return self.residual_norms
+        mg_GetFailure(self.core, &fail_rank, &index)
+        err = self.bridge.take_error()
+        if rc == MG_ERR_CALLBACK and err is not None:
+            raise err
+        if rc == MG_ERR_REMOTE or rc == MG_ERR_CALLBACK:
+            raise MGRITError(f"MGRIT solve abandoned: a callback raised on rank {fail_rank}",
+                             rc, fail_rank)
+        if rc == MG_ERR_NONFINITE:
+            raise NonFiniteResidualError(
+                f"MGRIT residual is not finite (NaN or Inf), first at fine index {index}",
+                index)
+        CHKERR(rc)
+
+    @property
+    def iterations(self):
+        """MGRIT iterations of the last solve."""
+        self._alive()
+        cdef int it = 0
+        CHKERR(mg_GetNumIter(self.core, &it))
+        return it
+
+    @property
+    def nlevels(self):
+        """Grid levels of the last solve."""
+        self._alive()
+        cdef int n = 0
+        CHKERR(mg_GetNumLevels(self.core, &n))
+        return n
+
+    @property
+    def residual_norms(self):
+        """Residual norms of the last solve: r_0 after the first relaxation,
+        then one per iteration (empty for a one-level, sequential solve)."""
+        self._alive()
+        cdef int n = 0
+        CHKERR(mg_GetResidualNorms(self.core, NULL, 0, &n))
+        cdef double *buf = <double*>malloc((n if n > 0 else 1) * sizeof(double))
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            CHKERR(mg_GetResidualNorms(self.core, buf, n, &n))
+            return [buf[k] for k in range(n)]
+        finally:
+            free(buf)
+
+    @property
+    def rank(self):
+        return self.comm.Get_rank()
+
+    def local_range(self, int level=0):
+        """The points [lo, hi] of ``level`` this rank owns (lo > hi: none),
+        as indices of that level."""
+        self._alive()
+        cdef int64_t lo = 0, hi = -1
+        CHKERR(mg_GetLocalRange(self.core, level, &lo, &hi))
+        return lo, hi
+
+    def level_size(self, int level):
+        """(n, stride): the level has points 0..n, point j is fine point j*stride."""
+        self._alive()
+        cdef int64_t n = 0, stride = 0
+        CHKERR(mg_GetLevelSize(self.core, level, &n, &stride))
+        return n, stride
+
+    def is_stored(self, int64_t index):
+        """Is fine point ``index`` (owned here) held after the solve?"""
+        self._alive()
+        cdef int s = 0
+        CHKERR(mg_IsStored(self.core, index, &s))
+        return bool(s)
+
+    def get(self, int64_t index):
+        """The solution at fine point ``index`` (owned here and stored)."""
+        self._alive()
+        cdef mg_Vector u = NULL
+        cdef int rc = mg_GetVector(self.core, index, &u)
+        if rc != MG_OK:
+            raise ValueError(f"index={index}: no solution is held for this point on rank "
+                             f"{self.rank} (not owned, not stored, or no successful solve)")
+        return box_get(u)
+
+    def stats(self, bint reduce=False):
+        """Statistics of the last solve on this rank, or over all ranks
+        (``reduce=True``, collective: counts summed, times maximised).
+        ``app_time`` is the time inside the app's methods, ``callback_time``
+        that time plus the binding's own work around each call."""
+        self._alive()
+        cdef mg_Stats st
+        CHKERR(mg_GetStats(self.core, int(reduce), &st))
+        app_time = self.bridge.app_time
+        if reduce:
+            app_time = self.comm.allreduce(app_time, op=MPI.MAX)
+        return dict(iterations=st.iterations, nlevels=st.nlevels,
+                    steps=[st.steps[l] for l in range(st.nlevels)],
+                    calls=st.calls, messages=st.messages, bytes=st.bytes,
+                    callback_time=st.callback_time, app_time=app_time,
+                    total_time=st.total_time, virtual_time=st.virtual_time)
+
+
+def check_app(app, double t=0.0):
+    """Test an app's clone, sum, norm and pack/unpack round trip on the vector
+    ``app.init(t, 0)``.  Raises the app's own exception, or ValueError saying
+    which property does not hold."""
+    cdef _Bridge b = _Bridge(app)
+    cdef char msg[512]
+    cdef int rc = mg_CheckApp(<mg_App><void*>b, &b.ops, t, msg, sizeof(msg))
+    err = b.take_error()
+    if err is not None:
+        raise err
+    if rc != MG_OK:
+        raise ValueError(f"check_app({type(app).__name__}): {msg.decode()}")

@@ -1,0 +1,1 @@
+"""Example MGRIT apps: the Dahlquist test equation and a damped rotation."""

@@ -1,0 +1,143 @@
+/*
+ * drive.c -- the MGRIT iteration: V- and F-cycles over the hierarchy.
+ *
+ * One iteration on the fine level:
+ *   relax F(CF)^nrelax  ->  residual and restriction  ->  stop test
+ *   -> coarse cycle on level 1 -> correct C-points -> F-relax (interpolate).
+ * The stop test follows the residual of the current state, so the history
+ * holds iterations+1 norms: r_0 for the initial guess after relaxation, and
+ * r_k after k cycles.  A hierarchy of one level is sequential time stepping
+ * across ranks (exact, no residual).
+ */
+#include <math.h>
+#include <stdlib.h>
+#include "mgrit_impl.h"
+
+static int record(mg_Core core, double rnorm) {
+  if (core->nrnorms == core->caprnorms) {
+    int cap = core->caprnorms ? 2 * core->caprnorms : 16;
+    double *r = realloc(core->rnorms, (size_t)cap * sizeof(double));
+    if (!r) return MG_ERR_MEMORY;
+    core->rnorms = r;
+    core->caprnorms = cap;
+  }
+  core->rnorms[core->nrnorms++] = rnorm;
+  return MG_OK;
+}
+
+/* Approximate solve of the level-l problem (l >= 1), shape V or F; with first
+ * (the skipped first down-cycle) no relaxation and no coarse right-hand side. */
+static int cycle(mg_Core core, int l, int first, int shape) {
+  if (l == core->nlevels - 1) return mg_Sweep(core, l, 0, 0);
+  if (!first) MG_CHK(mg_Relax(core, l));
+  MG_CHK(mg_Restrict(core, l, first, NULL, NULL));
+  MG_CHK(cycle(core, l + 1, first, shape));
+  if (shape == MG_CYCLE_F && l + 1 < core->nlevels - 1)
+    MG_CHK(cycle(core, l + 1, 0, MG_CYCLE_V));
+  MG_CHK(mg_Correct(core, l));
+  return mg_Sweep(core, l, core->levels[l].cfactor, 0);
+}
+
+/* Initial values on level 0: the initial condition always (it may have
+ * changed since the last Drive), the other stored points unless a previous
+ * solution is kept. */
+static void initial_values(mg_Core core) {
+  mg_Level *f = &core->levels[0];
+  int only_first = core->nlevels == 1; /* sequential: overwritten anyway */
+  for (int64_t j = f->lo; j <= f->hi; j++) {
+    mg_Vector *slot = &f->u[j - f->lo];
+    if (j == 0) {
+      mg_CallFree(core, slot);
+      *slot = mg_CallInit(core, 0, 0);
+    } else if (!only_first && mg_FineStored(core, j) && !*slot) {
+      *slot = mg_CallInit(core, 0, j);
+    } else if (!mg_FineStored(core, j)) {
+      mg_CallFree(core, slot); /* left over from other storage options */
+    }
+  }
+}
+
+static int final_access(mg_Core core) {
+  if (!core->ops.access) return MG_OK;
+  mg_Level *f = &core->levels[0];
+  if (core->store_all || core->nlevels == 1) {
+    for (int64_t j = f->lo; j <= f->hi; j++)
+      mg_CallAccess(core, f->u[j - f->lo], j, 1);
+    return MG_OK;
+  }
+  /* F-points are not kept: one more F-sweep shows them */
+  return mg_Sweep(core, 0, f->cfactor, MG_SW_ACCESS);
+}
+
+static int converged(mg_Core core, double rnorm) {
+  if (rnorm <= core->atol) return 1;
+  return core->rtol > 0 && rnorm <= core->rtol * core->rnorms[0];
+}
+
+static int iterate(mg_Core core) {
+  int warm = core->have_solution;
+  for (core->iter = 0;; core->iter++) {
+    int first = core->iter == 0 && core->skip && !warm;
+    if (first) {
+      MG_CHK(mg_Restrict(core, 0, 1, NULL, NULL));
+    } else {
+      double local = 0.0, rnorm = 0.0;
+      int64_t bad = -1;
+      MG_CHK(mg_Relax(core, 0));
+      MG_CHK(mg_Restrict(core, 0, 0, &local, &bad));
+      MG_CHK(mg_AgreeNorm(core, local, bad, &rnorm, &core->nonfinite));
+      if (core->failed) return MG_OK;
+      MG_CHK(record(core, rnorm));
+      if (core->nonfinite >= 0) return MG_OK;
+      if (converged(core, rnorm) || core->iter >= core->max_iter) return MG_OK;
+    }
+    MG_CHK(cycle(core, 1, first, core->cycle));
+    if (core->cycle == MG_CYCLE_F && core->nlevels > 2)
+      MG_CHK(cycle(core, 1, 0, MG_CYCLE_V));
+    MG_CHK(mg_Correct(core, 0));
+    MG_CHK(mg_Sweep(core, 0, core->levels[0].cfactor, 0));
+  }
+}
+
+int mg_Drive(mg_Core core) {
+  if (!core) return MG_ERR_ARG;
+  double t_begin = MPI_Wtime();
+  for (int l = 0; l < MG_MAX_LEVELS; l++) core->stats.steps[l] = 0;
+  core->stats.calls = core->stats.messages = core->stats.bytes = 0;
+  core->stats.callback_time = 0.0;
+  core->clock = 0.0;
+  core->failed = 0;
+  core->fail_rank = -1;
+  core->fail_index = -1;
+  core->nonfinite = -1;
+  core->nrnorms = 0;
+  core->iter = 0;
+
+  MG_CHK(mg_BuildHierarchy(core));
+  size_t bytes = 0;
+  mg_CallBufSize(core, &bytes);
+  core->bufsize = bytes;
+  core->msgsize = 2 * sizeof(double) + bytes;
+  initial_values(core);
+
+  if (core->nlevels == 1) {
+    MG_CHK(mg_Sweep(core, 0, 0, 0));
+    core->iter = 1;
+  } else {
+    MG_CHK(iterate(core));
+  }
+  MG_CHK(mg_AgreeFailure(core));
+  if (!core->failed && core->nonfinite < 0) {
+    MG_CHK(final_access(core));
+    MG_CHK(mg_AgreeFailure(core));
+  }
+
+  core->have_solution = !core->failed && core->nonfinite < 0;
+  core->stats.iterations = core->iter;
+  core->stats.nlevels = core->nlevels;
+  core->stats.virtual_time = core->clock;
+  core->stats.total_time = MPI_Wtime() - t_begin;
+  if (core->failed) return core->failed;
+  if (core->nonfinite >= 0) return MG_ERR_NONFINITE;
+  return MG_OK;
+}

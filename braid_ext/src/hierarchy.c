@@ -1,0 +1,154 @@
+/*
+ * hierarchy.c -- the distribution of grid points over ranks and the grid
+ * hierarchy.
+ *
+ * Fine points 1..N are split into P contiguous blocks of nearly equal size,
+ * one per rank in time order; point 0 (the initial condition) goes with the
+ * first block.  So the rank that owns point i+1 owns the step i -> i+1, and
+ * every rank owns at least one step when P <= N.  A reversed solve (an
+ * adjoint, run backward in time) mirrors that layout: its point a is the
+ * forward point N-a, and it lives on the rank that owns the forward step
+ * into N+1-a, so that step a-1 -> a of the reversed solve and forward step
+ * N-a -> N+1-a are on the same rank.
+ *
+ * A coarse point j of level l is the fine point j*stride_l and belongs to the
+ * rank that owns that fine point; a rank may own no point on a coarse level.
+ */
+#include <stdlib.h>
+#include "mgrit_impl.h"
+
+/* first fine point of the block of time-ordered rank q (forward layout) */
+static int64_t fwd_lo(int64_t N, int P, int q) {
+  return q == 0 ? 0 : 1 + (int64_t)((__int128)q * N / P);
+}
+
+static int64_t fwd_hi(int64_t N, int P, int q) {
+  return (int64_t)((__int128)(q + 1) * N / P);
+}
+
+/* first fine point of time-ordered rank q in the current layout */
+static int64_t block_lo(mg_Core core, int q) {
+  int64_t N = core->nsteps;
+  int P = core->size;
+  if (!core->reverse) return fwd_lo(N, P, q);
+  return q == 0 ? 0 : N + 1 - fwd_hi(N, P, P - 1 - q);
+}
+
+static int64_t block_hi(mg_Core core, int q) {
+  int64_t N = core->nsteps;
+  int P = core->size;
+  if (!core->reverse) return fwd_hi(N, P, q);
+  return N - (int64_t)((__int128)(P - 1 - q) * N / P);
+}
+
+static int time_rank(mg_Core core, int rank) {
+  return core->reverse ? core->size - 1 - rank : rank;
+}
+
+static int comm_rank(mg_Core core, int q) {
+  return core->reverse ? core->size - 1 - q : q;
+}
+
+/* communicator rank owning fine point i */
+static int owner_fine(mg_Core core, int64_t i) {
+  int a = 0, b = core->size - 1; /* largest q with block_lo(q) <= i */
+  while (a < b) {
+    int mid = (a + b + 1) / 2;
+    if (block_lo(core, mid) <= i) a = mid;
+    else b = mid - 1;
+  }
+  return comm_rank(core, a);
+}
+
+int mg_Owner(mg_Core core, int level, int64_t j) {
+  return owner_fine(core, j * core->levels[level].stride);
+}
+
+double mg_TimeOf(mg_Core core, int64_t i) {
+  if (i == core->nsteps) return core->t1;
+  return core->t0 + (core->t1 - core->t0) * ((double)i / (double)core->nsteps);
+}
+
+/* is point j a C-point for coarsening factor m? m == 0: only point 0 */
+int mg_IsC(const mg_Level *lev, int64_t j, int64_t m) {
+  (void)lev;
+  return m == 0 ? j == 0 : j % m == 0;
+}
+
+/* is fine point j kept between sweeps? */
+int mg_FineStored(mg_Core core, int64_t j) {
+  const mg_Level *f = &core->levels[0];
+  if (core->store_all || core->nlevels == 1) return 1;
+  return j % f->cfactor == 0 || j == f->n;
+}
+
+static void free_vectors(mg_Core core, mg_Vector *v, int64_t n) {
+  if (!v) return;
+  for (int64_t k = 0; k < n; k++) mg_CallFree(core, &v[k]);
+}
+
+/* Free the hierarchy; with keep_fine the level-0 solution is kept. */
+void mg_FreeHierarchy(mg_Core core, int keep_fine) {
+  for (int l = 0; l < core->nlevels; l++) {
+    mg_Level *lev = &core->levels[l];
+    int64_t n = lev->hi >= lev->lo ? lev->hi - lev->lo + 1 : 0;
+    if (!(keep_fine && l == 0)) {
+      free_vectors(core, lev->u, n);
+      free(lev->u);
+      lev->u = NULL;
+    }
+    free_vectors(core, lev->g, n);
+    free_vectors(core, lev->w, n);
+    free(lev->g);
+    free(lev->w);
+    lev->g = lev->w = NULL;
+  }
+  if (!keep_fine) core->nlevels = 0;
+}
+
+/* Build the levels for the current options.  The level-0 solution survives
+ * when the layout is unchanged (warm start). */
+int mg_BuildHierarchy(mg_Core core) {
+  int keep = core->have_solution && core->warm && core->nlevels > 0 &&
+             core->built_reverse == core->reverse;
+  mg_Vector *fine_u = keep ? core->levels[0].u : NULL;
+  if (keep) core->levels[0].u = NULL;
+  mg_FreeHierarchy(core, 0);
+  if (!keep) core->have_solution = 0;
+
+  int q = time_rank(core, core->rank);
+  int64_t flo = block_lo(core, q), fhi = block_hi(core, q);
+  int64_t n = core->nsteps, stride = 1;
+  int L = 0;
+  for (;;) {
+    mg_Level *lev = &core->levels[L];
+    lev->n = n;
+    lev->stride = stride;
+    lev->nrelax = core->nrelax[L];
+    lev->lo = (flo + stride - 1) / stride;
+    lev->hi = fhi / stride;
+    int cf = core->cfactor[L];
+    int coarsen = L + 1 < core->max_levels && L + 1 < MG_MAX_LEVELS &&
+                  n / cf >= core->min_coarse;
+    lev->cfactor = coarsen ? cf : 0;
+    L++;
+    if (!coarsen) break;
+    n /= cf;
+    stride *= cf;
+  }
+  core->nlevels = L;
+  core->built_reverse = core->reverse;
+
+  for (int l = 0; l < L; l++) {
+    mg_Level *lev = &core->levels[l];
+    int64_t cnt = lev->hi >= lev->lo ? lev->hi - lev->lo + 1 : 0;
+    lev->left = (cnt > 0 && lev->lo > 0) ? mg_Owner(core, l, lev->lo - 1) : -1;
+    lev->right = (cnt > 0 && lev->hi < lev->n) ? mg_Owner(core, l, lev->hi + 1) : -1;
+    size_t bytes = (size_t)(cnt > 0 ? cnt : 1) * sizeof(mg_Vector);
+    lev->u = (l == 0 && fine_u) ? fine_u : calloc(1, bytes);
+    lev->g = calloc(1, bytes);
+    lev->w = calloc(1, bytes);
+    if (!lev->u || !lev->g || !lev->w) return MG_ERR_MEMORY;
+  }
+  return MG_OK;
+}

@@ -1,0 +1,133 @@
+/*
+ * mgrit_impl.h -- private structures and internal functions of the core.
+ */
+#ifndef MGRIT_IMPL_H
+#define MGRIT_IMPL_H
+
+#include "mgrit.h"
+
+/* One grid level as seen by one rank. */
+typedef struct {
+  int64_t n;        /* last point index: points are 0..n                    */
+  int64_t stride;   /* fine-grid index of point j is j*stride               */
+  int cfactor;      /* coarsening factor to the next level (0 on coarsest)  */
+  int nrelax;       /* CF sweeps after the first F sweep                    */
+  int64_t lo, hi;   /* owned points [lo, hi]; lo > hi when empty            */
+  int left, right;  /* communicator ranks holding lo-1 and hi+1, or -1      */
+  mg_Vector *u;     /* u[j-lo]: solution (NULL where not stored)            */
+  mg_Vector *g;     /* g[j-lo]: FAS right-hand side (NULL on level 0)       */
+  mg_Vector *w;     /* w[j-lo]: sweep work values at C-points               */
+} mg_Level;
+
+/* A posted receive or send. */
+typedef struct {
+  MPI_Request req;
+  char *buf;
+  int active;
+} mg_Msg;
+
+struct mg_Core_s {
+  /* problem */
+  MPI_Comm comm;
+  int rank, size;
+  double t0, t1;
+  int64_t nsteps;
+  mg_App app;
+  mg_Ops ops;
+
+  /* options */
+  int max_levels;
+  int64_t min_coarse;
+  int cfactor[MG_MAX_LEVELS];
+  int nrelax[MG_MAX_LEVELS];
+  double step_cost[MG_MAX_LEVELS];
+  int cycle, skip, max_iter, tnorm, store_all, reverse, warm;
+  double atol, rtol, latency;
+
+  /* hierarchy (built by mg_Drive) */
+  int nlevels;
+  mg_Level levels[MG_MAX_LEVELS];
+  int have_solution; /* level-0 u holds the last converged state          */
+  int built_reverse; /* distribution the hierarchy was built with          */
+
+  /* communication */
+  size_t bufsize;    /* user payload bytes                                 */
+  size_t msgsize;    /* header + payload                                   */
+  mg_Msg *sends;     /* outstanding sends of the current sweep             */
+  int nsends, capsends;
+
+  /* results */
+  int iter;          /* current / final iteration                          */
+  double *rnorms;
+  int nrnorms, caprnorms;
+
+  /* failure state: once set, callbacks are skipped but the message schedule
+   * goes on so that every rank reaches the next agreement point */
+  int failed;        /* 0, MG_ERR_CALLBACK (here) or MG_ERR_REMOTE         */
+  int64_t fail_index;
+  int fail_rank;
+  int64_t cur_index; /* fine index of the callback in progress             */
+  int64_t nonfinite; /* first fine index with a NaN/Inf residual, or -1    */
+
+  /* statistics */
+  mg_Stats stats;
+  double clock;      /* virtual clock                                      */
+};
+
+/* hierarchy.c */
+int mg_BuildHierarchy(mg_Core core);
+void mg_FreeHierarchy(mg_Core core, int keep_fine);
+int mg_Owner(mg_Core core, int level, int64_t j);
+double mg_TimeOf(mg_Core core, int64_t fine_index);
+int mg_IsC(const mg_Level *lev, int64_t j, int64_t m);
+int mg_FineStored(mg_Core core, int64_t j);
+
+/* wrap.c: every user call goes through these (timing, counting, failure) */
+void mg_CallStep(mg_Core core, int level, int64_t j_start, mg_Vector u,
+                 mg_Vector rhs);
+mg_Vector mg_CallInit(mg_Core core, int level, int64_t j);
+mg_Vector mg_CallClone(mg_Core core, mg_Vector u);
+void mg_CallFree(mg_Core core, mg_Vector *u);
+void mg_CallSum(mg_Core core, double a, mg_Vector x, double b, mg_Vector y);
+double mg_CallNorm(mg_Core core, mg_Vector u);
+void mg_CallAccess(mg_Core core, mg_Vector u, int64_t fine_index, int done);
+int mg_CallPack(mg_Core core, mg_Vector u, void *buf);
+mg_Vector mg_CallUnpack(mg_Core core, const void *buf);
+int mg_CallBufSize(mg_Core core, size_t *size);
+void mg_Assign(mg_Core core, mg_Vector *dst, mg_Vector src);
+
+/* comm.c */
+int mg_SendVector(mg_Core core, int dest, int tag, mg_Vector u);
+int mg_PostRecv(mg_Core core, int source, int tag, mg_Msg *msg);
+int mg_FinishRecv(mg_Core core, mg_Msg *msg, mg_Vector *u_out);
+int mg_WaitSends(mg_Core core);
+int mg_AgreeNorm(mg_Core core, double local, int64_t bad, double *global,
+                 int64_t *bad_global);
+int mg_AgreeFailure(mg_Core core);
+
+/* relax.c */
+enum {
+  MG_SW_F = 1,       /* step the F-points                                  */
+  MG_SW_C = 2,       /* compute w = Phi(u_{j-1}) [+ g] at C-points j >= 1  */
+  MG_SW_NORHS = 4,   /* leave g out of the C-point values                  */
+  MG_SW_ASSIGN = 8,  /* u <- w at C-points after the sweep (C-relaxation)  */
+  MG_SW_ACCESS = 16  /* call access at every point                         */
+};
+int mg_Sweep(mg_Core core, int level, int64_t m, int flags);
+int mg_Relax(mg_Core core, int level);
+
+/* restrict.c */
+int mg_Restrict(mg_Core core, int level, int inject_only, double *rnorm,
+                int64_t *bad);
+int mg_Correct(mg_Core core, int level);
+
+/* stats */
+void mg_ClockStep(mg_Core core, int level);
+
+#define MG_CHK(expr)                                                          \
+  do {                                                                        \
+    int mg_chk_ = (expr);                                                     \
+    if (mg_chk_ != MG_OK) return mg_chk_;                                     \
+  } while (0)
+
+#endif /* MGRIT_IMPL_H */
