@@ -42,7 +42,8 @@ def runtime_library_dirs():
 
 
 def dependencies():
-    deps = ["mpi4py>=4.0", "numpy>=1.24", "torch>=2.1", "h5py>=3.8"]
+    deps = ["mpi4py>=4.0", "numpy>=1.24", "torch>=2.1", "h5py>=3.8",
+            "scikit-learn>=1.2", "matplotlib>=3.6", "tomli>=1.1; python_version<'3.11'"]
     # With a system MPI (MPICC set) the MPI library comes from the system.
     if not os.environ.get("MPICC"):
         deps.insert(0, "mpich")

@@ -81,14 +81,16 @@ cdef inline object box_get(mg_Vector u):
 cdef class StepStatus:
     """What a step is told: ``level`` (0 = fine), ``index`` and
     ``index_stop`` (fine-grid indices of the step's start and end points),
-    ``t_start``, ``t_stop``, ``iter`` and ``rhs`` (the FAS right-hand side,
-    or None).  Valid only during the callback."""
+    ``t_start``, ``t_stop``, ``iter``, ``final`` (True in the last fine
+    sweep, which takes every fine step once at the final state) and ``rhs``
+    (the FAS right-hand side, or None).  Valid only during the callback."""
     cdef readonly int level
     cdef readonly int64_t index
     cdef readonly int64_t index_stop
     cdef readonly double t_start
     cdef readonly double t_stop
     cdef readonly int iter
+    cdef readonly bint final
     cdef readonly object rhs
 
     def __repr__(self):
@@ -182,6 +184,7 @@ cdef int _step(mg_App app, mg_Vector u, const mg_StepStatus *st) noexcept:
         s.t_start = st.t_start
         s.t_stop = st.t_stop
         s.iter = st.iter
+        s.final = st.final
         s.rhs = box_get(st.rhs) if st.rhs != NULL else None
         t0 = MPI_Wtime()
         try:
@@ -386,6 +389,9 @@ cdef class Solver:
       warm_start   a new solve starts from the last solution
       step_cost, latency   virtual clock: cost of one step (per level) and of
                    one message
+      final_sweep  after the last iteration take every fine step once more at
+                   the final state, with status.final set (a one-level solve
+                   always has status.final set)
     """
     cdef mg_Core core
     cdef _Bridge bridge
@@ -401,7 +407,7 @@ cdef class Solver:
                  max_levels=2, cfactor=2, min_coarse=2, relax="FCF", cycle="V",
                  skip=False, abs_tol=1e-10, rel_tol=0.0, max_iter=100,
                  tnorm="l2", store="all", reverse=False, warm_start=True,
-                 step_cost=1.0, latency=0.0):
+                 step_cost=1.0, latency=0.0, final_sweep=False):
         addr = _comm_handle(comm)
         _need(_is_int(nsteps) and nsteps >= 1, f"nsteps={nsteps!r}: must be an integer >= 1")
         _need(comm.Get_size() <= nsteps,
@@ -426,7 +432,8 @@ cdef class Solver:
         costs = _per_level(step_cost, "step_cost", lambda v: _need(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
             f"step_cost={v!r}: must be a finite number >= 0"))
-        for name, v in (("skip", skip), ("reverse", reverse), ("warm_start", warm_start)):
+        for name, v in (("skip", skip), ("reverse", reverse), ("warm_start", warm_start),
+                        ("final_sweep", final_sweep)):
             _need(isinstance(v, (bool, int)) and v in (0, 1), f"{name}={v!r}: must be True or False")
 
         self.bridge = _Bridge(app)
@@ -438,7 +445,8 @@ cdef class Solver:
                             relax=relax, cycle=cycle, skip=bool(skip), abs_tol=abs_tol,
                             rel_tol=rel_tol, max_iter=max_iter, tnorm=tnorm, store=store,
                             reverse=bool(reverse), warm_start=bool(warm_start),
-                            step_cost=step_cost, latency=latency)
+                            step_cost=step_cost, latency=latency,
+                            final_sweep=bool(final_sweep))
 
         cdef MPI_Comm c = (<MPI_Comm*><uintptr_t>addr)[0]
         CHKERR(mg_Init(c, t_start, t_stop, nsteps, <mg_App><void*>self.bridge,
@@ -458,6 +466,7 @@ cdef class Solver:
         CHKERR(mg_SetReverse(self.core, int(reverse)))
         CHKERR(mg_SetWarmStart(self.core, int(warm_start)))
         CHKERR(mg_SetLatency(self.core, latency))
+        CHKERR(mg_SetFinalSweep(self.core, int(final_sweep)))
 
     cdef _per_level_set(self, list values, int which):
         # a single value is for all levels; a list sets levels 0..k-1 and its

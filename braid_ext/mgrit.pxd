@@ -36,6 +36,7 @@ cdef extern from "mgrit.h":
         double t_start
         double t_stop
         int iter
+        int final
         mg_Vector rhs
 
     ctypedef struct mg_AccessStatus:
@@ -98,6 +99,7 @@ cdef extern from "mgrit.h":
     int mg_SetWarmStart(mg_Core core, int warm)
     int mg_SetStepCost(mg_Core core, int level, double cost)
     int mg_SetLatency(mg_Core core, double latency)
+    int mg_SetFinalSweep(mg_Core core, int final_sweep)
 
     int mg_GetNumIter(mg_Core core, int *iter_out)
     int mg_GetNumLevels(mg_Core core, int *nlevels_out)

@@ -140,6 +140,12 @@ int mg_SetWarmStart(mg_Core core, int v) {
   core->warm = v;
   return MG_OK;
 }
+int mg_SetFinalSweep(mg_Core core, int v) {
+  NEED(v == 0 || v == 1);
+  core->final_sweep = v;
+  return MG_OK;
+}
+
 int mg_SetLatency(mg_Core core, double v) {
   NEED(v >= 0 && isfinite(v));
   core->latency = v;
@@ -250,6 +256,10 @@ int mg_CheckApp(mg_App app, const mg_Ops *ops, double t, char *msg, size_t msgle
   CHECK(ops->sum(app, -1.0, u, 1.0, v) == 0, "sum failed");
   CHECK(ops->norm(app, v, &nd) == 0, "norm failed");
   CHECK(nd <= 1e-12 * (nu > 1 ? nu : 1), "sum: norm(2u - u - u) = %g is not zero", nd);
+  /* the sums changed the clone only: u must be as it was */
+  CHECK(ops->norm(app, u, &nv) == 0, "norm failed");
+  CHECK(nv == nu, "clone(u) is not independent of u: changing the clone changed "
+        "norm(u) from %.17g to %.17g; clone must return a copy", nu, nv);
   CHECK(ops->bufsize(app, &size) == 0, "bufsize failed");
   buf = malloc(size ? size : 1);
   CHECK(buf != NULL, "cannot allocate %zu bytes", size);

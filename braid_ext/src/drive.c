@@ -69,6 +69,17 @@ static int final_access(mg_Core core) {
   return mg_Sweep(core, 0, f->cfactor, MG_SW_ACCESS);
 }
 
+/* Every fine step once more at the final state: F-points are recomputed
+ * (to the same values) and the C-point steps' results are dropped. */
+static int final_sweep(mg_Core core) {
+  mg_Level *f = &core->levels[0];
+  core->in_final = 1;
+  int rc = mg_Sweep(core, 0, f->cfactor, MG_SW_C);
+  core->in_final = 0;
+  for (int64_t j = f->lo; j <= f->hi; j++) mg_CallFree(core, &f->w[j - f->lo]);
+  return rc;
+}
+
 static int converged(mg_Core core, double rnorm) {
   if (rnorm <= core->atol) return 1;
   return core->rtol > 0 && rnorm <= core->rtol * core->rnorms[0];
@@ -116,17 +127,31 @@ int mg_Drive(mg_Core core) {
   MG_CHK(mg_BuildHierarchy(core));
   size_t bytes = 0;
   mg_CallBufSize(core, &bytes);
-  core->bufsize = bytes;
-  core->msgsize = 2 * sizeof(double) + bytes;
+  /* Every rank sizes its receive buffers alike: a rank whose bufsize failed
+   * (bytes = 0) still receives full messages until it has told the others,
+   * and ranks that report different upper bounds all use the largest. */
+  uint64_t mine = bytes, most = 0;
+  if (MPI_Allreduce(&mine, &most, 1, MPI_UINT64_T, MPI_MAX, core->comm) !=
+      MPI_SUCCESS)
+    return MG_ERR_MPI;
+  core->bufsize = (size_t)most;
+  core->msgsize = 2 * sizeof(double) + core->bufsize;
   initial_values(core);
 
   if (core->nlevels == 1) {
+    core->in_final = 1; /* sequential stepping: the one sweep is final */
     MG_CHK(mg_Sweep(core, 0, 0, 0));
+    core->in_final = 0;
     core->iter = 1;
   } else {
     MG_CHK(iterate(core));
   }
   MG_CHK(mg_AgreeFailure(core));
+  if (core->final_sweep && core->nlevels > 1 && !core->failed &&
+      core->nonfinite < 0) {
+    MG_CHK(final_sweep(core));
+    MG_CHK(mg_AgreeFailure(core));
+  }
   if (!core->failed && core->nonfinite < 0) {
     MG_CHK(final_access(core));
     MG_CHK(mg_AgreeFailure(core));

@@ -63,6 +63,9 @@ typedef struct {
   double t_start;  /* time of the start point                              */
   double t_stop;   /* time of the end point                                */
   int iter;        /* MGRIT iteration (0-based) of the current Drive       */
+  int final;       /* 1 in the last fine sweep: every fine step is taken
+                      once more, at the final state (a one-level solve is
+                      such a sweep; see mg_SetFinalSweep)                  */
   mg_Vector rhs;   /* FAS right-hand side to add after the step, or NULL   */
 } mg_StepStatus;
 
@@ -159,6 +162,9 @@ int mg_SetReverse(mg_Core core, int reverse);               /* last rank holds t
 int mg_SetWarmStart(mg_Core core, int warm);                /* default 1        */
 int mg_SetStepCost(mg_Core core, int level, double cost);   /* virtual clock; default 1 */
 int mg_SetLatency(mg_Core core, double latency);            /* virtual clock; default 0 */
+/* After the last iteration, take every fine step once more at the final state
+ * (status->final = 1), e.g. to compute gradients from it; default 0. */
+int mg_SetFinalSweep(mg_Core core, int final_sweep);
 
 /* ---- results ----------------------------------------------------------- */
 int mg_GetNumIter(mg_Core core, int *iter_out);

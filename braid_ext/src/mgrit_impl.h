@@ -41,7 +41,7 @@ struct mg_Core_s {
   int cfactor[MG_MAX_LEVELS];
   int nrelax[MG_MAX_LEVELS];
   double step_cost[MG_MAX_LEVELS];
-  int cycle, skip, max_iter, tnorm, store_all, reverse, warm;
+  int cycle, skip, max_iter, tnorm, store_all, reverse, warm, final_sweep;
   double atol, rtol, latency;
 
   /* hierarchy (built by mg_Drive) */
@@ -58,6 +58,7 @@ struct mg_Core_s {
 
   /* results */
   int iter;          /* current / final iteration                          */
+  int in_final;      /* the current sweep is the final fine sweep          */
   double *rnorms;
   int nrnorms, caprnorms;
 

@@ -42,6 +42,7 @@ void mg_CallStep(mg_Core core, int level, int64_t j_start, mg_Vector u,
   st.t_start = mg_TimeOf(core, st.index);
   st.t_stop = mg_TimeOf(core, st.index_stop);
   st.iter = core->iter;
+  st.final = core->in_final && level == 0;
   st.rhs = rhs;
   core->cur_index = st.index;
   int ok;

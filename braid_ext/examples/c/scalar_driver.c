@@ -148,7 +148,7 @@ int main(int argc, char **argv) {
   for (int64_t i = 0; i <= hi; i++) {
     if (i > 0) {
       tmp.value = u;
-      mg_StepStatus st = {0, i - 1, i, (i - 1) * dt, i * dt, 0, NULL};
+      mg_StepStatus st = {0, i - 1, i, (i - 1) * dt, i * dt, 0, 0, NULL};
       step(&app, &tmp, &st);
       u = tmp.value;
     }

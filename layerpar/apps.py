@@ -1,0 +1,120 @@
+"""MGRIT apps for the network: the forward propagation and its adjoint.
+
+Vectors are torch tensors of the state shape (batch, ...).  Both apps step
+through the layers of a ``LayerParallel`` module (``net``):
+
+* forward, step from point n over s fine layers:  u <- u + s*h*F(u; theta_n)
+  (s = 1 on the fine grid; on coarse grids theta_n is the weight of the layer
+  at the coarse step's start, fetched from its owner when it lives on another
+  rank).  In the final fine sweep the step is taken with autograd recording,
+  and the graph of F_n at the final state u_n is kept for the backward pass.
+
+* adjoint, in reversed layer-time (adjoint point a holds lambda_{N-a}): the
+  step into adjoint point a over s fine layers is
+      lambda <- lambda + s*h*(dF_n/du)(u_n)^T lambda,   n = N - a,
+  a vector-Jacobian product through the kept graph of layer n (on coarse
+  grids: the coarse step linearised at the forward state of its C-point).  In
+  the final fine sweep the same product also gives the weight gradient
+  h*(dF_n/dtheta_n)^T lambda_{n+1}.
+"""
+import numpy as np
+import torch
+
+_NUMPY_DTYPES = {
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+    torch.float16: np.float16,
+}
+
+
+class TorchVectors:
+    """The vector operations of an MGRIT app for tensors of one shape (set
+    with ``configure`` before each solve)."""
+
+    def configure(self, shape, dtype, device):
+        if dtype not in _NUMPY_DTYPES:
+            raise ValueError(f"dtype={dtype}: layerpar supports {sorted(map(str, _NUMPY_DTYPES))}")
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self.device = device
+        self.numel = int(np.prod(self.shape, dtype=np.int64))
+        self._np_dtype = _NUMPY_DTYPES[dtype]
+
+    def zeros(self):
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+
+    def clone(self, u):
+        return u.clone()
+
+    def sum(self, a, x, b, y):
+        if b != 1.0:
+            y.mul_(b)
+        return y.add_(x, alpha=a)
+
+    def norm(self, u):
+        return float(torch.linalg.vector_norm(u))
+
+    def bufsize(self):
+        return self.numel * np.dtype(self._np_dtype).itemsize
+
+    def pack(self, u, buf):
+        np.frombuffer(buf, dtype=self._np_dtype, count=self.numel)[:] = \
+            u.detach().reshape(-1).cpu().numpy()
+
+    def unpack(self, buf):
+        a = np.frombuffer(buf, dtype=self._np_dtype, count=self.numel).copy()
+        return torch.from_numpy(a).reshape(self.shape).to(self.device)
+
+
+class ForwardApp(TorchVectors):
+    def __init__(self, net):
+        self.net = net
+        self.u0 = None  # the input state, on the rank holding point 0
+
+    def init(self, t, index):
+        if index == 0:
+            return self.u0.detach().clone()
+        return self.zeros()
+
+    def step(self, u, status):
+        n = status.index
+        h = (status.index_stop - n) * self.net.h
+        F = self.net._step_module(n)
+        if status.final:
+            # Keep the graph of F_n at the final u_n: the backward pass reuses it.
+            with torch.enable_grad():
+                x = u.detach().requires_grad_(True)
+                f = F(x)
+            if not torch.isfinite(f).all():
+                raise FloatingPointError(f"layer {n} produced NaN or Inf")
+            self.net._graphs[n] = (x, f)
+            return u + h * f.detach()
+        with torch.no_grad():
+            return u.add_(F(u), alpha=h)
+
+
+class AdjointApp(TorchVectors):
+    def __init__(self, net):
+        self.net = net
+        self.lam_final = None  # dloss/du_N, on the rank holding layer N-1
+
+    def init(self, t, index):
+        if index == 0:
+            return self.lam_final.detach().clone()
+        return self.zeros()
+
+    def step(self, lam, status):
+        net = self.net
+        n = net.nlayers - status.index_stop
+        h = (status.index_stop - status.index) * net.h
+        x, f = net._graphs[n]
+        if status.final:
+            params = net._layer_params[n]
+            grads = torch.autograd.grad(f, (x,) + params, grad_outputs=lam,
+                                        allow_unused=True)
+            net._grads[n] = tuple(None if g is None else net.h * g for g in grads[1:])
+            gx = grads[0]
+            del net._graphs[n]  # its last use
+        else:
+            (gx,) = torch.autograd.grad(f, x, grad_outputs=lam, retain_graph=True)
+        return lam.add_(gx, alpha=h)

@@ -1,0 +1,421 @@
+"""The layer-parallel residual network: forward propagation by MGRIT across
+ranks, back-propagation by adjoint MGRIT backward in layer-time.
+
+``LayerParallel`` is the residual part  u_N = Phi_{N-1}( ... Phi_0(u_0)),
+Phi_n(u) = u + h*F_n(u), h = T/N, with the layers split over the ranks of a
+communicator.  ``Network`` adds an opening layer (on the first rank) and a
+closing layer and the loss (on the last rank), so that an ordinary training
+loop runs on every rank:
+
+    net = Network(opening, step, closing, nlayers=64, T=4.0, comm=comm)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for x, y in batches:
+        opt.zero_grad()
+        loss = net.loss(x, y, torch.nn.functional.cross_entropy)
+        loss.backward()
+        opt.step()
+        value = net.reduce(loss)        # the loss value on every rank
+"""
+import math
+
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from braid_ext import MGRITError, Solver
+from layerpar import partition
+from layerpar.apps import AdjointApp, ForwardApp
+from layerpar.steps import ResidualLayer
+
+_SOLVER_OPTIONS = ("max_levels", "cfactor", "relax", "cycle", "iters", "tol",
+                   "rel_tol", "skip", "min_coarse")
+
+
+def _seeded(seed, n, make):
+    """make() under the torch RNG seeded by (seed, n), leaving the global RNG
+    as it was: the same layer gets the same weights on any number of ranks."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((seed * 1_000_003 + n) % (2**63))
+        return make()
+
+
+def _check_comm(comm):
+    if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
+        raise TypeError(f"comm must be an mpi4py intracommunicator, not {comm!r}")
+
+
+def _agree(comm, message):
+    """Collective: raise ValueError on every rank if any rank has a message."""
+    messages = [m for m in comm.allgather(message) if m]
+    if messages:
+        raise ValueError(messages[0])
+
+
+class LayerParallel(nn.Module):
+    """N residual layers u <- u + h*F_n(u), h = T/N, split over ``comm``.
+
+    step_factory(n) builds F_n, an ``nn.Module`` that keeps the state's
+    shape; each rank builds only the layers it holds (``layer_indices``),
+    seeded per layer so the weights do not depend on the number of ranks.
+
+    Keyword-only MGRIT options, for both solves unless prefixed:
+      max_levels   1 = exact layer-serial propagation across ranks (default);
+                   more levels = layer-parallel
+      cfactor, relax ('F', 'FCF', ...), cycle ('V', 'F'), min_coarse, skip
+      fwd_iters, bwd_iters     iterations per solve (default 2 and 1)
+      fwd_tol, bwd_tol         absolute residual tolerances (default 0: run
+                               exactly the given iterations)
+      fwd_rel_tol, bwd_rel_tol relative tolerances
+      bwd_max_levels, bwd_cfactor, bwd_relax, bwd_cycle  backward-only values
+      warm_start   start each solve from the previous one's states (one-shot)
+      seed         seed of the layer initialisation
+
+    forward(u0): u0 is the input state on rank 0 (other ranks may pass None).
+    Returns u_N on the last rank and a zero-size placeholder elsewhere; call
+    backward on every rank (``Network`` does this for you).
+    """
+
+    def __init__(self, step_factory, nlayers, T, comm, *, max_levels=1, cfactor=4,
+                 relax="FCF", cycle="V", min_coarse=2, skip=False, fwd_iters=2,
+                 bwd_iters=1, fwd_tol=0.0, bwd_tol=0.0, fwd_rel_tol=0.0,
+                 bwd_rel_tol=0.0, bwd_max_levels=None, bwd_cfactor=None,
+                 bwd_relax=None, bwd_cycle=None, warm_start=False, seed=0):
+        super().__init__()
+        _check_comm(comm)
+        if not callable(step_factory):
+            raise TypeError("step_factory must be callable: step_factory(n) -> nn.Module")
+        if not isinstance(nlayers, int) or isinstance(nlayers, bool) or nlayers < 1:
+            raise ValueError(f"nlayers={nlayers!r}: the number of layers must be an integer >= 1")
+        if comm.Get_size() > nlayers:
+            raise ValueError(f"nlayers={nlayers} is smaller than the number of ranks "
+                             f"({comm.Get_size()}): every rank must hold at least one layer")
+        if not (isinstance(T, (int, float)) and math.isfinite(T) and T > 0):
+            raise ValueError(f"T={T!r}: the final time must be a finite number > 0")
+        self.comm = comm.Dup()  # our own messages never meet the user's
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.nlayers, self.T, self.h = nlayers, float(T), float(T) / nlayers
+        self.step_factory = step_factory
+        self.seed = seed
+
+        fwd = dict(max_levels=max_levels, cfactor=cfactor, relax=relax, cycle=cycle,
+                   min_coarse=min_coarse, skip=skip, max_iter=fwd_iters, abs_tol=fwd_tol,
+                   rel_tol=fwd_rel_tol, warm_start=warm_start)
+        bwd = dict(fwd, max_iter=bwd_iters, abs_tol=bwd_tol, rel_tol=bwd_rel_tol)
+        for key, val in (("max_levels", bwd_max_levels), ("cfactor", bwd_cfactor),
+                         ("relax", bwd_relax), ("cycle", bwd_cycle)):
+            if val is not None:
+                bwd[key] = val
+        self.fwd_options, self.bwd_options = fwd, bwd
+        # Build both solvers now: a bad option raises here, on every rank.
+        self._fwd_app, self._bwd_app = ForwardApp(self), AdjointApp(self)
+        self._fwd_solver = self._new_solver(self._fwd_app, fwd, reverse=False)
+        self._bwd_solver = self._new_solver(self._bwd_app, bwd, reverse=True)
+        self._levels = partition.hierarchy(nlayers, fwd["max_levels"], fwd["cfactor"],
+                                           fwd["min_coarse"])
+
+        self.layer_indices = partition.local_layers(nlayers, self.size, self.rank)
+        self.layers = nn.ModuleDict()
+        for n in self.layer_indices:
+            self.layers[str(n)] = self._make_layer(n)
+        # layers this rank steps with on coarse grids but does not hold
+        self._ghost_indices = sorted(
+            partition.coarse_step_layers(nlayers, self.size, self.rank, self._levels)
+            - set(self.layer_indices))
+        self._ghosts = {}
+        self._anchor = torch.zeros((), requires_grad=True)  # keeps every rank in autograd
+        self._graphs = {}
+        self._grads = {}
+        self._layer_params = {}
+        self._state_meta = None
+        self.last_forward = {"iterations": 0, "residual_norms": []}
+        self.last_backward = {"iterations": 0, "residual_norms": []}
+
+    # ---- construction helpers ------------------------------------------
+    def _make_layer(self, n):
+        F = _seeded(self.seed, n, lambda: self.step_factory(n))
+        if not isinstance(F, nn.Module):
+            raise TypeError(f"step_factory({n}) returned {type(F).__name__}, not an nn.Module")
+        return F
+
+    def _new_solver(self, app, opts, reverse):
+        t0, t1 = (self.T, 0.0) if reverse else (0.0, self.T)
+        o = dict(opts)
+        return Solver(app, self.comm, t0, t1, self.nlayers,
+                      max_levels=o["max_levels"], cfactor=o["cfactor"], relax=o["relax"],
+                      cycle=o["cycle"], min_coarse=o["min_coarse"], skip=o["skip"],
+                      max_iter=o["max_iter"], abs_tol=o["abs_tol"], rel_tol=o["rel_tol"],
+                      warm_start=o["warm_start"], reverse=reverse, store="all",
+                      final_sweep=True)
+
+    def _step_module(self, n):
+        key = str(n)
+        if key in self.layers:
+            return self.layers[key]
+        return self._ghosts[n]
+
+    @property
+    def first_rank(self):
+        return 0
+
+    @property
+    def last_rank(self):
+        return self.size - 1
+
+    # ---- coarse-grid weights from other ranks ----------------------------
+    def _exchange_ghosts(self):
+        """Send the weights of our layers that other ranks step with on coarse
+        grids; receive the ones we step with but do not hold."""
+        if len(self._levels) < 2:
+            return
+        requests = []
+        for q in range(self.size):
+            if q == self.rank:
+                continue
+            wanted = partition.coarse_step_layers(self.nlayers, self.size, q, self._levels)
+            for n in sorted(wanted & set(self.layer_indices)):
+                state = {k: v.detach().cpu() for k, v in self.layers[str(n)].state_dict().items()}
+                requests.append(self.comm.isend(state, dest=q, tag=n))
+        for n in self._ghost_indices:
+            state = self.comm.recv(source=partition.layer_owner(self.nlayers, self.size, n), tag=n)
+            if n not in self._ghosts:
+                self._ghosts[n] = self._make_layer(n)
+            ghost = self._ghosts[n]
+            ref = next(iter(state.values()), None)
+            if ref is not None:
+                ghost.to(dtype=ref.dtype, device=self._state_meta[2])
+            ghost.load_state_dict(state)
+            ghost.requires_grad_(False)
+        MPI.Request.waitall(requests)
+
+    # ---- checks at the first call and when the state shape changes -------
+    def _check_shapes(self, shape, dtype, device):
+        msg = None
+        try:
+            probe = torch.zeros(shape, dtype=dtype, device=device)
+            for n in self.layer_indices:
+                F = self.layers[str(n)]
+                for p in F.parameters():
+                    if p.dtype != dtype:
+                        raise ValueError(f"dtype mismatch: the input state is {dtype} but layer "
+                                         f"{n} has parameters of {p.dtype}; convert the model "
+                                         "(e.g. .double()) or the input")
+                with torch.no_grad():
+                    out = F(probe)
+                if not isinstance(out, torch.Tensor) or out.shape != probe.shape:
+                    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise ValueError(f"layer {n}: step_factory's module maps a state of shape "
+                                     f"{tuple(shape)} to {got}; a residual step must keep the "
+                                     "shape")
+        except ValueError as e:
+            msg = str(e)
+        except Exception as e:  # any failure of a user module, reported everywhere
+            msg = f"{type(e).__name__}: {e}"
+        _agree(self.comm, msg)
+
+    def _prepare(self, u0):
+        """Collective: agree on the state's shape, dtype and device (from the
+        rank holding the input) and rebuild what depends on them."""
+        meta = None
+        if self.rank == self.first_rank:
+            if not isinstance(u0, torch.Tensor):
+                raise TypeError(f"the input state on rank {self.rank} must be a tensor, "
+                                f"not {type(u0).__name__}")
+            meta = (tuple(u0.shape), u0.dtype, str(u0.device))
+        meta = self.comm.bcast(meta, root=self.first_rank)
+        shape, dtype, device = meta[0], meta[1], torch.device(meta[2])
+        if meta != self._state_meta:
+            self._check_shapes(shape, dtype, device)
+            if self._state_meta is not None:
+                # warm states of another shape are useless: start afresh
+                self._fwd_solver.close()
+                self._bwd_solver.close()
+                self._fwd_solver = self._new_solver(self._fwd_app, self.fwd_options, False)
+                self._bwd_solver = self._new_solver(self._bwd_app, self.bwd_options, True)
+            self._state_meta = meta
+        return shape, dtype, device
+
+    # ---- the solves ---------------------------------------------------------
+    @staticmethod
+    def _solve(solver):
+        solver.solve()
+        return {"iterations": solver.iterations, "residual_norms": solver.residual_norms}
+
+    def forward(self, u0=None):
+        shape, dtype, device = self._prepare(u0)
+        if self.rank != self.first_rank or u0 is None:
+            u0 = torch.zeros((), dtype=dtype, device=device)
+        params = tuple(p for F in self.layers.values() for p in F.parameters())
+        return _MGRITFunction.apply(self, (shape, dtype, device), self._anchor, u0, *params)
+
+    def _forward_solve(self, u0, shape, dtype, device):
+        self._exchange_ghosts()
+        self._graphs.clear()
+        self._fwd_app.configure(shape, dtype, device)
+        self._fwd_app.u0 = u0
+        try:
+            self.last_forward = self._solve(self._fwd_solver)
+        finally:
+            self._fwd_app.u0 = None
+        if self.rank == self.last_rank:
+            return self._fwd_solver.get(self.nlayers).clone()
+        return torch.zeros(0, dtype=dtype, device=device)
+
+    def _backward_solve(self, grad_out, shape, dtype, device):
+        self._layer_params = {n: tuple(self.layers[str(n)].parameters())
+                              for n in self.layer_indices}
+        self._grads.clear()
+        lam = None
+        if self.rank == self.last_rank:
+            lam = grad_out if grad_out is not None and grad_out.shape == shape \
+                else torch.zeros(shape, dtype=dtype, device=device)
+        self._bwd_app.configure(shape, dtype, device)
+        self._bwd_app.lam_final = lam
+        try:
+            self.last_backward = self._solve(self._bwd_solver)
+        finally:
+            self._graphs.clear()
+            self._bwd_app.lam_final = None
+        grad_u0 = None
+        if self.rank == self.first_rank:
+            grad_u0 = self._bwd_solver.get(self.nlayers).clone()
+        grads = []
+        for n in self.layer_indices:
+            gs = self._grads.get(n)
+            if gs is None:
+                raise MGRITError(f"no gradient was computed for layer {n}")
+            grads.extend(gs)
+        return grad_u0, grads
+
+    # ---- whole-model helpers ------------------------------------------------
+    def gather_layers(self, root=None):
+        """Collective: {global layer index: state_dict} of all layers, on
+        ``root`` (None = every rank)."""
+        mine = {n: {k: v.detach().cpu().clone() for k, v in self.layers[str(n)].state_dict().items()}
+                for n in self.layer_indices}
+        parts = self.comm.allgather(mine) if root is None else self.comm.gather(mine, root=root)
+        if parts is None:
+            return None
+        out = {}
+        for p in parts:
+            out.update(p)
+        return out
+
+    def serial_layers(self, root=None):
+        """Collective: the N layers as ordinary ``ResidualLayer`` modules with
+        the same weights, on ``root`` (None = every rank)."""
+        states = self.gather_layers(root)
+        if states is None:
+            return None
+        layers = []
+        for n in range(self.nlayers):
+            F = self._make_layer(n)
+            state = states[n]
+            ref = next(iter(state.values()), None)
+            if ref is not None:
+                F.to(dtype=ref.dtype)
+            F.load_state_dict(state)
+            layers.append(ResidualLayer(F, self.h))
+        return layers
+
+    def serial_equivalent(self, root=None):
+        """Collective: an ``nn.Sequential`` of the N residual layers with the
+        same weights, for checking and for inference on one process."""
+        layers = self.serial_layers(root)
+        return None if layers is None else nn.Sequential(*layers)
+
+    def extra_repr(self):
+        return (f"nlayers={self.nlayers}, T={self.T}, ranks={self.size}, "
+                f"local layers={self.layer_indices.start}..{self.layer_indices.stop - 1}, "
+                f"max_levels={self.fwd_options['max_levels']}")
+
+
+class _MGRITFunction(torch.autograd.Function):
+    """Forward: MGRIT across ranks.  Backward: adjoint MGRIT, backward in
+    layer-time; gradients for the input state (rank 0) and the local layers'
+    parameters (the trailing inputs)."""
+
+    @staticmethod
+    def forward(ctx, net, meta, anchor, u0, *params):
+        ctx.net, ctx.meta = net, meta
+        return net._forward_solve(u0, *meta)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        net = ctx.net
+        grad_u0, grads = net._backward_solve(grad_out, *ctx.meta)
+        if grad_u0 is None or not ctx.needs_input_grad[3]:
+            grad_u0 = None
+        return (None, None, None, grad_u0, *grads)
+
+
+class Network(nn.Module):
+    """Opening layer (first rank) + LayerParallel + closing layer (last rank).
+
+    opening_factory() and closing_factory() build the opening and closing
+    modules (seeded, on the rank that uses them); the remaining arguments are
+    those of LayerParallel.
+    """
+
+    def __init__(self, opening_factory, step_factory, closing_factory, *, nlayers, T, comm,
+                 seed=0, **mgrit_options):
+        super().__init__()
+        self.body = LayerParallel(step_factory, nlayers, T, comm, seed=seed, **mgrit_options)
+        self.comm = self.body.comm
+        self.rank = self.body.rank
+        self.opening = _seeded(seed, -1, opening_factory) \
+            if self.rank == self.body.first_rank else None
+        self.closing = _seeded(seed, -2, closing_factory) \
+            if self.rank == self.body.last_rank else None
+        self._opening_factory, self._closing_factory = opening_factory, closing_factory
+
+    @property
+    def is_first(self):
+        return self.rank == self.body.first_rank
+
+    @property
+    def is_last(self):
+        return self.rank == self.body.last_rank
+
+    def forward(self, x=None):
+        """Class scores on the last rank; a placeholder elsewhere."""
+        u0 = self.opening(x) if self.is_first else None
+        uN = self.body(u0)
+        return self.closing(uN) if self.is_last else uN
+
+    def loss(self, x, y, loss_fn):
+        """The loss on the last rank; elsewhere a zero connected to the
+        layer-parallel pass, so that ``loss.backward()`` on every rank runs
+        the adjoint solve everywhere.  Only the first rank needs ``x`` and
+        only the last ``y``."""
+        out = self(x)
+        if self.is_last:
+            return loss_fn(out, y)
+        return out.sum() * 0.0
+
+    def reduce(self, value):
+        """The last rank's value (a tensor or number) as a float on every rank."""
+        v = float(value.detach()) if isinstance(value, torch.Tensor) else value
+        return self.comm.bcast(v if self.is_last else None, root=self.body.last_rank)
+
+    def serial_equivalent(self, root=None):
+        """Collective: opening + N residual layers + closing as one
+        ``nn.Sequential`` with the same weights."""
+        layers = self.body.serial_layers(root)
+        ends = self.comm.allgather(
+            (self.opening.state_dict() if self.is_first else None,
+             self.closing.state_dict() if self.is_last else None)) \
+            if root is None else self.comm.gather(
+            (self.opening.state_dict() if self.is_first else None,
+             self.closing.state_dict() if self.is_last else None), root=root)
+        if layers is None:
+            return None
+        opening = _seeded(self.body.seed, -1, self._opening_factory)
+        closing = _seeded(self.body.seed, -2, self._closing_factory)
+        o_state = ends[self.body.first_rank][0]
+        c_state = ends[self.body.last_rank][1]
+        for module, state in ((opening, o_state), (closing, c_state)):
+            ref = next(iter(state.values()), None)
+            if ref is not None:
+                module.to(dtype=ref.dtype)
+            module.load_state_dict(state)
+        return nn.Sequential(opening, *layers, closing)

@@ -1,0 +1,133 @@
+"""Residual-step modules F(u; theta) and the opening and closing layers.
+
+A residual layer is  u_{n+1} = u_n + h * F(u_n; theta_n); the modules here are
+the F.  Any ``nn.Module`` that maps a state to a state of the same shape can
+serve as F.
+"""
+import torch
+from torch import nn
+
+
+class SmoothReLU(nn.Module):
+    """ReLU with the corner replaced by a parabola on [-eps, eps], so that it
+    is continuously differentiable:  0 for x <= -eps, x for x >= eps,
+    (x + eps)^2 / (4 eps) in between."""
+
+    def __init__(self, eps=0.1):
+        super().__init__()
+        if not eps > 0:
+            raise ValueError(f"eps={eps!r}: must be > 0")
+        self.eps = eps
+
+    def forward(self, x):
+        e = self.eps
+        mid = (x + e) ** 2 / (4 * e)
+        return torch.where(x >= e, x, torch.where(x <= -e, torch.zeros_like(x), mid))
+
+    def extra_repr(self):
+        return f"eps={self.eps}"
+
+
+ACTIVATIONS = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "smoothrelu": SmoothReLU,
+}
+
+
+def activation(name):
+    """The activation module for ``name`` ('tanh', 'relu', 'smoothrelu')."""
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(f"activation={name!r}: choose one of {sorted(ACTIVATIONS)}") from None
+
+
+class DenseStep(nn.Module):
+    """F(u) = sigma(W u + b) on states of shape (batch, width)."""
+
+    def __init__(self, width, activation_name="tanh"):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.act = activation(activation_name)
+
+    def forward(self, u):
+        return self.act(self.linear(u))
+
+
+class ConvStep(nn.Module):
+    """F(u) = sigma(K * u + b) on states of shape (batch, channels, H, W), with
+    padding that keeps the spatial shape (odd kernel sizes)."""
+
+    def __init__(self, channels, kernel_size=3, activation_name="relu"):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size={kernel_size}: must be odd to keep the shape")
+        self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)
+        self.act = activation(activation_name)
+
+    def forward(self, u):
+        return self.act(self.conv(u))
+
+
+class DenseOpening(nn.Module):
+    """Lifts inputs of shape (batch, in_features) to the network width."""
+
+    def __init__(self, in_features, width, activation_name="tanh"):
+        super().__init__()
+        self.linear = nn.Linear(in_features, width)
+        self.act = activation(activation_name)
+
+    def forward(self, x):
+        return self.act(self.linear(x.flatten(1)))
+
+
+class ConvOpening(nn.Module):
+    """Lifts images of shape (batch, in_channels, H, W) to ``channels``."""
+
+    def __init__(self, in_channels, channels, kernel_size=3, activation_name="relu"):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, channels, kernel_size, padding=kernel_size // 2)
+        self.act = activation(activation_name)
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+class DenseClosing(nn.Module):
+    """Classifier: a linear map from the state to class scores."""
+
+    def __init__(self, width, num_classes):
+        super().__init__()
+        self.linear = nn.Linear(width, num_classes)
+
+    def forward(self, u):
+        return self.linear(u.flatten(1))
+
+
+class ConvClosing(nn.Module):
+    """Classifier for image states: average pooling to ``pool`` x ``pool``,
+    then a linear map to class scores."""
+
+    def __init__(self, channels, num_classes, pool=4):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(pool)
+        self.linear = nn.Linear(channels * pool * pool, num_classes)
+
+    def forward(self, u):
+        return self.linear(self.pool(u).flatten(1))
+
+
+class ResidualLayer(nn.Module):
+    """u -> u + h * F(u): one layer of the serial network."""
+
+    def __init__(self, F, h):
+        super().__init__()
+        self.F = F
+        self.h = h
+
+    def forward(self, u):
+        return u + self.h * self.F(u)
+
+    def extra_repr(self):
+        return f"h={self.h}"

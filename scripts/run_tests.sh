@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite: every test on one process (MPI tests on a one-rank
+# COMM_WORLD), then the MPI tests under mpiexec with 2 and 4 ranks (4 is
+# oversubscribed on a 2-core machine).  Fails if any test fails on any rank.
+set -u
+cd "$(dirname "$0")/.."
+. .venv/bin/activate
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+rm -rf .test-logs && mkdir -p .test-logs
+status=0
+
+python -m pytest -q --with-mpi --junitxml=.test-logs/np1.xml tests "$@" || status=1
+
+for n in 2 4; do
+  echo "== MPI tests on $n ranks"
+  timeout 1200 mpiexec -n "$n" python scripts/mpi_pytest.py \
+      --log-prefix ".test-logs/np$n" -- -q --with-mpi --only-mpi tests "$@" || status=1
+done
+
+python scripts/test_summary.py .test-logs || status=1
+exit $status
