@@ -107,14 +107,21 @@ class AdjointApp(TorchVectors):
         net = self.net
         n = net.nlayers - status.index_stop
         h = (status.index_stop - status.index) * net.h
-        x, f = net._graphs[n]
+        try:
+            x, f = net._graphs[n]
+        except KeyError:
+            raise RuntimeError(
+                f"layer {n}: no forward graph to back-propagate through (backward called "
+                "twice after one forward? construct LayerParallel with retain_graphs=True)"
+            ) from None
         if status.final:
             params = net._layer_params[n]
             grads = torch.autograd.grad(f, (x,) + params, grad_outputs=lam,
-                                        allow_unused=True)
+                                        allow_unused=True, retain_graph=net.retain_graphs)
             net._grads[n] = tuple(None if g is None else net.h * g for g in grads[1:])
             gx = grads[0]
-            del net._graphs[n]  # its last use
+            if not net.retain_graphs:
+                del net._graphs[n]  # its last use
         else:
             (gx,) = torch.autograd.grad(f, x, grad_outputs=lam, retain_graph=True)
         return lam.add_(gx, alpha=h)

@@ -68,6 +68,8 @@ class LayerParallel(nn.Module):
       fwd_rel_tol, bwd_rel_tol relative tolerances
       bwd_max_levels, bwd_cfactor, bwd_relax, bwd_cycle  backward-only values
       warm_start   start each solve from the previous one's states (one-shot)
+      retain_graphs  keep the layers' autograd graphs after backward, so that
+                   backward may run again for the same forward (gradcheck)
       seed         seed of the layer initialisation
 
     forward(u0): u0 is the input state on rank 0 (other ranks may pass None).
@@ -79,7 +81,8 @@ class LayerParallel(nn.Module):
                  relax="FCF", cycle="V", min_coarse=2, skip=False, fwd_iters=2,
                  bwd_iters=1, fwd_tol=0.0, bwd_tol=0.0, fwd_rel_tol=0.0,
                  bwd_rel_tol=0.0, bwd_max_levels=None, bwd_cfactor=None,
-                 bwd_relax=None, bwd_cycle=None, warm_start=False, seed=0):
+                 bwd_relax=None, bwd_cycle=None, warm_start=False, retain_graphs=False,
+                 seed=0):
         super().__init__()
         _check_comm(comm)
         if not callable(step_factory):
@@ -96,6 +99,7 @@ class LayerParallel(nn.Module):
         self.nlayers, self.T, self.h = nlayers, float(T), float(T) / nlayers
         self.step_factory = step_factory
         self.seed = seed
+        self.retain_graphs = bool(retain_graphs)
 
         fwd = dict(max_levels=max_levels, cfactor=cfactor, relax=relax, cycle=cycle,
                    min_coarse=min_coarse, skip=skip, max_iter=fwd_iters, abs_tol=fwd_tol,
@@ -273,7 +277,8 @@ class LayerParallel(nn.Module):
         try:
             self.last_backward = self._solve(self._bwd_solver)
         finally:
-            self._graphs.clear()
+            if not self.retain_graphs:
+                self._graphs.clear()
             self._bwd_app.lam_final = None
         grad_u0 = None
         if self.rank == self.first_rank:
