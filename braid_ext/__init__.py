@@ -10,7 +10,10 @@
 
 An app is any object with the methods step, init, clone, sum, norm, bufsize,
 pack and unpack (free and access optional); NumpyApp supplies all but step
-and init for numpy vectors.
+and init for numpy vectors.  Optional attributes: ``adds_rhs = True`` if step
+adds status.rhs itself (implicit schemes), ``pure_step = True`` if step never
+modifies its input and always returns a new object (then clones are lazy and
+cost nothing; objects held by the solver must then never be modified).
 """
 from mpi4py import MPI as _MPI  # loads the MPI library before the core
 

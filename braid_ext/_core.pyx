@@ -53,16 +53,24 @@ cdef int CHKERR(int code) except -1:
 
 # ---------------------------------------------------------------------------
 # vectors: a box around one Python object
+#
+# For an app whose step never modifies its input (``pure_step = True``) a
+# clone is lazy: both boxes share the object and are marked shared, and the
+# copy is made only if a shared object is about to be modified in place (by
+# sum, or by a step that returned its input).  The core's clone-then-step
+# then costs no copy at all.
 
 ctypedef struct Box:
     PyObject *obj
+    int shared
 
-cdef inline mg_Vector box_new(object o) except NULL:
+cdef inline mg_Vector box_new(object o, int shared=0) except NULL:
     cdef Box *b = <Box*>malloc(sizeof(Box))
     if b == NULL:
         raise MemoryError()
     Py_INCREF(o)
     b.obj = <PyObject*>o
+    b.shared = shared
     return <mg_Vector>b
 
 cdef inline void box_set(mg_Vector u, object o):
@@ -119,6 +127,7 @@ cdef class _Bridge:
     cdef object f_step, f_init, f_clone, f_free, f_sum, f_norm
     cdef object f_bufsize, f_pack, f_unpack, f_access
     cdef bint adds_rhs
+    cdef bint pure_step
     cdef StepStatus step_status
     cdef AccessStatus access_status
     cdef object error
@@ -143,6 +152,7 @@ cdef class _Bridge:
         self.f_unpack = app.unpack
         self.f_access = getattr(app, "access", None)
         self.adds_rhs = bool(getattr(app, "adds_rhs", False))
+        self.pure_step = bool(getattr(app, "pure_step", False))
         self.step_status = StepStatus.__new__(StepStatus)
         self.access_status = AccessStatus.__new__(AccessStatus)
         self.error = None
@@ -169,6 +179,21 @@ cdef class _Bridge:
         e, self.error = self.error, None
         return e
 
+    cdef object own(self, mg_Vector u):
+        """The box's object, copied first if it is shared (about to be
+        modified in place)."""
+        cdef Box *bx = <Box*>u
+        cdef double t0
+        if bx.shared:
+            t0 = MPI_Wtime()
+            try:
+                v = self.f_clone(<object>bx.obj)
+            finally:
+                self.app_time += MPI_Wtime() - t0
+            box_set(u, v)
+            bx.shared = 0
+        return <object>bx.obj
+
 
 # The trampolines: each holds the GIL already (mg_Drive is called with it),
 # never lets an exception escape, and returns 0 or 1.
@@ -186,18 +211,28 @@ cdef int _step(mg_App app, mg_Vector u, const mg_StepStatus *st) noexcept:
         s.iter = st.iter
         s.final = st.final
         s.rhs = box_get(st.rhs) if st.rhs != NULL else None
+        x = box_get(u) if b.pure_step else b.own(u)
         t0 = MPI_Wtime()
         try:
-            v = b.f_step(box_get(u), s)
+            v = b.f_step(x, s)
             if v is None:
                 raise TypeError(f"{type(b.app).__name__}.step returned None; "
                                 "it must return the new state")
-            if st.rhs != NULL and not b.adds_rhs:
-                v = b.f_sum(1.0, s.rhs, 1.0, v)
         finally:
             b.app_time += MPI_Wtime() - t0
+        if v is not x:
+            box_set(u, v)
+            (<Box*>u).shared = 0
+        try:
+            if st.rhs != NULL and not b.adds_rhs:
+                v = b.own(u)
+                t0 = MPI_Wtime()
+                try:
+                    box_set(u, b.f_sum(1.0, s.rhs, 1.0, v))
+                finally:
+                    b.app_time += MPI_Wtime() - t0
+        finally:
             s.rhs = None
-        box_set(u, v)
         return 0
     except BaseException as e:
         return b.fail(e)
@@ -221,6 +256,10 @@ cdef int _clone(mg_App app, mg_Vector u, mg_Vector *out) noexcept:
     cdef _Bridge b = <_Bridge><void*>app
     cdef double t0 = MPI_Wtime()
     try:
+        if b.pure_step:
+            (<Box*>u).shared = 1
+            out[0] = box_new(box_get(u), 1)
+            return 0
         try:
             v = b.f_clone(box_get(u))
         finally:
@@ -250,10 +289,12 @@ cdef int _free(mg_App app, mg_Vector u) noexcept:
 
 cdef int _sum(mg_App app, double a, mg_Vector x, double c, mg_Vector y) noexcept:
     cdef _Bridge b = <_Bridge><void*>app
-    cdef double t0 = MPI_Wtime()
+    cdef double t0
     try:
+        yv = b.own(y)
+        t0 = MPI_Wtime()
         try:
-            v = b.f_sum(a, box_get(x), c, box_get(y))
+            v = b.f_sum(a, box_get(x), c, yv)
         finally:
             b.app_time += MPI_Wtime() - t0
         if v is None:
@@ -381,7 +422,8 @@ cdef class Solver:
       cycle        'V' or 'F'
       skip         skip relaxation on the first down-cycle (coarse initial guess)
       abs_tol, rel_tol   stop when the residual norm <= abs_tol or
-                   <= rel_tol * first residual norm
+                   <= rel_tol * first residual norm; a tolerance of 0 is
+                   off (both 0: exactly max_iter iterations)
       max_iter     maximum number of MGRIT iterations per solve
       tnorm        'l2' or 'inf': norm of the residual over C-points
       store        'all' keeps every fine point; 'C' C-points and the last
@@ -514,11 +556,16 @@ cdef class Solver:
             return self.residual_norms
         mg_GetFailure(self.core, &fail_rank, &index)
         err = self.bridge.take_error()
-        if rc == MG_ERR_CALLBACK and err is not None:
-            raise err
         if rc == MG_ERR_REMOTE or rc == MG_ERR_CALLBACK:
-            raise MGRITError(f"MGRIT solve abandoned: a callback raised on rank {fail_rank}",
-                             rc, fail_rank)
+            # every rank is here and knows fail_rank: tell them what happened
+            what = None
+            if self.comm.Get_rank() == fail_rank:
+                what = f"{type(err).__name__}: {err}" if err is not None else "unknown error"
+            what = self.comm.bcast(what, root=fail_rank) if fail_rank >= 0 else "unknown error"
+            if rc == MG_ERR_CALLBACK and err is not None:
+                raise err
+            raise MGRITError(f"MGRIT solve abandoned: a callback raised on rank {fail_rank}: "
+                             f"{what}", rc, fail_rank)
         if rc == MG_ERR_NONFINITE:
             raise NonFiniteResidualError(
                 f"MGRIT residual is not finite (NaN or Inf), first at fine index {index}",

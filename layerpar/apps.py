@@ -67,6 +67,8 @@ class TorchVectors:
 
 
 class ForwardApp(TorchVectors):
+    pure_step = True  # step never modifies its input: the solver's clones are free
+
     def __init__(self, net):
         self.net = net
         self.u0 = None  # the input state, on the rank holding point 0
@@ -85,15 +87,30 @@ class ForwardApp(TorchVectors):
             with torch.enable_grad():
                 x = u.detach().requires_grad_(True)
                 f = F(x)
+            self.net._graphs[n] = (x, f)
+            out = u + h * f.detach()
+            if n == self.net.layer_indices[-1] and not torch.isfinite(out).all():
+                self._report_nonfinite()
+            return out
+        with torch.no_grad():
+            return u + h * F(u)
+
+
+    def _report_nonfinite(self):
+        # NaN and Inf propagate to the following layers, so checking each
+        # rank's last output finds them; only then look for the first one.
+        for n in self.net.layer_indices:
+            x, f = self.net._graphs[n]
+            if not torch.isfinite(x).all():
+                raise FloatingPointError(f"the input of layer {n} is NaN or Inf")
             if not torch.isfinite(f).all():
                 raise FloatingPointError(f"layer {n} produced NaN or Inf")
-            self.net._graphs[n] = (x, f)
-            return u + h * f.detach()
-        with torch.no_grad():
-            return u.add_(F(u), alpha=h)
+        raise FloatingPointError(f"layer {self.net.layer_indices[-1]} produced NaN or Inf")
 
 
 class AdjointApp(TorchVectors):
+    pure_step = True
+
     def __init__(self, net):
         self.net = net
         self.lam_final = None  # dloss/du_N, on the rank holding layer N-1
@@ -124,4 +141,4 @@ class AdjointApp(TorchVectors):
                 del net._graphs[n]  # its last use
         else:
             (gx,) = torch.autograd.grad(f, x, grad_outputs=lam, retain_graph=True)
-        return lam.add_(gx, alpha=h)
+        return lam + h * gx
