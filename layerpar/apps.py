@@ -82,7 +82,7 @@ class ForwardApp(TorchVectors):
         n = status.index
         h = (status.index_stop - n) * self.net.h
         F = self.net._step_module(n)
-        if status.final:
+        if status.final and self.net._record:
             # Keep the graph of F_n at the final u_n: the backward pass reuses it.
             with torch.enable_grad():
                 x = u.detach().requires_grad_(True)
@@ -93,7 +93,11 @@ class ForwardApp(TorchVectors):
                 self._report_nonfinite()
             return out
         with torch.no_grad():
-            return u + h * F(u)
+            out = u + h * F(u)
+        if status.final and n == self.net.layer_indices[-1] and not torch.isfinite(out).all():
+            first = self.net.layer_indices[0]
+            raise FloatingPointError(f"a layer in {first}..{n} produced NaN or Inf")
+        return out
 
 
     def _report_nonfinite(self):

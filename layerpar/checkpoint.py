@@ -19,8 +19,8 @@ The ``state`` of one rank
       "optimizer": {                         # free-form tree; by convention
           "layers":  {n: {param_name: {"exp_avg": Tensor, "step": 3, ...}}},
           "opening": {param_name: {...}}, "closing": {param_name: {...}},
-          "hyper": {"lr": 1e-3, "betas": (0.9, 0.999), ...},
-      },
+          "hyper": [{"lr": 1e-3, "betas": (0.9, 0.999), ...}],  # one per param group
+      },                                     # see optimizer_state()
       "rng": {"torch": ByteTensor, "numpy": ...} or None,   # see rng_state()
       "extra": {...},                        # optional free-form tree
     }
@@ -35,6 +35,25 @@ layers must cover 0..N-1.  On loading, each rank gets the layers it asks for
 (in ``layers`` and in ``optimizer["layers"]``), everything else whole, and
 ``rng`` as saved by the rank of the same number (None if the saving run had
 fewer ranks).  Missing sections come back as empty dicts.
+
+In a training loop with a ``layerpar.Network`` ``net`` and optimiser ``opt``::
+
+    params = {"layers": {n: dict(net.body.layers[str(n)].named_parameters())
+                         for n in net.body.layer_indices},
+              "opening": dict(net.opening.named_parameters()) if net.is_first else {},
+              "closing": dict(net.closing.named_parameters()) if net.is_last else {}}
+    state = {"num_layers": N, "epoch": e, "step": s, "config": cfg,
+             **{k: {n: {p: t.detach() for p, t in d.items()} for n, d in v.items()}
+                if k == "layers" else {p: t.detach() for p, t in v.items()}
+                for k, v in params.items()},
+             "optimizer": optimizer_state(opt, params), "rng": rng_state()}
+    save_checkpoint(run_dir / "latest.h5", comm, state)
+    # resume, possibly on another number of ranks:
+    path = find_latest_checkpoint(run_dir, comm)
+    st = load_checkpoint(path, comm, layer_indices=net.body.layer_indices,
+                         num_layers=N, config={"model": cfg["model"]})
+    # copy st["layers"][n] etc. into the parameters (torch.no_grad, copy_),
+    # then restore_optimizer_state(opt, params, st["optimizer"]).
 
 File layout
 -----------
@@ -77,7 +96,8 @@ import torch
 __all__ = [
     "FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint",
     "verify_checkpoint", "find_latest_checkpoint", "previous_path",
-    "rng_state", "set_rng_state", "MetricsWriter",
+    "rng_state", "set_rng_state", "optimizer_state", "restore_optimizer_state",
+    "MetricsWriter",
 ]
 
 FORMAT_NAME = "layerpar-checkpoint"
@@ -104,6 +124,78 @@ def set_rng_state(state: dict) -> None:
     """Restore what :func:`rng_state` returned (e.g. a loaded ``state["rng"]``)."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
+
+
+# --------------------------------------------------------------------------
+# Optimiser state by parameter name
+# --------------------------------------------------------------------------
+
+def _named_leaves(params, prefix=()):
+    """Yield (key path, parameter) of a {"layers": {n: {name: p}}, "opening":
+    {name: p}, "closing": {...}} layout (any nesting of dicts)."""
+    for k, v in params.items():
+        if isinstance(v, Mapping):
+            yield from _named_leaves(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, params: Mapping) -> dict:
+    """This rank's optimiser state keyed by parameter names, for
+    ``state["optimizer"]``.
+
+    ``params`` names this rank's parameters in the layout of the state's
+    weights, e.g. ``{"layers": {n: dict(layer.named_parameters())},
+    "opening": {...}, "closing": {...}}``.  Returns the same layout with each
+    parameter's optimiser state (``{"exp_avg": ..., "step": ...}``; ``{}``
+    before the first step), plus ``"hyper"``: the parameter groups'
+    hyper-parameters (a list, one dict per group, without ``"params"``).
+    Independent of the number of ranks, unlike ``optimizer.state_dict()``,
+    which numbers the parameters of one process.
+    """
+    out: dict = {}
+    for path, p in _named_leaves(params):
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = _detached(dict(optimizer.state.get(p, {})))
+    if "hyper" in out:
+        raise CheckpointError("params may not have a top-level entry 'hyper'")
+    out["hyper"] = [{k: _detached(v) for k, v in g.items() if k != "params"}
+                    for g in optimizer.param_groups]
+    return out
+
+
+def restore_optimizer_state(optimizer: torch.optim.Optimizer, params: Mapping,
+                            saved: Mapping) -> None:
+    """Inverse of :func:`optimizer_state`: set the state of each parameter in
+    ``params`` from ``saved`` (a loaded ``state["optimizer"]``) and the
+    groups' hyper-parameters.  Tensors follow the parameter's device, and
+    its dtype when floating (``step`` counters keep theirs)."""
+    hyper = saved.get("hyper")
+    if hyper is not None:
+        if len(hyper) != len(optimizer.param_groups):
+            raise CheckpointError(f"optimiser has {len(optimizer.param_groups)} parameter groups, "
+                                  f"the checkpoint {len(hyper)}")
+        for group, h in zip(optimizer.param_groups, hyper):
+            group.update({k: v for k, v in h.items() if k != "params"})
+    for path, p in _named_leaves(params):
+        node = saved
+        for k in path:
+            if not isinstance(node, Mapping) or k not in node:
+                raise CheckpointError(f"checkpoint has no optimiser state for parameter "
+                                      f"{'/'.join(map(str, path))}")
+            node = node[k]
+        st = {}
+        for k, v in node.items():
+            if isinstance(v, torch.Tensor):
+                cast = v.is_floating_point() and k != "step"
+                v = v.to(device=p.device, dtype=p.dtype if cast else v.dtype)
+            st[k] = v
+        if st:
+            optimizer.state[p] = st
+        else:
+            optimizer.state.pop(p, None)
 
 
 def previous_path(path) -> str:
@@ -243,7 +335,7 @@ def _write_atomic(path: str, state: dict, num_ranks: int, keep_previous: bool) -
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}")
     try:
-        with h5py.File(tmp, "w", track_order=True) as f:
+        with _h5open(tmp, "w", track_order=True) as f:
             _write_state(f, state, num_ranks)
             f.attrs["sha256"] = _scan(f, decode=False)[0]
         _fsync_path(tmp)
@@ -273,6 +365,13 @@ def _install(tmp: str, path: str, keep_previous: bool) -> None:
                 pass
             os.replace(path, prev)  # no hard links on this file system
     os.replace(tmp, path)
+
+
+def _h5open(path: str, mode: str, **kw) -> h5py.File:
+    """h5py.File without HDF5's file locks: every file here has one writer
+    (rank 0; checkpoints under a unique temporary name), and parallel file
+    systems without flock support make locked opens fail."""
+    return h5py.File(path, mode, locking=False, **kw)
 
 
 def _fsync_path(p: str) -> None:
@@ -436,7 +535,7 @@ def _read_verified(path: str, *, decode: bool = True):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} not found")
     try:
-        with h5py.File(path, "r") as f:
+        with _h5open(path, "r") as f:
             if _attr_value(f.attrs.get("format")) != FORMAT_NAME:
                 raise CheckpointError(f"{path} is not a layerpar checkpoint")
             version = _attr_value(f.attrs.get("format_version"))
@@ -688,7 +787,7 @@ class MetricsWriter:
             return
         os.makedirs(directory, exist_ok=True)
         if os.path.exists(self.h5_path):
-            with h5py.File(self.h5_path, "r") as f:
+            with _h5open(self.h5_path, "r") as f:
                 self._columns = [tuple(c) for c in json.loads(f.attrs["columns"])]
                 self._num_rows = min((len(f[k]) for k, _ in self._columns), default=0)
             if not self._csv_matches():
@@ -717,7 +816,7 @@ class MetricsWriter:
                              f"missing {sorted(missing)}, extra {sorted(extra)}")
         values = {str(k): v for k, v in row.items()}
         values = {k: _convert(k, kind, values[k]) for k, kind in self._columns}
-        with h5py.File(self.h5_path, "a") as f:
+        with _h5open(self.h5_path, "a") as f:
             if "columns" not in f.attrs:
                 f.attrs["columns"] = json.dumps(self._columns)
             for k, kind in self._columns:
@@ -743,7 +842,7 @@ class MetricsWriter:
             return None
         if self._columns is None or not os.path.exists(self.h5_path):
             return []
-        with h5py.File(self.h5_path, "r") as f:
+        with _h5open(self.h5_path, "r") as f:
             cols = {k: f[k][:self._num_rows] for k, _ in self._columns}
         out = []
         for i in range(self._num_rows):
@@ -756,32 +855,32 @@ class MetricsWriter:
             return
         if num_rows < 0:
             raise ValueError(f"num_rows must be >= 0, got {num_rows}")
-        with h5py.File(self.h5_path, "a") as f:
+        with _h5open(self.h5_path, "a") as f:
             for k, _ in self._columns:
                 f[k].resize((num_rows,))
         self._num_rows = num_rows
         self._rewrite_csv()
 
-    def _csv_matches(self) -> bool:
-        try:
-            with open(self.csv_path, newline="") as fh:
-                lines = list(csv.reader(fh))
-        except (OSError, csv.Error):
-            return False
-        if not lines or lines[0] != [k for k, _ in self._columns]:
-            return False
-        body = lines[1:]
-        return len(body) == self._num_rows and all(len(r) == len(self._columns) for r in body)
-
-    def _rewrite_csv(self) -> None:
+    def _csv_text(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow([k for k, _ in self._columns])
         for row in self.rows():
             w.writerow([_csv_cell(kind, row[k]) for k, kind in self._columns])
+        return buf.getvalue()
+
+    def _csv_matches(self) -> bool:
+        """True if the CSV holds exactly the HDF5 rows (no partial last line)."""
+        try:
+            with open(self.csv_path, newline="") as fh:
+                return fh.read() == self._csv_text()
+        except (OSError, UnicodeDecodeError):
+            return False
+
+    def _rewrite_csv(self) -> None:
         tmp = self.csv_path + ".tmp"
         with open(tmp, "w", newline="") as fh:
-            fh.write(buf.getvalue())
+            fh.write(self._csv_text())
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.csv_path)

@@ -47,7 +47,6 @@ Known sets (``KNOWN_DATASETS``)
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import pickle
 from dataclasses import dataclass
@@ -518,7 +517,7 @@ def read_cifar_batch(path):
     path = os.fspath(path)
     try:
         with open(path, "rb") as fh:
-            obj = _ArrayUnpickler(io.BufferedReader(fh), encoding="bytes").load()
+            obj = _ArrayUnpickler(fh, encoding="bytes").load()
     except FileNotFoundError as exc:
         raise DatasetError(f"{path}: file not found") from exc
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a malformed file

@@ -114,20 +114,15 @@ class LayerParallel(nn.Module):
         self._fwd_app, self._bwd_app = ForwardApp(self), AdjointApp(self)
         self._fwd_solver = self._new_solver(self._fwd_app, fwd, reverse=False)
         self._bwd_solver = self._new_solver(self._bwd_app, bwd, reverse=True)
-        self._levels = partition.hierarchy(nlayers, fwd["max_levels"], fwd["cfactor"],
-                                           fwd["min_coarse"])
-
         self.layer_indices = partition.local_layers(nlayers, self.size, self.rank)
         self.layers = nn.ModuleDict()
         for n in self.layer_indices:
             self.layers[str(n)] = self._make_layer(n)
-        # layers this rank steps with on coarse grids but does not hold
-        self._ghost_indices = sorted(
-            partition.coarse_step_layers(nlayers, self.size, self.rank, self._levels)
-            - set(self.layer_indices))
         self._ghosts = {}
+        self._plan_ghosts()
         self._anchor = torch.zeros((), requires_grad=True)  # keeps every rank in autograd
         self._graphs = {}
+        self._record = True
         self._grads = {}
         self._layer_params = {}
         self._state_meta = None
@@ -150,6 +145,40 @@ class LayerParallel(nn.Module):
                       max_iter=o["max_iter"], abs_tol=o["abs_tol"], rel_tol=o["rel_tol"],
                       warm_start=o["warm_start"], reverse=reverse, store="all",
                       final_sweep=True)
+
+    def _plan_ghosts(self):
+        # the layers this rank steps with on coarse grids but does not hold
+        fwd = self.fwd_options
+        self._levels = partition.hierarchy(self.nlayers, fwd["max_levels"], fwd["cfactor"],
+                                           fwd["min_coarse"])
+        self._ghost_indices = sorted(
+            partition.coarse_step_layers(self.nlayers, self.size, self.rank, self._levels)
+            - set(self.layer_indices))
+
+    def reconfigure(self, *, max_levels=None, bwd_max_levels=None, fwd_iters=None,
+                    bwd_iters=None, warm_start=None):
+        """Collective: change MGRIT options between passes (e.g. more
+        iterations, or max_levels=1 for exact propagation).  The solvers are
+        rebuilt, so warm states are dropped."""
+        fwd, bwd = dict(self.fwd_options), dict(self.bwd_options)
+        if max_levels is not None:
+            fwd["max_levels"] = max_levels
+            bwd["max_levels"] = max_levels if bwd_max_levels is None else bwd_max_levels
+        elif bwd_max_levels is not None:
+            bwd["max_levels"] = bwd_max_levels
+        if fwd_iters is not None:
+            fwd["max_iter"] = fwd_iters
+        if bwd_iters is not None:
+            bwd["max_iter"] = bwd_iters
+        if warm_start is not None:
+            fwd["warm_start"] = bwd["warm_start"] = bool(warm_start)
+        new_fwd = self._new_solver(self._fwd_app, fwd, reverse=False)
+        new_bwd = self._new_solver(self._bwd_app, bwd, reverse=True)
+        self._fwd_solver.close()
+        self._bwd_solver.close()
+        self._fwd_solver, self._bwd_solver = new_fwd, new_bwd
+        self.fwd_options, self.bwd_options = fwd, bwd
+        self._plan_ghosts()
 
     def _step_module(self, n):
         key = str(n)
@@ -248,6 +277,8 @@ class LayerParallel(nn.Module):
         shape, dtype, device = self._prepare(u0)
         if self.rank != self.first_rank or u0 is None:
             u0 = torch.zeros((), dtype=dtype, device=device)
+        # without autograd (evaluation) no layer graphs are kept
+        self._record = torch.is_grad_enabled()
         params = tuple(p for F in self.layers.values() for p in F.parameters())
         return _MGRITFunction.apply(self, (shape, dtype, device), self._anchor, u0, *params)
 

@@ -14,7 +14,7 @@ python -m pytest -q --with-mpi --junitxml=.test-logs/np1.xml tests "$@" || statu
 for n in 2 4; do
   echo "== MPI tests on $n ranks"
   timeout 1200 mpiexec -n "$n" python scripts/mpi_pytest.py \
-      --log-prefix ".test-logs/np$n" -- -q --with-mpi --only-mpi tests "$@" || status=1
+      --log-prefix ".test-logs/np$n" -- -q --only-mpi tests "$@" || status=1
 done
 
 python scripts/test_summary.py .test-logs || status=1
