@@ -56,6 +56,7 @@ core = Extension(
     include_dirs=["braid_ext/src"],
     depends=glob("braid_ext/src/*.h"),
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+    define_macros=[("BRAID_EXT_COMPILER", '"%s"' % " ".join(mpi_compiler()).replace('"', ""))],
     runtime_library_dirs=runtime_library_dirs(),
 )
 

@@ -23,6 +23,7 @@ from braid_ext._core import (
     NonFiniteResidualError,
     Solver,
     StepStatus,
+    build_info,
     check_app,
 )
 from braid_ext.numpy_app import NumpyApp
@@ -35,4 +36,5 @@ __all__ = [
     "NonFiniteResidualError",
     "NumpyApp",
     "check_app",
+    "build_info",
 ]

@@ -658,6 +658,25 @@ cdef class Solver:
                     total_time=st.total_time, virtual_time=st.virtual_time)
 
 
+cdef extern from *:
+    """
+    #ifndef BRAID_EXT_COMPILER
+    #define BRAID_EXT_COMPILER "unknown"
+    #endif
+    #define BRAID_EXT_STR2(x) #x
+    #define BRAID_EXT_STR(x) BRAID_EXT_STR2(x)
+    static const char *braid_ext_mpi_version = BRAID_EXT_STR(MPI_VERSION) "." BRAID_EXT_STR(MPI_SUBVERSION);
+    """
+    const char *BRAID_EXT_COMPILER
+    const char *braid_ext_mpi_version
+
+
+def build_info():
+    """How the core was built: the MPI compiler wrapper and the MPI standard
+    version of the headers it was compiled against."""
+    return {"compiler": BRAID_EXT_COMPILER.decode(), "mpi_version": braid_ext_mpi_version.decode()}
+
+
 def check_app(app, double t=0.0):
     """Test an app's clone, sum, norm and pack/unpack round trip on the vector
     ``app.init(t, 0)``.  Raises the app's own exception, or ValueError saying

@@ -1,0 +1,5 @@
+import sys
+
+from layerpar.cli import main
+
+sys.exit(main())
