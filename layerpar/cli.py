@@ -73,6 +73,7 @@ def _parser():
                    help="override a configuration value (repeatable)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the newest valid checkpoint in the run directory")
+    t.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint")
     t.add_argument("--run-dir", help="output directory (run.dir)")
     e = sub.add_parser("eval", help="evaluate a checkpoint")
     e.add_argument("--checkpoint", required=True)
@@ -120,7 +121,9 @@ def _train(args, comm, out):
     config = resolve(args.config, overrides)
     out("resolved configuration:\n" + to_toml(config).rstrip(), 1)
     trainer = Trainer(config, comm, log=lambda s: out(s, 1), progress=out.progress)
-    if args.resume:
+    if args.resume_from:
+        trainer.resume(args.resume_from)
+    elif args.resume:
         if not trainer.resume():
             out(f"no checkpoint in {config['run']['dir']}: starting afresh", 1)
     trainer.write_config()

@@ -262,19 +262,32 @@ class Trainer:
                  "rng": ckpt.rng_state(),
                  "extra": {"batch_in_epoch": self.batch_in_epoch,
                            "monitor": self.monitor.state() if self.monitor else {}}}
-        ckpt.save_checkpoint(os.path.join(self.run_dir, "checkpoint.h5"), self.comm, state)
+        ckpt.save_checkpoint(self.checkpoint_path(), self.comm, state)
+
+    def checkpoint_path(self):
+        return os.path.join(self.run_dir, "checkpoint.h5")
 
     def resume(self, path=None):
-        """Load ``path`` or the newest valid checkpoint of the run directory;
-        False if there is none."""
+        """Load ``path``, or the run directory's checkpoint; False if there is
+        none.  A damaged or mismatched checkpoint raises CheckpointError (the
+        previous one, checkpoint.prev.h5, is left as it is)."""
         if path is None:
-            path = ckpt.find_latest_checkpoint(self.run_dir, self.comm)
-            if path is None:
-                return False
+            path = self.checkpoint_path()
+            exists = self.comm.bcast(os.path.exists(path) if self.rank == 0 else None, root=0)
+            if not exists:  # a save interrupted between its renames leaves only .prev
+                path = ckpt.find_latest_checkpoint(self.run_dir, self.comm)
+                if path is None:
+                    return False
         keys = {"model": self.config["model"], "data": {
             k: self.config["data"][k] for k in ("name", "dtype", "seed")}}
-        st = ckpt.load_checkpoint(path, self.comm, layer_indices=self.body.layer_indices,
-                                  num_layers=self.body.nlayers, config=keys)
+        try:
+            st = ckpt.load_checkpoint(path, self.comm, layer_indices=self.body.layer_indices,
+                                      num_layers=self.body.nlayers, config=keys)
+        except ckpt.CheckpointError as e:
+            prev = ckpt.previous_path(path)
+            hint = f" (the previous checkpoint {prev} is kept: resume from it with " \
+                   f"--resume-from {prev})" if os.path.exists(prev) else ""
+            raise ckpt.CheckpointError(f"{e}{hint}") from None
         params = self._params()
         with torch.no_grad():
             for group in ("opening", "closing"):

@@ -1,4 +1,29 @@
+import os
+import shutil
+import sys
+
+import pytest
 import torch
 
 # one torch thread per rank: under mpiexec the ranks share the cores
 torch.set_num_threads(1)
+
+
+def clean_mpi_env():
+    """The environment for a child `mpiexec`: without the variables through
+    which this (possibly MPI-launched) process talks to its own launcher."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "MPI_", "OMPI_", "MPIR_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@pytest.fixture
+def mpiexec():
+    """Path of the mpiexec beside this Python (the MPICH wheel's), or skip."""
+    path = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if not os.path.exists(path):
+        path = shutil.which("mpiexec")
+    if not path:
+        pytest.skip("no mpiexec found")
+    return path

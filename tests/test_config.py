@@ -1,0 +1,54 @@
+"""Configuration: defaults, files, overrides and the checks that name the
+offending value."""
+import pytest
+
+from layerpar.config import DEFAULTS, ConfigError, parse_override, resolve, to_toml
+
+
+def test_defaults_are_valid_and_round_trip(tmp_path):
+    config = resolve()
+    assert config == DEFAULTS
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(config))
+    assert resolve(str(path)) == config
+
+
+def test_file_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[optim]\nlr = 0.5\n[model]\nnlayers = 12\n')
+    config = resolve(str(path), ["optim.lr=0.25", 'mgrit.mode="serial"', "model.T=3"])
+    assert config["optim"]["lr"] == 0.25
+    assert config["model"]["nlayers"] == 12
+    assert config["mgrit"]["mode"] == "serial"
+    assert config["model"]["T"] == 3.0 and isinstance(config["model"]["T"], float)
+    assert parse_override("mgrit.mode=serial") == {"mgrit": {"mode": "serial"}}
+
+
+@pytest.mark.parametrize("override,named", [
+    ("optim.lr=-0.1", "optim.lr"),
+    ("optim.lr=0", "optim.lr"),
+    ('data.name="imagenet"', "data.name"),
+    ("mgrit.cfactor=1", "mgrit.cfactor"),
+    ('mgrit.relax="FC"', "mgrit.relax"),
+    ('mgrit.cycle="W"', "mgrit.cycle"),
+    ("model.nlayers=0", "model.nlayers"),
+    ('optim.name="rmsprop"', "optim.name"),
+    ("data.batch_size=0", "data.batch_size"),
+    ('optim.lr="fast"', "optim.lr"),
+    ("optim.learning_rate=0.1", "optim.learning_rate"),
+    ("solver.levels=2", "solver"),
+    ("lr=0.1", "section.key=value"),
+    ('data.name="mnist"', "data.root"),
+])
+def test_invalid_values_are_named(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        resolve(None, [override])
+
+
+def test_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        resolve(str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim\nlr = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        resolve(str(bad))

@@ -1,0 +1,150 @@
+"""The training engine in-process: rank invariance of serial training,
+checkpoint/resume (same and different rank counts), the residual monitor."""
+import math
+import shutil
+import tempfile
+
+import pytest
+import torch
+from mpi4py import MPI
+
+from layerpar.config import resolve
+from layerpar.training import ResidualMonitor, Trainer
+
+WORLD = MPI.COMM_WORLD
+
+
+def small_config(run_dir, **sets):
+    overrides = ['mgrit.mode="serial"', "model.nlayers=8", "model.width=4", "optim.epochs=2",
+                 "data.batch_size=500", 'data.dtype="float64"', "run.plot=false",
+                 f'run.dir="{run_dir}"']
+    overrides += [f"{k}={v}" for k, v in sets.items()]
+    return resolve(None, overrides)
+
+
+def shared_dir(comm):
+    d = tempfile.mkdtemp(prefix="lp-") if comm.Get_rank() == 0 else None
+    return comm.bcast(d, root=0)
+
+
+def weights(trainer):
+    """All parameters by global name, gathered on every rank."""
+    mine = {k: v.detach().clone() for k, v in trainer.net.named_parameters()}
+    out = {}
+    for part in trainer.comm.allgather(mine):
+        out.update(part)
+    return out
+
+
+def train(comm, run_dir, **sets):
+    t = Trainer(small_config(run_dir, **sets), comm)
+    t.run()
+    return t
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_serial_mode_losses_independent_of_ranks(optimizer):
+    sets = {"optim.name": f'"{optimizer}"', "optim.lr": 0.05}
+    world_dir, self_dir = shared_dir(WORLD), tempfile.mkdtemp(prefix="lp-self-")
+    try:
+        tw = train(WORLD, world_dir, **sets)
+        ts = train(MPI.COMM_SELF, self_dir, **sets)
+        rows_w = WORLD.bcast(tw.metrics.rows(), root=0)
+        rows_s = ts.metrics.rows()
+        assert len(rows_w) == len(rows_s) == 2
+        for a, b in zip(rows_w, rows_s):
+            for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
+                assert math.isclose(a[key], b[key], rel_tol=1e-10, abs_tol=1e-14), key
+        ww, ws = weights(tw), weights(ts)
+        assert ww.keys() == ws.keys()
+        for k in ww:
+            assert torch.allclose(ww[k], ws[k], rtol=1e-10, atol=1e-13), k
+    finally:
+        WORLD.Barrier()
+        if WORLD.rank == 0:
+            shutil.rmtree(world_dir, ignore_errors=True)
+        shutil.rmtree(self_dir, ignore_errors=True)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode", ["serial", "layer-parallel"])
+def test_resume_gives_the_uninterrupted_weights(mode):
+    sets = {"mgrit.mode": f'"{mode}"', "optim.epochs": 3, "run.checkpoint_every": 7}
+    full_dir, part_dir = shared_dir(WORLD), shared_dir(WORLD)
+    try:
+        full = train(WORLD, full_dir, **sets)
+        # stop after the first epoch, then resume in a new trainer
+        train(WORLD, part_dir, **dict(sets, **{"optim.epochs": 1}))
+        resumed = Trainer(small_config(part_dir, **sets), WORLD)
+        assert resumed.resume()
+        assert resumed.epoch == 1
+        resumed.run()
+        wf, wr = weights(full), weights(resumed)
+        for k in wf:
+            assert torch.equal(wf[k], wr[k]), k  # bit for bit on the same ranks
+        rows_f = WORLD.bcast(full.metrics.rows(), root=0)
+        rows_r = WORLD.bcast(resumed.metrics.rows(), root=0)
+        assert [r["val_loss"] for r in rows_f] == [r["val_loss"] for r in rows_r]
+    finally:
+        WORLD.Barrier()
+        if WORLD.rank == 0:
+            shutil.rmtree(full_dir, ignore_errors=True)
+            shutil.rmtree(part_dir, ignore_errors=True)
+
+
+@pytest.mark.mpi
+def test_resume_on_another_number_of_ranks():
+    # checkpoint written by COMM_WORLD, resumed on one rank (each rank resumes
+    # its own copy): equal to the uninterrupted run to round-off
+    sets = {"optim.epochs": 2, "optim.name": '"sgd"', "optim.lr": 0.05}
+    full_dir, part_dir = shared_dir(WORLD), shared_dir(WORLD)
+    own = tempfile.mkdtemp(prefix="lp-own-")
+    try:
+        full = train(WORLD, full_dir, **sets)
+        train(WORLD, part_dir, **dict(sets, **{"optim.epochs": 1}))
+        WORLD.Barrier()
+        shutil.copy(f"{part_dir}/checkpoint.h5", f"{own}/checkpoint.h5")
+        single = Trainer(small_config(own, **sets), MPI.COMM_SELF)
+        assert single.resume()
+        single.run()
+        wf, ws = weights(full), weights(single)
+        for k in wf:
+            assert torch.allclose(wf[k], ws[k], rtol=1e-12, atol=1e-14), k
+    finally:
+        WORLD.Barrier()
+        if WORLD.rank == 0:
+            shutil.rmtree(full_dir, ignore_errors=True)
+            shutil.rmtree(part_dir, ignore_errors=True)
+        shutil.rmtree(own, ignore_errors=True)
+
+
+class _Body:
+    def __init__(self):
+        self.last_forward = {"residual_norms": []}
+        self.last_backward = {"residual_norms": []}
+        self.calls = []
+
+    def reconfigure(self, **kw):
+        self.calls.append(kw)
+
+
+def test_residual_monitor_raises_iterations_then_falls_back():
+    body = _Body()
+    mon = ResidualMonitor(0.5, 2, 3, 1, 1)
+    good, bad = [1.0, 0.1], [1.0, 0.9]
+    body.last_forward["residual_norms"], body.last_backward["residual_norms"] = good, good
+    assert mon.update(body) is None and mon.update(body) is None
+    body.last_forward["residual_norms"] = bad
+    assert mon.update(body) is None          # one stall: patience 2
+    assert "fwd_iters -> 2" in mon.update(body)
+    assert body.calls[-1] == {"fwd_iters": 2}
+    for _ in range(2):
+        mon.update(body)
+    assert mon.iters["fwd"] == 3 and not mon.serial
+    mon.update(body), mon.update(body)
+    assert mon.serial and body.calls[-1] == {"max_levels": 1}
+    assert mon.update(body) is None  # nothing more to do
+    assert ResidualMonitor.rate([1.0, float("nan")]) == math.inf
+    assert ResidualMonitor.rate([0.0, 0.0]) == 0.0
+    assert ResidualMonitor.rate([1.0, 0.25, 0.0625]) == pytest.approx(0.25)
