@@ -568,7 +568,7 @@ cdef class Solver:
                              f"{what}", rc, fail_rank)
         if rc == MG_ERR_NONFINITE:
             raise NonFiniteResidualError(
-                f"MGRIT residual is not finite (NaN or Inf), first at fine index {index}",
+                f"MGRIT: NaN or Inf in the states or residual, first at fine index {index}",
                 index)
         CHKERR(rc)
 

@@ -155,7 +155,18 @@ int mg_SetLatency(mg_Core core, double v) {
 /* ---- results ----------------------------------------------------------- */
 
 int mg_GetNumIter(mg_Core core, int *out) { NEED(out); *out = core->stats.iterations; return MG_OK; }
-int mg_GetNumLevels(mg_Core core, int *out) { NEED(out); *out = core->nlevels; return MG_OK; }
+/* Before the first Drive the levels are built from the options so far (no
+ * callback is needed for that); Drive rebuilds them from its options. */
+static int ensure_levels(mg_Core core) {
+  return core->nlevels > 0 ? MG_OK : mg_BuildHierarchy(core);
+}
+
+int mg_GetNumLevels(mg_Core core, int *out) {
+  NEED(out);
+  MG_CHK(ensure_levels(core));
+  *out = core->nlevels;
+  return MG_OK;
+}
 int mg_GetRank(mg_Core core, int *out) { NEED(out); *out = core->rank; return MG_OK; }
 
 int mg_GetResidualNorms(mg_Core core, double *norms, int max, int *n_out) {
@@ -166,14 +177,18 @@ int mg_GetResidualNorms(mg_Core core, double *norms, int max, int *n_out) {
 }
 
 int mg_GetLocalRange(mg_Core core, int level, int64_t *lo, int64_t *hi) {
-  NEED(lo && hi && level >= 0 && level < core->nlevels);
+  NEED(lo && hi);
+  MG_CHK(ensure_levels(core));
+  NEED(level >= 0 && level < core->nlevels);
   *lo = core->levels[level].lo;
   *hi = core->levels[level].hi;
   return MG_OK;
 }
 
 int mg_GetLevelSize(mg_Core core, int level, int64_t *n, int64_t *stride) {
-  NEED(n && stride && level >= 0 && level < core->nlevels);
+  NEED(n && stride);
+  MG_CHK(ensure_levels(core));
+  NEED(level >= 0 && level < core->nlevels);
   *n = core->levels[level].n;
   *stride = core->levels[level].stride;
   return MG_OK;

@@ -80,8 +80,35 @@ static int final_sweep(mg_Core core) {
   return rc;
 }
 
+/*
+ * NaN or Inf in points that no residual sees: the F-points after the last
+ * C-point (which F-relaxation sets from it), or any point of a one-level
+ * solve.  NaN and Inf propagate forward, so each rank measures its last
+ * stored point and only then looks for the first bad one.  -1: none.
+ */
+static int64_t unchecked_nonfinite(mg_Core core) {
+  mg_Level *f = &core->levels[0];
+  if (core->failed || f->lo > f->hi) return -1;
+  int64_t from = f->lo;
+  if (core->nlevels > 1) {
+    int64_t last_c = (f->n / f->cfactor) * f->cfactor;
+    if (f->hi <= last_c) return -1;
+    if (last_c + 1 > from) from = last_c + 1;
+  }
+  int64_t j = f->hi;
+  while (j >= from && !f->u[j - f->lo]) j--;
+  if (j < from || isfinite(mg_CallNorm(core, f->u[j - f->lo]))) return -1;
+  for (int64_t i = from; i <= j; i++) {
+    mg_Vector u = f->u[i - f->lo];
+    if (u && !isfinite(mg_CallNorm(core, u))) return i;
+  }
+  return j;
+}
+
+/* A tolerance of 0 is no test at all: with both 0 the solve runs max_iter
+ * iterations, even through an exactly zero residual. */
 static int converged(mg_Core core, double rnorm) {
-  if (rnorm <= core->atol) return 1;
+  if (core->atol > 0 && rnorm <= core->atol) return 1;
   return core->rtol > 0 && rnorm <= core->rtol * core->rnorms[0];
 }
 
@@ -146,7 +173,12 @@ int mg_Drive(mg_Core core) {
   } else {
     MG_CHK(iterate(core));
   }
-  MG_CHK(mg_AgreeFailure(core));
+  {
+    int64_t bad = unchecked_nonfinite(core), bad_global = -1;
+    MG_CHK(mg_AgreeNorm(core, -1.0, bad, NULL, &bad_global));
+    if (bad_global >= 0 && (core->nonfinite < 0 || bad_global < core->nonfinite))
+      core->nonfinite = bad_global;
+  }
   if (core->final_sweep && core->nlevels > 1 && !core->failed &&
       core->nonfinite < 0) {
     MG_CHK(final_sweep(core));

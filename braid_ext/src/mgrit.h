@@ -153,8 +153,8 @@ int mg_SetCFactor(mg_Core core, int level, int cfactor);    /* >= 2, default 2  
 int mg_SetNRelax(mg_Core core, int level, int nrelax);      /* CF sweeps >= 0, default 1 (FCF) */
 int mg_SetCycle(mg_Core core, int cycle);                   /* MG_CYCLE_V / _F  */
 int mg_SetSkip(mg_Core core, int skip);                     /* skip first down-cycle work */
-int mg_SetAbsTol(mg_Core core, double atol);                /* >= 0, default 1e-10 */
-int mg_SetRelTol(mg_Core core, double rtol);                /* >= 0, default 0  */
+int mg_SetAbsTol(mg_Core core, double atol);                /* >= 0, default 1e-10; 0 = off */
+int mg_SetRelTol(mg_Core core, double rtol);                /* >= 0, default 0 = off */
 int mg_SetMaxIter(mg_Core core, int max_iter);              /* >= 1, default 100 */
 int mg_SetTemporalNorm(mg_Core core, int tnorm);            /* MG_TNORM_*       */
 int mg_SetStoreAll(mg_Core core, int store_all);            /* keep fine F-points */
@@ -171,6 +171,8 @@ int mg_GetNumIter(mg_Core core, int *iter_out);
 int mg_GetNumLevels(mg_Core core, int *nlevels_out);
 /* copies up to max residual norms of the last Drive; *n_out = how many exist */
 int mg_GetResidualNorms(mg_Core core, double *norms, int max, int *n_out);
+/* The getters of the grid (levels, ranges, sizes) work before the first
+ * Drive too: the levels are then built from the options set so far. */
 /* the owned point range [*lo, *hi] on a level (lo > hi when empty) */
 int mg_GetLocalRange(mg_Core core, int level, int64_t *lo, int64_t *hi);
 /* the number of points - 1 on a level, and the fine-grid stride of its points */
