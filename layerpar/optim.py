@@ -1,0 +1,616 @@
+"""Optimisation for layer-parallel networks: distributed L-BFGS, learning-rate
+schedules and the Tikhonov and smoothness-in-time penalties.
+
+Each rank holds only the parameters of its own layers; a global parameter
+vector is the concatenation over the ranks.  Every inner product and norm
+below is therefore a local sum followed by a sum over the communicator, so
+that the iterates do not depend on the number of ranks (up to round-off).
+
+    opt = LBFGS(net.parameters(), net.body.comm, lr=1.0, history=10)
+
+    def closure():                       # collective
+        opt.zero_grad()
+        loss = net.loss(x, y, torch.nn.functional.cross_entropy)
+        loss.backward()
+        value = net.reduce(loss)         # the same float on every rank
+        return value + regularize(net, tikhonov=1e-4, smoothness=1e-4)
+
+    for epoch in range(epochs):
+        opt.step(closure)
+
+Public names: ``LBFGS``, ``LineSearchError``, ``regularize``, ``schedule``,
+``scheduler`` (and ``SCHEDULES``).
+"""
+import math
+import numbers
+import weakref
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+__all__ = ["LBFGS", "LineSearchError", "regularize", "schedule", "scheduler", "SCHEDULES"]
+
+_ON_FAILURE = ("reset", "raise")
+_OPTIONS = ("lr", "history", "max_iter", "max_backtracks", "c1", "shrink", "grad_tol",
+            "curvature_eps", "on_failure")
+
+
+class LineSearchError(RuntimeError):
+    """No step length satisfied the Armijo condition, not even along the
+    steepest-descent direction.  Raised on every rank at once."""
+
+
+def _check_comm(comm):
+    if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
+        raise TypeError(f"comm must be an mpi4py intracommunicator, not {comm!r}")
+
+
+def _allsum(comm, values):
+    """The sums over ``comm`` of a few local float64 values, bitwise the same
+    on every rank.
+
+    Every rank sends its partial sums to every rank (allgather) and adds them
+    in rank order.  An allreduce would do, but the MPI standard does not
+    promise every rank the same last bit, and the line-search decisions taken
+    from these sums must agree everywhere: a rank that accepted a step while
+    another backtracks would wait forever in the collective closure."""
+    local = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
+    parts = np.empty((comm.Get_size(), local.size), dtype=np.float64)
+    comm.Allgather(local, parts)
+    total = parts[0].copy()
+    for r in range(1, parts.shape[0]):
+        total += parts[r]
+    return total
+
+
+def _agree(comm, message, error=ValueError):
+    """Collective: raise ``error`` on every rank if any rank has a message."""
+    messages = [m for m in comm.allgather(message) if m]
+    if messages:
+        raise error(messages[0])
+
+
+def _flat(tensors, dtype, device):
+    tensors = [t.reshape(-1) for t in tensors]
+    if not tensors:
+        return torch.zeros(0, dtype=dtype, device=device)
+    return torch.cat(tensors)
+
+
+def _dot(a, b):
+    return float(torch.dot(a, b)) if a.numel() else 0.0
+
+
+# ---------------------------------------------------------------------------
+# L-BFGS
+# ---------------------------------------------------------------------------
+class LBFGS(torch.optim.Optimizer):
+    """Full-batch L-BFGS with a backtracking (Armijo) line search, for
+    parameters split over the ranks of ``comm``.
+
+    ``params`` are this rank's parameters (one group); ``comm`` the
+    communicator that splits them (``net.body.comm``).  Each rank's slice of
+    every vector (iterate, gradient, direction, history pair) stays local;
+    inner products are local sums added over ``comm``, so a run on P ranks
+    takes the iterates of a run on one rank up to round-off.
+
+    Keyword-only options (also in ``param_groups[0]``, so schedules and
+    checkpoints see them):
+      lr              initial trial step length.  With history it is tried as
+                      is (1.0 = the quasi-Newton step); without history (first
+                      iteration, after a reset) the steepest-descent step
+                      -g is tried with length lr*min(1, 1/||g||).  Read from
+                      ``param_groups[0]['lr']`` at every step, so schedules
+                      apply (lr = 0 takes no step)
+      history         number of (s, y) pairs kept
+      max_iter        L-BFGS iterations per ``step`` call
+      max_backtracks  step-length halvings (t <- shrink*t) before giving up
+      c1              Armijo constant: accept f(x+t d) <= f(x) + c1 t g.d
+      shrink          backtracking factor in (0, 1)
+      grad_tol        stop when ||g|| <= grad_tol (0: only at g = 0)
+      curvature_eps   skip a pair unless y.s > curvature_eps*||y||*||s||
+                      (non-positive or negligible curvature would make the
+                      inverse-Hessian approximation indefinite)
+      on_failure      what happens when no step length decreases the loss:
+                      'reset' (default) drops the history and retries along
+                      -g; if that fails too, the parameters stay where they
+                      were and ``last_step['status']`` is 'failed'.
+                      'raise' does the same retry, then raises
+                      ``LineSearchError`` on every rank.
+
+    ``step(closure)`` is collective.  The closure zeroes the gradients,
+    evaluates the loss, calls backward and returns the loss as a float (or a
+    0-d tensor) that is the same on every rank, e.g. ``net.reduce(loss)``
+    plus ``regularize(...)``; a closure that returns different values on
+    different ranks raises ValueError everywhere.  Each call evaluates the
+    closure at the current point (so a changed objective is never mixed
+    with an old gradient), then runs ``max_iter`` iterations; an iteration
+    costs one evaluation per trial step length, and the accepted trial's
+    gradient starts the next iteration of the same call.  Returns the loss
+    at the start of the call.  ``last_step`` describes the call: 'loss'
+    (start), 'new_loss', 'evaluations', 'backtracks', 'step_lengths',
+    'pairs', 'skipped_pairs', 'resets', 'status' ('ok', 'reset',
+    'converged' or 'failed').  On return the gradients hold the last
+    evaluation's (the accepted point's, unless the search failed).
+
+    State and checkpoints: the history is stored per parameter,
+    ``state[p] = {'s': (k, *p.shape), 'y': (k, *p.shape)}`` (no entry while
+    the history is empty), and nothing else is kept between calls.  So
+
+    * ``state_dict()`` / ``load_state_dict()`` round-trip on the same ranks
+      and resume identically (they number this rank's parameters, like any
+      torch optimiser; loading another rank's or another layout's state
+      raises ValueError, from torch or at the next step);
+    * a checkpoint that stores optimiser state by parameter name
+      (``layerpar.checkpoint.optimizer_state``) resumes on *any* number of
+      ranks: each layer's slices of the pairs move with the layer, i.e. the
+      history is re-sliced, not reset.  The inverse-Hessian scalings are
+      recomputed from the pairs at every step.
+    """
+
+    def __init__(self, params, comm, *, lr=1.0, history=10, max_iter=1, max_backtracks=20,
+                 c1=1e-4, shrink=0.5, grad_tol=0.0, curvature_eps=1e-10, on_failure="reset"):
+        _check_comm(comm)
+        _check_options(lr=lr, history=history, max_iter=max_iter,
+                       max_backtracks=max_backtracks, c1=c1, shrink=shrink, grad_tol=grad_tol,
+                       curvature_eps=curvature_eps, on_failure=on_failure)
+        params = list(params)
+        if params and isinstance(params[0], dict):
+            if len(params) != 1:
+                raise ValueError(f"LBFGS takes one parameter group, got {len(params)}: pass "
+                                 "the parameters as one list")
+        elif not params:
+            params = [{"params": []}]  # a rank whose layers have no parameters
+        defaults = dict(lr=lr, history=history, max_iter=max_iter,
+                        max_backtracks=max_backtracks, c1=c1, shrink=shrink, grad_tol=grad_tol,
+                        curvature_eps=curvature_eps, on_failure=on_failure)
+        super().__init__(params, defaults)
+        kinds = {(p.dtype, p.device) for p in self._params}
+        if len(kinds) > 1:
+            raise ValueError(f"LBFGS needs all parameters of one dtype and device, got {kinds}: "
+                             "convert the model (e.g. .double())")
+        self._dtype, self._device = kinds.pop() if kinds else (torch.float64, torch.device("cpu"))
+        self._numels = [p.numel() for p in self._params]
+        self.comm = comm
+        self.last_step = {}
+
+    @property
+    def _params(self):
+        return self.param_groups[0]["params"]
+
+    def add_param_group(self, param_group):
+        if getattr(self, "param_groups", None):
+            raise ValueError("LBFGS takes one parameter group")
+        super().add_param_group(param_group)
+
+    # ---- flat local slices -------------------------------------------------
+    def _flat_params(self):
+        return _flat([p.detach() for p in self._params], self._dtype, self._device).clone()
+
+    def _flat_grad(self):
+        gs = []
+        for p in self._params:
+            if p.grad is None:
+                gs.append(torch.zeros_like(p))
+            elif p.grad.is_sparse:
+                raise RuntimeError("LBFGS does not support sparse gradients")
+            else:
+                gs.append(p.grad.detach())
+        return _flat(gs, self._dtype, self._device).clone()
+
+    def _set_params(self, flat):
+        for p, piece in zip(self._params, torch.split(flat, self._numels)):
+            p.copy_(piece.view_as(p))
+
+    def _evaluate(self, closure):
+        """Collective: (f, flat local gradient, ||g||^2 over all ranks) at the
+        current parameters."""
+        with torch.enable_grad():
+            value = closure()
+        try:
+            f = float(value.detach() if isinstance(value, torch.Tensor) else value)
+        except (TypeError, ValueError):
+            f = None
+        g = self._flat_grad()
+        # every rank -> every rank: its loss value (they must agree) and its
+        # part of ||g||^2, added in rank order as in _allsum
+        parts = self.comm.allgather((f, _dot(g, g)))
+        values = [v for v, _ in parts]
+        if any(v is None for v in values):
+            raise TypeError("the closure must return the loss as a float or a 0-d tensor "
+                            f"(got {type(value).__name__} on some rank)")
+        if any(not (v == f or (math.isnan(v) and math.isnan(f))) for v in values):
+            raise ValueError(f"the closure returned different loss values on different ranks "
+                             f"({values}): return the same value everywhere, e.g. "
+                             "net.reduce(loss)")
+        gg = np.float64(parts[0][1])
+        for _, part in parts[1:]:
+            gg += part
+        self.last_step["evaluations"] += 1
+        return f, g, float(gg)
+
+    # ---- history: the per-parameter state <-> flat matrices ------------------
+    def _load_history(self, group):
+        """Collective: the history as flat (k, n) matrices S, Y from
+        ``self.state``, with rho_i = 1/(y_i.s_i) and gamma = s.y/y.y of the
+        newest pair."""
+        ks, msg = set(), None
+        for i, p in enumerate(self._params):
+            st = self.state.get(p)
+            if not st:
+                ks.add(0)
+                continue
+            s, y = st.get("s"), st.get("y")
+            if not (isinstance(s, torch.Tensor) and isinstance(y, torch.Tensor)):
+                msg = (f"parameter {i} has optimiser state {sorted(st)}, not L-BFGS history "
+                       "('s', 'y'): load a state saved by LBFGS")
+                break
+            if s.shape != y.shape or tuple(s.shape[1:]) != tuple(p.shape):
+                msg = (f"parameter {i} of shape {tuple(p.shape)} has history pairs of shapes "
+                       f"{tuple(s.shape)} and {tuple(y.shape)}: the state belongs to another "
+                       "model or another partition of the layers")
+                break
+            ks.add(s.shape[0])
+        if msg is None and len(ks) > 1:
+            msg = f"the parameters of one rank have different numbers of history pairs {ks}"
+        mine = ks.pop() if (ks and msg is None) else None
+        parts = self.comm.allgather((mine, msg))
+        _agree(self.comm, next((m for _, m in parts if m), None))
+        known = {k for k, _ in parts if k is not None}
+        if len(known) > 1:
+            raise ValueError(f"the ranks hold different numbers of history pairs "
+                             f"{[k for k, _ in parts]}: the optimiser state is inconsistent")
+        k = known.pop() if known else 0
+        n = sum(self._numels)
+        if k == 0:
+            empty = torch.zeros(0, n, dtype=self._dtype, device=self._device)
+            return empty, empty.clone(), [], 1.0
+        S = torch.cat([self.state[p]["s"].reshape(k, -1) for p in self._params], dim=1) \
+            if self._params else torch.zeros(k, 0, dtype=self._dtype, device=self._device)
+        Y = torch.cat([self.state[p]["y"].reshape(k, -1) for p in self._params], dim=1) \
+            if self._params else torch.zeros(k, 0, dtype=self._dtype, device=self._device)
+        S = S.to(self._dtype)
+        Y = Y.to(self._dtype)
+        m = group["history"]
+        if k > m:  # loaded with a shorter history: keep the newest pairs
+            S, Y, k = S[-m:], Y[-m:], m
+        # one sum over the ranks: y_i.s_i for every pair and y.y of the newest
+        sums = _allsum(self.comm, [_dot(Y[i], S[i]) for i in range(k)] + [_dot(Y[-1], Y[-1])])
+        ys, yy = sums[:k], sums[k]
+        if not (np.all(ys > 0) and yy > 0):
+            raise ValueError("the optimiser state holds a history pair with y.s <= 0: "
+                             "it was not written by LBFGS")
+        return S, Y, [1.0 / v for v in ys], float(ys[-1] / yy)
+
+    def _publish(self, S, Y):
+        """Write the flat history back into ``self.state``, one contiguous
+        (k, *p.shape) copy per parameter."""
+        k = S.shape[0]
+        for p, s, y in zip(self._params, S.split(self._numels, 1), Y.split(self._numels, 1)):
+            if k == 0:
+                self.state.pop(p, None)
+            else:
+                contiguous = torch.contiguous_format  # a copy, never a view of S or Y
+                self.state[p] = {"s": s.reshape(k, *p.shape).clone(memory_format=contiguous),
+                                 "y": y.reshape(k, *p.shape).clone(memory_format=contiguous)}
+
+    def _add_pair(self, hist, s, y, group):
+        """Collective: append (s, y) to the history unless its curvature is
+        not positive enough; drop the oldest pair beyond ``history``."""
+        S, Y, rho, gamma = hist
+        ys, yy, ss = _allsum(self.comm, [_dot(y, s), _dot(y, y), _dot(s, s)])
+        if not ys > group["curvature_eps"] * math.sqrt(yy * ss):  # also catches NaN
+            self.last_step["skipped_pairs"] += 1
+            return hist
+        m = group["history"]
+        S = torch.cat([S[-(m - 1):] if m > 1 else S[:0], s[None]])
+        Y = torch.cat([Y[-(m - 1):] if m > 1 else Y[:0], y[None]])
+        rho = (rho[-(m - 1):] if m > 1 else []) + [1.0 / ys]
+        return S, Y, rho, float(ys / yy)
+
+    def _direction(self, hist, g):
+        """Collective: d = -H g by the two-loop recursion, H0 = gamma*I.
+        Each loop takes one sum over the ranks per pair (the coefficients
+        depend on each other)."""
+        S, Y, rho, gamma = hist
+        k = S.shape[0]
+        q = g.clone()
+        alpha = [0.0] * k
+        for i in reversed(range(k)):
+            alpha[i] = rho[i] * _allsum(self.comm, [_dot(S[i], q)])[0]
+            q.add_(Y[i], alpha=-alpha[i])
+        r = q.mul_(gamma)
+        for i in range(k):
+            beta = rho[i] * _allsum(self.comm, [_dot(Y[i], r)])[0]
+            r.add_(S[i], alpha=alpha[i] - beta)
+        return r.neg_()
+
+    # ---- the line search ---------------------------------------------------
+    def _line_search(self, closure, x0, f0, d, gd, t, group):
+        """Collective backtracking: the first t = t0*shrink^j, j <= max_backtracks,
+        with f(x0 + t d) <= f0 + c1 t g.d.  Returns (t, f, g, ||g||^2) there,
+        or Nones if there is none (the parameters are then at the last trial)."""
+        for j in range(group["max_backtracks"] + 1):
+            self._set_params(torch.add(x0, d, alpha=t))
+            f, g, gg = self._evaluate(closure)
+            if f <= f0 + group["c1"] * t * gd:  # False for NaN: backtrack
+                return t, f, g, gg
+            self.last_step["backtracks"] += 1
+            t *= group["shrink"]
+        return None, None, None, None
+
+    @torch.no_grad()
+    def step(self, closure):
+        """Collective: ``max_iter`` L-BFGS iterations; the loss at the start."""
+        if closure is None or not callable(closure):
+            raise TypeError("LBFGS.step needs a closure: it evaluates the loss several times")
+        group = self.param_groups[0]
+        _check_options(**{k: group[k] for k in _OPTIONS})
+        self.last_step = dict(loss=None, new_loss=None, evaluations=0, backtracks=0,
+                              step_lengths=[], pairs=0, skipped_pairs=0, resets=0, status="ok")
+        hist = self._load_history(group)
+        f, g, gg = self._evaluate(closure)
+        self.last_step["loss"] = self.last_step["new_loss"] = f
+        try:
+            for _ in range(group["max_iter"]):
+                if not (math.isfinite(f) and math.isfinite(gg)):
+                    raise FloatingPointError(f"the loss ({f}) or its gradient (norm^2 {gg}) is "
+                                             "not finite at the current parameters")
+                if math.sqrt(gg) <= group["grad_tol"] or gg == 0.0:
+                    self.last_step["status"] = "converged"
+                    break
+                x0 = self._flat_params()
+                result, hist = self._iterate(closure, x0, f, g, gg, hist, group)
+                if result is None:
+                    self._set_params(x0)  # no decrease found: stay where we were
+                    self.last_step["status"] = "failed"
+                    if group["on_failure"] == "raise":
+                        raise LineSearchError(
+                            f"no step length t = lr*shrink^j (j <= {group['max_backtracks']}) "
+                            "satisfied the Armijo condition, not even along -g: the "
+                            "gradient may be wrong or inexact (increase the MGRIT "
+                            "iterations), or max_backtracks too small")
+                    break
+                t, f_new, g_new, gg_new, d = result
+                hist = self._add_pair(hist, d.mul_(t), g_new - g, group)
+                f, g, gg = f_new, g_new, gg_new
+                self.last_step["new_loss"] = f
+                self.last_step["step_lengths"].append(t)
+        finally:
+            self._publish(hist[0], hist[1])
+            self.last_step["pairs"] = hist[0].shape[0]
+        return self.last_step["loss"]
+
+    def _iterate(self, closure, x0, f, g, gg, hist, group):
+        """One iteration: direction and line search, with one retry along -g
+        after dropping the history.  ((t, f, g, ||g||^2, d) or None, history)."""
+        S = hist[0]
+        if S.shape[0] > 0:
+            d = self._direction(hist, g)
+            gd = _allsum(self.comm, [_dot(g, d)])[0]
+            if gd < 0:
+                t, *new = self._line_search(closure, x0, f, d, gd, group["lr"], group)
+                if t is not None:
+                    return (t, *new, d), hist
+            # not a descent direction (round-off) or no decrease: start afresh
+            self.last_step["resets"] += 1
+            self.last_step["status"] = "reset"
+            hist = (S[:0], hist[1][:0], [], 1.0)
+        d = g.neg()
+        t0 = group["lr"] * min(1.0, 1.0 / math.sqrt(gg))
+        t, *new = self._line_search(closure, x0, f, d, -gg, t0, group)
+        if t is None:
+            return None, hist
+        return (t, *new, d), hist
+
+
+def _check_options(*, lr, history, max_iter, max_backtracks, c1, shrink, grad_tol,
+                   curvature_eps, on_failure):
+    def positive_int(name, v, low):
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
+            raise ValueError(f"{name}={v!r}: must be an integer >= {low}")
+
+    def number(name, v, ok, what):
+        if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                and ok(v)):
+            raise ValueError(f"{name}={v!r}: must be {what}")
+
+    number("lr", lr, lambda v: v >= 0, "a finite number >= 0")
+    positive_int("history", history, 1)
+    positive_int("max_iter", max_iter, 1)
+    positive_int("max_backtracks", max_backtracks, 0)
+    number("c1", c1, lambda v: 0 < v < 1, "in (0, 1)")
+    number("shrink", shrink, lambda v: 0 < v < 1, "in (0, 1)")
+    number("grad_tol", grad_tol, lambda v: v >= 0, ">= 0")
+    number("curvature_eps", curvature_eps, lambda v: v >= 0, ">= 0")
+    if on_failure not in _ON_FAILURE:
+        raise ValueError(f"on_failure={on_failure!r}: choose one of {_ON_FAILURE}")
+
+
+# ---------------------------------------------------------------------------
+# Learning-rate schedules
+# ---------------------------------------------------------------------------
+SCHEDULES = ("constant", "step", "cosine")
+
+
+def schedule(name, *, epochs=None, step_epochs=10, decay=0.5, min_factor=0.0):
+    """The factor multiplying the base learning rate, as a function of the
+    epoch (0, 1, ...):
+
+      'constant'  1
+      'step'      decay ** (epoch // step_epochs)
+      'cosine'    min_factor + (1 - min_factor) * (1 + cos(pi*e/epochs)) / 2,
+                  e = min(epoch, epochs); needs ``epochs``
+
+    Use it directly (``group['lr'] = lr * f(epoch)``) or through
+    ``scheduler``."""
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule {name!r}: choose one of {SCHEDULES}")
+    if name == "constant":
+        return lambda epoch: 1.0
+    if name == "step":
+        if not isinstance(step_epochs, int) or isinstance(step_epochs, bool) or step_epochs < 1:
+            raise ValueError(f"step_epochs={step_epochs!r}: must be an integer >= 1")
+        if not (isinstance(decay, (int, float)) and 0 < decay <= 1):
+            raise ValueError(f"decay={decay!r}: must be in (0, 1]")
+        return lambda epoch: float(decay) ** (epoch // step_epochs)
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f"epochs={epochs!r}: the cosine schedule needs the number of epochs "
+                         "(an integer >= 1)")
+    if not (isinstance(min_factor, (int, float)) and 0 <= min_factor <= 1):
+        raise ValueError(f"min_factor={min_factor!r}: must be in [0, 1]")
+
+    def cosine(epoch):
+        e = min(epoch, epochs)
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * e / epochs))
+    return cosine
+
+
+def scheduler(optimizer, name, **options):
+    """A ``torch.optim.lr_scheduler.LambdaLR`` for ``schedule(name,
+    **options)``: call ``.step()`` once per epoch, after the optimiser's
+    steps.  Works with ``LBFGS`` and any torch optimiser."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(name, **options))
+
+
+# ---------------------------------------------------------------------------
+# Regularisation
+# ---------------------------------------------------------------------------
+_PENALTY_COMMS = weakref.WeakKeyDictionary()
+
+
+def _penalty_comm(body):
+    """A duplicate of the body's communicator for the penalty messages, made
+    once per network (collective at the first call), so that they never meet
+    the MGRIT solver's."""
+    comm = _PENALTY_COMMS.get(body)
+    if comm is None:
+        comm = _PENALTY_COMMS[body] = body.comm.Dup()
+    return comm
+
+
+def _layer_params(body, n):
+    return dict(body.layers[str(n)].named_parameters())
+
+
+def _structure_error(a, b, na, nb):
+    if list(a) != list(b):
+        return (f"layers {na} and {nb} have different parameters ({list(a)} and {list(b)}): "
+                "the smoothness penalty needs the same parameters in every layer")
+    for k in a:
+        if a[k].shape != b[k].shape:
+            return (f"parameter {k!r} has shape {tuple(a[k].shape)} in layer {na} and "
+                    f"{tuple(b[k].shape)} in layer {nb}: the smoothness penalty needs the "
+                    "same shapes in every layer")
+    return None
+
+
+def regularize(net, *, tikhonov=0.0, smoothness=0.0, ends=False, add_grad=True):
+    """Collective: the penalty
+
+        tikhonov/2 * sum_n ||theta_n||^2
+      + smoothness/2 * sum_{n>=1} ||(theta_n - theta_{n-1}) / h||^2
+
+    over the residual layers n = 0..N-1 of a ``Network`` (or a
+    ``LayerParallel``), h = T/N; the difference is taken between parameters
+    of the same name in consecutive layers (every layer must have the same
+    parameters).  ``ends=True`` adds the opening and closing layers'
+    parameters to the Tikhonov term (a ``Network`` only).
+
+    Returns the value, the same float on every rank.  With ``add_grad``
+    (default) it also adds the penalty's gradient to each local parameter's
+    ``.grad`` (creating it if None): call it after ``loss.backward()`` and
+    add the value to the loss.  The smoothness term couples the last layer of
+    one rank with the first of the next: each rank sends its first layer's
+    parameters to its left neighbour and its last layer's to its right
+    neighbour, and nothing else.
+    """
+    body = getattr(net, "body", net)
+    if not all(hasattr(body, a) for a in ("layers", "layer_indices", "comm", "h")):
+        raise TypeError(f"regularize needs a layerpar Network or LayerParallel, not "
+                        f"{type(net).__name__}")
+    for name, v in (("tikhonov", tikhonov), ("smoothness", smoothness)):
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                and v >= 0):
+            raise ValueError(f"{name}={v!r}: a penalty weight must be a finite number >= 0")
+    if ends and body is net:
+        raise TypeError("ends=True needs a Network (with opening and closing layers)")
+    if tikhonov == 0 and smoothness == 0:
+        return 0.0
+    comm = _penalty_comm(body)
+    beta, gamma, h = float(tikhonov), float(smoothness), body.h
+    indices = body.layer_indices
+    local = 0.0
+    grads = {}  # id(parameter) -> (parameter, gradient of the penalty)
+
+    def add(p, g):
+        if id(p) in grads:
+            grads[id(p)] = (p, grads[id(p)][1] + g)
+        else:
+            grads[id(p)] = (p, g)
+
+    with torch.no_grad():
+        if beta:
+            groups = [body.layers[str(n)] for n in indices]
+            if ends:
+                groups += [m for m in (net.opening, net.closing) if m is not None]
+            for module in groups:
+                for p in module.parameters():
+                    local += 0.5 * beta * float((p * p).sum())
+                    add(p, beta * p)
+        if gamma:
+            local += _smoothness(body, comm, gamma, h, add)
+    value = float(_allsum(comm, [local])[0])
+    if add_grad:
+        with torch.no_grad():
+            for p, g in grads.values():
+                if p.grad is None:
+                    p.grad = g.detach().clone()
+                else:
+                    p.grad.add_(g)
+    return value
+
+
+def _smoothness(body, comm, gamma, h, add):
+    """The local part of the smoothness penalty (terms n >= 1 of our layers)
+    and its gradient for our layers (through ``add``)."""
+    rank, size, N = comm.Get_rank(), comm.Get_size(), body.nlayers
+    first, last = body.layer_indices[0], body.layer_indices[-1]
+    left = rank - 1 if rank > 0 else MPI.PROC_NULL
+    right = rank + 1 if rank < size - 1 else MPI.PROC_NULL
+    mine = {n: _layer_params(body, n) for n in body.layer_indices}
+
+    def packed(n):
+        return {k: p.detach().clone() for k, p in mine[n].items()}
+
+    # our last layer -> right neighbour (theta_{n-1} of its first layer n);
+    # the left neighbour's last layer <- left (theta_{first-1} of ours)
+    from_left = comm.sendrecv(packed(last), dest=right, sendtag=1, source=left, recvtag=1)
+    # our first layer -> left neighbour (its last layer's right-hand term
+    # needs theta_{n+1}); the right neighbour's first layer <- right
+    from_right = comm.sendrecv(packed(first), dest=left, sendtag=2, source=right, recvtag=2)
+
+    theta = dict(mine)
+    if from_left is not None:
+        theta[first - 1] = from_left
+    if from_right is not None:
+        theta[last + 1] = from_right
+    msg = None
+    for n in range(max(first - 1, 0), min(last + 1, N - 1)):
+        if n in theta and n + 1 in theta:
+            msg = msg or _structure_error(theta[n], theta[n + 1], n, n + 1)
+    _agree(comm, msg)
+
+    local = 0.0
+    for n in body.layer_indices:
+        for k, p in mine[n].items():
+            g = torch.zeros_like(p)
+            if n >= 1:  # term n: gamma/2 ||(theta_n - theta_{n-1})/h||^2
+                D = (p - theta[n - 1][k]) / h
+                local += 0.5 * gamma * float((D * D).sum())
+                g += gamma / h * D
+            if n <= N - 2:  # term n+1 depends on theta_n too
+                g -= gamma / h * ((theta[n + 1][k] - p) / h)
+            add(p, g)
+    return local
