@@ -30,7 +30,7 @@ static int record(mg_Core core, double rnorm) {
 static int cycle(mg_Core core, int l, int first, int shape) {
   if (l == core->nlevels - 1) return mg_Sweep(core, l, 0, 0);
   if (!first) MG_CHK(mg_Relax(core, l));
-  MG_CHK(mg_Restrict(core, l, first, NULL, NULL));
+  MG_CHK(mg_Restrict(core, l, first, 1, NULL, NULL));
   MG_CHK(cycle(core, l + 1, first, shape));
   if (shape == MG_CYCLE_F && l + 1 < core->nlevels - 1)
     MG_CHK(cycle(core, l + 1, 0, MG_CYCLE_V));
@@ -117,12 +117,20 @@ static int iterate(mg_Core core) {
   for (core->iter = 0;; core->iter++) {
     int first = core->iter == 0 && core->skip && !warm;
     if (first) {
-      MG_CHK(mg_Restrict(core, 0, 1, NULL, NULL));
+      MG_CHK(mg_Restrict(core, 0, 1, 1, NULL, NULL));
     } else {
       double local = 0.0, rnorm = 0.0;
       int64_t bad = -1;
+      /* At max_iter this iteration is the last whatever its residual: its
+       * residual sweep (every fine step once, at the state the solve
+       * returns) serves as the final sweep, and no coarse problem is formed. */
+      int last = core->iter >= core->max_iter;
       MG_CHK(mg_Relax(core, 0));
-      MG_CHK(mg_Restrict(core, 0, 0, &local, &bad));
+      core->in_final = core->final_sweep && last;
+      int rc = mg_Restrict(core, 0, 0, !last, &local, &bad);
+      core->final_done = core->in_final;
+      core->in_final = 0;
+      MG_CHK(rc);
       MG_CHK(mg_AgreeNorm(core, local, bad, &rnorm, &core->nonfinite));
       if (core->failed) return MG_OK;
       MG_CHK(record(core, rnorm));
@@ -150,6 +158,7 @@ int mg_Drive(mg_Core core) {
   core->nonfinite = -1;
   core->nrnorms = 0;
   core->iter = 0;
+  core->final_done = 0;
 
   MG_CHK(mg_BuildHierarchy(core));
   size_t bytes = 0;
@@ -179,7 +188,7 @@ int mg_Drive(mg_Core core) {
     if (bad_global >= 0 && (core->nonfinite < 0 || bad_global < core->nonfinite))
       core->nonfinite = bad_global;
   }
-  if (core->final_sweep && core->nlevels > 1 && !core->failed &&
+  if (core->final_sweep && core->nlevels > 1 && !core->final_done && !core->failed &&
       core->nonfinite < 0) {
     MG_CHK(final_sweep(core));
     MG_CHK(mg_AgreeFailure(core));

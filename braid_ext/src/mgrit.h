@@ -162,8 +162,10 @@ int mg_SetReverse(mg_Core core, int reverse);               /* last rank holds t
 int mg_SetWarmStart(mg_Core core, int warm);                /* default 1        */
 int mg_SetStepCost(mg_Core core, int level, double cost);   /* virtual clock; default 1 */
 int mg_SetLatency(mg_Core core, double latency);            /* virtual clock; default 0 */
-/* After the last iteration, take every fine step once more at the final state
- * (status->final = 1), e.g. to compute gradients from it; default 0. */
+/* Take every fine step once at the final state with status->final = 1, e.g.
+ * to compute gradients from it; default 0.  When the solve runs to max_iter,
+ * the residual sweep of the last iteration is that sweep; when it converges
+ * earlier, one more fine sweep follows. */
 int mg_SetFinalSweep(mg_Core core, int final_sweep);
 
 /* ---- results ----------------------------------------------------------- */

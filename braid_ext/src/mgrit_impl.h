@@ -59,6 +59,7 @@ struct mg_Core_s {
   /* results */
   int iter;          /* current / final iteration                          */
   int in_final;      /* the current sweep is the final fine sweep          */
+  int final_done;    /* this Drive has had its final fine sweep            */
   double *rnorms;
   int nrnorms, caprnorms;
 
@@ -118,8 +119,8 @@ int mg_Sweep(mg_Core core, int level, int64_t m, int flags);
 int mg_Relax(mg_Core core, int level);
 
 /* restrict.c */
-int mg_Restrict(mg_Core core, int level, int inject_only, double *rnorm,
-                int64_t *bad);
+int mg_Restrict(mg_Core core, int level, int inject_only, int need_coarse,
+                double *rnorm, int64_t *bad);
 int mg_Correct(mg_Core core, int level);
 
 /* stats */

@@ -27,10 +27,11 @@
  * problem is plain coarse time stepping: v = R u and no right-hand side.
  * Otherwise the final F-sweep of relaxation is done here together with the
  * residual; on level 0 its norm (local part) is returned in *rnorm and the
- * first fine index with a non-finite residual in *bad (-1 if none).
+ * first fine index with a non-finite residual in *bad (-1 if none).  Without
+ * need_coarse (the last iteration) the coarse right-hand side is not formed.
  */
-int mg_Restrict(mg_Core core, int level, int inject_only, double *rnorm,
-                int64_t *bad) {
+int mg_Restrict(mg_Core core, int level, int inject_only, int need_coarse,
+                double *rnorm, int64_t *bad) {
   mg_Level *f = &core->levels[level];
   mg_Level *c = &core->levels[level + 1];
 
@@ -56,7 +57,7 @@ int mg_Restrict(mg_Core core, int level, int inject_only, double *rnorm,
     else acc += nr * nr;
   }
   if (rnorm) *rnorm = core->tnorm == MG_TNORM_INF ? acc : sqrt(acc);
-  if (inject_only) return MG_OK;
+  if (inject_only || !need_coarse) return MG_OK;
 
   /* g^c_j = w_i - Phi_c(v_{j-1}) */
   MG_CHK(mg_Sweep(core, level + 1, 1, MG_SW_C | MG_SW_NORHS));
