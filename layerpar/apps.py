@@ -88,12 +88,12 @@ class ForwardApp(TorchVectors):
                 x = u.detach().requires_grad_(True)
                 f = F(x)
             self.net._graphs[n] = (x, f)
-            out = u + h * f.detach()
+            out = torch.add(u, f.detach(), alpha=h)
             if n == self.net.layer_indices[-1] and not torch.isfinite(out).all():
                 self._report_nonfinite()
             return out
         with torch.no_grad():
-            out = u + h * F(u)
+            out = torch.add(u, F(u), alpha=h)
         if status.final and n == self.net.layer_indices[-1] and not torch.isfinite(out).all():
             first = self.net.layer_indices[0]
             raise FloatingPointError(f"a layer in {first}..{n} produced NaN or Inf")
@@ -145,4 +145,4 @@ class AdjointApp(TorchVectors):
                 del net._graphs[n]  # its last use
         else:
             (gx,) = torch.autograd.grad(f, x, grad_outputs=lam, retain_graph=True)
-        return lam + h * gx
+        return torch.add(lam, gx, alpha=h)
