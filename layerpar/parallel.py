@@ -283,19 +283,22 @@ class LayerParallel(nn.Module):
         return _MGRITFunction.apply(self, (shape, dtype, device), self._anchor, u0, *params)
 
     def _forward_solve(self, u0, shape, dtype, device):
+        """u_N (last rank) or a placeholder, and the layers' graphs of this
+        pass (kept by the autograd context: each forward has its own)."""
         self._exchange_ghosts()
-        self._graphs.clear()
+        self._graphs = graphs = {}
         self._fwd_app.configure(shape, dtype, device)
         self._fwd_app.u0 = u0
         try:
             self.last_forward = self._solve(self._fwd_solver)
         finally:
             self._fwd_app.u0 = None
+        self._graphs = {}
         if self.rank == self.last_rank:
-            return self._fwd_solver.get(self.nlayers).clone()
-        return torch.zeros(0, dtype=dtype, device=device)
+            return self._fwd_solver.get(self.nlayers).clone(), graphs
+        return torch.zeros(0, dtype=dtype, device=device), graphs
 
-    def _backward_solve(self, grad_out, shape, dtype, device):
+    def _backward_solve(self, graphs, grad_out, shape, dtype, device):
         self._layer_params = {n: tuple(self.layers[str(n)].parameters())
                               for n in self.layer_indices}
         self._grads.clear()
@@ -305,11 +308,13 @@ class LayerParallel(nn.Module):
                 else torch.zeros(shape, dtype=dtype, device=device)
         self._bwd_app.configure(shape, dtype, device)
         self._bwd_app.lam_final = lam
+        self._graphs = graphs
         try:
             self.last_backward = self._solve(self._bwd_solver)
         finally:
             if not self.retain_graphs:
-                self._graphs.clear()
+                graphs.clear()
+            self._graphs = {}
             self._bwd_app.lam_final = None
         grad_u0 = None
         if self.rank == self.first_rank:
@@ -372,13 +377,14 @@ class _MGRITFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, net, meta, anchor, u0, *params):
+        out, ctx.graphs = net._forward_solve(u0, *meta)
         ctx.net, ctx.meta = net, meta
-        return net._forward_solve(u0, *meta)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         net = ctx.net
-        grad_u0, grads = net._backward_solve(grad_out, *ctx.meta)
+        grad_u0, grads = net._backward_solve(ctx.graphs, grad_out, *ctx.meta)
         if grad_u0 is None or not ctx.needs_input_grad[3]:
             grad_u0 = None
         return (None, None, None, grad_u0, *grads)

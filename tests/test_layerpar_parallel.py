@@ -286,3 +286,27 @@ def test_nonfinite_state_reports_layer_everywhere():
     x = torch.randn(3, 4)
     with pytest.raises(Exception, match=f"layer {bad} produced NaN or Inf"):
         body(x if WORLD.rank == 0 else None)
+
+
+@pytest.mark.mpi
+def test_two_forwards_then_one_backward():
+    # each forward keeps its own layer graphs: the gradient of a sum of two
+    # passes is the sum of the gradients (exact mode, against serial autograd)
+    net = dense_net(WORLD, nlayers=10)
+    x1, y1 = data("dense", seed=1)
+    x2, y2 = data("dense", seed=2)
+    loss = net.loss(x1, y1, Fn.cross_entropy) + net.loss(x2, y2, Fn.cross_entropy)
+    loss.backward()
+    grads = {}
+    for part in net.comm.allgather({k: p.grad.clone() for k, p in net.named_parameters()}):
+        grads.update(part)
+    seq = net.serial_equivalent()
+    (Fn.cross_entropy(seq(x1), y1) + Fn.cross_entropy(seq(x2), y2)).backward()
+    ref = {}
+    for name, p in seq.named_parameters():
+        idx, rest = name.split(".", 1)
+        idx = int(idx)
+        key = "opening." + rest if idx == 0 else "closing." + rest if idx == 11 \
+            else f"body.layers.{idx - 1}.{rest.removeprefix('F.')}"
+        ref[key] = p.grad
+    assert max(rel_err(grads[k], ref[k]) for k in ref) <= 1e-13
