@@ -25,6 +25,7 @@ import torch.nn.functional as Fn
 from layerpar import checkpoint as ckpt
 from layerpar.config import mode_iterations, to_toml
 from layerpar.data import load_dataset
+from layerpar.optim import LBFGS, regularize, schedule
 from layerpar.parallel import Network
 from layerpar.steps import ConvClosing, ConvOpening, ConvStep, DenseClosing, DenseOpening, DenseStep
 
@@ -173,23 +174,19 @@ class Trainer:
             return torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"])
         if o["name"] == "adam":
             return torch.optim.Adam(params, lr=o["lr"])
-        from layerpar.optim import LBFGS
         return LBFGS(params, self.body.comm, lr=o["lr"], history=o["lbfgs_history"])
 
     def _lr(self, epoch):
         o = self.config["optim"]
-        if o["schedule"] == "step":
-            return o["lr"] * o["decay"] ** (epoch // o["step_epochs"])
-        if o["schedule"] == "cosine":
-            return 0.5 * o["lr"] * (1 + math.cos(math.pi * epoch / o["epochs"]))
-        return o["lr"]
+        factor = schedule(o["schedule"], epochs=o["epochs"], step_epochs=o["step_epochs"],
+                          decay=o["decay"])
+        return o["lr"] * factor(epoch)
 
     def _regularize(self):
         """Add the penalties' gradients; their value (every rank)."""
         o = self.config["optim"]
         if o["tikhonov"] == 0 and o["smoothness"] == 0:
             return 0.0
-        from layerpar.optim import regularize
         return regularize(self.net, tikhonov=o["tikhonov"], smoothness=o["smoothness"])
 
     # ---- one pass ----------------------------------------------------------
@@ -342,6 +339,12 @@ class Trainer:
                         self.log(f"step {self.step}: {change}")
                 if self.progress:
                     self.progress(self.epoch, b + 1, steps_per_epoch, s)
+                if r["log_every"] and self.step % r["log_every"] == 0 and self.log:
+                    self.log(f"step {self.step} (epoch {self.epoch + 1}, batch {b + 1}/"
+                             f"{steps_per_epoch}): loss {s['loss']:.4f}, accuracy "
+                             f"{100 * s['correct'] / max(size, 1):.1f}%, MGRIT iterations "
+                             f"{s['fwd_iters']}/{s['bwd_iters']}, residuals "
+                             f"{s['fwd_res']:.1e}/{s['bwd_res']:.1e}")
                 if every and self.step % every == 0 and self.batch_in_epoch < steps_per_epoch:
                     self.save()
             val_loss, val_acc = self.evaluate(self.val_loader)
