@@ -15,7 +15,7 @@ adds status.rhs itself (implicit schemes), ``pure_step = True`` if step never
 modifies its input and always returns a new object (then clones are lazy and
 cost nothing; objects held by the solver must then never be modified).
 """
-from mpi4py import MPI as _MPI  # loads the MPI library before the core
+from mpi4py import MPI as _MPI  # noqa: F401  (loads the MPI library before the core)
 
 from braid_ext._core import (
     AccessStatus,

@@ -113,7 +113,7 @@ def _info(comm, out):
 
 def _train(args, comm, out):
     from layerpar.config import resolve, to_toml
-    from layerpar.training import Trainer, format_row
+    from layerpar.training import Trainer
 
     overrides = list(args.set)
     if args.run_dir:

@@ -27,9 +27,6 @@ from layerpar import partition
 from layerpar.apps import AdjointApp, ForwardApp
 from layerpar.steps import ResidualLayer
 
-_SOLVER_OPTIONS = ("max_levels", "cfactor", "relax", "cycle", "iters", "tol",
-                   "rel_tol", "skip", "min_coarse")
-
 
 def _seeded(seed, n, make):
     """make() under the torch RNG seeded by (seed, n), leaving the global RNG

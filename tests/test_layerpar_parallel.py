@@ -44,7 +44,6 @@ def run_parallel(net, x, y):
     """Loss, logits (last rank) and all gradients by name (gathered)."""
     loss = net.loss(x, y, Fn.cross_entropy)
     loss.backward()
-    logits = None
     grads = {}
     for name, p in net.named_parameters():
         grads[name] = p.grad.detach().clone()
