@@ -113,6 +113,20 @@ class ResidualMonitor:
             return "residual stalled: " + ", ".join(f"{k} -> {v}" for k, v in change.items())
         return None
 
+    def escalate(self, body, reason):
+        """One more iteration for both solves (serial propagation past the
+        ceiling), e.g. when a line search finds no decrease on the inexact
+        loss.  Collective."""
+        if self.serial:
+            return None
+        if max(self.iters.values()) >= self.max_iters:
+            self.serial = True
+            body.reconfigure(max_levels=1)
+            return f"{reason}: serial propagation from now on"
+        self.iters = {k: min(v + 1, self.max_iters) for k, v in self.iters.items()}
+        body.reconfigure(fwd_iters=self.iters["fwd"], bwd_iters=self.iters["bwd"])
+        return f"{reason}: MGRIT iterations -> {self.iters['fwd']}/{self.iters['bwd']}"
+
     def state(self):
         return {"iters": dict(self.iters), "stalls": dict(self.stalls), "serial": self.serial}
 
@@ -335,6 +349,10 @@ class Trainer:
                 self.batch_in_epoch = b + 1
                 if self.monitor:
                     change = self.monitor.update(self.body)
+                    status = getattr(self.optimizer, "last_step", {}).get("status")
+                    if change is None and status == "failed":
+                        change = self.monitor.escalate(self.body, "no decrease along the "
+                                                       "inexact gradient")
                     if change and self.log:
                         self.log(f"step {self.step}: {change}")
                 if self.progress:

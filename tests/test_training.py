@@ -148,3 +148,13 @@ def test_residual_monitor_raises_iterations_then_falls_back():
     assert ResidualMonitor.rate([1.0, float("nan")]) == math.inf
     assert ResidualMonitor.rate([0.0, 0.0]) == 0.0
     assert ResidualMonitor.rate([1.0, 0.25, 0.0625]) == pytest.approx(0.25)
+
+
+def test_residual_monitor_escalates_after_failed_line_search():
+    body = _Body()
+    mon = ResidualMonitor(0.5, 3, 3, 1, 2)
+    assert "2/3" in mon.escalate(body, "no decrease")
+    assert body.calls[-1] == {"fwd_iters": 2, "bwd_iters": 3}
+    assert "serial" in mon.escalate(body, "no decrease")
+    assert body.calls[-1] == {"max_levels": 1} and mon.serial
+    assert mon.escalate(body, "no decrease") is None
