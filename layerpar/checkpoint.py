@@ -1,4 +1,4 @@
-"""HDF5 checkpoints and per-epoch metrics for layer-parallel training.
+"""HDF5 checkpoints for layer-parallel training.
 
 Each rank of a layer-parallel group holds the weights of its own block of
 layers.  A checkpoint stores every layer under its GLOBAL index, so a run can
@@ -78,9 +78,7 @@ A load never writes or deletes anything.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -97,7 +95,6 @@ __all__ = [
     "FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint",
     "verify_checkpoint", "find_latest_checkpoint", "previous_path",
     "rng_state", "set_rng_state", "optimizer_state", "restore_optimizer_state",
-    "MetricsWriter",
 ]
 
 FORMAT_NAME = "layerpar-checkpoint"
@@ -753,192 +750,3 @@ def _ranges(nums) -> str:
             out.append(str(start) if start == n else f"{start}-{n}")
             start = None
     return ",".join(out[:10]) + (",..." if len(out) > 10 else "")
-
-
-# --------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------
-
-class MetricsWriter:
-    """Per-epoch metrics in ``<directory>/<name>.h5`` and ``<name>.csv``.
-
-    ``append(row)`` adds one row: a dict with the same keys every time (the
-    first row, or the existing file, fixes them).  Values are ints (and
-    bools), floats, strings, or 1-D sequences of numbers (e.g. MGRIT residual
-    histories; a JSON list in the CSV, a variable-length float64 array in
-    HDF5).  Only rank 0 of ``comm`` writes; on the other ranks every method
-    does nothing (``rows()`` returns None).  Not collective.
-
-    The HDF5 file is the record (one resizable dataset per key, opened and
-    closed per row so a crash loses at most the row being written); the CSV
-    mirrors it and is rebuilt from it when they disagree.  Reopening an
-    existing directory appends after the rows there; ``truncate(n)`` drops
-    the rows after the first n (when resuming from an earlier checkpoint).
-    """
-
-    def __init__(self, directory, comm, *, name: str = "metrics"):
-        directory = os.fspath(directory)
-        self.h5_path = os.path.join(directory, name + ".h5")
-        self.csv_path = os.path.join(directory, name + ".csv")
-        self._active = comm.Get_rank() == 0
-        self._columns = None   # list of (key, kind)
-        self._num_rows = 0
-        if not self._active:
-            return
-        os.makedirs(directory, exist_ok=True)
-        if os.path.exists(self.h5_path):
-            with _h5open(self.h5_path, "r") as f:
-                self._columns = [tuple(c) for c in json.loads(f.attrs["columns"])]
-                self._num_rows = min((len(f[k]) for k, _ in self._columns), default=0)
-            if not self._csv_matches():
-                self._rewrite_csv()
-        elif os.path.exists(self.csv_path):
-            raise ValueError(f"{self.csv_path} exists without {self.h5_path}; move it away "
-                             "or restore the HDF5 file before appending")
-
-    @property
-    def num_rows(self) -> Optional[int]:
-        return self._num_rows if self._active else None
-
-    @property
-    def columns(self) -> Optional[list]:
-        return None if self._columns is None else [k for k, _ in self._columns]
-
-    def append(self, row: Mapping) -> None:
-        if not self._active:
-            return
-        if self._columns is None:
-            self._columns = [(str(k), _column_kind(k, v)) for k, v in row.items()]
-        keys = [k for k, _ in self._columns]
-        if set(map(str, row)) != set(keys):
-            missing, extra = set(keys) - set(map(str, row)), set(map(str, row)) - set(keys)
-            raise ValueError(f"metrics row keys differ from the columns {keys}: "
-                             f"missing {sorted(missing)}, extra {sorted(extra)}")
-        values = {str(k): v for k, v in row.items()}
-        values = {k: _convert(k, kind, values[k]) for k, kind in self._columns}
-        with _h5open(self.h5_path, "a") as f:
-            if "columns" not in f.attrs:
-                f.attrs["columns"] = json.dumps(self._columns)
-            for k, kind in self._columns:
-                if k not in f:
-                    f.create_dataset(k, shape=(0,), maxshape=(None,), chunks=(64,),
-                                     dtype=_H5_DTYPES[kind]())
-                ds = f[k]
-                ds.resize((self._num_rows + 1,))
-                ds[self._num_rows] = values[k]
-        new_file = not os.path.exists(self.csv_path) or self._num_rows == 0
-        with open(self.csv_path, "w" if new_file else "a", newline="") as fh:
-            w = csv.writer(fh)
-            if new_file:
-                w.writerow(keys)
-            w.writerow([_csv_cell(kind, values[k]) for k, kind in self._columns])
-            fh.flush()
-            os.fsync(fh.fileno())
-        self._num_rows += 1
-
-    def rows(self) -> Optional[list]:
-        """All rows so far, read back from the HDF5 file, as dicts."""
-        if not self._active:
-            return None
-        if self._columns is None or not os.path.exists(self.h5_path):
-            return []
-        with _h5open(self.h5_path, "r") as f:
-            cols = {k: f[k][:self._num_rows] for k, _ in self._columns}
-        out = []
-        for i in range(self._num_rows):
-            out.append({k: _from_h5(kind, cols[k][i]) for k, kind in self._columns})
-        return out
-
-    def truncate(self, num_rows: int) -> None:
-        """Keep only the first ``num_rows`` rows."""
-        if not self._active or num_rows >= self._num_rows:
-            return
-        if num_rows < 0:
-            raise ValueError(f"num_rows must be >= 0, got {num_rows}")
-        with _h5open(self.h5_path, "a") as f:
-            for k, _ in self._columns:
-                f[k].resize((num_rows,))
-        self._num_rows = num_rows
-        self._rewrite_csv()
-
-    def _csv_text(self) -> str:
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow([k for k, _ in self._columns])
-        for row in self.rows():
-            w.writerow([_csv_cell(kind, row[k]) for k, kind in self._columns])
-        return buf.getvalue()
-
-    def _csv_matches(self) -> bool:
-        """True if the CSV holds exactly the HDF5 rows (no partial last line)."""
-        try:
-            with open(self.csv_path, newline="") as fh:
-                return fh.read() == self._csv_text()
-        except (OSError, UnicodeDecodeError):
-            return False
-
-    def _rewrite_csv(self) -> None:
-        tmp = self.csv_path + ".tmp"
-        with open(tmp, "w", newline="") as fh:
-            fh.write(self._csv_text())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.csv_path)
-
-
-_H5_DTYPES = {"int": lambda: np.int64, "float": lambda: np.float64,
-              "str": h5py.string_dtype, "seq": lambda: h5py.vlen_dtype(np.float64)}
-
-
-def _column_kind(key, v) -> str:
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        v = v.item()
-    if isinstance(v, (bool, np.bool_, int, np.integer)):
-        return "int"
-    if isinstance(v, (float, np.floating)):
-        return "float"
-    if isinstance(v, str):
-        return "str"
-    if isinstance(v, (list, tuple, np.ndarray, torch.Tensor)):
-        return "seq"
-    raise TypeError(f"metrics value {key!r} must be a number, str or sequence of numbers, "
-                    f"got {type(v).__name__}")
-
-
-def _convert(key, kind, v):
-    if isinstance(v, torch.Tensor) and kind != "seq":
-        v = v.item()
-    if kind == "int":
-        if isinstance(v, (float, np.floating)) or not isinstance(v, (bool, np.bool_, int, np.integer)):
-            raise ValueError(f"metrics column {key!r} holds integers, got {v!r}")
-        return int(v)
-    if kind == "float":
-        if not isinstance(v, (bool, int, float, np.integer, np.floating)):
-            raise ValueError(f"metrics column {key!r} holds numbers, got {v!r}")
-        return float(v)
-    if kind == "str":
-        return str(v)
-    if isinstance(v, torch.Tensor):
-        v = v.detach().cpu().numpy()
-    arr = np.asarray(v, dtype=np.float64)
-    if arr.ndim != 1:
-        raise ValueError(f"metrics column {key!r} holds 1-D sequences, got shape {arr.shape}")
-    return arr
-
-
-def _csv_cell(kind, v) -> str:
-    if kind == "float":
-        return repr(float(v))
-    if kind == "seq":
-        return json.dumps([float(x) for x in v])
-    return str(v)
-
-
-def _from_h5(kind, v):
-    if kind == "int":
-        return int(v)
-    if kind == "float":
-        return float(v)
-    if kind == "str":
-        return v.decode("utf-8") if isinstance(v, bytes) else str(v)
-    return [float(x) for x in v]

@@ -25,6 +25,7 @@ import torch.nn.functional as Fn
 from layerpar import checkpoint as ckpt
 from layerpar.config import mode_iterations, to_toml
 from layerpar.data import load_dataset
+from layerpar.metrics import MetricsWriter
 from layerpar.optim import LBFGS, regularize, schedule
 from layerpar.parallel import Network
 from layerpar.steps import ConvClosing, ConvOpening, ConvStep, DenseClosing, DenseOpening, DenseStep
@@ -178,7 +179,7 @@ class Trainer:
             if g["mode"] != "serial" and g["monitor"] else None
         self.run_dir = config["run"]["dir"]
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
-        self.metrics = ckpt.MetricsWriter(self.run_dir, comm)
+        self.metrics = MetricsWriter(self.run_dir, comm)
 
     # ---- optimiser --------------------------------------------------------
     def _make_optimizer(self):

@@ -16,9 +16,9 @@ import torch
 from mpi4py import MPI
 
 import layerpar.checkpoint as ckpt
-from layerpar.checkpoint import (CheckpointError, MetricsWriter, find_latest_checkpoint,
-                                 load_checkpoint, previous_path, rng_state, save_checkpoint,
-                                 verify_checkpoint)
+from layerpar.checkpoint import (CheckpointError, find_latest_checkpoint, load_checkpoint,
+                                 previous_path, rng_state, save_checkpoint, verify_checkpoint)
+from layerpar.metrics import MetricsWriter
 
 torch.set_num_threads(1)
 N = 7            # layers in the test network
