@@ -36,6 +36,22 @@ def _seeded(seed, n, make):
         return make()
 
 
+def _load(module, state, device=None):
+    """Load a state dict into a module built with default dtype, taking the
+    state's dtype (and ``device``)."""
+    ref = next(iter(state.values()), None)
+    if ref is not None:
+        module.to(dtype=ref.dtype, device=device)
+    module.load_state_dict(state)
+    return module
+
+
+def _collect(comm, obj, root):
+    """Collective: every rank's obj, on ``root`` (None = every rank); None
+    on the other ranks."""
+    return comm.allgather(obj) if root is None else comm.gather(obj, root=root)
+
+
 def _check_comm(comm):
     if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
         raise TypeError(f"comm must be an mpi4py intracommunicator, not {comm!r}")
@@ -134,23 +150,29 @@ class LayerParallel(nn.Module):
         return F
 
     def _new_solver(self, app, opts, reverse):
+        # opts holds exactly the Solver options the user may choose
         t0, t1 = (self.T, 0.0) if reverse else (0.0, self.T)
-        o = dict(opts)
-        return Solver(app, self.comm, t0, t1, self.nlayers,
-                      max_levels=o["max_levels"], cfactor=o["cfactor"], relax=o["relax"],
-                      cycle=o["cycle"], min_coarse=o["min_coarse"], skip=o["skip"],
-                      max_iter=o["max_iter"], abs_tol=o["abs_tol"], rel_tol=o["rel_tol"],
-                      warm_start=o["warm_start"], reverse=reverse, store="all",
-                      final_sweep=True)
+        return Solver(app, self.comm, t0, t1, self.nlayers, **opts, reverse=reverse,
+                      store="all", final_sweep=True)
 
     def _plan_ghosts(self):
-        # the layers this rank steps with on coarse grids but does not hold
+        """Which layer weights go where before each forward solve: the layers
+        this rank steps with on coarse grids but does not hold (received), and
+        those of its own layers that other ranks step with (sent)."""
         fwd = self.fwd_options
-        self._levels = partition.hierarchy(self.nlayers, fwd["max_levels"], fwd["cfactor"],
-                                           fwd["min_coarse"])
+        levels = partition.hierarchy(self.nlayers, fwd["max_levels"], fwd["cfactor"],
+                                     fwd["min_coarse"])
+        mine = set(self.layer_indices)
+        self._ghost_indices = []
+        self._ghost_sends = []  # (rank, layer)
+        if len(levels) < 2:
+            return
         self._ghost_indices = sorted(
-            partition.coarse_step_layers(self.nlayers, self.size, self.rank, self._levels)
-            - set(self.layer_indices))
+            partition.coarse_step_layers(self.nlayers, self.size, self.rank, levels) - mine)
+        for q in range(self.size):
+            if q != self.rank:
+                wanted = partition.coarse_step_layers(self.nlayers, self.size, q, levels)
+                self._ghost_sends += [(q, n) for n in sorted(wanted & mine)]
 
     def reconfigure(self, *, max_levels=None, bwd_max_levels=None, fwd_iters=None,
                     bwd_iters=None, warm_start=None):
@@ -195,26 +217,15 @@ class LayerParallel(nn.Module):
     def _exchange_ghosts(self):
         """Send the weights of our layers that other ranks step with on coarse
         grids; receive the ones we step with but do not hold."""
-        if len(self._levels) < 2:
-            return
         requests = []
-        for q in range(self.size):
-            if q == self.rank:
-                continue
-            wanted = partition.coarse_step_layers(self.nlayers, self.size, q, self._levels)
-            for n in sorted(wanted & set(self.layer_indices)):
-                state = {k: v.detach().cpu() for k, v in self.layers[str(n)].state_dict().items()}
-                requests.append(self.comm.isend(state, dest=q, tag=n))
+        for q, n in self._ghost_sends:
+            state = {k: v.detach().cpu() for k, v in self.layers[str(n)].state_dict().items()}
+            requests.append(self.comm.isend(state, dest=q, tag=n))
         for n in self._ghost_indices:
             state = self.comm.recv(source=partition.layer_owner(self.nlayers, self.size, n), tag=n)
             if n not in self._ghosts:
                 self._ghosts[n] = self._make_layer(n)
-            ghost = self._ghosts[n]
-            ref = next(iter(state.values()), None)
-            if ref is not None:
-                ghost.to(dtype=ref.dtype, device=self._state_meta[2])
-            ghost.load_state_dict(state)
-            ghost.requires_grad_(False)
+            _load(self._ghosts[n], state, self._state_meta[2]).requires_grad_(False)
         MPI.Request.waitall(requests)
 
     # ---- checks at the first call and when the state shape changes -------
@@ -256,11 +267,7 @@ class LayerParallel(nn.Module):
         if meta != self._state_meta:
             self._check_shapes(shape, dtype, device)
             if self._state_meta is not None:
-                # warm states of another shape are useless: start afresh
-                self._fwd_solver.close()
-                self._bwd_solver.close()
-                self._fwd_solver = self._new_solver(self._fwd_app, self.fwd_options, False)
-                self._bwd_solver = self._new_solver(self._bwd_app, self.bwd_options, True)
+                self.reconfigure()  # warm states of another shape are useless
             self._state_meta = meta
         return shape, dtype, device
 
@@ -330,7 +337,7 @@ class LayerParallel(nn.Module):
         ``root`` (None = every rank)."""
         mine = {n: {k: v.detach().cpu().clone() for k, v in self.layers[str(n)].state_dict().items()}
                 for n in self.layer_indices}
-        parts = self.comm.allgather(mine) if root is None else self.comm.gather(mine, root=root)
+        parts = _collect(self.comm, mine, root)
         if parts is None:
             return None
         out = {}
@@ -346,13 +353,7 @@ class LayerParallel(nn.Module):
             return None
         layers = []
         for n in range(self.nlayers):
-            F = self._make_layer(n)
-            state = states[n]
-            ref = next(iter(state.values()), None)
-            if ref is not None:
-                F.to(dtype=ref.dtype)
-            F.load_state_dict(state)
-            layers.append(ResidualLayer(F, self.h))
+            layers.append(ResidualLayer(_load(self._make_layer(n), states[n]), self.h))
         return layers
 
     def serial_equivalent(self, root=None):
@@ -440,21 +441,12 @@ class Network(nn.Module):
         """Collective: opening + N residual layers + closing as one
         ``nn.Sequential`` with the same weights."""
         layers = self.body.serial_layers(root)
-        ends = self.comm.allgather(
-            (self.opening.state_dict() if self.is_first else None,
-             self.closing.state_dict() if self.is_last else None)) \
-            if root is None else self.comm.gather(
-            (self.opening.state_dict() if self.is_first else None,
-             self.closing.state_dict() if self.is_last else None), root=root)
+        ends = _collect(self.comm, (self.opening.state_dict() if self.is_first else None,
+                                    self.closing.state_dict() if self.is_last else None), root)
         if layers is None:
             return None
-        opening = _seeded(self.body.seed, -1, self._opening_factory)
-        closing = _seeded(self.body.seed, -2, self._closing_factory)
-        o_state = ends[self.body.first_rank][0]
-        c_state = ends[self.body.last_rank][1]
-        for module, state in ((opening, o_state), (closing, c_state)):
-            ref = next(iter(state.values()), None)
-            if ref is not None:
-                module.to(dtype=ref.dtype)
-            module.load_state_dict(state)
+        opening = _load(_seeded(self.body.seed, -1, self._opening_factory),
+                        ends[self.body.first_rank][0])
+        closing = _load(_seeded(self.body.seed, -2, self._closing_factory),
+                        ends[self.body.last_rank][1])
         return nn.Sequential(opening, *layers, closing)
