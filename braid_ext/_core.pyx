@@ -491,8 +491,12 @@ cdef class Solver:
                             final_sweep=bool(final_sweep))
 
         cdef MPI_Comm c = (<MPI_Comm*><uintptr_t>addr)[0]
-        CHKERR(mg_Init(c, t_start, t_stop, nsteps, <mg_App><void*>self.bridge,
-                       &self.bridge.ops, &self.core))
+        cdef int rc = mg_Init(c, t_start, t_stop, nsteps, <mg_App><void*>self.bridge,
+                              &self.bridge.ops, &self.core)
+        if rc == MG_ERR_ARG:  # every other argument was checked above
+            raise ValueError(f"app {type(app).__name__}: an access method must exist on "
+                             "every rank or on none")
+        CHKERR(rc)
         CHKERR(mg_SetMaxLevels(self.core, max_levels))
         CHKERR(mg_SetMinCoarse(self.core, min_coarse))
         self._per_level_set(cfactors, 0)

@@ -184,3 +184,17 @@ def test_queries_out_of_range_raise_value_error():
             assert not solver.is_stored(f_points[0])
             with pytest.raises(ValueError, match="index"):
                 solver.get(f_points[0])
+
+
+@pytest.mark.mpi
+def test_access_on_some_ranks_only_fails_everywhere():
+    class WithAccess(Dahlquist):
+        def access(self, u, status):
+            pass
+
+    comm = MPI.COMM_WORLD
+    if comm.size < 2:
+        pytest.skip("needs two ranks")
+    app = WithAccess() if comm.rank == 0 else Dahlquist()
+    with pytest.raises(ValueError, match="access method must exist on every rank"):
+        Solver(app, comm, 0.0, 1.0, 8)

@@ -40,6 +40,15 @@ int mg_Init(MPI_Comm comm, double t_start, double t_stop, int64_t nsteps,
     free(core);
     return MG_ERR_MPI;
   }
+  /* access (optional) is called in sweeps with messages: all ranks or none */
+  int has[2] = {ops->access != NULL, ops->access == NULL}, any[2];
+  if (MPI_Allreduce(has, any, 2, MPI_INT, MPI_MAX, core->comm) != MPI_SUCCESS ||
+      (any[0] && any[1])) {
+    int mismatch = any[0] && any[1];
+    MPI_Comm_free(&core->comm);
+    free(core);
+    return mismatch ? MG_ERR_ARG : MG_ERR_MPI;
+  }
   MPI_Comm_rank(core->comm, &core->rank);
   core->size = size;
   core->t0 = t_start;

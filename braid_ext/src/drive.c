@@ -58,7 +58,6 @@ static void initial_values(mg_Core core) {
 }
 
 static int final_access(mg_Core core) {
-  if (!core->ops.access) return MG_OK;
   mg_Level *f = &core->levels[0];
   if (core->store_all || core->nlevels == 1) {
     for (int64_t j = f->lo; j <= f->hi; j++)
@@ -188,14 +187,14 @@ int mg_Drive(mg_Core core) {
     if (bad_global >= 0 && (core->nonfinite < 0 || bad_global < core->nonfinite))
       core->nonfinite = bad_global;
   }
-  if (core->final_sweep && core->nlevels > 1 && !core->final_done && !core->failed &&
-      core->nonfinite < 0) {
-    MG_CHK(final_sweep(core));
-    MG_CHK(mg_AgreeFailure(core));
-  }
   if (!core->failed && core->nonfinite < 0) {
-    MG_CHK(final_access(core));
-    MG_CHK(mg_AgreeFailure(core));
+    /* user work after the last agreement: one more agreement covers it (a
+     * failure in the final sweep turns access into no-ops and poisoned
+     * messages, as everywhere) */
+    int sweep = core->final_sweep && core->nlevels > 1 && !core->final_done;
+    if (sweep) MG_CHK(final_sweep(core));
+    if (core->ops.access) MG_CHK(final_access(core));
+    if (sweep || core->ops.access) MG_CHK(mg_AgreeFailure(core));
   }
 
   core->have_solution = !core->failed && core->nonfinite < 0;

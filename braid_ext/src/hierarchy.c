@@ -69,12 +69,6 @@ double mg_TimeOf(mg_Core core, int64_t i) {
   return core->t0 + (core->t1 - core->t0) * ((double)i / (double)core->nsteps);
 }
 
-/* is point j a C-point for coarsening factor m? m == 0: only point 0 */
-int mg_IsC(const mg_Level *lev, int64_t j, int64_t m) {
-  (void)lev;
-  return m == 0 ? j == 0 : j % m == 0;
-}
-
 /* is fine point j kept between sweeps? */
 int mg_FineStored(mg_Core core, int64_t j) {
   const mg_Level *f = &core->levels[0];

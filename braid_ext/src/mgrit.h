@@ -136,8 +136,8 @@ typedef struct {
 /* ---- lifecycle --------------------------------------------------------- */
 
 /* Create a solver for nsteps steps on [t_start, t_stop] (t_stop < t_start is
- * allowed).  comm is duplicated; 1 <= size(comm) <= nsteps is required.
- * Collective over comm. */
+ * allowed).  comm is duplicated; 1 <= size(comm) <= nsteps is required, and
+ * ops->access must be given on every rank or on none.  Collective over comm. */
 int mg_Init(MPI_Comm comm, double t_start, double t_stop, int64_t nsteps,
             mg_App app, const mg_Ops *ops, mg_Core *core_out);
 /* Solve.  Collective.  Every rank returns the same code. */

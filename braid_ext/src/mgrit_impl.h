@@ -81,7 +81,6 @@ int mg_BuildHierarchy(mg_Core core);
 void mg_FreeHierarchy(mg_Core core, int keep_fine);
 int mg_Owner(mg_Core core, int level, int64_t j);
 double mg_TimeOf(mg_Core core, int64_t fine_index);
-int mg_IsC(const mg_Level *lev, int64_t j, int64_t m);
 int mg_FineStored(mg_Core core, int64_t j);
 
 /* wrap.c: every user call goes through these (timing, counting, failure) */

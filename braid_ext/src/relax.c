@@ -39,7 +39,8 @@ static mg_Vector rhs_of(const Sweep *s, int64_t j) {
   return s->lev->g[j - s->lev->lo]; /* NULL on level 0 and when absent */
 }
 
-static int is_c(const Sweep *s, int64_t j) { return mg_IsC(s->lev, j, s->m); }
+/* is point j a C-point of this sweep? m == 0: only point 0 */
+static int is_c(const Sweep *s, int64_t j) { return s->m == 0 ? j == 0 : j % s->m == 0; }
 
 /*
  * Walk F-points first..last starting from the value *prev (owned by the walk
