@@ -246,9 +246,8 @@ class Trainer:
         """(mean loss, accuracy) over a loader, collective."""
         total, loss_sum, correct = 0, 0.0, 0
         with torch.no_grad():
-            for x, y in loader.epoch(0):
-                n = loader.batch_size if y is None else len(y)
-                n = self.comm.bcast(n, root=self.size - 1)
+            for b, (x, y) in enumerate(loader.epoch(0)):
+                n = _batch_len(loader, b)
                 _, value, c = self._forward_loss(x, y)
                 total += n
                 loss_sum += value * n
@@ -338,7 +337,7 @@ class Trainer:
             for b, (x, y) in enumerate(batches):
                 if b < self.batch_in_epoch:
                     continue  # done before the checkpoint this run resumed from
-                size = self.comm.bcast(None if y is None else len(y), root=self.size - 1)
+                size = _batch_len(self.train_loader, b)
                 s = self._train_step(x, y, size)
                 for k in ("fwd_iters", "bwd_iters", "fwd_res", "bwd_res", "vtime"):
                     acc[k] += s[k]
@@ -398,6 +397,11 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.toml"), "w") as fh:
                 fh.write(to_toml(self.config))
+
+
+def _batch_len(loader, b):
+    """Samples in batch b (known on every rank: only the last is short)."""
+    return min(loader.batch_size, loader.num_samples - b * loader.batch_size)
 
 
 def format_row(row):
