@@ -53,24 +53,29 @@ def run_parallel(net, x, y):
     return net.reduce(loss), all_grads
 
 
-def run_serial(net, x, y):
-    """The serial network with the same weights, ordinary autograd."""
-    seq = net.serial_equivalent()
-    loss = Fn.cross_entropy(seq(x), y)
-    loss.backward()
+def serial_grads(seq, nlayers):
+    """The gradients of serial_equivalent()'s parameters under the Network's
+    parameter names."""
     grads = {}
-    nl = net.body.nlayers
     for name, p in seq.named_parameters():
         idx, rest = name.split(".", 1)
         idx = int(idx)
         if idx == 0:
             key = "opening." + rest
-        elif idx == nl + 1:
+        elif idx == nlayers + 1:
             key = "closing." + rest
         else:
             key = f"body.layers.{idx - 1}.{rest.removeprefix('F.')}"
         grads[key] = p.grad.detach().clone()
-    return float(loss.detach()), grads
+    return grads
+
+
+def run_serial(net, x, y):
+    """The serial network with the same weights, ordinary autograd."""
+    seq = net.serial_equivalent()
+    loss = Fn.cross_entropy(seq(x), y)
+    loss.backward()
+    return float(loss.detach()), serial_grads(seq, net.body.nlayers)
 
 
 def rel_err(a, b):
@@ -301,11 +306,5 @@ def test_two_forwards_then_one_backward():
         grads.update(part)
     seq = net.serial_equivalent()
     (Fn.cross_entropy(seq(x1), y1) + Fn.cross_entropy(seq(x2), y2)).backward()
-    ref = {}
-    for name, p in seq.named_parameters():
-        idx, rest = name.split(".", 1)
-        idx = int(idx)
-        key = "opening." + rest if idx == 0 else "closing." + rest if idx == 11 \
-            else f"body.layers.{idx - 1}.{rest.removeprefix('F.')}"
-        ref[key] = p.grad
+    ref = serial_grads(seq, net.body.nlayers)
     assert max(rel_err(grads[k], ref[k]) for k in ref) <= 1e-13

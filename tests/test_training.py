@@ -27,6 +27,24 @@ def shared_dir(comm):
     return comm.bcast(d, root=0)
 
 
+@pytest.fixture
+def run_dirs():
+    """make(shared=True): a new directory, the same one on every rank, or
+    (shared=False) this rank's own; all removed after the test."""
+    made = []
+
+    def make(shared=True):
+        d = shared_dir(WORLD) if shared else tempfile.mkdtemp(prefix="lp-own-")
+        made.append((d, shared))
+        return d
+
+    yield make
+    WORLD.Barrier()
+    for d, shared in made:
+        if not shared or WORLD.rank == 0:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def weights(trainer):
     """All parameters by global name, gathered on every rank."""
     mine = {k: v.detach().clone() for k, v in trainer.net.named_parameters()}
@@ -44,79 +62,58 @@ def train(comm, run_dir, **sets):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_serial_mode_losses_independent_of_ranks(optimizer):
+def test_serial_mode_losses_independent_of_ranks(optimizer, run_dirs):
     sets = {"optim.name": f'"{optimizer}"', "optim.lr": 0.05}
-    world_dir, self_dir = shared_dir(WORLD), tempfile.mkdtemp(prefix="lp-self-")
-    try:
-        tw = train(WORLD, world_dir, **sets)
-        ts = train(MPI.COMM_SELF, self_dir, **sets)
-        rows_w = WORLD.bcast(tw.metrics.rows(), root=0)
-        rows_s = ts.metrics.rows()
-        assert len(rows_w) == len(rows_s) == 2
-        for a, b in zip(rows_w, rows_s):
-            for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
-                assert math.isclose(a[key], b[key], rel_tol=1e-10, abs_tol=1e-14), key
-        ww, ws = weights(tw), weights(ts)
-        assert ww.keys() == ws.keys()
-        for k in ww:
-            assert torch.allclose(ww[k], ws[k], rtol=1e-10, atol=1e-13), k
-    finally:
-        WORLD.Barrier()
-        if WORLD.rank == 0:
-            shutil.rmtree(world_dir, ignore_errors=True)
-        shutil.rmtree(self_dir, ignore_errors=True)
+    tw = train(WORLD, run_dirs(), **sets)
+    ts = train(MPI.COMM_SELF, run_dirs(shared=False), **sets)
+    rows_w = WORLD.bcast(tw.metrics.rows(), root=0)
+    rows_s = ts.metrics.rows()
+    assert len(rows_w) == len(rows_s) == 2
+    for a, b in zip(rows_w, rows_s):
+        for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-10, abs_tol=1e-14), key
+    ww, ws = weights(tw), weights(ts)
+    assert ww.keys() == ws.keys()
+    for k in ww:
+        assert torch.allclose(ww[k], ws[k], rtol=1e-10, atol=1e-13), k
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("mode", ["serial", "layer-parallel"])
-def test_resume_gives_the_uninterrupted_weights(mode):
+def test_resume_gives_the_uninterrupted_weights(mode, run_dirs):
     sets = {"mgrit.mode": f'"{mode}"', "optim.epochs": 3, "run.checkpoint_every": 7}
-    full_dir, part_dir = shared_dir(WORLD), shared_dir(WORLD)
-    try:
-        full = train(WORLD, full_dir, **sets)
-        # stop after the first epoch, then resume in a new trainer
-        train(WORLD, part_dir, **dict(sets, **{"optim.epochs": 1}))
-        resumed = Trainer(small_config(part_dir, **sets), WORLD)
-        assert resumed.resume()
-        assert resumed.epoch == 1
-        resumed.run()
-        wf, wr = weights(full), weights(resumed)
-        for k in wf:
-            assert torch.equal(wf[k], wr[k]), k  # bit for bit on the same ranks
-        rows_f = WORLD.bcast(full.metrics.rows(), root=0)
-        rows_r = WORLD.bcast(resumed.metrics.rows(), root=0)
-        assert [r["val_loss"] for r in rows_f] == [r["val_loss"] for r in rows_r]
-    finally:
-        WORLD.Barrier()
-        if WORLD.rank == 0:
-            shutil.rmtree(full_dir, ignore_errors=True)
-            shutil.rmtree(part_dir, ignore_errors=True)
+    part_dir = run_dirs()
+    full = train(WORLD, run_dirs(), **sets)
+    # stop after the first epoch, then resume in a new trainer
+    train(WORLD, part_dir, **dict(sets, **{"optim.epochs": 1}))
+    resumed = Trainer(small_config(part_dir, **sets), WORLD)
+    assert resumed.resume()
+    assert resumed.epoch == 1
+    resumed.run()
+    wf, wr = weights(full), weights(resumed)
+    for k in wf:
+        assert torch.equal(wf[k], wr[k]), k  # bit for bit on the same ranks
+    rows_f = WORLD.bcast(full.metrics.rows(), root=0)
+    rows_r = WORLD.bcast(resumed.metrics.rows(), root=0)
+    assert [r["val_loss"] for r in rows_f] == [r["val_loss"] for r in rows_r]
 
 
 @pytest.mark.mpi
-def test_resume_on_another_number_of_ranks():
+def test_resume_on_another_number_of_ranks(run_dirs):
     # checkpoint written by COMM_WORLD, resumed on one rank (each rank resumes
     # its own copy): equal to the uninterrupted run to round-off
     sets = {"optim.epochs": 2, "optim.name": '"sgd"', "optim.lr": 0.05}
-    full_dir, part_dir = shared_dir(WORLD), shared_dir(WORLD)
-    own = tempfile.mkdtemp(prefix="lp-own-")
-    try:
-        full = train(WORLD, full_dir, **sets)
-        train(WORLD, part_dir, **dict(sets, **{"optim.epochs": 1}))
-        WORLD.Barrier()
-        shutil.copy(f"{part_dir}/checkpoint.h5", f"{own}/checkpoint.h5")
-        single = Trainer(small_config(own, **sets), MPI.COMM_SELF)
-        assert single.resume()
-        single.run()
-        wf, ws = weights(full), weights(single)
-        for k in wf:
-            assert torch.allclose(wf[k], ws[k], rtol=1e-12, atol=1e-14), k
-    finally:
-        WORLD.Barrier()
-        if WORLD.rank == 0:
-            shutil.rmtree(full_dir, ignore_errors=True)
-            shutil.rmtree(part_dir, ignore_errors=True)
-        shutil.rmtree(own, ignore_errors=True)
+    part_dir, own = run_dirs(), run_dirs(shared=False)
+    full = train(WORLD, run_dirs(), **sets)
+    train(WORLD, part_dir, **dict(sets, **{"optim.epochs": 1}))
+    WORLD.Barrier()
+    shutil.copy(f"{part_dir}/checkpoint.h5", f"{own}/checkpoint.h5")
+    single = Trainer(small_config(own, **sets), MPI.COMM_SELF)
+    assert single.resume()
+    single.run()
+    wf, ws = weights(full), weights(single)
+    for k in wf:
+        assert torch.allclose(wf[k], ws[k], rtol=1e-12, atol=1e-14), k
 
 
 class _Body:
