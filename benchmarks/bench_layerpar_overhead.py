@@ -105,7 +105,7 @@ def main():
     for levels in (2, 3):
         per_iter = (med[f"mgrit_L{levels}_it3"] - med[f"mgrit_L{levels}_it1"]) / 2
         rel = per_iter / med["serial_sweep"]
-        steps = solvers[levels, 3]._fwd_solver.stats()["steps"]
+        steps = solvers[levels, 3].last_forward["steps"]
         rows.append((f"mgrit_{levels}_levels_iteration_over_serial_sweep", rel))
         print(f"  one MGRIT iteration, {levels} levels, cfactor 4     {per_iter*1e3:8.1f} ms  "
               f"= {rel:.2f} serial sweeps  (steps per level in 3 iterations: {steps})")

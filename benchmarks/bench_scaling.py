@@ -72,8 +72,7 @@ def measure(a):
             times.append(t3 - t0)
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
-            vt.append(body._fwd_solver.stats()["virtual_time"]
-                      + body._bwd_solver.stats()["virtual_time"])
+            vt.append(body.last_forward["virtual_time"] + body.last_backward["virtual_time"])
     med = lambda v: comm.allreduce(statistics.median(v), op=MPI.MAX)  # noqa: E731
     row = dict(ranks=size, layers=a.layers, mode=config["mgrit"]["mode"],
                max_levels=body.fwd_options["max_levels"], cfactor=body.fwd_options["cfactor"],

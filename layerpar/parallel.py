@@ -139,8 +139,9 @@ class LayerParallel(nn.Module):
         self._grads = {}
         self._layer_params = {}
         self._state_meta = None
-        self.last_forward = {"iterations": 0, "residual_norms": []}
-        self.last_backward = {"iterations": 0, "residual_norms": []}
+        self.last_forward = {"iterations": 0, "residual_norms": [], "steps": [],
+                             "virtual_time": 0.0}
+        self.last_backward = dict(self.last_forward)
 
     # ---- construction helpers ------------------------------------------
     def _make_layer(self, n):
@@ -275,7 +276,9 @@ class LayerParallel(nn.Module):
     @staticmethod
     def _solve(solver):
         solver.solve()
-        return {"iterations": solver.iterations, "residual_norms": solver.residual_norms}
+        st = solver.stats()  # the clock is agreed over the ranks at the end of a solve
+        return {"iterations": solver.iterations, "residual_norms": solver.residual_norms,
+                "steps": st["steps"], "virtual_time": st["virtual_time"]}
 
     def forward(self, u0=None):
         shape, dtype, device = self._prepare(u0)

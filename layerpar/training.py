@@ -239,8 +239,7 @@ class Trainer:
                     fwd_iters=f["iterations"], bwd_iters=b["iterations"],
                     fwd_res=f["residual_norms"][-1] if f["residual_norms"] else 0.0,
                     bwd_res=b["residual_norms"][-1] if b["residual_norms"] else 0.0,
-                    vtime=self.body._fwd_solver.stats()["virtual_time"]
-                    + self.body._bwd_solver.stats()["virtual_time"])
+                    vtime=f["virtual_time"] + b["virtual_time"])
 
     def evaluate(self, loader):
         """(mean loss, accuracy) over a loader, collective."""
