@@ -87,7 +87,7 @@ class ForwardApp(TorchVectors):
             with torch.enable_grad():
                 x = u.detach().requires_grad_(True)
                 f = F(x)
-            self.net._graphs[n] = (x, f)
+            self.net._graphs[n] = (x, f, tuple(F.parameters()))
             out = torch.add(u, f.detach(), alpha=h)
             if n == self.net.layer_indices[-1] and not torch.isfinite(out).all():
                 self._report_nonfinite()
@@ -104,7 +104,7 @@ class ForwardApp(TorchVectors):
         # NaN and Inf propagate to the following layers, so checking each
         # rank's last output finds them; only then look for the first one.
         for n in self.net.layer_indices:
-            x, f = self.net._graphs[n]
+            x, f, _ = self.net._graphs[n]
             if not torch.isfinite(x).all():
                 raise FloatingPointError(f"the input of layer {n} is NaN or Inf")
             if not torch.isfinite(f).all():
@@ -129,14 +129,13 @@ class AdjointApp(TorchVectors):
         n = net.nlayers - status.index_stop
         h = (status.index_stop - status.index) * net.h
         try:
-            x, f = net._graphs[n]
+            x, f, params = net._graphs[n]
         except KeyError:
             raise RuntimeError(
                 f"layer {n}: no forward graph to back-propagate through (backward called "
                 "twice after one forward? construct LayerParallel with retain_graphs=True)"
             ) from None
         if status.final:
-            params = net._layer_params[n]
             grads = torch.autograd.grad(f, (x,) + params, grad_outputs=lam,
                                         allow_unused=True, retain_graph=net.retain_graphs)
             net._grads[n] = tuple(None if g is None else net.h * g for g in grads[1:])

@@ -137,7 +137,6 @@ class LayerParallel(nn.Module):
         self._graphs = {}
         self._record = True
         self._grads = {}
-        self._layer_params = {}
         self._state_meta = None
         self.last_forward = {"iterations": 0, "residual_norms": [], "steps": [],
                              "virtual_time": 0.0}
@@ -306,8 +305,6 @@ class LayerParallel(nn.Module):
         return torch.zeros(0, dtype=dtype, device=device), graphs
 
     def _backward_solve(self, graphs, grad_out, shape, dtype, device):
-        self._layer_params = {n: tuple(self.layers[str(n)].parameters())
-                              for n in self.layer_indices}
         self._grads.clear()
         lam = None
         if self.rank == self.last_rank:
