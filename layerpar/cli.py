@@ -163,12 +163,27 @@ def _eval(args, comm, out):
     return 0
 
 
+def _all_failed(exit_comm, grace=30.0):
+    """Did every rank reach this point (every rank stopped with an error)?
+    A barrier on a communicator used for nothing else, given ``grace``
+    seconds: ranks still at work elsewhere mean the error was this rank's
+    alone."""
+    req = exit_comm.Ibarrier()
+    deadline = time.monotonic() + grace
+    while not req.Test():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     from mpi4py import MPI
     import torch
 
     comm = MPI.COMM_WORLD
+    exit_comm = comm.Dup()  # only for agreeing on how to stop
     torch.set_num_threads(_threads_per_rank(comm))
     verbosity = 0 if getattr(args, "quiet", False) else 2 if getattr(args, "verbose", False) else 1
     out = Printer(comm.Get_rank(), verbosity)
@@ -183,9 +198,14 @@ def main(argv=None):
         run = {"train": _train, "eval": _eval, "info": lambda a, c, o: _info(c, o)}[args.command]
         return run(args, comm, out)
     except known as e:
-        # These are raised on every rank alike (collective checks); rank 0 says it.
-        out(f"layerpar: error: {e}", 0)
-        return 2 if isinstance(e, (ConfigError, ValueError)) else 1
+        code = 2 if isinstance(e, (ConfigError, ValueError)) else 1
+        if _all_failed(exit_comm):
+            # the usual case: collective checks raise on every rank; rank 0 says it
+            out(f"layerpar: error: {e}", 0)
+            return code
+        sys.stderr.write(f"layerpar: error on rank {comm.Get_rank()}: {e}\n")
+        sys.stderr.flush()
+        comm.Abort(code)
     except KeyboardInterrupt:
         return 130
     except BaseException:
