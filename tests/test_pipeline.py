@@ -3,6 +3,10 @@ PyTorch network with the same weights: outputs, input and weight gradients
 (float64, to 1e-12: only the order of the micro-batches' weight-gradient sums
 differs), training, failures and option checks.  MPI tests run on
 COMM_WORLD (1, 2 and 4 ranks)."""
+import math
+import shutil
+import tempfile
+
 import pytest
 import torch
 import torch.nn.functional as Fn
@@ -10,7 +14,9 @@ from mpi4py import MPI
 
 from layerpar import (ConvClosing, ConvOpening, ConvStep, DenseClosing, DenseOpening,
                       DenseStep, LayerParallel, Network)
+from layerpar.config import resolve
 from layerpar.pipeline import PipelineFailure, split_sizes
+from layerpar.training import Trainer
 
 F64 = torch.float64
 WORLD = MPI.COMM_WORLD
@@ -187,3 +193,32 @@ def test_a_failing_layer_raises_on_every_rank(how):
         assert isinstance(info.value, PipelineFailure)
     # the communicator is usable afterwards: no message is left pending
     assert WORLD.allreduce(1) == WORLD.size
+
+
+@pytest.mark.mpi
+def test_serial_mode_with_microbatches_trains_like_one_rank():
+    """The command's serial mode with mgrit.microbatches = 3 (the pipeline
+    on 2 and 4 ranks) gives the metrics of plain serial training on one rank."""
+    def config(run_dir, microbatches):
+        return resolve(None, ['mgrit.mode="serial"', "model.nlayers=8", "model.width=4",
+                              "optim.epochs=2", "data.batch_size=250", 'data.dtype="float64"',
+                              "run.plot=false", f'run.dir="{run_dir}"',
+                              f"mgrit.microbatches={microbatches}", 'optim.name="sgd"',
+                              "optim.lr=0.05"])
+    shared = WORLD.bcast(tempfile.mkdtemp(prefix="lp-pipe-") if WORLD.rank == 0 else None)
+    own = tempfile.mkdtemp(prefix="lp-pipe-own-")
+    try:
+        piped = Trainer(config(shared, 3), WORLD)
+        assert piped.net.body.pipelined
+        piped.run()
+        plain = Trainer(config(own, 1), MPI.COMM_SELF)
+        plain.run()
+        rows = WORLD.bcast(piped.metrics.rows(), root=0)
+        for a, b in zip(rows, plain.metrics.rows(), strict=True):
+            for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
+                assert math.isclose(a[key], b[key], rel_tol=1e-10, abs_tol=1e-14), key
+    finally:
+        WORLD.Barrier()
+        shutil.rmtree(own, ignore_errors=True)
+        if WORLD.rank == 0:
+            shutil.rmtree(shared, ignore_errors=True)
