@@ -17,6 +17,8 @@ through the layers of a ``LayerParallel`` module (``net``):
   the final fine sweep the same product also gives the weight gradient
   h*(dF_n/dtheta_n)^T lambda_{n+1}.
 """
+import warnings
+
 import numpy as np
 import torch
 
@@ -58,12 +60,19 @@ class TorchVectors:
         return self.numel * np.dtype(self._np_dtype).itemsize
 
     def pack(self, u, buf):
-        np.frombuffer(buf, dtype=self._np_dtype, count=self.numel)[:] = \
-            u.detach().reshape(-1).cpu().numpy()
+        # one copy into the message, straight from the device memory
+        torch.frombuffer(buf, dtype=self.dtype, count=self.numel).copy_(u.detach().reshape(-1))
 
     def unpack(self, buf):
-        a = np.frombuffer(buf, dtype=self._np_dtype, count=self.numel).copy()
-        return torch.from_numpy(a).reshape(self.shape).to(self.device)
+        # the message lives only during the call: one copy out of it
+        a = np.frombuffer(buf, dtype=self._np_dtype, count=self.numel)
+        if self.device.type == "cpu":
+            return torch.from_numpy(a.copy()).reshape(self.shape)
+        with warnings.catch_warnings():
+            # read-only view of the message, only read by the copy to the device
+            warnings.simplefilter("ignore", UserWarning)
+            view = torch.from_numpy(a)
+        return view.reshape(self.shape).to(self.device)
 
 
 class ForwardApp(TorchVectors):
@@ -136,12 +145,14 @@ class AdjointApp(TorchVectors):
                 "twice after one forward? construct LayerParallel with retain_graphs=True)"
             ) from None
         if status.final:
-            grads = torch.autograd.grad(f, (x,) + params, grad_outputs=lam,
+            # a fine step (h = net.h): the adjoint h*lam through F_n gives the
+            # weight gradients and the state update already scaled, as in
+            # back-propagation through u + h*F(u)
+            grads = torch.autograd.grad(f, (x,) + params, grad_outputs=lam * h,
                                         allow_unused=True, retain_graph=net.retain_graphs)
-            net._grads[n] = tuple(None if g is None else net.h * g for g in grads[1:])
-            gx = grads[0]
+            net._grads[n] = grads[1:]
             if not net.retain_graphs:
                 del net._graphs[n]  # its last use
-        else:
-            (gx,) = torch.autograd.grad(f, x, grad_outputs=lam, retain_graph=True)
+            return torch.add(lam, grads[0])
+        (gx,) = torch.autograd.grad(f, x, grad_outputs=lam, retain_graph=True)
         return torch.add(lam, gx, alpha=h)

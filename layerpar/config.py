@@ -54,6 +54,9 @@ DEFAULTS = {
         "monitor_factor": 0.5, # a solve must cut its residual by this per iteration
         "monitor_patience": 3, # stalled updates in a row before acting
         "max_iters": 8,        # the monitor's ceiling; past it: serial propagation
+        "microbatches": 1,     # > 1: serial propagation is the exact pipeline
+                               # (the batch split into micro-batches that flow
+                               # rank to rank, forward and backward)
     },
     "optim": {
         "name": "adam",        # sgd, adam, lbfgs
@@ -182,6 +185,7 @@ def check(config):
     need(g["monitor_patience"] >= 1, "mgrit.monitor_patience", "must be >= 1")
     need(g["max_iters"] >= max(g["fwd_iters"], g["bwd_iters"], 2), "mgrit.max_iters",
          "must be >= 2 and >= fwd_iters and bwd_iters")
+    need(g["microbatches"] >= 1, "mgrit.microbatches", "the number of micro-batches must be >= 1")
     need(o["name"] in OPTIMIZERS, "optim.name", f"choose one of {', '.join(OPTIMIZERS)}")
     need(math.isfinite(o["lr"]) and o["lr"] > 0, "optim.lr", "the learning rate must be > 0")
     need(0 <= o["momentum"] < 1, "optim.momentum", "must be in [0, 1)")

@@ -25,6 +25,7 @@ from torch import nn
 from braid_ext import MGRITError, Solver
 from layerpar import partition
 from layerpar.apps import AdjointApp, ForwardApp
+from layerpar.pipeline import Pipeline, PipelineFunction
 from layerpar.steps import ResidualLayer
 
 
@@ -84,6 +85,12 @@ class LayerParallel(nn.Module):
       retain_graphs  keep the layers' autograd graphs after backward, so that
                    backward may run again for the same forward (gradcheck)
       seed         seed of the layer initialisation
+      microbatches with max_levels=1 (both solves) and microbatches > 1: the
+                   exact pipeline instead of the one-level solve; the batch
+                   (dimension 0) is split into this many micro-batches
+                   (torch.tensor_split sizes; fewer when the batch is
+                   smaller) that flow rank to rank, forward and backward
+                   (GPipe schedule, layerpar.pipeline)
 
     forward(u0): u0 is the input state on rank 0 (other ranks may pass None).
     Returns u_N on the last rank and a zero-size placeholder elsewhere; call
@@ -95,7 +102,7 @@ class LayerParallel(nn.Module):
                  bwd_iters=1, fwd_tol=0.0, bwd_tol=0.0, fwd_rel_tol=0.0,
                  bwd_rel_tol=0.0, bwd_max_levels=None, bwd_cfactor=None,
                  bwd_relax=None, bwd_cycle=None, warm_start=False, retain_graphs=False,
-                 seed=0):
+                 seed=0, microbatches=1):
         super().__init__()
         _check_comm(comm)
         if not callable(step_factory):
@@ -107,6 +114,11 @@ class LayerParallel(nn.Module):
                              f"({comm.Get_size()}): every rank must hold at least one layer")
         if not (isinstance(T, (int, float)) and math.isfinite(T) and T > 0):
             raise ValueError(f"T={T!r}: the final time must be a finite number > 0")
+        if not isinstance(microbatches, int) or isinstance(microbatches, bool) \
+                or microbatches < 1:
+            raise ValueError(f"microbatches={microbatches!r}: the number of micro-batches "
+                             "must be an integer >= 1")
+        self.microbatches = microbatches
         self.comm = comm.Dup()  # our own messages never meet the user's
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.nlayers, self.T, self.h = nlayers, float(T), float(T) / nlayers
@@ -134,6 +146,7 @@ class LayerParallel(nn.Module):
             self.layers[str(n)] = self._make_layer(n)
         self._ghosts = {}
         self._plan_ghosts()
+        self._pipeline = Pipeline(self)
         self._anchor = torch.zeros((), requires_grad=True)  # keeps every rank in autograd
         self._graphs = {}
         self._record = True
@@ -287,7 +300,17 @@ class LayerParallel(nn.Module):
         # without autograd (evaluation) no layer graphs are kept
         self._record = torch.is_grad_enabled()
         params = tuple(p for F in self.layers.values() for p in F.parameters())
+        if self.pipelined:
+            return PipelineFunction.apply(self, (shape, dtype, device), self._anchor, u0,
+                                          *params)
         return _MGRITFunction.apply(self, (shape, dtype, device), self._anchor, u0, *params)
+
+    @property
+    def pipelined(self):
+        """Whether passes run as the exact pipeline (one level both ways
+        and more than one micro-batch)."""
+        return (self.microbatches > 1 and self.fwd_options["max_levels"] == 1
+                and self.bwd_options["max_levels"] == 1)
 
     def _forward_solve(self, u0, shape, dtype, device):
         """u_N (last rank) or a placeholder, and the layers' graphs of this

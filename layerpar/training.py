@@ -36,13 +36,15 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 def mgrit_options(config):
     """LayerParallel keyword options for the configured mode."""
     g = config["mgrit"]
+    # micro-batches act wherever propagation is serial (serial mode, and the
+    # monitor's fallback): the exact pipeline
     if g["mode"] == "serial":
-        return {"max_levels": 1}
+        return {"max_levels": 1, "microbatches": g["microbatches"]}
     fwd_iters, bwd_iters = mode_iterations(config)
     return dict(max_levels=g["max_levels"], cfactor=g["cfactor"], relax=g["relax"],
                 cycle=g["cycle"], fwd_iters=fwd_iters, bwd_iters=bwd_iters,
                 fwd_tol=g["fwd_tol"], bwd_tol=g["bwd_tol"],
-                warm_start=g["mode"] == "one-shot")
+                warm_start=g["mode"] == "one-shot", microbatches=g["microbatches"])
 
 
 def build_network(config, input_shape, num_classes, comm):

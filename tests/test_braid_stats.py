@@ -56,18 +56,20 @@ class CountingApp(Dahlquist):
 
 
 def two_level_steps(nsteps, m, nrelax, iterations, store, with_access):
-    """Steps per level of a two-level V-cycle run with `iterations` cycles:
-    every iteration (and the final residual test) relaxes with nrelax CF
-    sweeps and a fused F+C sweep (N fine steps each) and takes one coarse
-    step per C-point for the FAS right-hand side; every cycle solves the
-    coarse grid sequentially and interpolates by F-relaxation.  With
+    """Steps per level of a two-level V-cycle run that converged after
+    `iterations` cycles (tests/test_braid_work.py derives the count phase by
+    phase): every iteration, the last included (its residual test comes
+    after its relaxation), relaxes with nrelax CF sweeps and a fused F+C
+    sweep (N fine steps each); every cycle takes one coarse step per C-point
+    for the FAS right-hand side and solves the coarse grid sequentially.
+    The interpolation is the next iteration's first F-sweep.  With
     store='C', access sees the F-points through one more F-sweep."""
     n_c = nsteps // m
     f_points = nsteps - n_c
-    fine = (iterations + 1) * (nrelax + 1) * nsteps + iterations * f_points
+    fine = (iterations + 1) * (nrelax + 1) * nsteps
     if store == "C" and with_access:
         fine += f_points
-    coarse = (iterations + 1) * n_c + iterations * n_c
+    coarse = 2 * iterations * n_c
     return [fine, coarse]
 
 
@@ -226,14 +228,16 @@ def test_warm_start_after_a_small_change_needs_fewer_iterations(app_name, store)
 def test_warm_solves_in_chunks_continue_the_cold_history(store):
     """With F-relaxation a warm solve starts exactly where the last one
     stopped: solves of two iterations each, stitched together, give the
-    residual history of one cold solve."""
+    residual history of one cold solve.  (N is not a C-point here: a last
+    point that is one takes the step from the point before it when a solve
+    stops, which a cold solve does not do; tests/test_braid_work.py.)"""
     comm = MPI.COMM_WORLD
     opts = dict(max_levels=3, cfactor=2, relax="F", store=store, abs_tol=1e-11)
-    with Solver(DampedRotation(), comm, 0.0, 4.0, 96, **opts) as cold:
+    with Solver(DampedRotation(), comm, 0.0, 4.0, 97, **opts) as cold:
         history = cold.solve()
         cold_iters = cold.iterations
     stitched, total = [], 0
-    with Solver(DampedRotation(), comm, 0.0, 4.0, 96, max_iter=2, **opts) as warm:
+    with Solver(DampedRotation(), comm, 0.0, 4.0, 97, max_iter=2, **opts) as warm:
         while True:
             norms = warm.solve()
             if stitched:

@@ -31,6 +31,8 @@ def test_file_and_overrides(tmp_path):
     ("mgrit.cfactor=1", "mgrit.cfactor"),
     ('mgrit.relax="FC"', "mgrit.relax"),
     ('mgrit.cycle="W"', "mgrit.cycle"),
+    ("mgrit.microbatches=0", "mgrit.microbatches"),
+    ("mgrit.microbatches=2.5", "mgrit.microbatches"),
     ("model.nlayers=0", "model.nlayers"),
     ('optim.name="rmsprop"', "optim.name"),
     ("data.batch_size=0", "data.batch_size"),

@@ -2,8 +2,14 @@
  * drive.c -- the MGRIT iteration: V- and F-cycles over the hierarchy.
  *
  * One iteration on the fine level:
- *   relax F(CF)^nrelax  ->  residual and restriction  ->  stop test
- *   -> coarse cycle on level 1 -> correct C-points -> F-relax (interpolate).
+ *   relax F(CF)^nrelax  ->  residual  ->  stop test  ->  restriction
+ *   -> coarse cycle on level 1 -> correct C-points.
+ * The interpolation of the fine F-points from the corrected C-points is the
+ * first F-sweep of the next iteration (its relaxation, or its residual
+ * sweep), so it is not done separately.  The iteration at max_iter does not
+ * relax: it only interpolates the last correction and measures r_max_iter,
+ * in one sweep that is also the final sweep.  The coarse right-hand side is
+ * formed only when another cycle follows.
  * The stop test follows the residual of the current state, so the history
  * holds iterations+1 norms: r_0 for the initial guess after relaxation, and
  * r_k after k cycles.  A hierarchy of one level is sequential time stepping
@@ -25,17 +31,27 @@ static int record(mg_Core core, double rnorm) {
   return MG_OK;
 }
 
-/* Approximate solve of the level-l problem (l >= 1), shape V or F; with first
- * (the skipped first down-cycle) no relaxation and no coarse right-hand side. */
-static int cycle(mg_Core core, int l, int first, int shape) {
+/*
+ * Approximate solve of the level-l problem (l >= 1), shape V or F; with first
+ * (the skipped first down-cycle) no relaxation and no coarse right-hand side.
+ * With interp the F-points of level l are interpolated (F-relaxed from the
+ * corrected C-points) at the end: the caller needs them when it corrects the
+ * level below, whose C-points they are.  A caller that relaxes level l next
+ * (the second cycle of an F-cycle) recomputes them from the C-points before
+ * reading them, so it asks for no interpolation.
+ */
+static int cycle(mg_Core core, int l, int first, int shape, int interp) {
   if (l == core->nlevels - 1) return mg_Sweep(core, l, 0, 0);
-  if (!first) MG_CHK(mg_Relax(core, l));
-  MG_CHK(mg_Restrict(core, l, first, 1, NULL, NULL));
-  MG_CHK(cycle(core, l + 1, first, shape));
-  if (shape == MG_CYCLE_F && l + 1 < core->nlevels - 1)
-    MG_CHK(cycle(core, l + 1, 0, MG_CYCLE_V));
+  if (!first) {
+    MG_CHK(mg_Relax(core, l));
+    MG_CHK(mg_Residual(core, l, NULL, NULL));
+  }
+  MG_CHK(mg_Restrict(core, l, first));
+  int again = shape == MG_CYCLE_F && l + 1 < core->nlevels - 1;
+  MG_CHK(cycle(core, l + 1, first, shape, !again));
+  if (again) MG_CHK(cycle(core, l + 1, 0, MG_CYCLE_V, 1));
   MG_CHK(mg_Correct(core, l));
-  return mg_Sweep(core, l, core->levels[l].cfactor, 0);
+  return interp ? mg_Sweep(core, l, core->levels[l].cfactor, 0) : MG_OK;
 }
 
 /* Initial values on level 0: the initial condition always (it may have
@@ -111,22 +127,41 @@ static int converged(mg_Core core, double rnorm) {
   return core->rtol > 0 && rnorm <= core->rtol * core->rnorms[0];
 }
 
+/*
+ * When the solve stops: a last fine point that is a C-point takes w_n, the
+ * step from u_{n-1} that the residual sweep just took, in place of its
+ * coarse-corrected value, so that the returned states end with an ordinary
+ * step from the last F-point (the one the final sweep's user work saw).
+ * The residual history is unchanged; the other work values are dropped.
+ */
+static void take_last_step(mg_Core core) {
+  mg_Level *f = &core->levels[0];
+  for (int64_t j = f->lo; j <= f->hi; j++) {
+    mg_Vector *w = &f->w[j - f->lo];
+    if (j == f->n && *w && !core->failed) {
+      mg_CallFree(core, &f->u[j - f->lo]);
+      f->u[j - f->lo] = *w;
+      *w = NULL;
+    }
+    mg_CallFree(core, w);
+  }
+}
+
 static int iterate(mg_Core core) {
   int warm = core->have_solution;
   for (core->iter = 0;; core->iter++) {
     int first = core->iter == 0 && core->skip && !warm;
-    if (first) {
-      MG_CHK(mg_Restrict(core, 0, 1, 1, NULL, NULL));
-    } else {
+    if (!first) {
       double local = 0.0, rnorm = 0.0;
       int64_t bad = -1;
-      /* At max_iter this iteration is the last whatever its residual: its
-       * residual sweep (every fine step once, at the state the solve
-       * returns) serves as the final sweep, and no coarse problem is formed. */
+      /* At max_iter this iteration is the last whatever its residual: it
+       * only completes the interpolation of the last correction (its
+       * F-sweep) and measures the residual; that sweep (every fine step
+       * once, at the state the solve returns) serves as the final sweep. */
       int last = core->iter >= core->max_iter;
-      MG_CHK(mg_Relax(core, 0));
+      if (!last) MG_CHK(mg_Relax(core, 0));
       core->in_final = core->final_sweep && last;
-      int rc = mg_Restrict(core, 0, 0, !last, &local, &bad);
+      int rc = mg_Residual(core, 0, &local, &bad);
       core->final_done = core->in_final;
       core->in_final = 0;
       MG_CHK(rc);
@@ -134,13 +169,19 @@ static int iterate(mg_Core core) {
       if (core->failed) return MG_OK;
       MG_CHK(record(core, rnorm));
       if (core->nonfinite >= 0) return MG_OK;
-      if (converged(core, rnorm) || core->iter >= core->max_iter) return MG_OK;
+      if (converged(core, rnorm) || last) {
+        take_last_step(core);
+        return MG_OK;
+      }
     }
-    MG_CHK(cycle(core, 1, first, core->cycle));
-    if (core->cycle == MG_CYCLE_F && core->nlevels > 2)
-      MG_CHK(cycle(core, 1, 0, MG_CYCLE_V));
+    MG_CHK(mg_Restrict(core, 0, first));
+    int again = core->cycle == MG_CYCLE_F && core->nlevels > 2;
+    MG_CHK(cycle(core, 1, first, core->cycle, !again));
+    if (again) MG_CHK(cycle(core, 1, 0, MG_CYCLE_V, 1));
+    /* The corrected C-points only: the next iteration begins with an
+     * F-sweep from them (relaxation, or the residual sweep), which is the
+     * interpolation; no fine F-point is read before it. */
     MG_CHK(mg_Correct(core, 0));
-    MG_CHK(mg_Sweep(core, 0, core->levels[0].cfactor, 0));
   }
 }
 

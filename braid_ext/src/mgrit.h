@@ -12,6 +12,11 @@
  * injection, coarsest grid solved sequentially across ranks, interpolation
  * by F-relaxation) converges to the sequential solution.
  *
+ * When a solve stops, the last point u_N, if it is a C-point, takes the
+ * value of one step from u_{N-1} (computed by the residual sweep anyway) in
+ * place of its coarse-corrected value: the returned states end with an
+ * ordinary step.
+ *
  * Vectors are opaque to the core.  The application supplies every operation
  * on them through the callbacks of mg_Ops; the core only clones, frees, sums,
  * measures and packs them.

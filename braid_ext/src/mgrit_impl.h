@@ -118,8 +118,8 @@ int mg_Sweep(mg_Core core, int level, int64_t m, int flags);
 int mg_Relax(mg_Core core, int level);
 
 /* restrict.c */
-int mg_Restrict(mg_Core core, int level, int inject_only, int need_coarse,
-                double *rnorm, int64_t *bad);
+int mg_Residual(mg_Core core, int level, double *rnorm, int64_t *bad);
+int mg_Restrict(mg_Core core, int level, int inject_only);
 int mg_Correct(mg_Core core, int level);
 
 /* stats */

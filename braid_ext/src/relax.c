@@ -186,7 +186,7 @@ int mg_Sweep(mg_Core core, int level, int64_t m, int flags) {
 }
 
 /* Pre-smoothing: nrelax sweeps of F- then C-relaxation.  The F-sweep that
- * completes F(CF)^nrelax is fused with the residual in mg_Restrict. */
+ * completes F(CF)^nrelax is fused with the residual in mg_Residual. */
 int mg_Relax(mg_Core core, int level) {
   mg_Level *lev = &core->levels[level];
   for (int k = 0; k < lev->nrelax; k++)

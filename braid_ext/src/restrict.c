@@ -7,8 +7,9 @@
  *
  *     r_i = g_i + Phi(u_{i-1}) - u_i = w_i - u_i,
  *
- * where w_i comes from the fused final F-sweep.  The coarse problem is the
- * FAS problem  A_c(v) = R(g - A(u)) + A_c(R u),  with R injection, so
+ * where w_i comes from the fused final F-sweep (mg_Residual).  The coarse
+ * problem is the FAS problem  A_c(v) = R(g - A(u)) + A_c(R u),  with R
+ * injection, so
  *
  *     v_j = u_i,   g^c_j = w_i - Phi_c(u_{i-m}),
  *
@@ -23,27 +24,21 @@
 #define FINE(j) ((j) * (int64_t)f->cfactor - f->lo)
 
 /*
- * Level l -> l+1.  With inject_only (the skipped first down-cycle) the coarse
- * problem is plain coarse time stepping: v = R u and no right-hand side.
- * Otherwise the final F-sweep of relaxation is done here together with the
- * residual; on level 0 its norm (local part) is returned in *rnorm and the
- * first fine index with a non-finite residual in *bad (-1 if none).  Without
- * need_coarse (the last iteration) the coarse right-hand side is not formed.
+ * The F-sweep that completes relaxation on level l, fused with the C-point
+ * values w_i = Phi(u_{i-1}) [+ g_i] that the residual and the coarse
+ * right-hand side need.  On level 0 (rnorm given) the local part of the
+ * residual norm over the C-points i >= 1 is returned in *rnorm and the first
+ * fine index with a non-finite residual in *bad (-1 if none).
  */
-int mg_Restrict(mg_Core core, int level, int inject_only, int need_coarse,
-                double *rnorm, int64_t *bad) {
+int mg_Residual(mg_Core core, int level, double *rnorm, int64_t *bad) {
   mg_Level *f = &core->levels[level];
   mg_Level *c = &core->levels[level + 1];
-
-  if (!inject_only) MG_CHK(mg_Sweep(core, level, f->cfactor, MG_SW_C));
-
+  MG_CHK(mg_Sweep(core, level, f->cfactor, MG_SW_C));
+  if (!rnorm) return MG_OK;
   double acc = 0.0;
-  if (bad) *bad = -1;
+  *bad = -1;
   for (int64_t j = c->lo; j <= c->hi; j++) {
-    int64_t k = j - c->lo;
-    mg_Assign(core, &c->u[k], f->u[FINE(j)]);
-    mg_CallFree(core, &c->g[k]);
-    if (inject_only || j == 0 || !rnorm) continue;
+    if (j == 0) continue;
     /* r_i = w_i - u_i */
     mg_Vector r = mg_CallClone(core, f->w[FINE(j)]);
     mg_CallSum(core, -1.0, f->u[FINE(j)], 1.0, r);
@@ -56,8 +51,24 @@ int mg_Restrict(mg_Core core, int level, int inject_only, int need_coarse,
     if (core->tnorm == MG_TNORM_INF) acc = nr > acc ? nr : acc;
     else acc += nr * nr;
   }
-  if (rnorm) *rnorm = core->tnorm == MG_TNORM_INF ? acc : sqrt(acc);
-  if (inject_only || !need_coarse) return MG_OK;
+  *rnorm = core->tnorm == MG_TNORM_INF ? acc : sqrt(acc);
+  return MG_OK;
+}
+
+/*
+ * Level l -> l+1: v = R u.  With inject_only (the skipped first down-cycle)
+ * the coarse problem is plain coarse time stepping, without a right-hand
+ * side; otherwise g^c is formed from the w_i of the mg_Residual just done.
+ */
+int mg_Restrict(mg_Core core, int level, int inject_only) {
+  mg_Level *f = &core->levels[level];
+  mg_Level *c = &core->levels[level + 1];
+  for (int64_t j = c->lo; j <= c->hi; j++) {
+    int64_t k = j - c->lo;
+    mg_Assign(core, &c->u[k], f->u[FINE(j)]);
+    mg_CallFree(core, &c->g[k]);
+  }
+  if (inject_only) return MG_OK;
 
   /* g^c_j = w_i - Phi_c(v_{j-1}) */
   MG_CHK(mg_Sweep(core, level + 1, 1, MG_SW_C | MG_SW_NORHS));

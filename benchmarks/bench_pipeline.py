@@ -1,0 +1,117 @@
+"""The exact pipeline against serial propagation, time per training step,
+measured side by side in one run.
+
+Variants (all exact: the serial network's outputs and gradients):
+  serial P=1     max_levels=1 on one rank (the others wait)
+  serial P       max_levels=1 across all ranks (layer-serial, one batch)
+  pipeline P     max_levels=1, --microbatches micro-batches (GPipe schedule)
+A training step is forward, loss, backward and an SGD step.  Conv network:
+opening conv, N residual conv layers, closing pool + linear; one torch thread
+per rank.  Repetitions alternate between the variants and the median is
+reported, so load on the machine affects all alike.
+
+    mpiexec -n 2 python benchmarks/bench_pipeline.py [--layers 32] [--batch 64]
+Writes benchmarks/results/pipeline.csv.
+"""
+import argparse
+import csv
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as Fn
+from mpi4py import MPI
+
+from layerpar import ConvClosing, ConvOpening, ConvStep, Network
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--channels", type=int, default=8)
+    p.add_argument("--size", type=int, default=28)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--microbatches", type=int, default=8)
+    p.add_argument("--reps", type=int, default=7)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    world = MPI.COMM_WORLD
+    P = world.size
+
+    def network(comm, microbatches):
+        return Network(lambda: ConvOpening(1, a.channels),
+                       lambda n: ConvStep(a.channels, 3, "relu"),
+                       lambda: ConvClosing(a.channels, 10, pool=4),
+                       nlayers=a.layers, T=1.0, comm=comm, seed=1, max_levels=1,
+                       microbatches=microbatches)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(a.batch, 1, a.size, a.size, generator=g)
+    y = torch.randint(0, 10, (a.batch,), generator=g)
+
+    nets = {f"serial_P{P}": network(world, 1), f"pipeline_P{P}": network(world, a.microbatches)}
+    alone = network(MPI.COMM_SELF, 1) if world.rank == 0 else None
+
+    def step(net):
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+
+        def run():
+            opt.zero_grad()
+            net.loss(x, y, Fn.cross_entropy).backward()
+            opt.step()
+        return run
+
+    runs = {k: step(v) for k, v in nets.items()}
+    one = step(alone) if alone is not None else None
+
+    def timed(key):
+        world.Barrier()
+        t = time.perf_counter()
+        if key == "serial_P1":
+            if one is not None:
+                one()
+        else:
+            runs[key]()
+        world.Barrier()
+        return time.perf_counter() - t
+
+    keys = ["serial_P1"] + list(runs)
+    for k in keys:  # warm-up
+        timed(k)
+    times = {k: [] for k in keys}
+    for _ in range(a.reps):
+        for k in keys:
+            times[k].append(timed(k))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    vt = {k: nets[k].body.last_forward["virtual_time"] + nets[k].body.last_backward["virtual_time"]
+          for k in nets}
+    if world.rank != 0:
+        return
+    base = med["serial_P1"]
+    print(f"conv network: {a.layers} layers, {a.channels} channels, {a.size}x{a.size}, "
+          f"batch {a.batch}, float32, 1 thread per rank, {P} ranks, median of {a.reps}")
+    print(f"  {'variant':<16} {'s/step':>9} {'vs serial P=1':>14} {'vs serial P=' + str(P):>14}"
+          f" {'model':>8}")
+    rows = []
+    for k in keys:
+        model = vt.get(k, 2.0 * a.layers)
+        print(f"  {k:<16} {med[k]:9.4f} {base / med[k]:13.2f}x "
+              f"{med[f'serial_P{P}'] / med[k]:13.2f}x {model:8.1f}")
+        rows.append((k, med[k], base / med[k], med[f"serial_P{P}"] / med[k], model))
+    print("  (speed-ups: higher is faster; model = virtual clock of forward + backward in "
+          "full-batch layer steps)")
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, "pipeline.csv")
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["variant", "seconds_per_step", "speedup_vs_serial_P1",
+                    f"speedup_vs_serial_P{P}", "virtual_time"])
+        w.writerows(rows)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""The exact pipeline (max_levels=1, microbatches > 1) against the serial
+PyTorch network with the same weights: outputs, input and weight gradients
+(float64, to 1e-12: only the order of the micro-batches' weight-gradient sums
+differs), training, failures and option checks.  MPI tests run on
+COMM_WORLD (1, 2 and 4 ranks)."""
+import math
+import shutil
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as Fn
+from mpi4py import MPI
+
+from layerpar import (ConvClosing, ConvOpening, ConvStep, DenseClosing, DenseOpening,
+                      DenseStep, LayerParallel, Network)
+from layerpar.config import resolve
+from layerpar.pipeline import PipelineFailure, split_sizes
+from layerpar.training import Trainer
+
+F64 = torch.float64
+WORLD = MPI.COMM_WORLD
+TOL = 1e-12
+
+
+def make_net(kind, comm=WORLD, **opts):
+    if kind == "dense":
+        return Network(lambda: DenseOpening(2, 5), lambda n: DenseStep(5, "tanh"),
+                       lambda: DenseClosing(5, 3), nlayers=12, T=2.0, comm=comm, seed=7,
+                       **opts).double()
+    return Network(lambda: ConvOpening(1, 3), lambda n: ConvStep(3, 3, "relu"),
+                   lambda: ConvClosing(3, 4, pool=2), nlayers=8, T=1.0, comm=comm, seed=3,
+                   **opts).double()
+
+
+def batch(kind, size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "dense":
+        return torch.randn(size, 2, generator=g, dtype=F64), torch.randint(0, 3, (size,), generator=g)
+    return torch.randn(size, 1, 6, 6, generator=g, dtype=F64), torch.randint(0, 4, (size,), generator=g)
+
+
+def serial_key(name, nlayers):
+    idx, rest = name.split(".", 1)
+    idx = int(idx)
+    if idx == 0:
+        return "opening." + rest
+    if idx == nlayers + 1:
+        return "closing." + rest
+    return f"body.layers.{idx - 1}.{rest.removeprefix('F.')}"
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / max(float(b.abs().max()), 1e-300))
+
+
+def test_split_sizes_are_tensor_split_sizes():
+    for b in range(1, 20):
+        for m in range(1, 12):
+            sizes = [len(c) for c in torch.arange(b).tensor_split(min(m, b))]
+            assert split_sizes(b, m) == sizes
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("microbatches", [1, 2, 3, 8])
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_pipeline_equals_serial_autograd(kind, microbatches):
+    net = make_net(kind, microbatches=microbatches)
+    assert net.body.pipelined == (microbatches > 1)
+    x, y = batch(kind, 10)  # 10 = 4+3+3 with 3 micro-batches, 2+2+1+1+1+1+1+1 with 8
+    logits = net(x)
+    loss = Fn.cross_entropy(logits, y) if net.is_last else logits.sum() * 0.0
+    loss.backward()
+    grads = {k: p.grad for k, p in net.named_parameters()}
+    grads = {k: v for part in WORLD.allgather(grads) for k, v in part.items()}
+    out = WORLD.bcast(logits.detach() if net.is_last else None, root=net.body.last_rank)
+
+    seq = net.serial_equivalent()
+    ref = seq(x)
+    Fn.cross_entropy(ref, y).backward()
+    assert rel_err(out, ref.detach()) <= TOL
+    sgrads = {serial_key(k, 8 if kind == "conv" else 12): p.grad for k, p in seq.named_parameters()}
+    assert grads.keys() == sgrads.keys()
+    worst = max(rel_err(grads[k], sgrads[k]) for k in grads)
+    assert worst <= TOL, worst
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("size,microbatches", [(10, 3), (10, 8), (3, 8), (1, 2)])
+def test_input_gradient_of_the_body(size, microbatches):
+    """LayerParallel alone: dloss/du_0 on the first rank and the layers'
+    gradients against the serial layers, also when the batch has fewer
+    samples than micro-batches."""
+    body = LayerParallel(lambda n: DenseStep(4, "tanh"), 9, 1.5, WORLD, seed=2,
+                         microbatches=microbatches).double()
+    g = torch.Generator().manual_seed(1)
+    u0 = torch.randn(size, 4, generator=g, dtype=F64)
+    w = torch.randn(size, 4, generator=g, dtype=F64)
+    x = u0.clone().requires_grad_(True)
+    uN = body(x if body.rank == 0 else None)
+    loss = (torch.tanh(uN) * w).sum() if body.rank == body.last_rank else uN.sum() * 0.0
+    loss.backward()
+    grads = {n: [p.grad for p in body.layers[str(n)].parameters()] for n in body.layer_indices}
+    grads = {n: v for part in WORLD.allgather(grads) for n, v in part.items()}
+    gx = WORLD.bcast(x.grad if body.rank == 0 else None, root=0)
+
+    seq = body.serial_equivalent()
+    xs = u0.clone().requires_grad_(True)
+    (torch.tanh(seq(xs)) * w).sum().backward()
+    assert rel_err(gx, xs.grad) <= TOL
+    for n, layer in enumerate(seq):
+        for a, b in zip(grads[n], layer.F.parameters()):
+            assert rel_err(a, b.grad) <= TOL
+
+
+@pytest.mark.mpi
+def test_sgd_steps_give_the_serial_losses():
+    """A few SGD steps with 3 micro-batches (uneven: batch 8) give the losses
+    of the serial network trained alike, so the same on any rank count."""
+    net = make_net("dense", microbatches=3)
+    seq = net.serial_equivalent()
+    opt = torch.optim.SGD(net.parameters(), lr=0.2)
+    sopt = torch.optim.SGD(seq.parameters(), lr=0.2)
+    for step in range(4):
+        x, y = batch("dense", 8, seed=step)
+        opt.zero_grad()
+        loss = net.loss(x, y, Fn.cross_entropy)
+        loss.backward()
+        opt.step()
+        sopt.zero_grad()
+        sloss = Fn.cross_entropy(seq(x), y)
+        sloss.backward()
+        sopt.step()
+        value = net.reduce(loss)
+        assert abs(value - float(sloss.detach())) <= TOL * abs(float(sloss.detach()))
+
+
+@pytest.mark.mpi
+def test_evaluation_without_autograd_and_two_forwards():
+    net = make_net("conv", microbatches=4)
+    x, y = batch("conv", 7)
+    with torch.no_grad():
+        out = net(x)
+    l1 = net.loss(x, y, Fn.cross_entropy)
+    l2 = net.loss(x, y, Fn.cross_entropy)
+    (l1 + l2).backward()   # two forwards, one backward through both
+    grads = {k: p.grad for k, p in net.named_parameters()}
+    grads = {k: v for part in WORLD.allgather(grads) for k, v in part.items()}
+    seq = net.serial_equivalent()
+    ref = seq(x)
+    if net.is_last:
+        assert rel_err(out, ref.detach()) <= TOL
+    (2 * Fn.cross_entropy(ref, y)).backward()
+    for k, p in seq.named_parameters():
+        assert rel_err(grads[serial_key(k, 8)], p.grad) <= TOL
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "4", None])
+def test_bad_microbatches_raise_naming_the_argument(bad):
+    with pytest.raises(ValueError, match="microbatches"):
+        make_net("dense", comm=MPI.COMM_SELF, microbatches=bad)
+
+
+class Failing(torch.nn.Module):
+    """A residual step that raises, or returns NaN, on one layer."""
+
+    def __init__(self, n, bad, how):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3).double()
+        self.fail = n == bad
+        self.how = how
+
+    def forward(self, u):
+        if self.fail and u.shape[0] < 6:   # only on micro-batches, not the shape probe
+            if self.how == "raise":
+                raise RuntimeError("step failed")
+            return u * float("nan")
+        return torch.tanh(self.lin(u))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("how", ["raise", "nan"])
+def test_a_failing_layer_raises_on_every_rank(how):
+    bad = 5
+    body = LayerParallel(lambda n: Failing(n, bad, how), 8, 1.0, WORLD, microbatches=3)
+    u0 = torch.ones(6, 3, dtype=F64)
+    expected = (RuntimeError if how == "raise" else FloatingPointError)
+    with pytest.raises(expected) as info:
+        body(u0 if body.rank == 0 else None)
+    if how == "nan":
+        assert f"layer {bad}" in str(info.value)
+    elif bad not in body.layer_indices:
+        assert isinstance(info.value, PipelineFailure)
+    # the communicator is usable afterwards: no message is left pending
+    assert WORLD.allreduce(1) == WORLD.size
+
+
+@pytest.mark.mpi
+def test_serial_mode_with_microbatches_trains_like_one_rank():
+    """The command's serial mode with mgrit.microbatches = 3 (the pipeline
+    on 2 and 4 ranks) gives the metrics of plain serial training on one rank."""
+    def config(run_dir, microbatches):
+        return resolve(None, ['mgrit.mode="serial"', "model.nlayers=8", "model.width=4",
+                              "optim.epochs=2", "data.batch_size=250", 'data.dtype="float64"',
+                              "run.plot=false", f'run.dir="{run_dir}"',
+                              f"mgrit.microbatches={microbatches}", 'optim.name="sgd"',
+                              "optim.lr=0.05"])
+    shared = WORLD.bcast(tempfile.mkdtemp(prefix="lp-pipe-") if WORLD.rank == 0 else None)
+    own = tempfile.mkdtemp(prefix="lp-pipe-own-")
+    try:
+        piped = Trainer(config(shared, 3), WORLD)
+        assert piped.net.body.pipelined
+        piped.run()
+        plain = Trainer(config(own, 1), MPI.COMM_SELF)
+        plain.run()
+        rows = WORLD.bcast(piped.metrics.rows(), root=0)
+        for a, b in zip(rows, plain.metrics.rows(), strict=True):
+            for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
+                assert math.isclose(a[key], b[key], rel_tol=1e-10, abs_tol=1e-14), key
+    finally:
+        WORLD.Barrier()
+        shutil.rmtree(own, ignore_errors=True)
+        if WORLD.rank == 0:
+            shutil.rmtree(shared, ignore_errors=True)
