@@ -20,6 +20,7 @@ from mpi4py import MPI as _MPI  # noqa: F401  (loads the MPI library before the 
 from braid_ext._core import (
     AccessStatus,
     MGRITError,
+    MGRITTimeoutError,
     NonFiniteResidualError,
     Solver,
     StepStatus,
@@ -33,6 +34,7 @@ __all__ = [
     "StepStatus",
     "AccessStatus",
     "MGRITError",
+    "MGRITTimeoutError",
     "NonFiniteResidualError",
     "NumpyApp",
     "check_app",
