@@ -26,6 +26,7 @@ from braid_ext._core import (
     StepStatus,
     build_info,
     check_app,
+    check_options,
 )
 from braid_ext.numpy_app import NumpyApp
 
@@ -38,5 +39,6 @@ __all__ = [
     "NonFiniteResidualError",
     "NumpyApp",
     "check_app",
+    "check_options",
     "build_info",
 ]

@@ -172,4 +172,11 @@ def build_info() -> dict[str, str]:
     ...
 
 
+def check_options(nsteps: int, nranks: int, *, t_start: float = ..., t_stop: float = ...,
+                  **options: Any) -> None:
+    """Check Solver options without communication; ValueError names the
+    first bad one."""
+    ...
+
+
 def check_app(app: _App[Any], t: float = 0.0) -> None: ...

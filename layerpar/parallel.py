@@ -27,7 +27,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from braid_ext import MGRITError, Solver
+from braid_ext import MGRITError, Solver, check_options
 from layerpar import partition
 from layerpar._collective import agree, from_root
 from layerpar.apps import AdjointApp, ForwardApp
@@ -61,6 +61,22 @@ def _collect(comm, obj, root):
 def _check_comm(comm):
     if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
         raise TypeError(f"comm must be an mpi4py intracommunicator, not {comm!r}")
+
+
+# the Solver's option names -> this module's names, per solve
+_OPTION_NAMES = {"max_iter": ("fwd_iters", "bwd_iters"), "abs_tol": ("fwd_tol", "bwd_tol"),
+                 "rel_tol": ("fwd_rel_tol", "bwd_rel_tol")}
+
+
+def _option_message(message, prefix):
+    """A Solver's message about its option, in this module's names (the
+    backward solve's options start with bwd_)."""
+    name = message.split("=", 1)[0]
+    if name in _OPTION_NAMES:
+        return _OPTION_NAMES[name][1 if prefix else 0] + message[len(name):]
+    if prefix and name in ("max_levels", "cfactor", "relax", "cycle"):
+        return prefix + message
+    return message
 
 
 def _timeout(value):
@@ -134,14 +150,11 @@ class LayerParallel(nn.Module):
         if not (isinstance(T, (int, float)) and math.isfinite(T) and T > 0):
             raise ValueError(f"T={T!r}: the final time must be a finite number > 0")
         timeout = _timeout(timeout)
-        self.comm = comm.Dup()  # our own messages never meet the user's
-        self._comms = {}  # further duplicates by purpose (communicator())
-        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.nlayers, self.T, self.h = nlayers, float(T), float(T) / nlayers
-        self.step_factory = step_factory
-        self.seed = seed
-        self.retain_graphs = bool(retain_graphs)
-
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed={seed!r}: must be an integer")
+        for name, v in (("warm_start", warm_start), ("retain_graphs", retain_graphs)):
+            if not isinstance(v, (bool, int)) or v not in (0, 1):
+                raise ValueError(f"{name}={v!r}: must be True or False")
         fwd = dict(max_levels=max_levels, cfactor=cfactor, relax=relax, cycle=cycle,
                    min_coarse=min_coarse, skip=skip, max_iter=fwd_iters, abs_tol=fwd_tol,
                    rel_tol=fwd_rel_tol, warm_start=warm_start, timeout=timeout)
@@ -150,6 +163,20 @@ class LayerParallel(nn.Module):
                          ("relax", bwd_relax), ("cycle", bwd_cycle)):
             if val is not None:
                 bwd[key] = val
+        # every option is checked here, on every rank alike, before any message
+        for prefix, opts in (("", fwd), ("bwd_", bwd)):
+            try:
+                check_options(nlayers, comm.Get_size(), **opts)
+            except ValueError as e:
+                raise ValueError(_option_message(str(e), prefix)) from None
+        self.comm = comm.Dup()  # our own messages never meet the user's
+        self._comms = {}  # further duplicates by purpose (communicator())
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.nlayers, self.T, self.h = nlayers, float(T), float(T) / nlayers
+        self.step_factory = step_factory
+        self.seed = seed
+        self.retain_graphs = bool(retain_graphs)
+
         self.fwd_options, self.bwd_options = fwd, bwd
         # Build both solvers now: a bad option raises here, on every rank.
         self._fwd_app, self._bwd_app = ForwardApp(self), AdjointApp(self)
