@@ -69,8 +69,8 @@ static int serve(mg_Core core, int *silent) {
  * collective).  Ask every other rank whether it is alive (ping); ranks that
  * wait with a deadline too answer at once (pong).  The lowest rank that has
  * not answered within the grace period is the silent one (the peer when all
- * answered); every rank that answered is told (notice) so that it ends its
- * own wait now with the same verdict.  The communicator is left with
+ * answered); every other rank is told (notice) so that it ends its own wait
+ * with the same verdict.  The communicator is left with
  * requests that may never complete: the solver cannot be used again.
  */
 static int timed_out(mg_Core core, int peer) {
@@ -101,10 +101,20 @@ static int timed_out(mg_Core core, int peer) {
     for (int r = 0; r < P && silent < 0; r++)
       if (req[r] != MPI_REQUEST_NULL) silent = r;
     if (silent < 0) silent = peer;
-    /* the verdict to every rank that answered (one int: sent eagerly) */
-    for (int r = 0; r < P; r++)
-      if (r != core->rank && req[r] == MPI_REQUEST_NULL)
-        MPI_Send(&silent, 1, MPI_INT, r, TAG_NOTICE, core->comm);
+    /* The verdict to every other rank: those waiting end their wait now,
+     * those still working (or the silent one, should it wake) at their next
+     * wait.  The int is left allocated: a send to a rank that never
+     * receives it may stay pending. */
+    int *verdict = malloc(sizeof(int));
+    if (verdict) {
+      *verdict = silent;
+      for (int r = 0; r < P; r++) {
+        if (r == core->rank) continue;
+        MPI_Request n;
+        MPI_Isend(verdict, 1, MPI_INT, r, TAG_NOTICE, core->comm, &n);
+        MPI_Request_free(&n);
+      }
+    }
     for (int r = 0; r < P; r++) {
       if (req[r] != MPI_REQUEST_NULL) {
         MPI_Cancel(&req[r]);
