@@ -21,11 +21,13 @@ from braid_ext._core import (
     AccessStatus,
     Layout,
     MGRITError,
+    MGRITTimeoutError,
     NonFiniteResidualError,
     Solver,
     StepStatus,
     build_info,
     check_app,
+    check_options,
 )
 from braid_ext.numpy_app import NumpyApp
 
@@ -35,8 +37,10 @@ __all__ = [
     "StepStatus",
     "AccessStatus",
     "MGRITError",
+    "MGRITTimeoutError",
     "NonFiniteResidualError",
     "NumpyApp",
     "check_app",
+    "check_options",
     "build_info",
 ]

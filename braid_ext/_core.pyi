@@ -4,7 +4,7 @@ The names starting with an underscore exist only here, for type checkers:
 the application protocol and the dictionary returned by Solver.stats().
 """
 from types import TracebackType
-from typing import Any, Literal, Protocol, Sequence, TypedDict, TypeVar, Union
+from typing import Any, Literal, Optional, Protocol, Sequence, TypedDict, TypeVar, Union
 
 from mpi4py import MPI
 
@@ -48,6 +48,11 @@ class MGRITError(RuntimeError):
     rank: int
 
     def __init__(self, message: str, code: int = ..., rank: int = ...) -> None: ...
+
+
+class MGRITTimeoutError(MGRITError, TimeoutError):
+    """A rank did not answer within the solver's timeout; ``rank`` names it.
+    The solver cannot be used again."""
 
 
 class NonFiniteResidualError(MGRITError, FloatingPointError):
@@ -147,9 +152,12 @@ class Solver:
         step_cost: Union[float, Sequence[float]] = 1.0,
         latency: float = 0.0,
         final_sweep: bool = False,
+        timeout: Optional[float] = None,
     ) -> None: ...
 
     def close(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
     def __enter__(self) -> "Solver": ...
     def __exit__(
         self,
@@ -177,6 +185,13 @@ class Solver:
 
 def build_info() -> dict[str, str]:
     """{'compiler': the MPI compiler wrapper, 'mpi_version': 'major.minor'}"""
+    ...
+
+
+def check_options(nsteps: int, nranks: int, *, t_start: float = ..., t_stop: float = ...,
+                  **options: Any) -> None:
+    """Check Solver options without communication; ValueError names the
+    first bad one."""
     ...
 
 

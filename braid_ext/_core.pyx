@@ -16,6 +16,7 @@ from libc.math cimport isfinite
 
 from braid_ext.mgrit cimport *
 
+cimport cython
 import math
 from mpi4py import MPI
 
@@ -28,6 +29,12 @@ class MGRITError(RuntimeError):
         super().__init__(message)
         self.code = code
         self.rank = rank
+
+
+class MGRITTimeoutError(MGRITError, TimeoutError):
+    """A rank did not answer within the solver's ``timeout``: ``rank`` names
+    it.  The communicator may hold unfinished messages afterwards; the solver
+    cannot be used again, and the job should end (``comm.Abort``)."""
 
 
 class NonFiniteResidualError(MGRITError, FloatingPointError):
@@ -55,29 +62,52 @@ cdef int CHKERR(int code) except -1:
 # vectors: a box around one Python object
 #
 # For an app whose step never modifies its input (``pure_step = True``) a
-# clone is lazy: both boxes share the object and are marked shared, and the
-# copy is made only if a shared object is about to be modified in place (by
-# sum, or by a step that returned its input).  The core's clone-then-step
-# then costs no copy at all.
+# clone is lazy: the new box shares the object, and the copy is made only if
+# a shared object is about to be modified in place (by sum, or by a step that
+# returned its input).  The core's clone-then-step then costs no copy at all.
+# The boxes that share one object form a ring; a box is shared while its ring
+# holds another box, so the last holder of an object never copies it.
 
 ctypedef struct Box:
     PyObject *obj
-    int shared
+    Box *prev
+    Box *next
 
-cdef inline mg_Vector box_new(object o, int shared=0) except NULL:
+cdef inline mg_Vector box_new(object o) except NULL:
     cdef Box *b = <Box*>malloc(sizeof(Box))
     if b == NULL:
         raise MemoryError()
     Py_INCREF(o)
     b.obj = <PyObject*>o
-    b.shared = shared
+    b.prev = b
+    b.next = b
     return <mg_Vector>b
+
+cdef inline mg_Vector box_share(mg_Vector u) except NULL:
+    """A new box holding u's object, in u's ring."""
+    cdef Box *a = <Box*>u
+    cdef Box *b = <Box*>box_new(<object>a.obj)
+    b.prev = a
+    b.next = a.next
+    a.next.prev = b
+    a.next = b
+    return <mg_Vector>b
+
+cdef inline void box_unlink(Box *b) noexcept:
+    b.prev.next = b.next
+    b.next.prev = b.prev
+    b.prev = b
+    b.next = b
+
+cdef inline bint box_shared(mg_Vector u) noexcept:
+    return (<Box*>u).next != <Box*>u
 
 cdef inline void box_set(mg_Vector u, object o):
     cdef Box *b = <Box*>u
     Py_INCREF(o)
     Py_DECREF(<object>b.obj)
     b.obj = <PyObject*>o
+    box_unlink(b)
 
 cdef inline object box_get(mg_Vector u):
     return <object>(<Box*>u).obj
@@ -122,6 +152,9 @@ cdef class AccessStatus:
 
 _REQUIRED = ("step", "init", "clone", "sum", "norm", "bufsize", "pack", "unpack")
 
+# The core holds a borrowed pointer to the bridge and calls it until the core
+# is destroyed: the garbage collector must never clear it first.
+@cython.no_gc_clear
 cdef class _Bridge:
     cdef object app
     cdef object f_step, f_init, f_clone, f_free, f_sum, f_norm
@@ -180,25 +213,25 @@ cdef class _Bridge:
         return e
 
     cdef object own(self, mg_Vector u):
-        """The box's object, copied first if it is shared (about to be
-        modified in place)."""
+        """The box's object, copied first if another box shares it (it is
+        about to be modified in place)."""
         cdef Box *bx = <Box*>u
         cdef double t0
-        if bx.shared:
+        if box_shared(u):
             t0 = MPI_Wtime()
             try:
                 v = self.f_clone(<object>bx.obj)
             finally:
                 self.app_time += MPI_Wtime() - t0
             box_set(u, v)
-            bx.shared = 0
         return <object>bx.obj
 
 
-# The trampolines: each holds the GIL already (mg_Drive is called with it),
-# never lets an exception escape, and returns 0 or 1.
+# The trampolines: the core runs without the GIL (other Python threads go on
+# while a rank waits for messages); each trampoline takes the GIL, never lets
+# an exception escape, and returns 0 or 1.
 
-cdef int _step(mg_App app, mg_Vector u, const mg_StepStatus *st) noexcept:
+cdef int _step(mg_App app, mg_Vector u, const mg_StepStatus *st) noexcept with gil:
     cdef _Bridge b = <_Bridge><void*>app
     cdef StepStatus s = b.step_status
     cdef double t0
@@ -222,7 +255,6 @@ cdef int _step(mg_App app, mg_Vector u, const mg_StepStatus *st) noexcept:
             b.app_time += MPI_Wtime() - t0
         if v is not x:
             box_set(u, v)
-            (<Box*>u).shared = 0
         try:
             if st.rhs != NULL and not b.adds_rhs:
                 v = b.own(u)
@@ -237,7 +269,7 @@ cdef int _step(mg_App app, mg_Vector u, const mg_StepStatus *st) noexcept:
     except BaseException as e:
         return b.fail(e)
 
-cdef int _init(mg_App app, double t, int64_t index, mg_Vector *out) noexcept:
+cdef int _init(mg_App app, double t, int64_t index, mg_Vector *out) noexcept with gil:
     cdef _Bridge b = <_Bridge><void*>app
     cdef double t0 = MPI_Wtime()
     try:
@@ -252,13 +284,12 @@ cdef int _init(mg_App app, double t, int64_t index, mg_Vector *out) noexcept:
     except BaseException as e:
         return b.fail(e)
 
-cdef int _clone(mg_App app, mg_Vector u, mg_Vector *out) noexcept:
+cdef int _clone(mg_App app, mg_Vector u, mg_Vector *out) noexcept with gil:
     cdef _Bridge b = <_Bridge><void*>app
     cdef double t0 = MPI_Wtime()
     try:
         if b.pure_step:
-            (<Box*>u).shared = 1
-            out[0] = box_new(box_get(u), 1)
+            out[0] = box_share(u)
             return 0
         try:
             v = b.f_clone(box_get(u))
@@ -269,7 +300,7 @@ cdef int _clone(mg_App app, mg_Vector u, mg_Vector *out) noexcept:
     except BaseException as e:
         return b.fail(e)
 
-cdef int _free(mg_App app, mg_Vector u) noexcept:
+cdef int _free(mg_App app, mg_Vector u) noexcept with gil:
     cdef _Bridge b = <_Bridge><void*>app
     cdef Box *bx = <Box*>u
     cdef double t0
@@ -284,10 +315,11 @@ cdef int _free(mg_App app, mg_Vector u) noexcept:
     except BaseException as e:
         return b.fail(e)
     finally:
+        box_unlink(bx)
         Py_DECREF(<object>bx.obj)
         free(bx)
 
-cdef int _sum(mg_App app, double a, mg_Vector x, double c, mg_Vector y) noexcept:
+cdef int _sum(mg_App app, double a, mg_Vector x, double c, mg_Vector y) noexcept with gil:
     cdef _Bridge b = <_Bridge><void*>app
     cdef double t0
     try:
@@ -305,7 +337,7 @@ cdef int _sum(mg_App app, double a, mg_Vector x, double c, mg_Vector y) noexcept
     except BaseException as e:
         return b.fail(e)
 
-cdef int _norm(mg_App app, mg_Vector u, double *out) noexcept:
+cdef int _norm(mg_App app, mg_Vector u, double *out) noexcept with gil:
     cdef _Bridge b = <_Bridge><void*>app
     cdef double t0 = MPI_Wtime()
     try:
@@ -317,7 +349,7 @@ cdef int _norm(mg_App app, mg_Vector u, double *out) noexcept:
     except BaseException as e:
         return b.fail(e)
 
-cdef int _bufsize(mg_App app, size_t *out) noexcept:
+cdef int _bufsize(mg_App app, size_t *out) noexcept with gil:
     cdef _Bridge b = <_Bridge><void*>app
     try:
         n = int(b.f_bufsize())
@@ -328,7 +360,7 @@ cdef int _bufsize(mg_App app, size_t *out) noexcept:
     except BaseException as e:
         return b.fail(e)
 
-cdef int _bufpack(mg_App app, mg_Vector u, void *buf, size_t size) noexcept:
+cdef int _bufpack(mg_App app, mg_Vector u, void *buf, size_t size) noexcept with gil:
     cdef _Bridge b = <_Bridge><void*>app
     cdef double t0 = MPI_Wtime()
     try:
@@ -342,7 +374,7 @@ cdef int _bufpack(mg_App app, mg_Vector u, void *buf, size_t size) noexcept:
     except BaseException as e:
         return b.fail(e)
 
-cdef int _bufunpack(mg_App app, const void *buf, size_t size, mg_Vector *out) noexcept:
+cdef int _bufunpack(mg_App app, const void *buf, size_t size, mg_Vector *out) noexcept with gil:
     cdef _Bridge b = <_Bridge><void*>app
     cdef double t0 = MPI_Wtime()
     try:
@@ -357,7 +389,7 @@ cdef int _bufunpack(mg_App app, const void *buf, size_t size, mg_Vector *out) no
     except BaseException as e:
         return b.fail(e)
 
-cdef int _access(mg_App app, mg_Vector u, const mg_AccessStatus *st) noexcept:
+cdef int _access(mg_App app, mg_Vector u, const mg_AccessStatus *st) noexcept with gil:
     cdef _Bridge b = <_Bridge><void*>app
     cdef AccessStatus s = b.access_status
     cdef double t0 = MPI_Wtime()
@@ -470,6 +502,66 @@ cdef class Layout:
         return f"Layout(nlayers={self.nlayers}, size={self.size})"
 
 
+_DEFAULTS = dict(max_levels=2, cfactor=2, min_coarse=2, relax="FCF", cycle="V", skip=False,
+                 abs_tol=1e-10, rel_tol=0.0, max_iter=100, tnorm="l2", store="all",
+                 reverse=False, warm_start=True, step_cost=1.0, latency=0.0,
+                 final_sweep=False, timeout=None)
+
+
+def _check_options(nsteps, nranks, t_start, t_stop, max_levels, cfactor, min_coarse, relax,
+                   cycle, skip, abs_tol, rel_tol, max_iter, tnorm, store, reverse, warm_start,
+                   step_cost, latency, final_sweep, timeout):
+    """Every check of the Solver's arguments, local (no communication);
+    returns the per-level cfactors, relaxation sweeps and step costs."""
+    _need(isinstance(t_start, (int, float)) and isinstance(t_stop, (int, float)),
+          f"t_start={t_start!r}, t_stop={t_stop!r}: must be numbers")
+    _need(_is_int(nsteps) and nsteps >= 1, f"nsteps={nsteps!r}: must be an integer >= 1")
+    _need(nranks <= nsteps,
+          f"nsteps={nsteps} is smaller than the number of ranks ({nranks}): "
+          "each rank must own at least one step; use fewer ranks or more steps")
+    _need(isfinite(t_start) and isfinite(t_stop) and t_start != t_stop,
+          f"t_start={t_start}, t_stop={t_stop}: must be finite and different")
+    _need(_is_int(max_levels) and 1 <= max_levels <= MG_MAX_LEVELS,
+          f"max_levels={max_levels!r}: must be an integer in [1, {MG_MAX_LEVELS}]")
+    cfactors = _per_level(cfactor, "cfactor", lambda v: _need(
+        _is_int(v) and v >= 2, f"cfactor={v!r}: the coarsening factor must be an integer >= 2"))
+    _need(_is_int(min_coarse) and min_coarse >= 1,
+          f"min_coarse={min_coarse!r}: must be an integer >= 1")
+    nrelax = [_relax_sweeps(r) for r in _per_level(relax, "relax", lambda v: None)]
+    _need(cycle in ("V", "F"), f"cycle={cycle!r}: must be 'V' or 'F'")
+    for name, v in (("abs_tol", abs_tol), ("rel_tol", rel_tol), ("latency", latency)):
+        _need(isinstance(v, (int, float)) and not isinstance(v, bool) and
+              math.isfinite(v) and v >= 0, f"{name}={v!r}: must be a finite number >= 0")
+    _need(_is_int(max_iter) and max_iter >= 1, f"max_iter={max_iter!r}: must be an integer >= 1")
+    _need(tnorm in ("l2", "inf"), f"tnorm={tnorm!r}: must be 'l2' or 'inf'")
+    _need(store in ("all", "C"), f"store={store!r}: must be 'all' or 'C'")
+    costs = _per_level(step_cost, "step_cost", lambda v: _need(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
+        f"step_cost={v!r}: must be a finite number >= 0"))
+    for name, v in (("skip", skip), ("reverse", reverse), ("warm_start", warm_start),
+                    ("final_sweep", final_sweep)):
+        _need(isinstance(v, (bool, int)) and v in (0, 1), f"{name}={v!r}: must be True or False")
+    _need(timeout is None or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                              and math.isfinite(timeout) and timeout >= 0),
+          f"timeout={timeout!r}: must be None or a finite number of seconds >= 0")
+    return cfactors, nrelax, costs
+
+
+def check_options(nsteps, nranks, *, t_start=0.0, t_stop=1.0, **options):
+    """Check Solver options for ``nsteps`` steps on ``nranks`` ranks without
+    making a solver and without any communication: raises ValueError naming
+    the first bad option (TypeError for an unknown one), as Solver would."""
+    unknown = sorted(set(options) - set(_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown Solver option(s) {', '.join(unknown)}; the options are "
+                        f"{', '.join(_DEFAULTS)}")
+    _need(_is_int(nranks) and nranks >= 1, f"nranks={nranks!r}: must be an integer >= 1")
+    _check_options(nsteps, nranks, t_start, t_stop, **dict(_DEFAULTS, **options))
+
+
+# __dealloc__ frees the app's vectors through the bridge: the garbage
+# collector must not clear the bridge before.
+@cython.no_gc_clear
 cdef class Solver:
     """MGRIT solver of  u_0 = app.init(t_start, 0),  u_i = app.step(u_{i-1})
     on ``nsteps`` uniform steps from ``t_start`` to ``t_stop``, with the time
@@ -495,8 +587,17 @@ cdef class Solver:
       final_sweep  after the last iteration take every fine step once more at
                    the final state, with status.final set (a one-level solve
                    always has status.final set)
+      timeout      seconds any wait for other ranks may last (None or 0: no
+                   limit); a rank that stops answering then makes the others
+                   raise MGRITTimeoutError naming it.  The same on every rank.
+
+    The solve runs without the GIL (it is taken for each call of the app), so
+    other Python threads go on while this rank waits for messages.  Call
+    ``close()`` (collective) or use ``with``: the solver holds a duplicate of
+    ``comm``.
     """
     cdef mg_Core core
+    cdef bint busy
     cdef _Bridge bridge
     cdef readonly object comm
     cdef readonly int64_t nsteps
@@ -510,34 +611,12 @@ cdef class Solver:
                  max_levels=2, cfactor=2, min_coarse=2, relax="FCF", cycle="V",
                  skip=False, abs_tol=1e-10, rel_tol=0.0, max_iter=100,
                  tnorm="l2", store="all", reverse=False, warm_start=True,
-                 step_cost=1.0, latency=0.0, final_sweep=False):
+                 step_cost=1.0, latency=0.0, final_sweep=False, timeout=None):
         addr = _comm_handle(comm)
-        _need(_is_int(nsteps) and nsteps >= 1, f"nsteps={nsteps!r}: must be an integer >= 1")
-        _need(comm.Get_size() <= nsteps,
-              f"nsteps={nsteps} is smaller than the number of ranks ({comm.Get_size()}): "
-              "each rank must own at least one step; use fewer ranks or more steps")
-        _need(isfinite(t_start) and isfinite(t_stop) and t_start != t_stop,
-              f"t_start={t_start}, t_stop={t_stop}: must be finite and different")
-        _need(_is_int(max_levels) and 1 <= max_levels <= MG_MAX_LEVELS,
-              f"max_levels={max_levels!r}: must be an integer in [1, {MG_MAX_LEVELS}]")
-        cfactors = _per_level(cfactor, "cfactor", lambda v: _need(
-            _is_int(v) and v >= 2, f"cfactor={v!r}: the coarsening factor must be an integer >= 2"))
-        _need(_is_int(min_coarse) and min_coarse >= 1,
-              f"min_coarse={min_coarse!r}: must be an integer >= 1")
-        nrelax = [_relax_sweeps(r) for r in _per_level(relax, "relax", lambda v: None)]
-        _need(cycle in ("V", "F"), f"cycle={cycle!r}: must be 'V' or 'F'")
-        for name, v in (("abs_tol", abs_tol), ("rel_tol", rel_tol), ("latency", latency)):
-            _need(isinstance(v, (int, float)) and not isinstance(v, bool) and
-                  math.isfinite(v) and v >= 0, f"{name}={v!r}: must be a finite number >= 0")
-        _need(_is_int(max_iter) and max_iter >= 1, f"max_iter={max_iter!r}: must be an integer >= 1")
-        _need(tnorm in ("l2", "inf"), f"tnorm={tnorm!r}: must be 'l2' or 'inf'")
-        _need(store in ("all", "C"), f"store={store!r}: must be 'all' or 'C'")
-        costs = _per_level(step_cost, "step_cost", lambda v: _need(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
-            f"step_cost={v!r}: must be a finite number >= 0"))
-        for name, v in (("skip", skip), ("reverse", reverse), ("warm_start", warm_start),
-                        ("final_sweep", final_sweep)):
-            _need(isinstance(v, (bool, int)) and v in (0, 1), f"{name}={v!r}: must be True or False")
+        cfactors, nrelax, costs = _check_options(
+            nsteps, comm.Get_size(), t_start, t_stop, max_levels, cfactor, min_coarse, relax,
+            cycle, skip, abs_tol, rel_tol, max_iter, tnorm, store, reverse, warm_start,
+            step_cost, latency, final_sweep, timeout)
 
         self.bridge = _Bridge(app)
         self.comm = comm
@@ -549,7 +628,7 @@ cdef class Solver:
                             rel_tol=rel_tol, max_iter=max_iter, tnorm=tnorm, store=store,
                             reverse=bool(reverse), warm_start=bool(warm_start),
                             step_cost=step_cost, latency=latency,
-                            final_sweep=bool(final_sweep))
+                            final_sweep=bool(final_sweep), timeout=timeout)
 
         cdef MPI_Comm c = (<MPI_Comm*><uintptr_t>addr)[0]
         cdef int rc = mg_Init(c, t_start, t_stop, nsteps, <mg_App><void*>self.bridge,
@@ -574,6 +653,7 @@ cdef class Solver:
         CHKERR(mg_SetWarmStart(self.core, int(warm_start)))
         CHKERR(mg_SetLatency(self.core, latency))
         CHKERR(mg_SetFinalSweep(self.core, int(final_sweep)))
+        CHKERR(mg_SetTimeout(self.core, float(timeout or 0.0)))
 
     cdef _per_level_set(self, list values, int which):
         # a single value is for all levels; a list sets levels 0..k-1 and its
@@ -589,18 +669,32 @@ cdef class Solver:
                 CHKERR(mg_SetStepCost(self.core, level, v))
 
     def __dealloc__(self):
-        if self.core != NULL:
+        # After MPI_Finalize nothing may call MPI any more: the process ends.
+        cdef int finalized = 0
+        MPI_Finalized(&finalized)
+        if self.core != NULL and not finalized:
             mg_Destroy(&self.core)
 
     cdef inline void _alive(self) except *:
         if self.core == NULL:
             raise MGRITError("the solver is closed")
+        if self.busy:
+            raise MGRITError("the solver is in a solve (called from another thread or "
+                             "from one of its own callbacks)")
 
     def close(self):
-        """Free the core and every vector it holds.  Collective."""
+        """Free the core, every vector it holds and its duplicate of the
+        communicator.  Collective.  A closed solver raises on use; closing
+        twice does nothing."""
+        if self.busy:
+            raise MGRITError("close() during a solve")
         if self.core != NULL:
             mg_Destroy(&self.core)
             self.bridge.take_error()
+
+    @property
+    def closed(self):
+        return self.core == NULL
 
     def __enter__(self):
         return self
@@ -614,14 +708,27 @@ cdef class Solver:
         rank raise: the original exception here, MGRITError elsewhere."""
         self._alive()
         self.bridge.app_time = 0.0
-        cdef int rc = mg_Drive(self.core)
-        cdef int fail_rank = -1
+        cdef int rc
+        cdef int fail_rank = -1, fail_code = 0
         cdef int64_t index = -1
+        self.busy = True
+        try:
+            with nogil:
+                rc = mg_Drive(self.core)
+        finally:
+            self.busy = False
         if rc == MG_OK:
             return self.residual_norms
         mg_GetFailure(self.core, &fail_rank, &index)
+        mg_GetFailureCode(self.core, &fail_code)
         err = self.bridge.take_error()
-        if rc == MG_ERR_REMOTE or rc == MG_ERR_CALLBACK:
+        if rc == MG_ERR_TIMEOUT:
+            limit = self.options["timeout"]
+            raise MGRITTimeoutError(
+                f"MGRIT solve abandoned on rank {self.comm.Get_rank()}: rank {fail_rank} did "
+                f"not answer within the timeout of {limit:g} s (it may hang or have died)",
+                rc, fail_rank)
+        if (rc == MG_ERR_REMOTE and fail_code == MG_ERR_CALLBACK) or rc == MG_ERR_CALLBACK:
             # every rank is here and knows fail_rank: tell them what happened
             what = None
             if self.comm.Get_rank() == fail_rank:
@@ -631,6 +738,18 @@ cdef class Solver:
                 raise err
             raise MGRITError(f"MGRIT solve abandoned: a callback raised on rank {fail_rank}: "
                              f"{what}", rc, fail_rank)
+        if rc == MG_ERR_REMOTE:
+            # an MPI call or an allocation failed there (no message is sent:
+            # the communication itself may be what failed)
+            what = mg_ErrorString(fail_code).decode() if fail_code else "unknown error"
+            raise MGRITError(f"MGRIT solve abandoned: {what} on rank {fail_rank}",
+                             rc, fail_rank)
+        if rc == MG_ERR_MPI or rc == MG_ERR_MEMORY:
+            msg = (f"MGRIT solve abandoned on every rank: {mg_ErrorString(rc).decode()} on "
+                   f"rank {self.comm.Get_rank()}")
+            if rc == MG_ERR_MEMORY:
+                raise MemoryError(msg)
+            raise MGRITError(msg, rc, self.comm.Get_rank())
         if rc == MG_ERR_NONFINITE:
             raise NonFiniteResidualError(
                 f"MGRIT: NaN or Inf in the states or residual, first at fine index {index}",
@@ -754,7 +873,9 @@ def check_app(app, double t=0.0):
     which property does not hold."""
     cdef _Bridge b = _Bridge(app)
     cdef char msg[512]
-    cdef int rc = mg_CheckApp(<mg_App><void*>b, &b.ops, t, msg, sizeof(msg))
+    cdef int rc
+    with nogil:
+        rc = mg_CheckApp(<mg_App><void*>b, &b.ops, t, msg, sizeof(msg))
     err = b.take_error()
     if err is not None:
         raise err

@@ -5,6 +5,7 @@ cdef extern from "mpi.h" nogil:
     ctypedef struct MPI_Comm:
         pass
     double MPI_Wtime()
+    int MPI_Finalized(int *flag)
 
 cdef extern from "mgrit.h":
     enum:
@@ -16,6 +17,7 @@ cdef extern from "mgrit.h":
         MG_ERR_REMOTE
         MG_ERR_NONFINITE
         MG_ERR_STATE
+        MG_ERR_TIMEOUT
         MG_CYCLE_V
         MG_CYCLE_F
         MG_TNORM_L2
@@ -45,16 +47,16 @@ cdef extern from "mgrit.h":
         int iter
         int done
 
-    ctypedef int (*mg_StepFn)(mg_App, mg_Vector, const mg_StepStatus*) noexcept
-    ctypedef int (*mg_InitFn)(mg_App, double, int64_t, mg_Vector*) noexcept
-    ctypedef int (*mg_CloneFn)(mg_App, mg_Vector, mg_Vector*) noexcept
-    ctypedef int (*mg_FreeFn)(mg_App, mg_Vector) noexcept
-    ctypedef int (*mg_SumFn)(mg_App, double, mg_Vector, double, mg_Vector) noexcept
-    ctypedef int (*mg_NormFn)(mg_App, mg_Vector, double*) noexcept
-    ctypedef int (*mg_BufSizeFn)(mg_App, size_t*) noexcept
-    ctypedef int (*mg_BufPackFn)(mg_App, mg_Vector, void*, size_t) noexcept
-    ctypedef int (*mg_BufUnpackFn)(mg_App, const void*, size_t, mg_Vector*) noexcept
-    ctypedef int (*mg_AccessFn)(mg_App, mg_Vector, const mg_AccessStatus*) noexcept
+    ctypedef int (*mg_StepFn)(mg_App, mg_Vector, const mg_StepStatus*) noexcept nogil
+    ctypedef int (*mg_InitFn)(mg_App, double, int64_t, mg_Vector*) noexcept nogil
+    ctypedef int (*mg_CloneFn)(mg_App, mg_Vector, mg_Vector*) noexcept nogil
+    ctypedef int (*mg_FreeFn)(mg_App, mg_Vector) noexcept nogil
+    ctypedef int (*mg_SumFn)(mg_App, double, mg_Vector, double, mg_Vector) noexcept nogil
+    ctypedef int (*mg_NormFn)(mg_App, mg_Vector, double*) noexcept nogil
+    ctypedef int (*mg_BufSizeFn)(mg_App, size_t*) noexcept nogil
+    ctypedef int (*mg_BufPackFn)(mg_App, mg_Vector, void*, size_t) noexcept nogil
+    ctypedef int (*mg_BufUnpackFn)(mg_App, const void*, size_t, mg_Vector*) noexcept nogil
+    ctypedef int (*mg_AccessFn)(mg_App, mg_Vector, const mg_AccessStatus*) noexcept nogil
 
     ctypedef struct mg_Ops:
         mg_StepFn step
@@ -81,8 +83,8 @@ cdef extern from "mgrit.h":
 
     int mg_Init(MPI_Comm comm, double t_start, double t_stop, int64_t nsteps,
                 mg_App app, const mg_Ops *ops, mg_Core *core_out)
-    int mg_Drive(mg_Core core)
-    int mg_Destroy(mg_Core *core)
+    int mg_Drive(mg_Core core) nogil
+    int mg_Destroy(mg_Core *core) nogil
 
     int mg_SetMaxLevels(mg_Core core, int max_levels)
     int mg_SetMinCoarse(mg_Core core, int64_t min_coarse)
@@ -100,6 +102,7 @@ cdef extern from "mgrit.h":
     int mg_SetStepCost(mg_Core core, int level, double cost)
     int mg_SetLatency(mg_Core core, double latency)
     int mg_SetFinalSweep(mg_Core core, int final_sweep)
+    int mg_SetTimeout(mg_Core core, double seconds)
 
     int mg_GetNumIter(mg_Core core, int *iter_out)
     int mg_GetNumLevels(mg_Core core, int *nlevels_out)
@@ -110,9 +113,10 @@ cdef extern from "mgrit.h":
     int mg_IsStored(mg_Core core, int64_t index, int *stored_out)
     int mg_GetStats(mg_Core core, int reduce, mg_Stats *stats_out)
     int mg_GetFailure(mg_Core core, int *rank_out, int64_t *index_out)
+    int mg_GetFailureCode(mg_Core core, int *code_out)
     int mg_GetRank(mg_Core core, int *rank_out)
 
     const char *mg_ErrorString(int code)
     int mg_BlockRange(int64_t N, int P, int q, int64_t *lo, int64_t *hi)
     int mg_LayerOwner(int64_t N, int P, int64_t n, int *owner)
-    int mg_CheckApp(mg_App app, const mg_Ops *ops, double t, char *msg, size_t msglen)
+    int mg_CheckApp(mg_App app, const mg_Ops *ops, double t, char *msg, size_t msglen) nogil

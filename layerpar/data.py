@@ -55,6 +55,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from layerpar._collective import collective
+
 __all__ = [
     "KNOWN_DATASETS", "DatasetError", "Dataset", "Split", "BatchLoader",
     "load_dataset", "peaks_function", "read_idx", "read_cifar_batch",
@@ -232,21 +234,11 @@ def load_dataset(name: str, *, root=None, seed: int = 0,
     if comm is None:
         return _load_local(name, root, seed, val_fraction, dtype, normalize,
                            need_inputs, need_labels, num_samples)
-    result, error = None, None
-    try:
+    result = None
+    # all ranks leave together instead of some waiting in the training loop
+    with collective(comm, f"loading data set {name!r}", error_type=DatasetError):
         result = _load_local(name, root, seed, val_fraction, dtype, normalize,
                              need_inputs, need_labels, num_samples)
-    except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
-        error = exc
-    # Every rank sends its error message (or None) to every rank, so that all
-    # ranks leave together instead of some waiting in the training loop.
-    messages = comm.allgather(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
-    if failed:
-        r, m = failed[0]
-        raise DatasetError(f"loading data set {name!r} failed on rank {r}: {m}")
     return result
 
 

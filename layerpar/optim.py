@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from layerpar._collective import agree, collective
+
 __all__ = ["LBFGS", "LineSearchError", "regularize", "schedule", "scheduler", "SCHEDULES"]
 
 _ON_FAILURE = ("reset", "raise")
@@ -62,13 +64,6 @@ def _allsum(comm, values):
     for r in range(1, parts.shape[0]):
         total += parts[r]
     return total
-
-
-def _agree(comm, message, error=ValueError):
-    """Collective: raise ``error`` on every rank if any rank has a message."""
-    messages = [m for m in comm.allgather(message) if m]
-    if messages:
-        raise error(messages[0])
 
 
 def _flat(tensors, dtype, device):
@@ -206,7 +201,9 @@ class LBFGS(torch.optim.Optimizer):
     def _evaluate(self, closure):
         """Collective: (f, flat local gradient, ||g||^2 over all ranks) at the
         current parameters."""
-        with torch.enable_grad():
+        # a closure that fails after its collective work on some ranks only
+        # (e.g. in the loss) raises on every rank
+        with collective(self.comm, "the closure"), torch.enable_grad():
             value = closure()
         try:
             f = float(value.detach() if isinstance(value, torch.Tensor) else value)
@@ -256,7 +253,7 @@ class LBFGS(torch.optim.Optimizer):
             msg = f"the parameters of one rank have different numbers of history pairs {ks}"
         mine = ks.pop() if (ks and msg is None) else None
         parts = self.comm.allgather((mine, msg))
-        _agree(self.comm, next((m for _, m in parts if m), None))
+        agree(self.comm, next((m for _, m in parts if m), None))
         known = {k for k, _ in parts if k is not None}
         if len(known) > 1:
             raise ValueError(f"the ranks hold different numbers of history pairs "
@@ -483,7 +480,9 @@ _PENALTY_COMMS = weakref.WeakKeyDictionary()
 def _penalty_comm(body):
     """A duplicate of the body's communicator for the penalty messages, made
     once per network (collective at the first call), so that they never meet
-    the MGRIT solver's."""
+    the MGRIT solver's; a LayerParallel frees it in its close()."""
+    if hasattr(body, "communicator"):
+        return body.communicator("penalty")
     comm = _PENALTY_COMMS.get(body)
     if comm is None:
         comm = _PENALTY_COMMS[body] = body.comm.Dup()
@@ -600,7 +599,7 @@ def _smoothness(body, comm, gamma, h, add):
     for n in range(max(first - 1, 0), min(last + 1, N - 1)):
         if n in theta and n + 1 in theta:
             msg = msg or _structure_error(theta[n], theta[n + 1], n, n + 1)
-    _agree(comm, msg)
+    agree(comm, msg)
 
     local = 0.0
     for n in body.layer_indices:

@@ -15,15 +15,21 @@ loop runs on every rank:
         loss.backward()
         opt.step()
         value = net.reduce(loss)        # the loss value on every rank
+    net.close()                         # collective: frees the communicators
+
+A network holds MPI communicators: close it (or use it in a ``with``
+block) on every rank when done; garbage collection never frees them.
 """
 import math
+import os
 
 import torch
 from mpi4py import MPI
 from torch import nn
 
-from braid_ext import MGRITError, Solver
+from braid_ext import MGRITError, Solver, check_options
 from layerpar import partition
+from layerpar._collective import agree, from_root
 from layerpar.apps import AdjointApp, ForwardApp
 from layerpar.pipeline import Pipeline, PipelineFunction
 from layerpar.steps import ResidualLayer
@@ -58,11 +64,39 @@ def _check_comm(comm):
         raise TypeError(f"comm must be an mpi4py intracommunicator, not {comm!r}")
 
 
-def _agree(comm, message):
-    """Collective: raise ValueError on every rank if any rank has a message."""
-    messages = [m for m in comm.allgather(message) if m]
-    if messages:
-        raise ValueError(messages[0])
+# the Solver's option names -> this module's names, per solve
+_OPTION_NAMES = {"max_iter": ("fwd_iters", "bwd_iters"), "abs_tol": ("fwd_tol", "bwd_tol"),
+                 "rel_tol": ("fwd_rel_tol", "bwd_rel_tol")}
+
+
+def _option_message(message, prefix):
+    """A Solver's message about its option, in this module's names (the
+    backward solve's options start with bwd_)."""
+    name = message.split("=", 1)[0]
+    if name in _OPTION_NAMES:
+        return _OPTION_NAMES[name][1 if prefix else 0] + message[len(name):]
+    if prefix and name in ("max_levels", "cfactor", "relax", "cycle"):
+        return prefix + message
+    return message
+
+
+def _timeout(value):
+    """The solver timeout: the argument, else $LAYERPAR_TIMEOUT, else none."""
+    source = "timeout"
+    if value is None:
+        env = os.environ.get("LAYERPAR_TIMEOUT", "").strip()
+        if not env:
+            return None
+        source = "LAYERPAR_TIMEOUT"
+        try:
+            value = float(env)
+        except ValueError:
+            raise ValueError(f"{source}={env!r}: must be a number of seconds") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or value < 0:
+        raise ValueError(f"{source}={value!r}: must be a finite number of seconds >= 0 "
+                         "(0: no limit)")
+    return float(value) or None
 
 
 class LayerParallel(nn.Module):
@@ -91,10 +125,18 @@ class LayerParallel(nn.Module):
                    (torch.tensor_split sizes; fewer when the batch is
                    smaller) that flow rank to rank, forward and backward
                    (GPipe schedule, layerpar.pipeline)
+      timeout      seconds any wait of a solve for other ranks may last
+                   (default: $LAYERPAR_TIMEOUT, else no limit); a rank that
+                   stops answering then makes the others raise
+                   ``braid_ext.MGRITTimeoutError`` naming it, after which
+                   the job should end (``comm.Abort``)
 
     forward(u0): u0 is the input state on rank 0 (other ranks may pass None).
     Returns u_N on the last rank and a zero-size placeholder elsewhere; call
     backward on every rank (``Network`` does this for you).
+
+    ``close()`` (collective) frees the solvers and the communicators the
+    module duplicated; ``with LayerParallel(...) as body:`` closes at the end.
     """
 
     def __init__(self, step_factory, nlayers, T, comm, *, max_levels=1, cfactor=4,
@@ -102,7 +144,7 @@ class LayerParallel(nn.Module):
                  bwd_iters=1, fwd_tol=0.0, bwd_tol=0.0, fwd_rel_tol=0.0,
                  bwd_rel_tol=0.0, bwd_max_levels=None, bwd_cfactor=None,
                  bwd_relax=None, bwd_cycle=None, warm_start=False, retain_graphs=False,
-                 seed=0, microbatches=1):
+                 seed=0, microbatches=1, timeout=None):
         super().__init__()
         _check_comm(comm)
         if not callable(step_factory):
@@ -119,26 +161,44 @@ class LayerParallel(nn.Module):
             raise ValueError(f"microbatches={microbatches!r}: the number of micro-batches "
                              "must be an integer >= 1")
         self.microbatches = microbatches
+        timeout = _timeout(timeout)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed={seed!r}: must be an integer")
+        for name, v in (("warm_start", warm_start), ("retain_graphs", retain_graphs)):
+            if not isinstance(v, (bool, int)) or v not in (0, 1):
+                raise ValueError(f"{name}={v!r}: must be True or False")
+        fwd = dict(max_levels=max_levels, cfactor=cfactor, relax=relax, cycle=cycle,
+                   min_coarse=min_coarse, skip=skip, max_iter=fwd_iters, abs_tol=fwd_tol,
+                   rel_tol=fwd_rel_tol, warm_start=warm_start, timeout=timeout)
+        bwd = dict(fwd, max_iter=bwd_iters, abs_tol=bwd_tol, rel_tol=bwd_rel_tol)
+        for key, val in (("max_levels", bwd_max_levels), ("cfactor", bwd_cfactor),
+                         ("relax", bwd_relax), ("cycle", bwd_cycle)):
+            if val is not None:
+                bwd[key] = val
+        # every option is checked here, on every rank alike, before any message
+        for prefix, opts in (("", fwd), ("bwd_", bwd)):
+            try:
+                check_options(nlayers, comm.Get_size(), **opts)
+            except ValueError as e:
+                raise ValueError(_option_message(str(e), prefix)) from None
         self.comm = comm.Dup()  # our own messages never meet the user's
+        self._comms = {}  # further duplicates by purpose (communicator())
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.nlayers, self.T, self.h = nlayers, float(T), float(T) / nlayers
         self.step_factory = step_factory
         self.seed = seed
         self.retain_graphs = bool(retain_graphs)
 
-        fwd = dict(max_levels=max_levels, cfactor=cfactor, relax=relax, cycle=cycle,
-                   min_coarse=min_coarse, skip=skip, max_iter=fwd_iters, abs_tol=fwd_tol,
-                   rel_tol=fwd_rel_tol, warm_start=warm_start)
-        bwd = dict(fwd, max_iter=bwd_iters, abs_tol=bwd_tol, rel_tol=bwd_rel_tol)
-        for key, val in (("max_levels", bwd_max_levels), ("cfactor", bwd_cfactor),
-                         ("relax", bwd_relax), ("cycle", bwd_cycle)):
-            if val is not None:
-                bwd[key] = val
         self.fwd_options, self.bwd_options = fwd, bwd
         # Build both solvers now: a bad option raises here, on every rank.
         self._fwd_app, self._bwd_app = ForwardApp(self), AdjointApp(self)
-        self._fwd_solver = self._new_solver(self._fwd_app, fwd, reverse=False)
-        self._bwd_solver = self._new_solver(self._bwd_app, bwd, reverse=True)
+        self._fwd_solver = self._bwd_solver = None
+        try:
+            self._fwd_solver = self._new_solver(self._fwd_app, fwd, reverse=False)
+            self._bwd_solver = self._new_solver(self._bwd_app, bwd, reverse=True)
+        except BaseException:
+            self.close()  # every rank raises here alike (options are checked everywhere)
+            raise
         self.layout = self._fwd_solver.layout()  # which rank holds which layer
         self.layer_indices = self.layout.layers(self.rank)
         self.layers = nn.ModuleDict()
@@ -155,6 +215,46 @@ class LayerParallel(nn.Module):
         self.last_forward = {"iterations": 0, "residual_norms": [], "steps": [],
                              "virtual_time": 0.0}
         self.last_backward = dict(self.last_forward)
+
+    # ---- lifetime -----------------------------------------------------------
+    def close(self):
+        """Collective: free the solvers (and every state they hold) and the
+        duplicated communicators.  Using the module afterwards raises;
+        closing twice does nothing."""
+        if self.comm is None:
+            return
+        for solver in (self._fwd_solver, self._bwd_solver):
+            if solver is not None:
+                solver.close()
+        for comm in self._comms.values():
+            comm.Free()
+        self._comms = {}
+        self.comm.Free()
+        self.comm = None
+
+    @property
+    def closed(self):
+        return self.comm is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check_open(self):
+        if self.comm is None:
+            raise RuntimeError("this LayerParallel is closed")
+
+    def communicator(self, purpose):
+        """A duplicate of the module's communicator for ``purpose`` (a name),
+        made at the first call (collective then) and freed by ``close()``, so
+        that other messages about this network never meet the solvers'."""
+        self._check_open()
+        comm = self._comms.get(purpose)
+        if comm is None:
+            comm = self._comms[purpose] = self.comm.Dup()
+        return comm
 
     # ---- construction helpers ------------------------------------------
     def _make_layer(self, n):
@@ -265,18 +365,21 @@ class LayerParallel(nn.Module):
             msg = str(e)
         except Exception as e:  # any failure of a user module, reported everywhere
             msg = f"{type(e).__name__}: {e}"
-        _agree(self.comm, msg)
+        agree(self.comm, msg)
 
     def _prepare(self, u0):
         """Collective: agree on the state's shape, dtype and device (from the
-        rank holding the input) and rebuild what depends on them."""
-        meta = None
-        if self.rank == self.first_rank:
+        rank holding the input) and rebuild what depends on them.  A bad
+        input on the first rank raises there and TypeError everywhere else."""
+        self._check_open()
+
+        def meta_of_input():
             if not isinstance(u0, torch.Tensor):
                 raise TypeError(f"the input state on rank {self.rank} must be a tensor, "
                                 f"not {type(u0).__name__}")
-            meta = (tuple(u0.shape), u0.dtype, str(u0.device))
-        meta = self.comm.bcast(meta, root=self.first_rank)
+            return (tuple(u0.shape), u0.dtype, str(u0.device))
+
+        meta = from_root(self.comm, self.first_rank, meta_of_input, error_type=TypeError)
         shape, dtype, device = meta[0], meta[1], torch.device(meta[2])
         if meta != self._state_meta:
             self._check_shapes(shape, dtype, device)
@@ -457,9 +560,39 @@ class Network(nn.Module):
         return out.sum() * 0.0
 
     def reduce(self, value):
-        """The last rank's value (a tensor or number) as a float on every rank."""
-        v = float(value.detach()) if isinstance(value, torch.Tensor) else value
-        return self.comm.bcast(v if self.is_last else None, root=self.body.last_rank)
+        """Collective: the last rank's value (a one-element tensor or a real
+        number) as a float on every rank; call it on every rank (the value
+        of the other ranks is ignored).  A value that is not a number raises
+        TypeError on every rank."""
+        def number():
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise TypeError(f"reduce: the value is a tensor of shape "
+                                    f"{tuple(value.shape)}; give one number (e.g. the loss)")
+                return float(value.detach())
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"reduce: the value must be a number or a one-element "
+                                f"tensor, not {type(value).__name__}")
+            return float(value)
+
+        self.body._check_open()
+        return from_root(self.comm, self.body.last_rank, number, error_type=TypeError)
+
+    def close(self):
+        """Collective: free the layer-parallel body's solvers and
+        communicators (see ``LayerParallel.close``)."""
+        self.body.close()
+        self.comm = None
+
+    @property
+    def closed(self):
+        return self.body.closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def serial_equivalent(self, root=None):
         """Collective: opening + N residual layers + closing as one

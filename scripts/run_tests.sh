@@ -17,5 +17,9 @@ for n in 2 4; do
       --log-prefix ".test-logs/np$n" -- -q --only-mpi tests "$@" || status=1
 done
 
+echo "== the C core under AddressSanitizer/UBSan on 1, 2 and 4 ranks"
+scripts/sanitize.sh > .test-logs/sanitize.log 2>&1 || { cat .test-logs/sanitize.log; status=1; }
+tail -1 .test-logs/sanitize.log
+
 python scripts/test_summary.py .test-logs || status=1
 exit $status

@@ -12,79 +12,266 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include "mgrit_impl.h"
 
 #define HEADER_BYTES (2 * sizeof(double))
 
-static int mpi_ok(int ierr) { return ierr == MPI_SUCCESS ? MG_OK : MG_ERR_MPI; }
+/* Tags of the liveness protocol that names a silent rank after a timeout
+ * (sweep messages use the level as their tag, always < MG_MAX_LEVELS). */
+enum { TAG_PING = 1001, TAG_PONG = 1002, TAG_NOTICE = 1003 };
 
-/* Send u (may be NULL after a failure) to dest; completed by mg_WaitSends. */
+/* Send buffers of the liveness protocol: never modified, never freed. */
+static const int one_int = 1;
+static const double poison_head[2] = {1.0, 0.0};
+
+/* An MPI or memory error on this rank: like a failed callback, it stops the
+ * user work here and is passed on in the messages and at the next agreement,
+ * so that every rank leaves the solve together. */
+void mg_FailLocal(mg_Core core, int code) {
+  if (!core->failed) {
+    core->failed = code;
+    core->fail_code = code;
+    core->fail_rank = core->rank;
+    core->fail_index = core->cur_index;
+  }
+}
+
+static void nap(void) {
+  struct timespec ts = {0, 20000}; /* 20 us: a wait with a deadline polls */
+  nanosleep(&ts, NULL);
+}
+
+/* Answer every ping that has arrived (a rank that timed out asks who is
+ * alive); a notice that another rank named a silent rank ends our wait too.
+ * Returns 1 with *silent set when a notice has arrived. */
+static int serve(mg_Core core, int *silent) {
+  int flag = 0;
+  MPI_Status st;
+  for (;;) {
+    MPI_Iprobe(MPI_ANY_SOURCE, TAG_PING, core->comm, &flag, &st);
+    if (!flag) break;
+    int x;
+    MPI_Request r;
+    MPI_Recv(&x, 1, MPI_INT, st.MPI_SOURCE, TAG_PING, core->comm, MPI_STATUS_IGNORE);
+    /* pong back to the asking rank */
+    MPI_Isend(&one_int, 1, MPI_INT, st.MPI_SOURCE, TAG_PONG, core->comm, &r);
+    MPI_Request_free(&r);
+  }
+  MPI_Iprobe(MPI_ANY_SOURCE, TAG_NOTICE, core->comm, &flag, &st);
+  if (!flag) return 0;
+  MPI_Recv(silent, 1, MPI_INT, st.MPI_SOURCE, TAG_NOTICE, core->comm, MPI_STATUS_IGNORE);
+  return 1;
+}
+
+/*
+ * Our deadline has passed while waiting for peer (or, peer < 0, for a
+ * collective).  Ask every other rank whether it is alive (ping); ranks that
+ * wait with a deadline too answer at once (pong).  The lowest rank that has
+ * not answered within the grace period is the silent one (the peer when all
+ * answered); every other rank is told (notice) so that it ends its own wait
+ * with the same verdict.  The communicator is left with
+ * requests that may never complete: the solver cannot be used again.
+ */
+static int timed_out(mg_Core core, int peer) {
+  int P = core->size, silent = -1;
+  core->broken = 1;
+  MPI_Request *req = malloc(2 * (size_t)P * sizeof(MPI_Request));
+  int *ans = calloc((size_t)P, sizeof(int));
+  if (req && ans) {
+    for (int r = 0; r < P; r++) {
+      req[r] = req[P + r] = MPI_REQUEST_NULL;
+      if (r == core->rank) continue;
+      MPI_Isend(&one_int, 1, MPI_INT, r, TAG_PING, core->comm, &req[P + r]);
+      MPI_Irecv(&ans[r], 1, MPI_INT, r, TAG_PONG, core->comm, &req[r]);
+    }
+    double grace = core->timeout < 1.0 ? core->timeout : 1.0;
+    double end = MPI_Wtime() + grace;
+    int pending = P - 1, dummy;
+    while (pending > 0 && MPI_Wtime() < end) {
+      pending = 0;
+      for (int r = 0; r < P; r++) {
+        int done = 1;
+        if (req[r] != MPI_REQUEST_NULL) MPI_Test(&req[r], &done, MPI_STATUS_IGNORE);
+        if (!done) pending++;
+      }
+      serve(core, &dummy);
+      nap();
+    }
+    for (int r = 0; r < P && silent < 0; r++)
+      if (req[r] != MPI_REQUEST_NULL) silent = r;
+    if (silent < 0) silent = peer;
+    /* The verdict to every other rank: those waiting end their wait now,
+     * those still working (or the silent one, should it wake) at their next
+     * wait.  The int is left allocated: a send to a rank that never
+     * receives it may stay pending. */
+    int *verdict = malloc(sizeof(int));
+    if (verdict) {
+      *verdict = silent;
+      for (int r = 0; r < P; r++) {
+        if (r == core->rank) continue;
+        MPI_Request n;
+        MPI_Isend(verdict, 1, MPI_INT, r, TAG_NOTICE, core->comm, &n);
+        MPI_Request_free(&n);
+      }
+    }
+    for (int r = 0; r < P; r++) {
+      if (req[r] != MPI_REQUEST_NULL) {
+        MPI_Cancel(&req[r]);
+        MPI_Wait(&req[r], MPI_STATUS_IGNORE);
+      }
+      if (req[P + r] != MPI_REQUEST_NULL) MPI_Request_free(&req[P + r]);
+    }
+  } else {
+    silent = peer;
+  }
+  free(req);
+  free(ans);
+  core->fail_rank = silent;
+  core->failed = MG_ERR_TIMEOUT;
+  return MG_ERR_TIMEOUT;
+}
+
+/* Wait for one request: MPI_Wait, or with a timeout, polling until the
+ * deadline.  peer: the rank the request waits for, or -1 (collective). */
+static int wait_for(mg_Core core, MPI_Request *req, int peer) {
+  if (core->timeout <= 0)
+    return MPI_Wait(req, MPI_STATUS_IGNORE) == MPI_SUCCESS ? MG_OK : MG_ERR_MPI;
+  double deadline = MPI_Wtime() + core->timeout;
+  for (long k = 0;; k++) {
+    int done = 0, silent = -1;
+    if (MPI_Test(req, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS) return MG_ERR_MPI;
+    if (done) return MG_OK;
+    if (serve(core, &silent)) {
+      /* another rank has timed out and named the silent rank */
+      core->broken = 1;
+      core->fail_rank = silent;
+      core->failed = MG_ERR_TIMEOUT;
+      return MG_ERR_TIMEOUT;
+    }
+    if (MPI_Wtime() > deadline) return timed_out(core, peer);
+    if (k > 1000) nap();
+  }
+}
+
+/* MPI_Allreduce, with the solver's timeout when it has one. */
+int mg_Allreduce(mg_Core core, const void *in, void *out, int count,
+                 MPI_Datatype type, MPI_Op op) {
+  if (core->timeout <= 0)
+    return MPI_Allreduce(in, out, count, type, op, core->comm) == MPI_SUCCESS
+               ? MG_OK : MG_ERR_MPI;
+  MPI_Request req;
+  if (MPI_Iallreduce(in, out, count, type, op, core->comm, &req) != MPI_SUCCESS)
+    return MG_ERR_MPI;
+  return wait_for(core, &req, -1);
+}
+
+/* Send u (may be NULL after a failure) to dest; completed by mg_WaitSends.
+ * A rank that has failed (or fails to pack) sends the header alone. */
 int mg_SendVector(mg_Core core, int dest, int tag, mg_Vector u) {
   if (core->nsends == core->capsends) {
     int cap = core->capsends ? 2 * core->capsends : 8;
     mg_Msg *s = realloc(core->sends, (size_t)cap * sizeof(mg_Msg));
-    if (!s) return MG_ERR_MEMORY;
+    if (!s) {
+      /* no slot to track a send: the poisoned header goes out blocking */
+      mg_FailLocal(core, MG_ERR_MEMORY);
+      if (MPI_Send(poison_head, 2, MPI_DOUBLE, dest, tag, core->comm) != MPI_SUCCESS)
+        mg_FailLocal(core, MG_ERR_MPI);
+      return MG_OK;
+    }
     core->sends = s;
     core->capsends = cap;
   }
-  char *buf = malloc(core->msgsize);
-  if (!buf) return MG_ERR_MEMORY;
+  char *buf = core->failed ? NULL : malloc(core->msgsize);
+  if (!buf && !core->failed) mg_FailLocal(core, MG_ERR_MEMORY);
   double head[2];
   if (!core->failed) mg_CallPack(core, u, buf + HEADER_BYTES);
   head[0] = core->failed ? 1.0 : 0.0; /* a failed pack counts too */
   head[1] = core->clock;
-  memcpy(buf, head, HEADER_BYTES);
-  /* after a failure only the header is meaningful */
-  int count = core->failed ? (int)HEADER_BYTES : (int)core->msgsize;
   mg_Msg *m = &core->sends[core->nsends++];
-  m->buf = buf;
   m->active = 1;
+  if (core->failed) {
+    /* after a failure only the header is meaningful */
+    free(buf);
+    buf = malloc(HEADER_BYTES);
+  }
+  m->buf = buf;
+  const void *data = buf ? (const void *)buf : (const void *)poison_head;
+  if (buf) memcpy(buf, head, HEADER_BYTES);
+  int count = core->failed ? (int)HEADER_BYTES : (int)core->msgsize;
   core->stats.messages++;
   core->stats.bytes += count;
-  return mpi_ok(MPI_Isend(buf, count, MPI_BYTE, dest, tag, core->comm, &m->req));
+  if (MPI_Isend(data, count, MPI_BYTE, dest, tag, core->comm, &m->req) != MPI_SUCCESS) {
+    mg_FailLocal(core, MG_ERR_MPI);
+    m->active = 0;
+  }
+  return MG_OK;
 }
 
+/* Receives go into the solver's one receive buffer (a sweep has at most one
+ * receive posted at a time). */
 int mg_PostRecv(mg_Core core, int source, int tag, mg_Msg *msg) {
-  msg->buf = malloc(core->msgsize);
-  if (!msg->buf) return MG_ERR_MEMORY;
+  msg->buf = NULL;
+  msg->peer = source;
   msg->active = 1;
-  return mpi_ok(MPI_Irecv(msg->buf, (int)core->msgsize, MPI_BYTE, source, tag,
-                          core->comm, &msg->req));
+  if (MPI_Irecv(core->rbuf, (int)core->msgsize, MPI_BYTE, source, tag, core->comm,
+                &msg->req) != MPI_SUCCESS) {
+    mg_FailLocal(core, MG_ERR_MPI);
+    msg->active = 0;
+  }
+  return MG_OK;
 }
 
 /* Wait for a posted receive; *u_out is a new vector, or NULL on failure. */
 int mg_FinishRecv(mg_Core core, mg_Msg *msg, mg_Vector *u_out) {
   *u_out = NULL;
   if (!msg->active) return MG_OK;
-  int ierr = MPI_Wait(&msg->req, MPI_STATUS_IGNORE);
+  int rc = wait_for(core, &msg->req, msg->peer);
+  if (rc == MG_ERR_TIMEOUT) {
+    MPI_Cancel(&msg->req);
+    MPI_Request_free(&msg->req);
+    /* the cancelled receive may still write into rbuf: keep it */
+    core->rbuf = NULL;
+    core->rbufcap = 0;
+    return rc;
+  }
   msg->active = 0;
-  if (ierr != MPI_SUCCESS) {
-    free(msg->buf);
-    return MG_ERR_MPI;
+  if (rc != MG_OK) {
+    mg_FailLocal(core, MG_ERR_MPI);
+    return MG_OK;
   }
   double head[2];
-  memcpy(head, msg->buf, HEADER_BYTES);
+  memcpy(head, core->rbuf, HEADER_BYTES);
   double arrival = head[1] + core->latency;
   if (arrival > core->clock) core->clock = arrival;
   if (head[0] != 0.0) {
     if (!core->failed) core->failed = MG_ERR_REMOTE;
   } else {
-    *u_out = mg_CallUnpack(core, msg->buf + HEADER_BYTES);
+    *u_out = mg_CallUnpack(core, core->rbuf + HEADER_BYTES);
   }
-  free(msg->buf);
-  msg->buf = NULL;
   return MG_OK;
 }
 
 int mg_WaitSends(mg_Core core) {
-  int rc = MG_OK;
   for (int k = 0; k < core->nsends; k++) {
-    if (MPI_Wait(&core->sends[k].req, MPI_STATUS_IGNORE) != MPI_SUCCESS)
-      rc = MG_ERR_MPI;
-    free(core->sends[k].buf);
+    mg_Msg *m = &core->sends[k];
+    if (m->active) {
+      int rc = core->broken ? MG_ERR_TIMEOUT : wait_for(core, &m->req, -1);
+      if (rc == MG_ERR_TIMEOUT) {
+        /* the receiver may never come: let the send go on, keep its buffer */
+        MPI_Request_free(&m->req);
+        m->buf = NULL;
+        for (int i = k + 1; i < core->nsends; i++)
+          if (core->sends[i].active) MPI_Request_free(&core->sends[i].req);
+        core->nsends = 0;
+        return MG_ERR_TIMEOUT;
+      }
+      if (rc != MG_OK) mg_FailLocal(core, MG_ERR_MPI);
+    }
+    free(m->buf);
   }
   core->nsends = 0;
-  return rc;
+  return MG_OK;
 }
 
 static int ceil_log2(int p) {
@@ -95,23 +282,29 @@ static int ceil_log2(int p) {
 
 /*
  * Global agreement: every rank learns whether (and on which rank first) a
- * callback failed, the clocks are synchronised to their maximum plus the
- * latency of a reduction tree, and the local residual contributions are
- * combined (sum of squares for the L2 norm, maximum for the inf-norm), as is
- * the first fine index with a non-finite residual.  local < 0 skips the norm.
+ * callback, an MPI call or an allocation failed, the clocks are synchronised
+ * to their maximum plus the latency of a reduction tree, and the local
+ * residual contributions are combined (sum of squares for the L2 norm,
+ * maximum for the inf-norm), as is the first fine index with a non-finite
+ * residual.  local < 0 skips the norm.
  */
 int mg_AgreeNorm(mg_Core core, double local, int64_t bad, double *global,
                  int64_t *bad_global) {
-  /* [P - failing rank or 0, clock, N+1 - bad index or 0, inf-norm part] */
+  /* [(P - failing rank) * 16 + its error code, or 0; clock;
+   *  N+1 - bad index or 0; inf-norm part]: the maximum names the lowest
+   * failing rank and its code */
   double mx[4], gmx[4];
-  mx[0] = core->failed == MG_ERR_CALLBACK ? (double)(core->size - core->rank) : 0.0;
+  int here = core->failed && core->failed != MG_ERR_REMOTE;
+  mx[0] = here ? (double)(core->size - core->rank) * 16.0 + core->failed : 0.0;
   mx[1] = core->clock;
   mx[2] = bad >= 0 ? (double)(core->nsteps + 1 - bad) : 0.0;
   mx[3] = (core->tnorm == MG_TNORM_INF && local > 0) ? local : 0.0;
-  MG_CHK(mpi_ok(MPI_Allreduce(mx, gmx, 4, MPI_DOUBLE, MPI_MAX, core->comm)));
+  MG_CHK(mg_Allreduce(core, mx, gmx, 4, MPI_DOUBLE, MPI_MAX));
   if (gmx[0] > 0) {
-    core->fail_rank = core->size - (int)gmx[0];
-    if (core->failed != MG_ERR_CALLBACK) core->failed = MG_ERR_REMOTE;
+    int64_t code = (int64_t)gmx[0];
+    core->fail_rank = core->size - (int)(code / 16);
+    core->fail_code = (int)(code % 16);
+    if (!here) core->failed = MG_ERR_REMOTE;
   }
   core->clock = gmx[1] + core->latency * ceil_log2(core->size);
   if (bad_global) *bad_global = gmx[2] > 0 ? core->nsteps + 1 - (int64_t)gmx[2] : -1;
@@ -120,7 +313,7 @@ int mg_AgreeNorm(mg_Core core, double local, int64_t bad, double *global,
     *global = gmx[3];
   } else {
     double s = local * local, gs;
-    MG_CHK(mpi_ok(MPI_Allreduce(&s, &gs, 1, MPI_DOUBLE, MPI_SUM, core->comm)));
+    MG_CHK(mg_Allreduce(core, &s, &gs, 1, MPI_DOUBLE, MPI_SUM));
     *global = sqrt(gs);
   }
   return MG_OK;

@@ -14,9 +14,10 @@ const char *mg_ErrorString(int code) {
     case MG_ERR_MEMORY: return "out of memory";
     case MG_ERR_MPI: return "MPI call failed";
     case MG_ERR_CALLBACK: return "a user callback failed on this rank";
-    case MG_ERR_REMOTE: return "a user callback failed on another rank";
+    case MG_ERR_REMOTE: return "the solve failed on another rank";
     case MG_ERR_NONFINITE: return "the MGRIT residual is not finite (NaN or Inf)";
     case MG_ERR_STATE: return "call not valid in this state";
+    case MG_ERR_TIMEOUT: return "a rank did not answer within the timeout";
     default: return "unknown error";
   }
 }
@@ -83,7 +84,10 @@ int mg_Destroy(mg_Core *core_ptr) {
   mg_WaitSends(core);
   free(core->sends);
   free(core->rnorms);
-  MPI_Comm_free(&core->comm);
+  free(core->rbuf);
+  /* after a timeout, requests may still refer to the communicator: it is
+   * left to MPI (freeing it could wait for ranks that do not answer) */
+  if (!core->broken) MPI_Comm_free(&core->comm);
   free(core);
   *core_ptr = NULL;
   return MG_OK;
@@ -152,6 +156,12 @@ int mg_SetWarmStart(mg_Core core, int v) {
 int mg_SetFinalSweep(mg_Core core, int v) {
   NEED(v == 0 || v == 1);
   core->final_sweep = v;
+  return MG_OK;
+}
+
+int mg_SetTimeout(mg_Core core, double v) {
+  NEED(v >= 0 && isfinite(v));
+  core->timeout = v;
   return MG_OK;
 }
 
@@ -226,6 +236,12 @@ int mg_GetFailure(mg_Core core, int *rank_out, int64_t *index_out) {
   return MG_OK;
 }
 
+int mg_GetFailureCode(mg_Core core, int *out) {
+  NEED(out);
+  *out = core->fail_code;
+  return MG_OK;
+}
+
 int mg_GetStats(mg_Core core, int reduce, mg_Stats *out) {
   NEED(out && (reduce == 0 || reduce == 1));
   *out = core->stats;
@@ -237,10 +253,9 @@ int mg_GetStats(mg_Core core, int reduce, mg_Stats *out) {
   cnt[MG_MAX_LEVELS + 1] = out->messages;
   cnt[MG_MAX_LEVELS + 2] = out->bytes;
   double tm[3] = {out->callback_time, out->total_time, out->virtual_time}, gtm[3];
-  if (MPI_Allreduce(cnt, gcnt, MG_MAX_LEVELS + 3, MPI_INT64_T, MPI_SUM,
-                    core->comm) != MPI_SUCCESS ||
-      MPI_Allreduce(tm, gtm, 3, MPI_DOUBLE, MPI_MAX, core->comm) != MPI_SUCCESS)
-    return MG_ERR_MPI;
+  if (core->broken) return MG_ERR_STATE;
+  MG_CHK(mg_Allreduce(core, cnt, gcnt, MG_MAX_LEVELS + 3, MPI_INT64_T, MPI_SUM));
+  MG_CHK(mg_Allreduce(core, tm, gtm, 3, MPI_DOUBLE, MPI_MAX));
   for (int l = 0; l < MG_MAX_LEVELS; l++) out->steps[l] = gcnt[l];
   out->calls = gcnt[MG_MAX_LEVELS];
   out->messages = gcnt[MG_MAX_LEVELS + 1];

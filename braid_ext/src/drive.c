@@ -185,14 +185,74 @@ static int iterate(mg_Core core) {
   }
 }
 
+/* The agreements before the first message: [value, (P - rank) * 16 + error
+ * code of a rank that failed so far, or 0], maximised; the maximum names the
+ * lowest failing rank.  Returns MG_OK, or the failure (MG_ERR_REMOTE where
+ * it happened elsewhere). */
+static int agree_start(mg_Core core, uint64_t value, uint64_t *max_value) {
+  uint64_t mine[2] = {value, 0}, most[2] = {0, 0};
+  if (core->failed)
+    mine[1] = (uint64_t)(core->size - core->rank) * 16 + (uint64_t)core->failed;
+  MG_CHK(mg_Allreduce(core, mine, most, 2, MPI_UINT64_T, MPI_MAX));
+  if (most[1]) {
+    core->fail_rank = core->size - (int)(most[1] / 16);
+    core->fail_code = (int)(most[1] % 16);
+    if (!core->failed) core->failed = MG_ERR_REMOTE;
+    core->rbufcap = 0; /* ranks that grew their buffer forget it, as the others */
+    return core->failed;
+  }
+  if (max_value) *max_value = most[0];
+  return MG_OK;
+}
+
+/*
+ * Everything a Drive allocates up front (levels, the receive buffer, room for
+ * the residual history), and the first agreement: the message size, and
+ * whether every rank got this far.  A failure here on one rank (memory, the
+ * bufsize callback) is known to all before any message is sent.
+ */
+static int start(mg_Core core) {
+  int rc = mg_BuildHierarchy(core);
+  size_t bytes = 0;
+  if (rc == MG_OK) mg_CallBufSize(core, &bytes);
+  int need = core->max_iter + 2;
+  if (rc == MG_OK && core->caprnorms < need) {
+    double *r = realloc(core->rnorms, (size_t)need * sizeof(double));
+    if (r) {
+      core->rnorms = r;
+      core->caprnorms = need;
+    } else {
+      rc = MG_ERR_MEMORY;
+    }
+  }
+  if (rc != MG_OK) mg_FailLocal(core, rc);
+  /* Every rank sizes its receive buffer alike: ranks that report different
+   * upper bounds all use the largest. */
+  uint64_t most = 0;
+  MG_CHK(agree_start(core, bytes, &most));
+  core->bufsize = (size_t)most;
+  core->msgsize = 2 * sizeof(double) + core->bufsize;
+  /* The receive buffer grows to the agreed size: msgsize and rbufcap are
+   * the same on every rank, so either all ranks take part in this agreement
+   * or none. */
+  if (core->msgsize <= core->rbufcap) return MG_OK;
+  free(core->rbuf);
+  core->rbuf = malloc(core->msgsize);
+  core->rbufcap = core->rbuf ? core->msgsize : 0;
+  if (!core->rbuf) mg_FailLocal(core, MG_ERR_MEMORY);
+  return agree_start(core, 0, NULL);
+}
+
 int mg_Drive(mg_Core core) {
   if (!core) return MG_ERR_ARG;
+  if (core->broken) return MG_ERR_STATE;
   double t_begin = MPI_Wtime();
   for (int l = 0; l < MG_MAX_LEVELS; l++) core->stats.steps[l] = 0;
   core->stats.calls = core->stats.messages = core->stats.bytes = 0;
   core->stats.callback_time = 0.0;
   core->clock = 0.0;
   core->failed = 0;
+  core->fail_code = 0;
   core->fail_rank = -1;
   core->fail_index = -1;
   core->nonfinite = -1;
@@ -200,18 +260,11 @@ int mg_Drive(mg_Core core) {
   core->iter = 0;
   core->final_done = 0;
 
-  MG_CHK(mg_BuildHierarchy(core));
-  size_t bytes = 0;
-  mg_CallBufSize(core, &bytes);
-  /* Every rank sizes its receive buffers alike: a rank whose bufsize failed
-   * (bytes = 0) still receives full messages until it has told the others,
-   * and ranks that report different upper bounds all use the largest. */
-  uint64_t mine = bytes, most = 0;
-  if (MPI_Allreduce(&mine, &most, 1, MPI_UINT64_T, MPI_MAX, core->comm) !=
-      MPI_SUCCESS)
-    return MG_ERR_MPI;
-  core->bufsize = (size_t)most;
-  core->msgsize = 2 * sizeof(double) + core->bufsize;
+  int rc = start(core);
+  if (rc != MG_OK) {
+    core->have_solution = 0;
+    return rc;
+  }
   initial_values(core);
 
   if (core->nlevels == 1) {

@@ -44,9 +44,13 @@ enum {
   MG_ERR_MEMORY = 2,    /* allocation failed                                 */
   MG_ERR_MPI = 3,       /* an MPI call failed                                */
   MG_ERR_CALLBACK = 4,  /* a user callback returned non-zero on this rank    */
-  MG_ERR_REMOTE = 5,    /* a user callback failed on another rank            */
+  MG_ERR_REMOTE = 5,    /* a callback, MPI call or allocation failed on
+                           another rank (mg_GetFailure says which, and what) */
   MG_ERR_NONFINITE = 6, /* the residual norm is NaN or Inf                   */
-  MG_ERR_STATE = 7      /* call not valid in the current state               */
+  MG_ERR_STATE = 7,     /* call not valid in the current state               */
+  MG_ERR_TIMEOUT = 8    /* a wait outlasted the timeout (mg_SetTimeout):
+                           mg_GetFailure names the rank that did not answer;
+                           the solver cannot be used again                   */
 };
 
 /* cycle shapes */
@@ -145,7 +149,13 @@ typedef struct {
  * ops->access must be given on every rank or on none.  Collective over comm. */
 int mg_Init(MPI_Comm comm, double t_start, double t_stop, int64_t nsteps,
             mg_App app, const mg_Ops *ops, mg_Core *core_out);
-/* Solve.  Collective.  Every rank returns the same code. */
+/* Solve.  Collective.  Every rank leaves a failed solve together: the rank
+ * where a callback, an MPI call or an allocation failed returns that error
+ * (MG_ERR_CALLBACK, MG_ERR_MPI, MG_ERR_MEMORY), every other rank
+ * MG_ERR_REMOTE; a NaN/Inf residual is MG_ERR_NONFINITE everywhere.  With a
+ * timeout, a rank that stops answering makes the others return
+ * MG_ERR_TIMEOUT within about the timeout (a message that is never sent,
+ * after an MPI error, is such a case too). */
 int mg_Drive(mg_Core core);
 /* Free the solver and every vector it holds.  Collective (frees the
  * duplicated communicator); *core is set to NULL. */
@@ -167,6 +177,10 @@ int mg_SetReverse(mg_Core core, int reverse);               /* last rank holds t
 int mg_SetWarmStart(mg_Core core, int warm);                /* default 1        */
 int mg_SetStepCost(mg_Core core, int level, double cost);   /* virtual clock; default 1 */
 int mg_SetLatency(mg_Core core, double latency);            /* virtual clock; default 0 */
+/* The longest any wait for other ranks may last, in seconds; 0 (default) is
+ * no limit.  Waits then poll (MPI_Test) instead of blocking.  Same on every
+ * rank. */
+int mg_SetTimeout(mg_Core core, double seconds);
 /* Take every fine step once at the final state with status->final = 1, e.g.
  * to compute gradients from it; default 0.  When the solve runs to max_iter,
  * the residual sweep of the last iteration is that sweep; when it converges
@@ -196,6 +210,9 @@ int mg_GetStats(mg_Core core, int reduce, mg_Stats *stats_out);
 /* after a failed Drive: the failing rank and the fine index it was working
  * at (-1 if unknown) */
 int mg_GetFailure(mg_Core core, int *rank_out, int64_t *index_out);
+/* after a failed Drive: what failed on that rank (MG_ERR_CALLBACK, MG_ERR_MPI,
+ * MG_ERR_MEMORY or MG_ERR_TIMEOUT), 0 if unknown */
+int mg_GetFailureCode(mg_Core core, int *code_out);
 /* the rank of this process in the solver's communicator */
 int mg_GetRank(mg_Core core, int *rank_out);
 

@@ -23,6 +23,7 @@ typedef struct {
 typedef struct {
   MPI_Request req;
   char *buf;
+  int peer;
   int active;
 } mg_Msg;
 
@@ -55,6 +56,10 @@ struct mg_Core_s {
   size_t msgsize;    /* header + payload                                   */
   mg_Msg *sends;     /* outstanding sends of the current sweep             */
   int nsends, capsends;
+  char *rbuf;        /* the receive buffer                                 */
+  size_t rbufcap;    /* its size (>= msgsize during a Drive)               */
+  double timeout;    /* seconds a wait may last; 0 = no limit              */
+  int broken;        /* a wait timed out: requests may be left pending     */
 
   /* results */
   int iter;          /* current / final iteration                          */
@@ -65,7 +70,9 @@ struct mg_Core_s {
 
   /* failure state: once set, callbacks are skipped but the message schedule
    * goes on so that every rank reaches the next agreement point */
-  int failed;        /* 0, MG_ERR_CALLBACK (here) or MG_ERR_REMOTE         */
+  int failed;        /* 0, MG_ERR_REMOTE, or what failed here: MG_ERR_CALLBACK,
+                        MG_ERR_MPI, MG_ERR_MEMORY (or MG_ERR_TIMEOUT)       */
+  int fail_code;     /* what failed on fail_rank (known after agreement)   */
   int64_t fail_index;
   int fail_rank;
   int64_t cur_index; /* fine index of the callback in progress             */
@@ -105,6 +112,9 @@ int mg_WaitSends(mg_Core core);
 int mg_AgreeNorm(mg_Core core, double local, int64_t bad, double *global,
                  int64_t *bad_global);
 int mg_AgreeFailure(mg_Core core);
+int mg_Allreduce(mg_Core core, const void *in, void *out, int count,
+                 MPI_Datatype type, MPI_Op op);
+void mg_FailLocal(mg_Core core, int code);
 
 /* relax.c */
 enum {

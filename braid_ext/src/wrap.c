@@ -10,13 +10,7 @@
 #include <math.h>
 #include "mgrit_impl.h"
 
-static void fail(mg_Core core) {
-  if (!core->failed) {
-    core->failed = MG_ERR_CALLBACK;
-    core->fail_rank = core->rank;
-    core->fail_index = core->cur_index;
-  }
-}
+static void fail(mg_Core core) { mg_FailLocal(core, MG_ERR_CALLBACK); }
 
 #define TIMED_CALL(core, call, ok)                                            \
   do {                                                                        \

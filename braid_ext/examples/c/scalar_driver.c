@@ -7,7 +7,7 @@
  * virtual-clock speedup over sequential stepping.
  *
  *   mpiexec -n 4 scalar_driver -n 4096 -levels 3 -cf 4 -nrelax 1 -cycle V
- *       -tol 1e-12 -maxiter 50 -lambda -1 -tstop 1 -latency 0 -quiet
+ *       -tol 1e-12 -maxiter 50 -lambda -1 -tstop 1 -latency 0 -timeout 0 -quiet
  *
  * Output (rank 0): "rnorm <k> <norm>" per iteration, then
  *   "summary iters <k> levels <L> error <e> vtime <v> seqtime <s> speedup <x>"
@@ -95,7 +95,7 @@ int main(int argc, char **argv) {
 
   long long n = 4096;
   int levels = 3, cf = 4, nrelax = 1, maxiter = 50, quiet = 0, fcycle = 0;
-  double tol = 1e-12, lambda = -1.0, tstop = 1.0, latency = 0.0;
+  double tol = 1e-12, lambda = -1.0, tstop = 1.0, latency = 0.0, timeout = 0.0;
   struct mg_App_s app = {-1.0, 1};
   for (int k = 1; k < argc; k++) {
     const char *a = argv[k], *v = k + 1 < argc ? argv[k + 1] : "";
@@ -108,6 +108,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "-lambda")) { lambda = atof(v); k++; }
     else if (!strcmp(a, "-tstop")) { tstop = atof(v); k++; }
     else if (!strcmp(a, "-latency")) { latency = atof(v); k++; }
+    else if (!strcmp(a, "-timeout")) { timeout = atof(v); k++; }
     else if (!strcmp(a, "-cycle")) { fcycle = !strcmp(v, "F"); k++; }
     else if (!strcmp(a, "-forward")) { app.backward = 0; }
     else if (!strcmp(a, "-quiet")) { quiet = 1; }
@@ -132,6 +133,7 @@ int main(int argc, char **argv) {
   TRY(mg_SetAbsTol(core, tol));
   TRY(mg_SetMaxIter(core, maxiter));
   TRY(mg_SetLatency(core, latency));
+  TRY(mg_SetTimeout(core, timeout));
   TRY(mg_Drive(core));
 
   int iters, nl, nr;

@@ -1,0 +1,100 @@
+"""Failures on some ranks, raised on every rank.
+
+An exception on one rank of a collective call must not leave the other ranks
+waiting for it.  Every entry point that may fail on some ranks only ends with
+one agreement: each rank sends what went wrong on it (or nothing) to every
+rank, and then every rank raises, the failing rank its own exception and the
+others an error that names the rank and what happened there.
+
+    with collective(comm, "loading the data"):
+        data = load_here()            # may raise on some ranks
+
+    meta = from_root(comm, root, lambda: check_input(x))   # only root checks
+"""
+from contextlib import contextmanager
+
+
+class RemoteError(RuntimeError):
+    """A collective call failed on another rank; ``rank`` is the lowest rank
+    where it failed."""
+
+    def __init__(self, message, rank=-1):
+        super().__init__(message)
+        self.rank = rank
+
+
+def _describe(error):
+    if error is None:
+        return None
+    if isinstance(error, str):
+        return error
+    return f"{type(error).__name__}: {error}"
+
+
+def agree(comm, error=None, *, what=None, error_type=None):
+    """Collective over ``comm``: raise on every rank if any rank has an error.
+
+    ``error`` is None (nothing failed here), a message, or the exception
+    caught here.  Every rank sends the description of its error (or None) to
+    every rank (allgather).  Where an exception was caught it is raised
+    again; every other rank raises ``error_type`` (default RemoteError) with
+    the lowest failing rank's description, prefixed by "<what> failed on rank
+    r: " when ``what`` is given.  A plain message with no ``what`` is raised
+    as ``error_type`` (default ValueError) with that message alone, the same
+    text on every rank (for argument checks that any rank may make).
+    """
+    messages = comm.allgather(_describe(error))
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if not failed:
+        return
+    if isinstance(error, BaseException):
+        raise error
+    rank, message = failed[0]
+    if what is not None:
+        cls = error_type or RemoteError
+        text = f"{what} failed on rank {rank}: {message}"
+    else:
+        cls = error_type or ValueError
+        text = message
+    if cls is RemoteError:
+        raise RemoteError(text, rank)
+    raise cls(text)
+
+
+@contextmanager
+def collective(comm, what=None, *, error_type=None):
+    """Collective: run the body on every rank, then agree (see ``agree``).
+    An exception in the body on any rank makes every rank raise when the
+    body has ended everywhere.  The body must not itself wait for the other
+    ranks after the point where it may fail."""
+    error = None
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - raised again below, on every rank
+        error = exc
+    agree(comm, error, what=what, error_type=error_type)
+
+
+def from_root(comm, root, compute, *, error_type=None):
+    """Collective: ``compute()`` on ``root`` only, its result broadcast to
+    every rank.  If it raises, the root raises its exception and every other
+    rank ``error_type`` (default RemoteError) naming the root; one broadcast
+    either way."""
+    payload = None
+    error = None
+    if comm.Get_rank() == root:
+        try:
+            payload = (compute(), None)
+        except Exception as exc:  # noqa: BLE001 - raised again below, on every rank
+            error = exc
+            payload = (None, _describe(exc))
+    result, message = comm.bcast(payload, root=root)
+    if message is None:
+        return result
+    if error is not None:
+        raise error
+    cls = error_type or RemoteError
+    text = f"failed on rank {root}: {message}"
+    if cls is RemoteError:
+        raise RemoteError(text, root)
+    raise cls(text)
