@@ -161,6 +161,33 @@ def test_same_result_bit_for_bit_on_any_number_of_ranks(op, kind):
                 assert torch.equal(entry[name], one[n][name])
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize("op,kind", [("prolong", "constant"), ("prolong", "linear"),
+                                     ("restrict", "injection"),
+                                     ("restrict", "full-weighting"),
+                                     ("restrict_gradient", "linear")])
+def test_dtype_kept_and_sources_untouched(op, kind):
+    fn = getattr(transfer, op)
+    N, r = max(4, WORLD.size), 2
+    ns, nd = (N, r * N) if op == "prolong" else (r * N, N)
+    src, dst = Layout(ns, WORLD.size), Layout(nd, WORLD.size)
+
+    def make(n):
+        return {k: v.float().requires_grad_() for k, v in layer_data(n, ns).items()}
+
+    local = local_dict(src, WORLD, make)
+    before = {n: {k: v.detach().clone() for k, v in e.items()} for n, e in local.items()}
+    out = fn(local, src, dst, WORLD, kind=kind)
+    for entry in out.values():
+        for name, v in entry.items():
+            assert v.dtype == torch.float32 and not v.requires_grad
+            assert v.shape == torch.Size(SHAPES[name])
+    for n, entry in local.items():
+        for k, v in entry.items():
+            assert torch.equal(v.detach(), before[n][k])
+            assert all(v is not w for e in out.values() for w in e.values())
+
+
 def test_messages_go_only_between_owners():
     """The plan of every rank: what p sends to q is exactly what q expects
     from p, only layers p holds, only layers q's targets are made of."""
@@ -281,6 +308,47 @@ def test_layer_grads_are_the_parameters_grads():
     for n, entry in layer_grads(net).items():
         for k, g in entry.items():
             assert g is layer_params(net)[n][k].grad
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind", ["constant", "linear"])
+def test_restricted_gradient_is_the_gradient_through_the_prolongation(kind):
+    """For f_H(x_H) = f_h(P x_H), grad f_H = P^T grad f_h(P x_H): the
+    layer-parallel fine gradient, restricted, against autograd through the
+    prolongation written out in serial PyTorch (coarse weights as leaves,
+    each fine layer's weights a function of them)."""
+    N, r = max(3, WORLD.size), 2
+    coarse, fine = dense_net(N), dense_net(r * N)
+    smooth_weights(coarse)
+    prolong_network(coarse, fine, kind=kind)
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(7, 2, generator=g, dtype=F64), torch.randint(0, 3, (7,), generator=g)
+    loss = fine.loss(x if fine.is_first else None, y if fine.is_last else None,
+                     torch.nn.functional.cross_entropy)
+    loss.backward()
+    value = fine.reduce(loss)
+    got = restrict_gradient(layer_grads(fine), fine.body.layout, coarse.body.layout, WORLD,
+                            kind=kind)
+
+    serial = coarse.serial_equivalent()
+    opening, layers, closing = serial[0], list(serial)[1:-1], serial[-1]
+    leaves = [dict(L.F.named_parameters()) for L in layers]
+    u, h = opening(x), T / (r * N)
+    for k in range(r * N):
+        j, w = k // r, 0.0
+        if kind == "linear" and N > 1:
+            j = min(j, N - 2)
+            w = k / r - j
+        params = {name: a + w * (leaves[j + 1][name] - a) if w else a
+                  for name, a in leaves[j].items()}
+        u = u + h * torch.func.functional_call(layers[j].F, params, (u,))
+    ref = torch.nn.functional.cross_entropy(closing(u), y)
+    ref.backward()
+    assert abs(float(ref.detach()) - value) <= 1e-12 * abs(value)
+    assert sorted(got) == list(coarse.body.layer_indices)
+    for j, entry in got.items():
+        for name, grad in entry.items():
+            assert torch.allclose(grad, leaves[j][name].grad, rtol=0, atol=1e-12), (j, name)
 
 
 # ---- optimiser state -------------------------------------------------------------
