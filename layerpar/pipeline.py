@@ -128,7 +128,13 @@ class Pipeline:
 
     def __init__(self, net):
         self.net = net
-        self.comm = net.comm.Dup()  # its messages never meet the solvers' or the user's
+
+    @property
+    def comm(self):
+        """Made at the first pipelined pass (every rank takes part in it) and
+        freed by the module's close(): its messages never meet the solvers'
+        or the user's."""
+        return self.net.communicator("pipeline")
 
     def _block(self, x, record):
         """This rank's layers on micro-batch x: (input leaf, output)."""
