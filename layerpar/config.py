@@ -46,6 +46,7 @@ DEFAULTS = {
         "cfactor": 4,
         "relax": "FCF",
         "cycle": "V",
+        "skip": False,         # skip the first down-cycle's relaxation (cold solves)
         "fwd_iters": 0,        # 0: the mode's default (layer-parallel 2, one-shot 1)
         "bwd_iters": 0,        # 0: the mode's default (1)
         "fwd_tol": 0.0,

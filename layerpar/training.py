@@ -42,7 +42,7 @@ def mgrit_options(config):
         return {"max_levels": 1, "microbatches": g["microbatches"]}
     fwd_iters, bwd_iters = mode_iterations(config)
     return dict(max_levels=g["max_levels"], cfactor=g["cfactor"], relax=g["relax"],
-                cycle=g["cycle"], fwd_iters=fwd_iters, bwd_iters=bwd_iters,
+                cycle=g["cycle"], skip=g["skip"], fwd_iters=fwd_iters, bwd_iters=bwd_iters,
                 fwd_tol=g["fwd_tol"], bwd_tol=g["bwd_tol"],
                 warm_start=g["mode"] == "one-shot", microbatches=g["microbatches"])
 

@@ -54,3 +54,11 @@ def test_bad_file(tmp_path):
     bad.write_text("[optim\nlr = 1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         resolve(str(bad))
+
+
+def test_mgrit_options_reach_the_network():
+    from layerpar.training import mgrit_options
+    opts = mgrit_options(resolve(None, ["mgrit.skip=true", "mgrit.microbatches=4"]))
+    assert opts["skip"] is True and opts["microbatches"] == 4
+    serial = mgrit_options(resolve(None, ['mgrit.mode="serial"', "mgrit.microbatches=4"]))
+    assert serial == {"max_levels": 1, "microbatches": 4}
