@@ -293,6 +293,7 @@ class LayerParallel(nn.Module):
         """Collective: change MGRIT options between passes (e.g. more
         iterations, or max_levels=1 for exact propagation).  The solvers are
         rebuilt, so warm states are dropped."""
+        self._check_open()
         fwd, bwd = dict(self.fwd_options), dict(self.bwd_options)
         if max_levels is not None:
             fwd["max_levels"] = max_levels

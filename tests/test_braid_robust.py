@@ -376,6 +376,9 @@ def test_a_thousand_warm_started_solves_keep_memory_flat():
     if not os.path.exists("/proc/self/statm"):
         pytest.skip("needs /proc to read the resident memory")
     comm = MPI.COMM_WORLD
+    if comm.size > 2:
+        pytest.skip("1,000 solves on oversubscribed ranks take minutes; 1 and 2 ranks "
+                    "cover the messages")
 
     class Counting(Dahlquist):
         def __init__(self):
