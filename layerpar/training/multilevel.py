@@ -11,7 +11,8 @@ Nested iteration (``multilevel.method = "nested"``)
     optimiser state moves with its parameters: a layer's gradient is
     proportional to h, so gradient-like state of the residual layers
     (momentum buffers, Adam's first moments) is prolonged and divided by r,
-    Adam's second moments divided by r^2, step counters copied; opening and
+    Adam's second moments divided by r^2 (and kept >= 0 where linear
+    prolongation extrapolates), step counters copied; opening and
     closing layers keep theirs.  L-BFGS starts a fresh history at each
     depth (the curvature pairs of the shallower problem do not describe the
     deeper one).  The deeper network's MGRIT solvers start cold: their
@@ -102,6 +103,9 @@ def _assign(d, values):
         for n, ps in d.items():
             for k, p in ps.items():
                 p.copy_(values[n][k])
+
+
+_SQUARES = ("exp_avg_sq", "max_exp_avg_sq")
 
 
 def _layout(level):
@@ -298,8 +302,11 @@ class MultilevelTrainer:
             for name, p in ps.items():
                 st = {key: (v.clone() if isinstance(v, torch.Tensor) else v)
                       for (pn, key), v in scalars.items() if pn == name}
-                st.update({k.split("/", 1)[1]: t.clone() for k, t in moved[n].items()
-                           if k.split("/", 1)[0] == name})
+                for k, t in moved[n].items():
+                    pname, key = k.split("/", 1)
+                    if pname == name:
+                        # linear extrapolation may take a second moment below 0
+                        st[key] = t.clamp(min=0) if key in _SQUARES else t.clone()
                 if st:
                     new.optimizer.state[p] = st
         for key, p in new.end_params().items():
@@ -496,7 +503,9 @@ class MultilevelTrainer:
             path = ckpt.find_latest_checkpoint(self.run_dir, self.comm)
             if path is None:
                 return False
-        keys = {"model": self.config["model"], "multilevel": self.config["multilevel"],
+        ml = self.config["multilevel"]
+        keys = {"model": self.config["model"],
+                "multilevel": {k: ml[k] for k in ("method", "levels", "factor")},
                 "data": {k: self.config["data"][k] for k in ("name", "dtype", "seed")},
                 "optim": {"name": self.config["optim"]["name"]}}
         header = ckpt.load_checkpoint(path, self.comm, layer_indices=[], config=keys)
