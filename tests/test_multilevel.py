@@ -264,3 +264,52 @@ def test_more_ranks_than_coarsest_layers_refused():
     check_ranks(cfg, 2)
     with pytest.raises(ConfigError, match="multilevel.levels"):
         check_ranks(cfg, 3)
+
+
+# ---- the command line -------------------------------------------------------------------
+
+SMALL = ["--set", "model.nlayers=8", "--set", "model.width=4", "--set", "run.plot=false",
+         "--set", 'mgrit.mode="serial"', "--set", "data.batch_size=500", "--set",
+         "optim.epochs=2"]
+
+
+def layerpar(mpiexec, n, *args):
+    import subprocess
+    import sys
+    from conftest import clean_mpi_env
+    cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "layerpar", *args]
+    return subprocess.run(cmd, env=clean_mpi_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("method,depths_seen", [("nested", [4, 4, 8, 8]), ("mgopt", [8, 8])])
+def test_command_line_runs_both_methods(tmp_path, mpiexec, method, depths_seen):
+    import csv
+    r = layerpar(mpiexec, 2, "train", "--run-dir", str(tmp_path), *SMALL, "--set",
+                 f'multilevel.method="{method}"', "--set", 'mgrit.mode="layer-parallel"', "-q")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"layer-parallel, {method}: epoch {len(depths_seen)}" in r.stdout
+    with open(tmp_path / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(row["nlayers"]) for row in rows] == depths_seen
+    work = [float(row["fwd_work"]) for row in rows]
+    assert work[0] > 0 and all(b > a for a, b in zip(work, work[1:]))
+    assert all(float(row["fwd_work"]) == float(row["fwd_work_l0"]) + float(row["fwd_work_l1"])
+               for row in rows)
+
+
+@pytest.mark.parametrize("setting,named", [
+    (["multilevel.levels=0"], "multilevel.levels"),
+    (["model.nlayers=6", "multilevel.levels=3"], "model.nlayers"),
+    (["multilevel.target_accuracy=2"], "multilevel.target_accuracy"),
+    (["multilevel.levels=4"], "multilevel.levels"),  # a coarsest network of 1 layer on 2 ranks
+])
+def test_command_line_refuses_bad_settings_in_one_line(tmp_path, mpiexec, setting, named):
+    args = ["train", "--run-dir", str(tmp_path), *SMALL, "--set", 'multilevel.method="mgopt"']
+    for s in setting:
+        args += ["--set", s]
+    r = layerpar(mpiexec, 2, *args, "-q")
+    assert r.returncode != 0
+    text = r.stdout + r.stderr
+    assert "Traceback" not in text, text
+    lines = [ln for ln in text.splitlines() if ln.startswith("layerpar: error:")]
+    assert len(lines) == 1 and named in lines[0], text
