@@ -230,6 +230,65 @@ def test_resume_on_another_number_of_ranks(method, sets, run_dirs):
     assert_same_run(rows_and_weights(full), rows_and_weights(resumed), 1e-12)
 
 
+@pytest.mark.mpi
+def test_work_counts_every_solve(run_dirs):
+    # serial propagation: a solve of a network of n layers takes n layer steps;
+    # one cycle = fine: pre step, gradient, line-search trials, post step;
+    # coarse: gradient at R x_h and the coarse steps
+    cfg = config(run_dirs(), "mgopt", **{"multilevel.coarse_steps": 2})
+    ml = MultilevelTrainer(cfg, WORLD)
+    x, y, size = first_batch(ml)
+    ml.mgopt_cycle(x, y, size)
+    alpha = ml.last_cycle["alpha"]
+    trials = 4 if alpha == 0 else 1 + round(-math.log2(alpha))
+    fine, coarse = (lev.work_totals() for lev in ml.levels)
+    assert fine == {"fwd": 8 * (3 + trials), "bwd": 8 * 3}
+    assert coarse == {"fwd": 4 * 3, "bwd": 4 * 3}
+    cols = ml._work_columns()
+    assert cols["fwd_work"] == fine["fwd"] + coarse["fwd"]
+    assert cols["fwd_work_l1"] == fine["fwd"] and cols["bwd_work_l0"] == coarse["bwd"]
+
+
+@pytest.mark.mpi
+def test_nested_target_accuracy_and_optimizer_state(run_dirs):
+    # a target reached at once: one epoch per coarser depth; the Adam state
+    # of fine layer k is that of coarse layer k // 2, moments scaled by 1/2
+    # and 1/4 (the gradient of a layer is proportional to h)
+    cfg = config(run_dirs(), "nested", **{"multilevel.levels": 3, "model.nlayers": 16,
+                                          "multilevel.target_accuracy": 0.01,
+                                          "multilevel.epochs_per_level": "[3, 3, 1]"})
+    ml = MultilevelTrainer(cfg, WORLD)
+    seen = []
+    refine = ml._refine
+
+    def spy():
+        old = ml.level
+        w = gathered(old, "data")
+        st = {}
+        for n, d in old.params()["layers"].items():
+            for k, p in d.items():
+                st[(n, k)] = {s: v.clone() for s, v in old.optimizer.state[p].items()}
+        st = {k: v for part in ml.comm.allgather(st) for k, v in part.items()}
+        refine()
+        new = ml.level
+        for n, d in new.params()["layers"].items():
+            for k, p in d.items():
+                assert torch.equal(p.detach(), w[("layer", n // 2, k)])
+                s_new, s_old = new.optimizer.state[p], st[(n // 2, k)]
+                assert torch.equal(s_new["step"], s_old["step"])
+                assert torch.allclose(s_new["exp_avg"], s_old["exp_avg"] / 2, rtol=0, atol=0)
+                assert torch.allclose(s_new["exp_avg_sq"], s_old["exp_avg_sq"] / 4, rtol=0,
+                                      atol=0)
+        seen.append(new.nlayers)
+
+    ml._refine = spy
+    ml.run()
+    rows = WORLD.bcast(ml.metrics.rows(), root=0)
+    assert seen == [8, 16]
+    assert [r["nlayers"] for r in rows] == [4, 8, 16]
+    assert [r["level"] for r in rows] == [0, 1, 2]
+
+
 # ---- configuration --------------------------------------------------------------------
 
 def test_depth_schedule_and_budgets():
