@@ -49,7 +49,8 @@ def _config(a, dataset, seed, method, run_dir):
     sets = PROBLEMS[dataset] + [
         f'mgrit.mode="{a.mode}"', f"model.seed={seed}", f"data.seed={seed}",
         'optim.name="adam"', f"optim.epochs={e}", 'optim.schedule="cosine"', "run.plot=false",
-        f'run.dir="{run_dir}"', f"multilevel.levels={a.levels}", f"multilevel.factor={a.factor}"]
+        f'run.dir="{run_dir}"', f"multilevel.factor={a.factor}",
+        f"multilevel.levels={a.mg_levels if method == 'mgopt' else a.levels}"]
     if method == "nested":
         # the coarser depths get half the epochs of the next finer one
         budgets = [max(1, e // 2 ** (a.levels - 1 - i)) for i in range(a.levels)]
@@ -134,7 +135,8 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=0, help="epochs (0: the data set's default)")
     p.add_argument("--mode", default="serial", choices=["serial", "layer-parallel", "one-shot"])
-    p.add_argument("--levels", type=int, default=3)
+    p.add_argument("--levels", type=int, default=3, help="depths of nested iteration")
+    p.add_argument("--mg-levels", type=int, default=2, help="levels of MG/OPT")
     p.add_argument("--factor", type=int, default=2)
     p.add_argument("--prolong", default="constant", choices=["constant", "linear"])
     p.add_argument("--pre", type=int, default=1)
