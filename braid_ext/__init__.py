@@ -19,6 +19,7 @@ from mpi4py import MPI as _MPI  # noqa: F401  (loads the MPI library before the 
 
 from braid_ext._core import (
     AccessStatus,
+    Layout,
     MGRITError,
     NonFiniteResidualError,
     Solver,
@@ -30,6 +31,7 @@ from braid_ext.numpy_app import NumpyApp
 
 __all__ = [
     "Solver",
+    "Layout",
     "StepStatus",
     "AccessStatus",
     "MGRITError",

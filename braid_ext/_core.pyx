@@ -409,6 +409,67 @@ def _comm_handle(comm):
     return MPI._addressof(comm)
 
 
+cdef class Layout:
+    """Which rank holds which layer: ``nlayers`` layers (steps) over ``size``
+    ranks, as every solver of the core distributes them (forward order).
+
+    Fine points 1..nlayers form ``size`` contiguous blocks of nearly equal
+    size, point 0 goes with the first; layer n (the step from point n to
+    n+1) is held by the rank that owns point n+1.  Needs 1 <= size <= nlayers.
+    """
+    cdef readonly int64_t nlayers
+    cdef readonly int size
+
+    def __init__(self, nlayers, size):
+        _need(_is_int(nlayers) and nlayers >= 1,
+              f"nlayers={nlayers!r}: the number of layers must be an integer >= 1")
+        _need(_is_int(size) and size >= 1,
+              f"size={size!r}: the number of ranks must be an integer >= 1")
+        _need(size <= nlayers,
+              f"size={size} is larger than nlayers={nlayers}: every rank must hold at "
+              "least one layer; use fewer ranks or more layers")
+        self.nlayers = nlayers
+        self.size = size
+
+    cdef int _rank(self, q) except -1:
+        if not _is_int(q) or not 0 <= q < self.size:
+            raise IndexError(f"rank {q!r} out of range 0..{self.size - 1}")
+        return q
+
+    def block(self, q):
+        """(lo, hi): the fine points of time-ordered rank ``q``."""
+        cdef int64_t lo = 0, hi = -1
+        CHKERR(mg_BlockRange(self.nlayers, self.size, self._rank(q), &lo, &hi))
+        return lo, hi
+
+    def layers(self, q):
+        """The global indices of the layers rank ``q`` holds (a range)."""
+        lo, hi = self.block(q)
+        return range(max(lo, 1) - 1, hi)
+
+    def owner(self, n):
+        """The rank that holds layer ``n`` (IndexError outside 0..nlayers-1)."""
+        cdef int q = -1
+        if not _is_int(n) or not 0 <= n < self.nlayers:
+            raise IndexError(f"layer {n!r} out of range 0..{self.nlayers - 1}")
+        CHKERR(mg_LayerOwner(self.nlayers, self.size, n, &q))
+        return q
+
+    def __eq__(self, other):
+        if not isinstance(other, Layout):
+            return NotImplemented
+        return self.nlayers == (<Layout>other).nlayers and self.size == (<Layout>other).size
+
+    def __hash__(self):
+        return hash((Layout, self.nlayers, self.size))
+
+    def __reduce__(self):
+        return (Layout, (self.nlayers, self.size))
+
+    def __repr__(self):
+        return f"Layout(nlayers={self.nlayers}, size={self.size})"
+
+
 cdef class Solver:
     """MGRIT solver of  u_0 = app.init(t_start, 0),  u_i = app.step(u_{i-1})
     on ``nsteps`` uniform steps from ``t_start`` to ``t_stop``, with the time
@@ -619,6 +680,12 @@ cdef class Solver:
         cdef int64_t lo = 0, hi = -1
         CHKERR(mg_GetLocalRange(self.core, level, &lo, &hi))
         return lo, hi
+
+    def layout(self):
+        """The Layout of this solver's steps over its ranks (forward order;
+        a reversed solve mirrors it)."""
+        self._alive()
+        return Layout(self.nsteps, self.comm.Get_size())
 
     def level_size(self, int level):
         """(n, stride): the level has points 0..n, point j is fine point j*stride."""

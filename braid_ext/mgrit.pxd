@@ -113,4 +113,6 @@ cdef extern from "mgrit.h":
     int mg_GetRank(mg_Core core, int *rank_out)
 
     const char *mg_ErrorString(int code)
+    int mg_BlockRange(int64_t N, int P, int q, int64_t *lo, int64_t *hi)
+    int mg_LayerOwner(int64_t N, int P, int64_t n, int *owner)
     int mg_CheckApp(mg_App app, const mg_Ops *ops, double t, char *msg, size_t msglen)

@@ -127,7 +127,8 @@ class LayerParallel(nn.Module):
         self._fwd_app, self._bwd_app = ForwardApp(self), AdjointApp(self)
         self._fwd_solver = self._new_solver(self._fwd_app, fwd, reverse=False)
         self._bwd_solver = self._new_solver(self._bwd_app, bwd, reverse=True)
-        self.layer_indices = partition.local_layers(nlayers, self.size, self.rank)
+        self.layout = self._fwd_solver.layout()  # which rank holds which layer
+        self.layer_indices = self.layout.layers(self.rank)
         self.layers = nn.ModuleDict()
         for n in self.layer_indices:
             self.layers[str(n)] = self._make_layer(n)
@@ -222,7 +223,7 @@ class LayerParallel(nn.Module):
             state = {k: v.detach().cpu() for k, v in self.layers[str(n)].state_dict().items()}
             requests.append(self.comm.isend(state, dest=q, tag=n))
         for n in self._ghost_indices:
-            state = self.comm.recv(source=partition.layer_owner(self.nlayers, self.size, n), tag=n)
+            state = self.comm.recv(source=self.layout.owner(n), tag=n)
             if n not in self._ghosts:
                 self._ghosts[n] = self._make_layer(n)
             _load(self._ghosts[n], state, self._state_meta[2]).requires_grad_(False)

@@ -3,36 +3,33 @@
 The layer-time grid has points 0..N; layer n is the step from point n to
 point n+1.  Points 1..N are split into P contiguous blocks (point 0 goes with
 the first), and the rank that owns point n+1 owns layer n: its parameters,
-its forward state u_n and its adjoint.  These formulas are the ones the
-braid_ext core uses; the tests check that they agree.
+its forward state u_n and its adjoint.  The blocks and owners come from the
+braid_ext core (``braid_ext.Layout``), the one place that computes them.
 """
+from functools import lru_cache
+
+from braid_ext import Layout
+
+
+@lru_cache(maxsize=64)
+def layout(nlayers, size):
+    """The Layout of ``nlayers`` layers over ``size`` ranks (cached)."""
+    return Layout(nlayers, size)
 
 
 def fine_block(nlayers, size, q):
     """Fine points [lo, hi] of the rank q (in time order) of ``size`` ranks."""
-    lo = 0 if q == 0 else 1 + (q * nlayers) // size
-    hi = ((q + 1) * nlayers) // size
-    return lo, hi
+    return layout(nlayers, size).block(q)
 
 
 def local_layers(nlayers, size, rank):
     """The global indices of the layers rank ``rank`` holds (a range)."""
-    lo, hi = fine_block(nlayers, size, rank)
-    return range(max(lo, 1) - 1, hi)
+    return layout(nlayers, size).layers(rank)
 
 
 def layer_owner(nlayers, size, n):
     """The rank that holds layer n."""
-    if not 0 <= n < nlayers:
-        raise IndexError(f"layer {n} out of range 0..{nlayers - 1}")
-    lo, hi = 0, size - 1
-    while lo < hi:  # largest q whose first layer is <= n
-        mid = (lo + hi + 1) // 2
-        if local_layers(nlayers, size, mid).start <= n:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    return layout(nlayers, size).owner(n)
 
 
 def hierarchy(nlayers, max_levels, cfactors, min_coarse):
@@ -54,7 +51,7 @@ def coarse_step_layers(nlayers, size, rank, levels):
     """The layers whose weights rank ``rank`` needs for its coarse forward
     steps: the coarse step into coarse point j of level l, taken by the owner
     of that point, uses the weights of the layer at its start, (j-1)*stride."""
-    lo, hi = fine_block(nlayers, size, rank)
+    lo, hi = layout(nlayers, size).block(rank)
     need = set()
     for n_l, stride in levels[1:]:
         first = -(-lo // stride)  # ceil

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: every test on one process (MPI tests on a one-rank
 # COMM_WORLD), then the MPI tests under mpiexec with 2 and 4 ranks (4 is
-# oversubscribed on a 2-core machine).  Fails if any test fails on any rank.
+# oversubscribed on a 2-core machine), and the layout and transfer tests on 3
+# ranks (blocks of N and r*N layers that do not line up).  Fails if any test
+# fails on any rank.
 set -u
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -16,6 +18,10 @@ for n in 2 4; do
   timeout 1200 mpiexec -n "$n" python scripts/mpi_pytest.py \
       --log-prefix ".test-logs/np$n" -- -q --only-mpi tests "$@" || status=1
 done
+
+echo "== layout and transfer tests on 3 ranks"
+timeout 600 mpiexec -n 3 python scripts/mpi_pytest.py --log-prefix .test-logs/np3 -- \
+    -q --only-mpi tests/test_transfer.py tests/test_layout.py "$@" || status=1
 
 python scripts/test_summary.py .test-logs || status=1
 exit $status

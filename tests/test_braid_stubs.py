@@ -60,7 +60,7 @@ def test_stub_names_are_the_module_names():
     assert set(braid_ext.__all__) - {"NumpyApp"} <= runtime
 
 
-@pytest.mark.parametrize("name", ["Solver", "StepStatus", "AccessStatus"])
+@pytest.mark.parametrize("name", ["Solver", "StepStatus", "AccessStatus", "Layout"])
 def test_stub_members_are_the_class_members(name):
     cls = getattr(_core, name)
     assert public(members(stub_classes()[name])) == public(dir(cls))
@@ -69,6 +69,7 @@ def test_stub_members_are_the_class_members(name):
 @pytest.mark.parametrize("cls,method", [
     ("Solver", "solve"), ("Solver", "close"), ("Solver", "local_range"),
     ("Solver", "level_size"), ("Solver", "is_stored"), ("Solver", "get"), ("Solver", "stats"),
+    ("Solver", "layout"), ("Layout", "block"), ("Layout", "layers"), ("Layout", "owner"),
     ("MGRITError", "__init__"), ("NonFiniteResidualError", "__init__"), (None, "check_app"),
 ])
 def test_stub_signatures_match(cls, method):

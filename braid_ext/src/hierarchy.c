@@ -26,19 +26,48 @@ static int64_t fwd_hi(int64_t N, int P, int q) {
   return (int64_t)((__int128)(q + 1) * N / P);
 }
 
-/* first fine point of time-ordered rank q in the current layout */
+int mg_BlockRange(int64_t N, int P, int q, int64_t *lo, int64_t *hi) {
+  if (N < 1 || P < 1 || P > N || q < 0 || q >= P || !lo || !hi) return MG_ERR_ARG;
+  *lo = fwd_lo(N, P, q);
+  *hi = fwd_hi(N, P, q);
+  return MG_OK;
+}
+
+int mg_LayerOwner(int64_t N, int P, int64_t n, int *owner) {
+  if (N < 1 || P < 1 || P > N || n < 0 || n >= N || !owner) return MG_ERR_ARG;
+  int a = 0, b = P - 1; /* largest q whose block starts at or before point n+1 */
+  while (a < b) {
+    int mid = a + (b - a + 1) / 2;
+    if (fwd_lo(N, P, mid) <= n + 1) a = mid;
+    else b = mid - 1;
+  }
+  *owner = a;
+  return MG_OK;
+}
+
+/* first fine point of time-ordered rank q in the current layout: the
+ * forward block, or in a reversed solve the mirror of forward rank P-1-q */
 static int64_t block_lo(mg_Core core, int q) {
-  int64_t N = core->nsteps;
+  int64_t N = core->nsteps, lo, hi;
   int P = core->size;
-  if (!core->reverse) return fwd_lo(N, P, q);
-  return q == 0 ? 0 : N + 1 - fwd_hi(N, P, P - 1 - q);
+  if (!core->reverse) {
+    mg_BlockRange(N, P, q, &lo, &hi);
+    return lo;
+  }
+  if (q == 0) return 0;
+  mg_BlockRange(N, P, P - 1 - q, &lo, &hi);
+  return N + 1 - hi;
 }
 
 static int64_t block_hi(mg_Core core, int q) {
-  int64_t N = core->nsteps;
+  int64_t N = core->nsteps, lo, hi;
   int P = core->size;
-  if (!core->reverse) return fwd_hi(N, P, q);
-  return N - (int64_t)((__int128)(P - 1 - q) * N / P);
+  if (!core->reverse) {
+    mg_BlockRange(N, P, q, &lo, &hi);
+    return hi;
+  }
+  mg_BlockRange(N, P, P - 1 - q, &lo, &hi);
+  return N + 1 - (lo > 1 ? lo : 1);
 }
 
 static int time_rank(mg_Core core, int rank) {

@@ -195,6 +195,15 @@ int mg_GetFailure(mg_Core core, int *rank_out, int64_t *index_out);
 int mg_GetRank(mg_Core core, int *rank_out);
 
 /* ---- utilities --------------------------------------------------------- */
+/* The layout of N steps (layers) over P ranks, the one every solver uses
+ * (forward order): fine points 1..N in P contiguous blocks of nearly equal
+ * size, point 0 with the first.  [*lo, *hi] are the fine points of the block
+ * of time-ordered rank q, lo = q*N/P + 1 (0 for q = 0), hi = (q+1)*N/P,
+ * rounded down.  Step (layer) n, from point n to n+1, is held by the owner
+ * of point n+1: *owner.  MG_ERR_ARG unless 1 <= P <= N, 0 <= q < P and
+ * 0 <= n < N.  Need no solver and no communicator. */
+int mg_BlockRange(int64_t N, int P, int q, int64_t *lo, int64_t *hi);
+int mg_LayerOwner(int64_t N, int P, int64_t n, int *owner);
 const char *mg_ErrorString(int code);
 /* Exercise an application's clone/sum/norm/pack/unpack on a vector made by
  * init(t): returns MG_OK, or MG_ERR_CALLBACK with a message in msg. */
