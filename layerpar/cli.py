@@ -113,14 +113,14 @@ def _info(comm, out):
 
 def _train(args, comm, out):
     from layerpar.config import resolve, to_toml
-    from layerpar.training import Trainer
+    from layerpar.training.multilevel import make_trainer
 
     overrides = list(args.set)
     if args.run_dir:
         overrides.append(f'run.dir="{args.run_dir}"')
     config = resolve(args.config, overrides)
     out("resolved configuration:\n" + to_toml(config).rstrip(), 1)
-    trainer = Trainer(config, comm, log=lambda s: out(s, 1), progress=out.progress)
+    trainer = make_trainer(config, comm, log=lambda s: out(s, 1), progress=out.progress)
     if args.resume_from:
         trainer.resume(args.resume_from)
     elif args.resume:
@@ -128,9 +128,10 @@ def _train(args, comm, out):
             out(f"no checkpoint in {config['run']['dir']}: starting afresh", 1)
     trainer.write_config()
     summary = trainer.run()
-    g = config["mgrit"]
+    g, method = config["mgrit"], config["multilevel"]["method"]
     out(f"layerpar: {config['data']['name']} {config['model']['kind']} N={config['model']['nlayers']} "
-        f"on {comm.Get_size()} ranks, {g['mode']}: epoch {summary['epoch']}, "
+        f"on {comm.Get_size()} ranks, {g['mode']}"
+        f"{'' if method == 'none' else ', ' + method}: epoch {summary['epoch']}, "
         f"validation accuracy {100 * summary['val_acc']:.2f}%, "
         f"loss {summary['val_loss']:.4f}, {summary['total_wall_time']:.1f}s; "
         f"results in {config['run']['dir']}", 0)
@@ -140,7 +141,7 @@ def _train(args, comm, out):
 def _eval(args, comm, out):
     from layerpar import checkpoint as ckpt
     from layerpar.config import merge, parse_override, check
-    from layerpar.training import Trainer
+    from layerpar.training.multilevel import make_trainer
 
     header = ckpt.load_checkpoint(args.checkpoint, comm, layer_indices=[])
     config = header["config"]
@@ -148,7 +149,7 @@ def _eval(args, comm, out):
         merge(config, parse_override(text), f"--set {text}")
     check(config)
     config["run"]["plot"] = False
-    trainer = Trainer(config, comm)
+    trainer = make_trainer(config, comm)
     trainer.resume(args.checkpoint)
     split = {"val": trainer.data.val, "test": trainer.data.test, "train": trainer.data.train}[args.split]
     if split is None:

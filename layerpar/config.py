@@ -21,6 +21,7 @@ from layerpar.steps import ACTIVATIONS
 MODES = ("serial", "layer-parallel", "one-shot")
 OPTIMIZERS = ("sgd", "adam", "lbfgs")
 SCHEDULES = ("constant", "step", "cosine")
+MULTILEVEL_METHODS = ("none", "nested", "mgopt")
 
 DEFAULTS = {
     "data": {
@@ -71,6 +72,20 @@ DEFAULTS = {
         "smoothness": 0.0,     # gamma/2 * sum ||(theta_n - theta_{n-1})/h||^2
         "lbfgs_history": 10,
     },
+    "multilevel": {
+        "method": "none",       # none, nested (nested iteration), mgopt (MG/OPT V-cycles)
+        "levels": 2,            # depths model.nlayers / factor^l, l = 0..levels-1
+        "factor": 2,            # depth ratio r between neighbouring levels
+        "prolong": "constant",  # constant or linear in layer-time
+        "restrict": "injection",  # injection or full-weighting (MG/OPT weights)
+        "pre_steps": 1,         # MG/OPT: optimiser steps on a level before its coarse correction
+        "post_steps": 1,        # MG/OPT: optimiser steps after it
+        "coarse_steps": 2,      # MG/OPT: optimiser steps on the coarsest level
+        "epochs_per_level": [],  # nested: epochs at each depth (one value, or one per
+                                 #   depth, coarsest first); [] = optim.epochs at each
+        "target_accuracy": 0.0,  # nested: leave a depth at this validation accuracy; 0 = off
+        "line_search_steps": 4,  # MG/OPT: step lengths 1, 1/2, ... tried on the correction
+    },
     "run": {
         "dir": "runs/latest",
         "checkpoint_every": 0,  # steps between checkpoints; 0 = each epoch
@@ -114,6 +129,11 @@ def _coerce(section, key, value, default):
     elif isinstance(default, str):
         if isinstance(value, str):
             return value
+    elif isinstance(default, list):
+        items = value if isinstance(value, list) else [value]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            return list(items)
+        raise ConfigError(f"{where} = {value!r}: expected an integer or a list of integers")
     raise ConfigError(f"{where} = {value!r}: expected {_type_name(default)}")
 
 
@@ -202,7 +222,50 @@ def check(config):
     need(r["log_every"] >= 0, "run.log_every", "must be >= 0")
     if d["name"] in ("mnist", "fashion-mnist", "cifar10"):
         need(d["root"] != "", "data.root", f"data set {d['name']} needs its directory")
+    _check_multilevel(config, need)
     return config
+
+
+def _check_multilevel(config, need):
+    # a configuration written before the section existed: single-level training
+    ml = config.setdefault("multilevel", copy.deepcopy(DEFAULTS["multilevel"]))
+    m = config["model"]
+    need(ml["method"] in MULTILEVEL_METHODS, "multilevel.method",
+         f"choose one of {', '.join(MULTILEVEL_METHODS)}")
+    need(ml["levels"] >= 1, "multilevel.levels", "must be >= 1")
+    need(ml["factor"] >= 2, "multilevel.factor", "the depth ratio must be >= 2")
+    need(ml["prolong"] in ("constant", "linear"), "multilevel.prolong",
+         "must be constant or linear")
+    need(ml["restrict"] in ("injection", "full-weighting"), "multilevel.restrict",
+         "must be injection or full-weighting")
+    need(ml["pre_steps"] >= 0, "multilevel.pre_steps", "must be >= 0")
+    need(ml["post_steps"] >= 0, "multilevel.post_steps", "must be >= 0")
+    need(ml["coarse_steps"] >= 0, "multilevel.coarse_steps", "must be >= 0")
+    need(ml["line_search_steps"] >= 1, "multilevel.line_search_steps", "must be >= 1")
+    need(0.0 <= ml["target_accuracy"] <= 1.0, "multilevel.target_accuracy",
+         "must be in [0, 1] (0 = off)")
+    e = ml["epochs_per_level"]
+    need(len(e) in (0, 1, ml["levels"]), "multilevel.epochs_per_level",
+         f"give one value or one per level ({ml['levels']})")
+    need(all(v >= 1 for v in e), "multilevel.epochs_per_level", "epochs must be >= 1")
+    if ml["method"] != "none":
+        div = ml["factor"] ** (ml["levels"] - 1)
+        need(m["nlayers"] % div == 0, "model.nlayers",
+             f"multilevel.levels = {ml['levels']} with multilevel.factor = {ml['factor']} "
+             f"needs a depth divisible by {div}")
+
+
+def check_ranks(config, size):
+    """Refuse a multilevel hierarchy whose coarsest network has fewer layers
+    than there are ranks (every rank must hold a layer at every level)."""
+    ml, m = config["multilevel"], config["model"]
+    if ml["method"] == "none":
+        return
+    coarsest = m["nlayers"] // ml["factor"] ** (ml["levels"] - 1)
+    if coarsest < size:
+        raise ConfigError(f"multilevel.levels = {ml['levels']}: the coarsest network has "
+                          f"{coarsest} layers, fewer than the {size} ranks; use fewer levels, "
+                          "a smaller multilevel.factor or fewer ranks")
 
 
 def mode_iterations(config):

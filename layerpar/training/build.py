@@ -1,0 +1,109 @@
+"""Construction from a configuration: the network of a given depth, its
+optimiser, the residual monitor, the data loaders and the learning rate."""
+import math
+
+import torch
+
+from layerpar.config import mode_iterations
+from layerpar.optim import LBFGS, schedule
+from layerpar.parallel import Network
+from layerpar.steps import ConvClosing, ConvOpening, ConvStep, DenseClosing, DenseOpening, DenseStep
+from layerpar.training.monitor import ResidualMonitor
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def mgrit_options(config):
+    """LayerParallel keyword options for the configured mode."""
+    g = config["mgrit"]
+    # micro-batches act wherever propagation is serial (serial mode, and the
+    # monitor's fallback): the exact pipeline
+    if g["mode"] == "serial":
+        return {"max_levels": 1, "microbatches": g["microbatches"]}
+    fwd_iters, bwd_iters = mode_iterations(config)
+    return dict(max_levels=g["max_levels"], cfactor=g["cfactor"], relax=g["relax"],
+                cycle=g["cycle"], skip=g["skip"], fwd_iters=fwd_iters, bwd_iters=bwd_iters,
+                fwd_tol=g["fwd_tol"], bwd_tol=g["bwd_tol"],
+                warm_start=g["mode"] == "one-shot", microbatches=g["microbatches"])
+
+
+def build_network(config, input_shape, num_classes, comm, *, nlayers=None):
+    """The configured Network on ``comm`` (float32 or float64), with
+    ``nlayers`` residual layers (default ``model.nlayers``) over the same
+    final time ``model.T``.  The opening and closing layers do not depend on
+    the depth: networks of different depths built from one configuration
+    start with the same opening and closing weights."""
+    m = config["model"]
+    width, act, k = m["width"], m["activation"], m["kernel_size"]
+    if m["kind"] == "dense":
+        features = int(math.prod(input_shape))
+        opening = lambda: DenseOpening(features, width, act)  # noqa: E731
+        step = lambda n: DenseStep(width, act)  # noqa: E731
+        closing = lambda: DenseClosing(width, num_classes)  # noqa: E731
+    else:
+        if len(input_shape) != 3:
+            raise ValueError(f"model.kind = 'conv' needs image inputs (C, H, W); the data set "
+                             f"gives inputs of shape {tuple(input_shape)}: use model.kind = 'dense'")
+        opening = lambda: ConvOpening(input_shape[0], width, k, act)  # noqa: E731
+        step = lambda n: ConvStep(width, k, act)  # noqa: E731
+        closing = lambda: ConvClosing(width, num_classes, pool=min(4, input_shape[1]))  # noqa: E731
+    net = Network(opening, step, closing, nlayers=m["nlayers"] if nlayers is None else nlayers,
+                  T=m["T"], comm=comm, seed=m["seed"], **mgrit_options(config))
+    return net.to(DTYPES[config["data"]["dtype"]])
+
+
+def make_optimizer(config, net):
+    """The configured optimiser over all of ``net``'s parameters on this rank."""
+    o = config["optim"]
+    params = list(net.parameters())
+    if o["name"] == "sgd":
+        return torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"])
+    if o["name"] == "adam":
+        return torch.optim.Adam(params, lr=o["lr"])
+    return LBFGS(params, net.body.comm, lr=o["lr"], history=o["lbfgs_history"])
+
+
+def make_monitor(config):
+    """The residual monitor of the parallel modes (None in serial mode or
+    when switched off)."""
+    g = config["mgrit"]
+    if g["mode"] == "serial" or not g["monitor"]:
+        return None
+    fwd_iters, bwd_iters = mode_iterations(config)
+    return ResidualMonitor(g["monitor_factor"], g["monitor_patience"], g["max_iters"],
+                           fwd_iters, bwd_iters)
+
+
+def learning_rate(config, epoch, *, epochs=None):
+    """The scheduled learning rate of ``epoch`` (of ``epochs``, default
+    ``optim.epochs``)."""
+    o = config["optim"]
+    factor = schedule(o["schedule"], epochs=o["epochs"] if epochs is None else epochs,
+                      step_epochs=o["step_epochs"], decay=o["decay"])
+    return o["lr"] * factor(epoch)
+
+
+def make_loaders(config, data, rank, size):
+    """(train loader, validation loader): full-batch training for L-BFGS;
+    the first rank draws inputs, the last labels."""
+    d, o = config["data"], config["optim"]
+    first, last = rank == 0, rank == size - 1
+    full_batch = o["name"] == "lbfgs"
+    batch = len(data.train) if full_batch else d["batch_size"]
+    train = data.train.loader(batch_size=batch, seed=d["seed"], shuffle=not full_batch,
+                              need_inputs=first, need_labels=last)
+    val = data.val.loader(batch_size=max(d["batch_size"], 1000), shuffle=False,
+                          need_inputs=first, need_labels=last)
+    return train, val
+
+
+def load_data(config, comm):
+    """The configured data set, with inputs on the first rank and labels on
+    the last."""
+    from layerpar.data import load_dataset
+    d = config["data"]
+    rank, size = comm.Get_rank(), comm.Get_size()
+    return load_dataset(d["name"], root=d["root"] or None, seed=d["seed"],
+                        val_fraction=None if d["val_fraction"] < 0 else d["val_fraction"],
+                        dtype=DTYPES[d["dtype"]], need_inputs=rank == 0,
+                        need_labels=rank == size - 1, comm=comm)

@@ -1,0 +1,187 @@
+"""One network of a training run, with what an outer method needs to drive
+it: its optimiser, residual monitor and work counters.
+
+    level = Level(config, data, comm, nlayers=16)
+    stats = level.step(x, y, size)           # one optimiser step on a batch
+    value = level.loss_and_grad(x, y)        # objective and .grad at the current weights
+    value = level.loss(x, y)                 # objective only (forward solve only)
+    val_loss, val_acc = level.evaluate(loader)
+
+The objective is the mean cross-entropy plus the configured penalties,
+minus ``<v, x>`` when a linear term ``v`` is set (``set_linear_term``), as in
+the coarse problems of MG/OPT.  Values are the last rank's, on every rank.
+
+Work: every forward and adjoint solve of a training or line-search
+evaluation adds the layer steps it took on this rank, on every MGRIT grid
+level (the solver's step counts), to ``work["fwd"]`` / ``work["bwd"]``.  A
+layer step costs the same on networks of any depth (same width, same
+module), so one step is one fine-layer-equivalent step evaluation; an exact
+forward pass of a network of N layers costs N.  Validation passes are not
+counted.  ``work_totals()`` sums the counters over the ranks.
+"""
+import torch
+import torch.nn.functional as Fn
+
+from layerpar.optim import regularize
+from layerpar.training.build import build_network, make_monitor, make_optimizer
+from layerpar.training.report import batch_len
+
+
+class Level:
+    """Collective over ``comm``: every rank builds the same levels and calls
+    the same methods in the same order."""
+
+    def __init__(self, config, data, comm, *, nlayers=None):
+        self.config = config
+        self.comm = comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.first, self.last = self.rank == 0, self.rank == self.size - 1
+        self.net = build_network(config, data.input_shape, data.num_classes, comm,
+                                 nlayers=nlayers)
+        self.body = self.net.body
+        self.nlayers = self.body.nlayers
+        self.optimizer = make_optimizer(config, self.net)
+        self.monitor = make_monitor(config)
+        self.lbfgs = config["optim"]["name"] == "lbfgs"
+        self.work = {"fwd": 0, "bwd": 0}
+        self._linear = None  # {parameter: tensor v}: the objective gets -<v, x>
+
+    # ---- the objective ---------------------------------------------------------
+    def set_linear_term(self, v):
+        """``v``: {parameter of this rank: tensor of its shape}, or None.
+        The objective becomes f(x) - <v, x> (collective in its evaluation)."""
+        self._linear = v
+
+    def _linear_value(self):
+        if not self._linear:
+            local = 0.0
+        else:
+            local = float(sum(torch.sum(v * p.detach()) for p, v in self._linear.items()))
+        return self.comm.allreduce(local)
+
+    def forward_loss(self, x, y):
+        """(loss tensor for backward, loss value, correct count), the values
+        from the last rank on every rank.  Counts the forward solve."""
+        out = self.net(x)
+        self.work["fwd"] += sum(self.body.last_forward["steps"])
+        if self.last:
+            loss = Fn.cross_entropy(out, y)
+            correct = int((out.argmax(1) == y).sum())
+            value = float(loss.detach())
+        else:
+            loss, correct, value = out.sum() * 0.0, 0, 0.0
+        value, correct = self.comm.bcast((value, correct), root=self.size - 1)
+        return loss, value, correct
+
+    def _penalty(self, add_grad):
+        o = self.config["optim"]
+        if o["tikhonov"] == 0 and o["smoothness"] == 0:
+            return 0.0
+        return regularize(self.net, tikhonov=o["tikhonov"], smoothness=o["smoothness"],
+                          add_grad=add_grad)
+
+    def _evaluate_with_grad(self, x, y):
+        """Objective value and correct count; the objective's gradient in .grad."""
+        self.optimizer.zero_grad()
+        loss, value, correct = self.forward_loss(x, y)
+        loss.backward()
+        self.work["bwd"] += sum(self.body.last_backward["steps"])
+        value += self._penalty(add_grad=True)
+        if self._linear:
+            for p, v in self._linear.items():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.sub_(v)
+            value -= self._linear_value()
+        return value, correct
+
+    def loss_and_grad(self, x, y):
+        """The objective at the current weights; its gradient in the
+        parameters' ``.grad``.  Collective."""
+        return self._evaluate_with_grad(x, y)[0]
+
+    def loss(self, x, y):
+        """The objective at the current weights (a forward solve only).
+        Collective."""
+        with torch.no_grad():
+            _, value, _ = self.forward_loss(x, y)
+            value += self._penalty(add_grad=False)
+            if self._linear:
+                value -= self._linear_value()
+        return value
+
+    # ---- optimiser steps -----------------------------------------------------------
+    def step(self, x, y, size):
+        """One optimiser step on the batch (x, y) of ``size`` samples; then the
+        residual monitor looks at the solves.  Returns the step's statistics
+        (the objective before the step, the correct count, MGRIT iterations
+        and residuals, virtual time, and ``change``: what the monitor did)."""
+        stats = {}
+
+        def closure():
+            value, correct = self._evaluate_with_grad(x, y)
+            stats.update(loss=value, correct=correct)
+            return value
+
+        if self.lbfgs:
+            self.optimizer.step(closure)
+        else:
+            closure()
+            self.optimizer.step()
+        f, b = self.body.last_forward, self.body.last_backward
+        change = None
+        if self.monitor:
+            change = self.monitor.update(self.body)
+            status = getattr(self.optimizer, "last_step", {}).get("status")
+            if change is None and status == "failed":
+                change = self.monitor.escalate(self.body, "no decrease along the inexact gradient")
+        return dict(loss=stats["loss"], correct=stats["correct"], size=size,
+                    fwd_iters=f["iterations"], bwd_iters=b["iterations"],
+                    fwd_res=f["residual_norms"][-1] if f["residual_norms"] else 0.0,
+                    bwd_res=b["residual_norms"][-1] if b["residual_norms"] else 0.0,
+                    vtime=f["virtual_time"] + b["virtual_time"], change=change)
+
+    def steps(self, k, batches):
+        """k optimiser steps, cycling through ``batches`` (a list of
+        (x, y, size)); the list of their statistics."""
+        return [self.step(*batches[i % len(batches)]) for i in range(k)]
+
+    def set_lr(self, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    # ---- evaluation and bookkeeping ----------------------------------------------------
+    def evaluate(self, loader):
+        """(mean loss, accuracy) over a loader, collective; not counted as work."""
+        work = dict(self.work)
+        total, loss_sum, correct = 0, 0.0, 0
+        with torch.no_grad():
+            for b, (x, y) in enumerate(loader.epoch(0)):
+                n = batch_len(loader, b)
+                _, value, c = self.forward_loss(x, y)
+                total += n
+                loss_sum += value * n
+                correct += c
+        self.work = work
+        return loss_sum / max(total, 1), correct / max(total, 1)
+
+    def work_totals(self):
+        """{"fwd", "bwd"}: layer-step evaluations summed over the ranks.
+        Collective."""
+        # every rank -> every rank: its two counters
+        parts = self.comm.allgather((self.work["fwd"], self.work["bwd"]))
+        return {"fwd": sum(f for f, _ in parts), "bwd": sum(b for _, b in parts)}
+
+    def params(self):
+        """This rank's parameters in the checkpoint layout: {"layers": {n:
+        {name: p}}, "opening": {...}, "closing": {...}}."""
+        return {"layers": {n: dict(self.body.layers[str(n)].named_parameters())
+                           for n in self.body.layer_indices},
+                "opening": dict(self.net.opening.named_parameters()) if self.first else {},
+                "closing": dict(self.net.closing.named_parameters()) if self.last else {}}
+
+    def end_params(self):
+        """{("opening"|"closing", name): parameter} of this rank."""
+        p = self.params()
+        return {(sec, k): v for sec in ("opening", "closing") for k, v in p[sec].items()}
+

@@ -1,0 +1,213 @@
+"""The training engine: a configured network, data, optimiser and MGRIT mode,
+trained epoch by epoch with metrics, checkpoints and resumption.
+
+Modes (``mgrit.mode``):
+  serial          one grid level: exact layer-serial propagation across ranks
+  layer-parallel  ``max_levels`` levels, a fixed number of forward and
+                  backward MGRIT iterations per batch: inexact gradients
+  one-shot        the simultaneous method: forward and adjoint states are
+                  kept and warm-started from one design update to the next,
+                  by default one forward and one backward iteration each
+In both parallel modes a residual monitor raises the number of iterations
+when the MGRIT residual stops contracting, and falls back to serial
+propagation past ``mgrit.max_iters``.
+
+Every rank runs the same loop on the same batches (the first rank needs the
+inputs, the last the labels); losses and counts come from the last rank.
+"""
+import os
+import time
+
+import torch
+
+from layerpar import checkpoint as ckpt
+from layerpar.config import to_toml
+from layerpar.metrics import MetricsWriter
+from layerpar.training.build import learning_rate, load_data, make_loaders
+from layerpar.training.level import Level
+from layerpar.training.report import batch_len, format_row, plot_metrics
+
+
+class Trainer:
+    """Collective over ``comm``: every rank constructs it and calls run().
+
+    ``log(text)`` receives messages on rank 0 (None: silent); ``progress``
+    (rank 0) is called as progress(epoch, step_in_epoch, steps_per_epoch,
+    metrics) after each step.
+    """
+
+    def __init__(self, config, comm, *, log=None, progress=None):
+        self.config = config
+        self.comm = comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.log = log if self.rank == 0 else None
+        self.progress = progress if self.rank == 0 else None
+        self.first, self.last = self.rank == 0, self.rank == self.size - 1
+        self.data = load_data(config, comm)
+        self.train_loader, self.val_loader = make_loaders(config, self.data, self.rank, self.size)
+        self.level = Level(config, self.data, comm)
+        self.run_dir = config["run"]["dir"]
+        self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
+        self.metrics = MetricsWriter(self.run_dir, comm)
+
+    @property
+    def net(self):
+        return self.level.net
+
+    @property
+    def body(self):
+        return self.level.body
+
+    @property
+    def optimizer(self):
+        return self.level.optimizer
+
+    @property
+    def monitor(self):
+        return self.level.monitor
+
+    def evaluate(self, loader):
+        """(mean loss, accuracy) over a loader, collective."""
+        return self.level.evaluate(loader)
+
+    # ---- checkpoints ---------------------------------------------------------
+    def save(self):
+        params = self.level.params()
+        state = {"num_layers": self.body.nlayers, "epoch": self.epoch, "step": self.step,
+                 "config": self.config,
+                 "layers": {n: {k: v.detach() for k, v in d.items()}
+                            for n, d in params["layers"].items()},
+                 "opening": {k: v.detach() for k, v in params["opening"].items()},
+                 "closing": {k: v.detach() for k, v in params["closing"].items()},
+                 "optimizer": ckpt.optimizer_state(self.optimizer, params),
+                 "rng": ckpt.rng_state(),
+                 "extra": {"batch_in_epoch": self.batch_in_epoch,
+                           "monitor": self.monitor.state() if self.monitor else {},
+                           "work": self.level.work_totals()}}
+        ckpt.save_checkpoint(self.checkpoint_path(), self.comm, state)
+
+    def checkpoint_path(self):
+        return os.path.join(self.run_dir, "checkpoint.h5")
+
+    def resume(self, path=None):
+        """Load ``path``, or the run directory's checkpoint; False if there is
+        none.  A damaged or mismatched checkpoint raises CheckpointError (the
+        previous one, checkpoint.prev.h5, is left as it is)."""
+        if path is None:
+            path = self.checkpoint_path()
+            exists = self.comm.bcast(os.path.exists(path) if self.rank == 0 else None, root=0)
+            if not exists:  # a save interrupted between its renames leaves only .prev
+                path = ckpt.find_latest_checkpoint(self.run_dir, self.comm)
+                if path is None:
+                    return False
+        keys = {"model": self.config["model"], "data": {
+            k: self.config["data"][k] for k in ("name", "dtype", "seed")}}
+        try:
+            st = ckpt.load_checkpoint(path, self.comm, layer_indices=self.body.layer_indices,
+                                      num_layers=self.body.nlayers, config=keys)
+        except ckpt.CheckpointError as e:
+            prev = ckpt.previous_path(path)
+            hint = f" (the previous checkpoint {prev} is kept: resume from it with " \
+                   f"--resume-from {prev})" if os.path.exists(prev) else ""
+            raise ckpt.CheckpointError(f"{e}{hint}") from None
+        params = self.level.params()
+        with torch.no_grad():
+            for group in ("opening", "closing"):
+                for k, p in params[group].items():
+                    p.copy_(st[group][k])
+            for n, d in params["layers"].items():
+                for k, p in d.items():
+                    p.copy_(st["layers"][n][k])
+        ckpt.restore_optimizer_state(self.optimizer, params, st["optimizer"])
+        if st.get("rng"):
+            ckpt.set_rng_state(st["rng"])
+        self.epoch, self.step = st["epoch"], st["step"]
+        extra = st.get("extra") or {}
+        self.batch_in_epoch = extra.get("batch_in_epoch", 0)
+        if self.monitor and extra.get("monitor"):
+            self.monitor.restore(extra["monitor"], self.body)
+        self._restore_work(extra.get("work"))
+        self.metrics.truncate(self.epoch)  # rows of epochs finished before the save
+        if self.log:
+            self.log(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
+        return True
+
+    # ---- the loop ------------------------------------------------------------
+    def run(self):
+        o, r = self.config["optim"], self.config["run"]
+        every = r["checkpoint_every"]
+        steps_per_epoch = len(self.train_loader)
+        t_start = time.perf_counter()
+        summary = None
+        while self.epoch < o["epochs"]:
+            self.level.set_lr(learning_rate(self.config, self.epoch))
+            t_epoch = time.perf_counter()
+            acc = dict(loss=0.0, correct=0, size=0, fwd_iters=0, bwd_iters=0, fwd_res=0.0,
+                       bwd_res=0.0, vtime=0.0, steps=0)
+            batches = self.train_loader.epoch(self.epoch)
+            for b, (x, y) in enumerate(batches):
+                if b < self.batch_in_epoch:
+                    continue  # done before the checkpoint this run resumed from
+                size = batch_len(self.train_loader, b)
+                s = self.level.step(x, y, size)
+                for k in ("fwd_iters", "bwd_iters", "fwd_res", "bwd_res", "vtime"):
+                    acc[k] += s[k]
+                acc["loss"] += s["loss"] * size
+                acc["correct"] += s["correct"]
+                acc["size"] += size
+                acc["steps"] += 1
+                self.step += 1
+                self.batch_in_epoch = b + 1
+                if s["change"] and self.log:
+                    self.log(f"step {self.step}: {s['change']}")
+                if self.progress:
+                    self.progress(self.epoch, b + 1, steps_per_epoch, s)
+                if r["log_every"] and self.step % r["log_every"] == 0 and self.log:
+                    self.log(f"step {self.step} (epoch {self.epoch + 1}, batch {b + 1}/"
+                             f"{steps_per_epoch}): loss {s['loss']:.4f}, accuracy "
+                             f"{100 * s['correct'] / max(size, 1):.1f}%, MGRIT iterations "
+                             f"{s['fwd_iters']}/{s['bwd_iters']}, residuals "
+                             f"{s['fwd_res']:.1e}/{s['bwd_res']:.1e}")
+                if every and self.step % every == 0 and self.batch_in_epoch < steps_per_epoch:
+                    self.save()
+            val_loss, val_acc = self.evaluate(self.val_loader)
+            n = max(acc["steps"], 1)
+            row = {"epoch": self.epoch + 1, "step": self.step,
+                   "train_loss": acc["loss"] / max(acc["size"], 1),
+                   "train_acc": acc["correct"] / max(acc["size"], 1),
+                   "val_loss": val_loss, "val_acc": val_acc,
+                   "fwd_iters": acc["fwd_iters"] / n, "bwd_iters": acc["bwd_iters"] / n,
+                   "fwd_residual": acc["fwd_res"] / n, "bwd_residual": acc["bwd_res"] / n,
+                   "lr": self.optimizer.param_groups[0]["lr"],
+                   "wall_time": time.perf_counter() - t_epoch,
+                   "virtual_time": acc["vtime"]}
+            row.update({f"{k}_work": v for k, v in self.level.work_totals().items()})
+            self.metrics.append(row)
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self.save()
+            summary = row
+            if self.log:
+                self.log(format_row(row))
+        if summary is None:  # nothing left to train: report the current state
+            val_loss, val_acc = self.evaluate(self.val_loader)
+            summary = {"epoch": self.epoch, "step": self.step, "val_loss": val_loss,
+                       "val_acc": val_acc}
+        summary["total_wall_time"] = time.perf_counter() - t_start
+        if self.rank == 0 and self.config["run"]["plot"]:
+            plot_metrics(self.metrics.rows(), os.path.join(self.run_dir, "curves.png"))
+        return summary
+
+    def _restore_work(self, saved):
+        """Work counters of a resumed run: the saved totals, held by the first
+        rank (so that the totals over the ranks continue on any rank count)."""
+        totals = {"fwd": 0, "bwd": 0}
+        if saved:
+            totals = {k: int(saved.get(k, 0)) for k in totals}
+        self.level.work = totals if self.first else {"fwd": 0, "bwd": 0}
+
+    def write_config(self):
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.toml"), "w") as fh:
+                fh.write(to_toml(self.config))

@@ -1,0 +1,78 @@
+"""The residual monitor of the parallel modes: more MGRIT iterations when
+the residual stops contracting, serial propagation past a ceiling."""
+import math
+
+
+class ResidualMonitor:
+    """Watches the residual history of each solve.  A solve of k iterations
+    that cuts its residual by less than ``factor`` per iteration on average,
+    ``patience`` updates in a row, gets one more iteration; past ``max_iters``
+    the network falls back to serial (exact) propagation."""
+
+    def __init__(self, factor, patience, max_iters, fwd_iters, bwd_iters):
+        self.factor, self.patience, self.max_iters = factor, patience, max_iters
+        self.iters = {"fwd": fwd_iters, "bwd": bwd_iters}
+        self.stalls = {"fwd": 0, "bwd": 0}
+        self.serial = False
+
+    @staticmethod
+    def rate(norms):
+        if len(norms) < 2:
+            return 0.0
+        if not all(math.isfinite(r) for r in norms):
+            return math.inf
+        if norms[0] <= 0:
+            return 0.0
+        return (norms[-1] / norms[0]) ** (1.0 / (len(norms) - 1))
+
+    def update(self, body):
+        """Look at the last solves; returns a description of a change made to
+        ``body`` (collective: every rank sees the same norms), or None."""
+        if self.serial:
+            return None
+        change = {}
+        for key, info in (("fwd", body.last_forward), ("bwd", body.last_backward)):
+            if self.rate(info["residual_norms"]) > self.factor:
+                self.stalls[key] += 1
+            else:
+                self.stalls[key] = 0
+            if self.stalls[key] >= self.patience:
+                self.stalls[key] = 0
+                if self.iters[key] < self.max_iters:
+                    self.iters[key] += 1
+                    change[f"{key}_iters"] = self.iters[key]
+                else:
+                    self.serial = True
+        if self.serial:
+            body.reconfigure(max_levels=1)
+            return "residual stalled at the iteration ceiling: serial propagation from now on"
+        if change:
+            body.reconfigure(**change)
+            return "residual stalled: " + ", ".join(f"{k} -> {v}" for k, v in change.items())
+        return None
+
+    def escalate(self, body, reason):
+        """One more iteration for both solves (serial propagation past the
+        ceiling), e.g. when a line search finds no decrease on the inexact
+        loss.  Collective."""
+        if self.serial:
+            return None
+        if max(self.iters.values()) >= self.max_iters:
+            self.serial = True
+            body.reconfigure(max_levels=1)
+            return f"{reason}: serial propagation from now on"
+        self.iters = {k: min(v + 1, self.max_iters) for k, v in self.iters.items()}
+        body.reconfigure(fwd_iters=self.iters["fwd"], bwd_iters=self.iters["bwd"])
+        return f"{reason}: MGRIT iterations -> {self.iters['fwd']}/{self.iters['bwd']}"
+
+    def state(self):
+        return {"iters": dict(self.iters), "stalls": dict(self.stalls), "serial": self.serial}
+
+    def restore(self, state, body):
+        self.iters = dict(state["iters"])
+        self.stalls = dict(state["stalls"])
+        self.serial = bool(state["serial"])
+        if self.serial:
+            body.reconfigure(max_levels=1)
+        else:
+            body.reconfigure(fwd_iters=self.iters["fwd"], bwd_iters=self.iters["bwd"])

@@ -1,0 +1,41 @@
+"""Metrics rows as text and training curves as a PNG."""
+
+
+def batch_len(loader, b):
+    """Samples in batch b (known on every rank: only the last is short)."""
+    return min(loader.batch_size, loader.num_samples - b * loader.batch_size)
+
+
+def format_row(row):
+    return (f"epoch {row['epoch']:3d}  loss {row['train_loss']:.4f}  "
+            f"train {100 * row['train_acc']:5.1f}%  val {100 * row['val_acc']:5.1f}%  "
+            f"iters {row['fwd_iters']:.1f}/{row['bwd_iters']:.1f}  "
+            f"res {row['fwd_residual']:.1e}/{row['bwd_residual']:.1e}  "
+            f"{row['wall_time']:.1f}s")
+
+
+def plot_metrics(rows, path):
+    """Training curves (loss, accuracies, MGRIT iterations) as a PNG."""
+    if not rows:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ep = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.5))
+    ax[0].plot(ep, [r["train_loss"] for r in rows], label="train")
+    ax[0].plot(ep, [r["val_loss"] for r in rows], label="validation")
+    ax[0].set_yscale("log")
+    ax[0].set_title("loss")
+    ax[1].plot(ep, [100 * r["train_acc"] for r in rows], label="train")
+    ax[1].plot(ep, [100 * r["val_acc"] for r in rows], label="validation")
+    ax[1].set_title("accuracy [%]")
+    ax[2].plot(ep, [r["fwd_iters"] for r in rows], label="forward")
+    ax[2].plot(ep, [r["bwd_iters"] for r in rows], label="backward")
+    ax[2].set_title("MGRIT iterations per step")
+    for a in ax:
+        a.set_xlabel("epoch")
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

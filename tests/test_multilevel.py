@@ -1,0 +1,391 @@
+"""Multilevel training in-process: first-order coherence of the MG/OPT
+coarse problem against serial autograd, the line search, a zero coarse
+correction, rank invariance of nested iteration and MG/OPT, resumption on
+another number of ranks, and the configuration checks."""
+import math
+import shutil
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as Fn
+from mpi4py import MPI
+
+from layerpar.config import ConfigError, check_ranks, resolve
+from layerpar.training.multilevel import MultilevelTrainer, depths, epoch_budgets
+
+WORLD = MPI.COMM_WORLD
+
+
+def config(run_dir, method, **sets):
+    overrides = ['mgrit.mode="serial"', "model.nlayers=8", "model.width=4", "optim.epochs=2",
+                 "data.batch_size=500", 'data.dtype="float64"', "run.plot=false",
+                 'optim.schedule="constant"', f'multilevel.method="{method}"',
+                 f'run.dir="{run_dir}"']
+    overrides += [f"{k}={v}" for k, v in sets.items()]
+    return resolve(None, overrides)
+
+
+@pytest.fixture
+def run_dirs():
+    """make(shared=True): a new directory, the same on every rank, or this
+    rank's own; all removed after the test."""
+    made = []
+
+    def make(shared=True):
+        if shared:
+            d = WORLD.bcast(tempfile.mkdtemp(prefix="lp-ml-") if WORLD.rank == 0 else None, root=0)
+        else:
+            d = tempfile.mkdtemp(prefix="lp-ml-own-")
+        made.append((d, shared))
+        return d
+
+    yield make
+    WORLD.Barrier()
+    for d, shared in made:
+        if not shared or WORLD.rank == 0:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def first_batch(trainer):
+    x, y = next(iter(trainer.train_loader.epoch(0)))
+    return x, y, trainer.train_loader.batch_size
+
+
+def everywhere(trainer, x, y):
+    """The batch on every rank: inputs from the first rank, labels from the last."""
+    comm = trainer.comm
+    return comm.bcast(x, root=0), comm.bcast(y, root=comm.Get_size() - 1)
+
+
+def gathered(level, what):
+    """{("layer", n, name) | (section, name): tensor} of all ranks, of the
+    parameters (what="data") or their gradients (what="grad")."""
+    mine = {}
+    p = level.params()
+    for n, d in p["layers"].items():
+        for k, t in d.items():
+            mine[("layer", n, k)] = (t.detach() if what == "data" else t.grad).clone()
+    for sec in ("opening", "closing"):
+        for k, t in p[sec].items():
+            mine[(sec, k)] = (t.detach() if what == "data" else t.grad).clone()
+    out = {}
+    for part in level.comm.allgather(mine):
+        out.update(part)
+    return out
+
+
+def serial_gradient(level, x, y):
+    """Gradient of the level's loss by plain autograd through the gathered
+    serial network: {("layer", n, name) | (section, name): tensor}."""
+    seq = level.net.serial_equivalent()
+    loss = Fn.cross_entropy(seq(x), y)
+    names = list(seq.named_parameters())
+    grads = torch.autograd.grad(loss, [p for _, p in names])
+    out = {}
+    for (name, _), g in zip(names, grads):
+        i, rest = name.split(".", 1)
+        i = int(i)
+        if i == 0:
+            out[("opening", rest)] = g
+        elif i == len(seq) - 1:
+            out[("closing", rest)] = g
+        else:
+            out[("layer", i - 1, rest.split(".", 1)[1])] = g  # ResidualLayer.F.<name>
+    return out
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("restrict", ["injection", "full-weighting"])
+def test_coarse_gradient_is_restricted_fine_gradient(restrict, run_dirs):
+    # the corrected coarse gradient at R x_h equals P^T grad f_h(x_h), with
+    # P^T (constant prolongation) summing the r fine layers of a coarse layer
+    cfg = config(run_dirs(), "mgopt", **{"multilevel.restrict": f'"{restrict}"',
+                                         "optim.name": '"sgd"', "optim.lr": 0.5})
+    ml = MultilevelTrainer(cfg, WORLD)
+    x, y, size = first_batch(ml)
+    fine, coarse = ml.levels
+    fine.steps(2, [(x, y, size)])  # away from the initial weights
+    xa, ya = everywhere(ml, x, y)
+    g_h = serial_gradient(fine, xa, ya)
+    ml.coarse_problem(0, x, y)
+    coarse.loss_and_grad(x, y)
+    g_H = gathered(coarse, "grad")
+    r = fine.nlayers // coarse.nlayers
+    assert r == 2
+    worst = 0.0
+    for key, g in g_H.items():
+        if key[0] == "layer":
+            want = sum(g_h[("layer", r * key[1] + i, key[2])] for i in range(r))
+        else:
+            want = g_h[key]
+        worst = max(worst, float((g - want).abs().max()))
+    assert worst < 1e-12, worst
+    # and the coarse weights are the restricted fine weights
+    w_h, w_H = gathered(fine, "data"), gathered(coarse, "data")
+    for key, w in w_H.items():
+        if key[0] != "layer":
+            assert torch.equal(w, w_h[key])
+        elif restrict == "injection":
+            assert torch.equal(w, w_h[("layer", r * key[1], key[2])])
+        else:
+            want = sum(w_h[("layer", r * key[1] + i, key[2])] for i in range(r)) / r
+            assert torch.allclose(w, want, rtol=0, atol=1e-15)
+
+
+@pytest.mark.mpi
+def test_zero_coarse_correction_leaves_weights(run_dirs):
+    cfg = config(run_dirs(), "mgopt", **{"multilevel.pre_steps": 0, "multilevel.post_steps": 0,
+                                         "multilevel.coarse_steps": 0})
+    ml = MultilevelTrainer(cfg, WORLD)
+    x, y, size = first_batch(ml)
+    before = gathered(ml.level, "data")
+    ml.mgopt_cycle(x, y, size)
+    after = gathered(ml.level, "data")
+    assert ml.last_cycle["alpha"] == 0.0  # P(x_H - x_H0) = 0 decreases nothing: rejected
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("levels", [2, 3])
+def test_line_search_never_increases_the_fine_loss(levels, run_dirs):
+    # large coarse steps: some corrections overshoot and must be shortened
+    # or rejected; the fine objective after the correction (evaluated anew)
+    # is never above the one before
+    cfg = config(run_dirs(), "mgopt", **{"multilevel.pre_steps": 0, "multilevel.post_steps": 0,
+                                         "multilevel.coarse_steps": 3, "multilevel.levels": levels,
+                                         "model.nlayers": 4 * 2 ** (levels - 1),
+                                         "optim.name": '"sgd"', "optim.lr": 20.0,
+                                         "optim.momentum": 0.0})
+    ml = MultilevelTrainer(cfg, WORLD)
+    alphas = []
+    for b, (x, y) in enumerate(ml.train_loader.epoch(0)):
+        ml.mgopt_cycle(x, y, 500)
+        c = ml.last_cycle
+        f = ml.level.loss(x, y)
+        assert f <= c["f_before"], (b, f, c)
+        assert math.isclose(f, c["f_after"], rel_tol=1e-12), (f, c)
+        alphas.append(c["alpha"])
+    assert alphas and all(a in (0.0, 1.0, 0.5, 0.25, 0.125) for a in alphas)
+
+
+def rows_and_weights(trainer):
+    rows = trainer.comm.bcast(trainer.metrics.rows(), root=0)
+    return rows, gathered(trainer.level, "data")
+
+
+def assert_same_run(a, b, tol):
+    rows_a, w_a = a
+    rows_b, w_b = b
+    assert len(rows_a) == len(rows_b) > 0
+    for ra, rb in zip(rows_a, rows_b):
+        assert ra["nlayers"] == rb["nlayers"] and ra["level"] == rb["level"]
+        assert ra["fwd_work"] == rb["fwd_work"] and ra["bwd_work"] == rb["bwd_work"]
+        for key in ("train_loss", "val_loss", "train_acc", "val_acc", "accepted"):
+            assert math.isclose(ra[key], rb[key], rel_tol=tol, abs_tol=tol), (key, ra, rb)
+    assert w_a.keys() == w_b.keys()
+    for k in w_a:
+        assert torch.allclose(w_a[k], w_b[k], rtol=tol, atol=tol), k
+
+
+METHODS = [("nested", {"multilevel.epochs_per_level": "[1, 2]", "multilevel.prolong": '"linear"'}),
+           ("mgopt", {"optim.name": '"sgd"', "optim.lr": 0.5}),
+           ("mgopt", {"optim.name": '"adam"', "multilevel.levels": 3, "model.nlayers": 16,
+                      "multilevel.restrict": '"full-weighting"'}),
+           ("mgopt", {"optim.name": '"lbfgs"', "optim.lr": 1.0, "multilevel.prolong": '"linear"'}),
+           ("nested", {"optim.name": '"sgd"', "optim.lr": 0.5, "optim.momentum": 0.9})]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("method,sets", METHODS)
+def test_same_result_on_any_number_of_ranks(method, sets, run_dirs):
+    world = MultilevelTrainer(config(run_dirs(), method, **sets), WORLD)
+    world.run()
+    single = MultilevelTrainer(config(run_dirs(shared=False), method, **sets), MPI.COMM_SELF)
+    single.run()
+    assert_same_run(rows_and_weights(world), rows_and_weights(single), 1e-10)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("method", ["nested", "mgopt"])
+@pytest.mark.parametrize("mode", ["layer-parallel", "one-shot"])
+def test_parallel_modes_train(method, mode, run_dirs):
+    # inexact MGRIT passes: the run goes through and the loss decreases
+    ml = MultilevelTrainer(config(run_dirs(), method, **{"mgrit.mode": f'"{mode}"',
+                                                         "mgrit.max_levels": 2,
+                                                         "mgrit.cfactor": 2}), WORLD)
+    ml.run()
+    rows = WORLD.bcast(ml.metrics.rows(), root=0)
+    losses = [r["train_loss"] for r in rows]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert rows[-1]["fwd_work"] > 0 and rows[-1]["bwd_work"] > 0
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("method,sets", METHODS[:2])
+def test_resume_on_another_number_of_ranks(method, sets, run_dirs):
+    # interrupted after the first epoch on every rank of WORLD, resumed on one
+    # rank (each rank its own copy) = the uninterrupted run on one rank
+    part, own = run_dirs(), run_dirs(shared=False)
+    first = dict(sets, **{"optim.epochs": 1})
+    done = 1
+    if method == "nested":  # the first depth, then one of the two epochs of the second
+        first["multilevel.epochs_per_level"] = "[1, 1]"
+        done = 2
+    MultilevelTrainer(config(part, method, **first), WORLD).run()
+    WORLD.Barrier()
+    shutil.copy(f"{part}/checkpoint.h5", f"{own}/checkpoint.h5")
+    shutil.copy(f"{part}/metrics.h5", f"{own}/metrics.h5")
+    shutil.copy(f"{part}/metrics.csv", f"{own}/metrics.csv")
+    resumed = MultilevelTrainer(config(own, method, **sets), MPI.COMM_SELF)
+    assert resumed.resume()
+    assert resumed.epoch == done
+    resumed.run()
+    full = MultilevelTrainer(config(run_dirs(shared=False), method, **sets), MPI.COMM_SELF)
+    full.run()
+    assert_same_run(rows_and_weights(full), rows_and_weights(resumed), 1e-12)
+
+
+@pytest.mark.mpi
+def test_work_counts_every_solve(run_dirs):
+    # serial propagation: a solve of a network of n layers takes n layer steps;
+    # one cycle = fine: pre step, gradient, line-search trials, post step;
+    # coarse: gradient at R x_h and the coarse steps
+    cfg = config(run_dirs(), "mgopt", **{"multilevel.coarse_steps": 2})
+    ml = MultilevelTrainer(cfg, WORLD)
+    x, y, size = first_batch(ml)
+    ml.mgopt_cycle(x, y, size)
+    alpha = ml.last_cycle["alpha"]
+    trials = 4 if alpha == 0 else 1 + round(-math.log2(alpha))
+    fine, coarse = (lev.work_totals() for lev in ml.levels)
+    assert fine == {"fwd": 8 * (3 + trials), "bwd": 8 * 3}
+    assert coarse == {"fwd": 4 * 3, "bwd": 4 * 3}
+    cols = ml._work_columns()
+    assert cols["fwd_work"] == fine["fwd"] + coarse["fwd"]
+    assert cols["fwd_work_l1"] == fine["fwd"] and cols["bwd_work_l0"] == coarse["bwd"]
+
+
+@pytest.mark.mpi
+def test_nested_target_accuracy_and_optimizer_state(run_dirs):
+    # a target reached at once: one epoch per coarser depth; the Adam state
+    # of fine layer k is that of coarse layer k // 2, moments scaled by 1/2
+    # and 1/4 (the gradient of a layer is proportional to h)
+    cfg = config(run_dirs(), "nested", **{"multilevel.levels": 3, "model.nlayers": 16,
+                                          "multilevel.target_accuracy": 0.01,
+                                          "multilevel.epochs_per_level": "[3, 3, 1]"})
+    ml = MultilevelTrainer(cfg, WORLD)
+    seen = []
+    refine = ml._refine
+
+    def spy():
+        old = ml.level
+        w = gathered(old, "data")
+        st = {}
+        for n, d in old.params()["layers"].items():
+            for k, p in d.items():
+                st[(n, k)] = {s: v.clone() for s, v in old.optimizer.state[p].items()}
+        st = {k: v for part in ml.comm.allgather(st) for k, v in part.items()}
+        refine()
+        new = ml.level
+        for n, d in new.params()["layers"].items():
+            for k, p in d.items():
+                assert torch.equal(p.detach(), w[("layer", n // 2, k)])
+                s_new, s_old = new.optimizer.state[p], st[(n // 2, k)]
+                assert torch.equal(s_new["step"], s_old["step"])
+                assert torch.allclose(s_new["exp_avg"], s_old["exp_avg"] / 2, rtol=0, atol=0)
+                assert torch.allclose(s_new["exp_avg_sq"], s_old["exp_avg_sq"] / 4, rtol=0,
+                                      atol=0)
+        seen.append(new.nlayers)
+
+    ml._refine = spy
+    ml.run()
+    rows = WORLD.bcast(ml.metrics.rows(), root=0)
+    assert seen == [8, 16]
+    assert [r["nlayers"] for r in rows] == [4, 8, 16]
+    assert [r["level"] for r in rows] == [0, 1, 2]
+
+
+# ---- configuration --------------------------------------------------------------------
+
+def test_depth_schedule_and_budgets():
+    cfg = resolve(None, ['multilevel.method="nested"', "model.nlayers=24", "multilevel.levels=3",
+                         "multilevel.factor=2", "multilevel.epochs_per_level=[3, 2, 1]"])
+    assert depths(cfg) == [6, 12, 24]
+    assert epoch_budgets(cfg) == [3, 2, 1]
+    cfg = resolve(None, ['multilevel.method="nested"', "multilevel.epochs_per_level=4"])
+    assert epoch_budgets(cfg) == [4, 4]
+
+
+@pytest.mark.parametrize("setting,named", [
+    (["multilevel.levels=0"], "multilevel.levels"),
+    (["multilevel.factor=1"], "multilevel.factor"),
+    (["multilevel.target_accuracy=1.5"], "multilevel.target_accuracy"),
+    (["multilevel.target_accuracy=-0.1"], "multilevel.target_accuracy"),
+    (['multilevel.method="vcycle"'], "multilevel.method"),
+    (['multilevel.prolong="cubic"'], "multilevel.prolong"),
+    (['multilevel.restrict="average"'], "multilevel.restrict"),
+    (["multilevel.epochs_per_level=[1, 2, 3]"], "multilevel.epochs_per_level"),
+    (["multilevel.line_search_steps=0"], "multilevel.line_search_steps"),
+    (['multilevel.method="mgopt"', "model.nlayers=30", "multilevel.levels=3"], "model.nlayers"),
+])
+def test_bad_multilevel_settings_name_the_key(setting, named):
+    with pytest.raises(ConfigError) as e:
+        resolve(None, setting)
+    assert named in str(e.value) and "\n" not in str(e.value)
+
+
+def test_more_ranks_than_coarsest_layers_refused():
+    cfg = resolve(None, ['multilevel.method="mgopt"', "model.nlayers=8", "multilevel.levels=3"])
+    check_ranks(cfg, 2)
+    with pytest.raises(ConfigError, match="multilevel.levels"):
+        check_ranks(cfg, 3)
+
+
+# ---- the command line -------------------------------------------------------------------
+
+SMALL = ["--set", "model.nlayers=8", "--set", "model.width=4", "--set", "run.plot=false",
+         "--set", 'mgrit.mode="serial"', "--set", "data.batch_size=500", "--set",
+         "optim.epochs=2"]
+
+
+def layerpar(mpiexec, n, *args):
+    import subprocess
+    import sys
+    from conftest import clean_mpi_env
+    cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "layerpar", *args]
+    return subprocess.run(cmd, env=clean_mpi_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("method,depths_seen", [("nested", [4, 4, 8, 8]), ("mgopt", [8, 8])])
+def test_command_line_runs_both_methods(tmp_path, mpiexec, method, depths_seen):
+    import csv
+    r = layerpar(mpiexec, 2, "train", "--run-dir", str(tmp_path), *SMALL, "--set",
+                 f'multilevel.method="{method}"', "--set", 'mgrit.mode="layer-parallel"', "-q")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"layer-parallel, {method}: epoch {len(depths_seen)}" in r.stdout
+    with open(tmp_path / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(row["nlayers"]) for row in rows] == depths_seen
+    work = [float(row["fwd_work"]) for row in rows]
+    assert work[0] > 0 and all(b > a for a, b in zip(work, work[1:]))
+    assert all(float(row["fwd_work"]) == float(row["fwd_work_l0"]) + float(row["fwd_work_l1"])
+               for row in rows)
+
+
+@pytest.mark.parametrize("setting,named", [
+    (["multilevel.levels=0"], "multilevel.levels"),
+    (["model.nlayers=6", "multilevel.levels=3"], "model.nlayers"),
+    (["multilevel.target_accuracy=2"], "multilevel.target_accuracy"),
+    (["multilevel.levels=4"], "multilevel.levels"),  # a coarsest network of 1 layer on 2 ranks
+])
+def test_command_line_refuses_bad_settings_in_one_line(tmp_path, mpiexec, setting, named):
+    args = ["train", "--run-dir", str(tmp_path), *SMALL, "--set", 'multilevel.method="mgopt"']
+    for s in setting:
+        args += ["--set", s]
+    r = layerpar(mpiexec, 2, *args, "-q")
+    assert r.returncode != 0
+    text = r.stdout + r.stderr
+    assert "Traceback" not in text, text
+    lines = [ln for ln in text.splitlines() if ln.startswith("layerpar: error:")]
+    assert len(lines) == 1 and named in lines[0], text
