@@ -40,7 +40,8 @@ import torch
 from mpi4py import MPI
 
 from braid_ext import Layout
-from layerpar.parallel import LayerParallel, _agree
+from layerpar._collective import agree as _agree
+from layerpar.parallel import LayerParallel
 
 PROLONG_KINDS = ("constant", "linear")
 RESTRICT_KINDS = ("injection", "full-weighting")
