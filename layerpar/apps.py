@@ -86,14 +86,14 @@ class ForwardApp(TorchVectors):
             # Keep the graph of F_n at the final u_n: the backward pass reuses it.
             with torch.enable_grad():
                 x = u.detach().requires_grad_(True)
-                f = F(x)
+                f = self.net._call_step(n, F, x, final=True)
             self.net._graphs[n] = (x, f, tuple(F.parameters()))
             out = torch.add(u, f.detach(), alpha=h)
             if n == self.net.layer_indices[-1] and not torch.isfinite(out).all():
                 self._report_nonfinite()
             return out
         with torch.no_grad():
-            out = torch.add(u, F(u), alpha=h)
+            out = torch.add(u, self.net._call_step(n, F, u, final=status.final), alpha=h)
         if status.final and n == self.net.layer_indices[-1] and not torch.isfinite(out).all():
             first = self.net.layer_indices[0]
             raise FloatingPointError(f"a layer in {first}..{n} produced NaN or Inf")
@@ -136,9 +136,12 @@ class AdjointApp(TorchVectors):
                 "twice after one forward? construct LayerParallel with retain_graphs=True)"
             ) from None
         if status.final:
-            grads = torch.autograd.grad(f, (x,) + params, grad_outputs=lam,
+            # frozen parameters (requires_grad False) get no gradient: None
+            trainable = tuple(p for p in params if p.requires_grad)
+            grads = torch.autograd.grad(f, (x,) + trainable, grad_outputs=lam,
                                         allow_unused=True, retain_graph=net.retain_graphs)
-            net._grads[n] = tuple(None if g is None else net.h * g for g in grads[1:])
+            scaled = iter(None if g is None else net.h * g for g in grads[1:])
+            net._grads[n] = tuple(next(scaled) if p.requires_grad else None for p in params)
             gx = grads[0]
             if not net.retain_graphs:
                 del net._graphs[n]  # its last use

@@ -24,11 +24,11 @@ import torch.nn.functional as Fn
 
 from layerpar import checkpoint as ckpt
 from layerpar.config import mode_iterations, to_toml
-from layerpar.data import load_dataset
+from layerpar.data import load_configured
 from layerpar.metrics import MetricsWriter
 from layerpar.optim import LBFGS, regularize, schedule
+from layerpar.models import factories
 from layerpar.parallel import Network
-from layerpar.steps import ConvClosing, ConvOpening, ConvStep, DenseClosing, DenseOpening, DenseStep
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -48,19 +48,7 @@ def mgrit_options(config):
 def build_network(config, input_shape, num_classes, comm):
     """The configured Network on ``comm`` (float32 or float64)."""
     m = config["model"]
-    width, act, k = m["width"], m["activation"], m["kernel_size"]
-    if m["kind"] == "dense":
-        features = int(math.prod(input_shape))
-        opening = lambda: DenseOpening(features, width, act)  # noqa: E731
-        step = lambda n: DenseStep(width, act)  # noqa: E731
-        closing = lambda: DenseClosing(width, num_classes)  # noqa: E731
-    else:
-        if len(input_shape) != 3:
-            raise ValueError(f"model.kind = 'conv' needs image inputs (C, H, W); the data set "
-                             f"gives inputs of shape {tuple(input_shape)}: use model.kind = 'dense'")
-        opening = lambda: ConvOpening(input_shape[0], width, k, act)  # noqa: E731
-        step = lambda n: ConvStep(width, k, act)  # noqa: E731
-        closing = lambda: ConvClosing(width, num_classes, pool=min(4, input_shape[1]))  # noqa: E731
+    opening, step, closing = factories(m, input_shape, num_classes)  # built-in or by import path
     net = Network(opening, step, closing, nlayers=m["nlayers"], T=m["T"], comm=comm,
                   seed=m["seed"], **mgrit_options(config))
     return net.to(DTYPES[config["data"]["dtype"]])
@@ -157,10 +145,7 @@ class Trainer:
         self.progress = progress if self.rank == 0 else None
         d, o = config["data"], config["optim"]
         self.first, self.last = self.rank == 0, self.rank == self.size - 1
-        self.data = load_dataset(d["name"], root=d["root"] or None, seed=d["seed"],
-                                 val_fraction=None if d["val_fraction"] < 0 else d["val_fraction"],
-                                 dtype=DTYPES[d["dtype"]], need_inputs=self.first,
-                                 need_labels=self.last, comm=comm)
+        self.data = load_configured(d, need_inputs=self.first, need_labels=self.last, comm=comm)
         self.net = build_network(config, self.data.input_shape, self.data.num_classes, comm)
         self.body = self.net.body
         full_batch = o["name"] == "lbfgs"
@@ -244,13 +229,19 @@ class Trainer:
     def evaluate(self, loader):
         """(mean loss, accuracy) over a loader, collective."""
         total, loss_sum, correct = 0, 0.0, 0
-        with torch.no_grad():
-            for b, (x, y) in enumerate(loader.epoch(0)):
-                n = _batch_len(loader, b)
-                _, value, c = self._forward_loss(x, y)
-                total += n
-                loss_sum += value * n
-                correct += c
+        modes = {name: m.training for name, m in self.net.named_modules()}
+        self.net.eval()  # no dropout, running statistics
+        try:
+            with torch.no_grad():
+                for b, (x, y) in enumerate(loader.epoch(0)):
+                    n = _batch_len(loader, b)
+                    _, value, c = self._forward_loss(x, y)
+                    total += n
+                    loss_sum += value * n
+                    correct += c
+        finally:
+            for name, m in self.net.named_modules():
+                m.training = modes[name]
         return loss_sum / max(total, 1), correct / max(total, 1)
 
     # ---- checkpoints ---------------------------------------------------------
@@ -270,7 +261,7 @@ class Trainer:
                  "closing": {k: v.detach() for k, v in params["closing"].items()},
                  "optimizer": ckpt.optimizer_state(self.optimizer, params),
                  "rng": ckpt.rng_state(),
-                 "extra": {"batch_in_epoch": self.batch_in_epoch,
+                 "extra": {"batch_in_epoch": self.batch_in_epoch, "passes": self.body.passes,
                            "monitor": self.monitor.state() if self.monitor else {}}}
         ckpt.save_checkpoint(self.checkpoint_path(), self.comm, state)
 
@@ -312,6 +303,7 @@ class Trainer:
         self.epoch, self.step = st["epoch"], st["step"]
         extra = st.get("extra") or {}
         self.batch_in_epoch = extra.get("batch_in_epoch", 0)
+        self.body.passes = extra.get("passes", 0)  # keys the layers' random draws
         if self.monitor and extra.get("monitor"):
             self.monitor.restore(extra["monitor"], self.body)
         self.metrics.truncate(self.epoch)  # rows of epochs finished before the save
