@@ -452,9 +452,11 @@ def _stack_items(dataset, what):
     for i in range(n):
         item = dataset[i]
         if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise DatasetError(f"{what}[{i}] is a {type(item).__name__}; expected a pair "
-                               "(input, label)")
-        xi, yi = torch.as_tensor(item[0]), torch.as_tensor(item[1])
+            got = f"a {type(item).__name__}" + (f" of {len(item)}" if isinstance(
+                item, (tuple, list)) else "")
+            raise DatasetError(f"{what}[{i}] is {got}; expected a pair (input, label)")
+        xi = torch.as_tensor(item[0])
+        yi = item[1] if isinstance(item[1], torch.Tensor) else torch.from_numpy(np.asarray(item[1]))
         if xs and xi.shape != xs[0].shape:
             raise DatasetError(f"{what}[{i}]: input of shape {tuple(xi.shape)}, but item 0 "
                                f"has shape {tuple(xs[0].shape)}")
@@ -481,7 +483,7 @@ def _int_labels(labels, source):
     if np.issubdtype(y.dtype, np.floating):
         bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
         if bad.size:
-            raise DatasetError(f"{source}: labels are not integers (label {y[bad[0]]!r} at "
+            raise DatasetError(f"{source}: labels are not integers (label {y[bad[0]].item()!r} at "
                                f"index {int(bad[0])})")
     elif not np.issubdtype(y.dtype, np.integer):
         raise DatasetError(f"{source}: labels of dtype {y.dtype}; expected integers")
