@@ -246,10 +246,11 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------
     def _params(self):
-        return {"layers": {n: dict(self.body.layers[str(n)].named_parameters())
+        """This rank's parameters and buffers (running statistics) by name."""
+        return {"layers": {n: _tensors(self.body.layers[str(n)])
                            for n in self.body.layer_indices},
-                "opening": dict(self.net.opening.named_parameters()) if self.first else {},
-                "closing": dict(self.net.closing.named_parameters()) if self.last else {}}
+                "opening": _tensors(self.net.opening) if self.first else {},
+                "closing": _tensors(self.net.closing) if self.last else {}}
 
     def save(self):
         params = self._params()
@@ -388,6 +389,10 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.toml"), "w") as fh:
                 fh.write(to_toml(self.config))
+
+
+def _tensors(module):
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
 
 
 def _batch_len(loader, b):

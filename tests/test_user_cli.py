@@ -186,3 +186,32 @@ def test_resume_with_dropout_gives_the_uninterrupted_weights():
         if WORLD.rank == 0:
             for d in dirs:
                 shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.mpi
+def test_checkpoint_keeps_running_statistics():
+    # batch-norm buffers are saved and resumed with the weights
+    dirs = [_shared_dir() for _ in range(2)]
+    try:
+        npz = os.path.join(dirs[0], "train.npz")
+        if WORLD.rank == 0:
+            write_data(npz, n=60)
+        WORLD.Barrier()
+        config = resolve(None, [*USER, f'data.path="{npz}"', "model.nlayers=4",
+                                'model.step="tests.userblocks:NormBlock"',
+                                f"model.step_kwargs={{width = {WIDTH}}}", "optim.epochs=1",
+                                f'run.dir="{dirs[1]}"'])
+        trained = Trainer(config, WORLD)
+        trained.run()
+        resumed = Trainer(config, WORLD)
+        assert resumed.resume()
+        saved = dict(trained.net.named_buffers())
+        assert len(saved) == 3 * len(trained.body.layer_indices)
+        for k, b in resumed.net.named_buffers():
+            assert torch.equal(b, saved[k]), k
+        assert all(int(b) == 2 for k, b in saved.items() if k.endswith("num_batches_tracked"))
+    finally:
+        WORLD.Barrier()
+        if WORLD.rank == 0:
+            for d in dirs:
+                shutil.rmtree(d, ignore_errors=True)
