@@ -15,7 +15,10 @@ through the layers of a ``LayerParallel`` module (``net``):
   a vector-Jacobian product through the kept graph of layer n (on coarse
   grids: the coarse step linearised at the forward state of its C-point).  In
   the final fine sweep the same product also gives the weight gradient
-  h*(dF_n/dtheta_n)^T lambda_{n+1}.
+  h*(dF_n/dtheta_n)^T lambda_{n+1} (None for frozen parameters).
+
+Modules are called through ``net._call_step``, which applies the policy of
+``layerpar.models`` for train/eval mode, random draws and buffers.
 """
 import numpy as np
 import torch

@@ -208,7 +208,8 @@ def layer_rng(seed, pass_index, layer, device=None):
 def is_stochastic(module):
     """Does ``module`` draw random numbers in training mode (a torch dropout
     layer inside, or ``stochastic = True`` on it or a submodule)?"""
-    return any(isinstance(m, (nn.modules.dropout._DropoutNd,)) or getattr(m, "stochastic", False)
+    return any(isinstance(m, nn.modules.dropout._DropoutNd)
+               or m.__dict__.get("stochastic", getattr(type(m), "stochastic", False))
                for m in module.modules())
 
 

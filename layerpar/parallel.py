@@ -87,6 +87,13 @@ class LayerParallel(nn.Module):
                    backward may run again for the same forward (gradcheck)
       seed         seed of the layer initialisation
 
+    Step modules may hold frozen parameters (no gradient), buffers and
+    train/eval behaviour (dropout, batch norm): they run under the policy of
+    ``layerpar.models`` (ghost copies in the owner's mode, random draws seeded
+    per forward pass and layer, buffers updated once per pass in the final
+    sweep).  ``passes`` counts the forward passes (it keys the random draws;
+    a checkpoint stores it).
+
     forward(u0): u0 is the input state on rank 0 (other ranks may pass None).
     Returns u_N on the last rank and a zero-size placeholder elsewhere; call
     backward on every rank (``Network`` does this for you).
@@ -143,6 +150,7 @@ class LayerParallel(nn.Module):
         self.passes = 0          # forward passes so far: keys the layers' random draws
         self._pass_index = 0
         self._call_plan = {}
+        self._kinds = {}
         self.last_forward = {"iterations": 0, "residual_norms": [], "steps": [],
                              "virtual_time": 0.0}
         self.last_backward = dict(self.last_forward)
@@ -246,9 +254,10 @@ class LayerParallel(nn.Module):
         plan = {}
         for n, F, own in [(n, self.layers[str(n)], True) for n in self.layer_indices] + \
                 [(n, F, False) for n, F in self._ghosts.items()]:
+            if n not in self._kinds:  # (random, has buffers): fixed by the module's build
+                self._kinds[n] = (is_stochastic(F), next(F.buffers(), None) is not None)
             training = any(training_flags(F))
-            buffered = own and training and next(F.buffers(), None) is not None
-            plan[n] = (training and is_stochastic(F), buffered)
+            plan[n] = (training and self._kinds[n][0], own and training and self._kinds[n][1])
         self._call_plan = plan
 
     def _call_step(self, n, F, u, final):

@@ -26,8 +26,8 @@ from layerpar import checkpoint as ckpt
 from layerpar.config import mode_iterations, to_toml
 from layerpar.data import load_configured
 from layerpar.metrics import MetricsWriter
-from layerpar.optim import LBFGS, regularize, schedule
 from layerpar.models import factories
+from layerpar.optim import LBFGS, regularize, schedule
 from layerpar.parallel import Network
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

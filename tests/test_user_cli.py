@@ -30,26 +30,31 @@ USER = ['data.name="files"', 'data.dtype="float64"', "data.batch_size=40",
         'model.step="tests.userblocks:Block"', f"model.step_kwargs={{width = {WIDTH}, p = 0.2}}",
         f"model.width={WIDTH}", f"model.nlayers={N}", "run.plot=false"]
 
-# Evaluate a checkpoint in exact mode and model.eval() on this job's ranks;
-# the last rank saves the validation outputs.
+# Evaluate a checkpoint in exact mode and model.eval() on the first 1, 2 and
+# 4 ranks of a 4-rank job; the last rank of each saves the validation outputs.
 EVAL_SCRIPT = """
-import sys, torch
+import os, sys, torch
 from mpi4py import MPI
 from layerpar import checkpoint as ckpt
 from layerpar.config import check
 from layerpar.training import Trainer
-path, out, run_dir = sys.argv[1:4]
-comm = MPI.COMM_WORLD
-config = ckpt.load_checkpoint(path, comm, layer_indices=[])["config"]
-config["mgrit"]["mode"] = "serial"
-config["run"].update(dir=run_dir, plot=False)
-trainer = Trainer(check(config), comm)
-trainer.resume(path)
-trainer.net.eval()
-with torch.no_grad():
-    y = trainer.net(trainer.data.val.inputs if trainer.first else None)
-if trainer.last:
-    torch.save(y, out)
+path, out_dir = sys.argv[1:3]
+world = MPI.COMM_WORLD
+for size in (1, 2, 4):
+    comm = world.Split(0 if world.rank < size else MPI.UNDEFINED, world.rank)
+    if comm != MPI.COMM_NULL:
+        config = ckpt.load_checkpoint(path, comm, layer_indices=[])["config"]
+        config["mgrit"]["mode"] = "serial"
+        config["run"].update(dir=os.path.join(out_dir, f"run{size}"), plot=False)
+        trainer = Trainer(check(config), comm)
+        trainer.resume(path)
+        trainer.net.eval()
+        with torch.no_grad():
+            y = trainer.net(trainer.data.val.inputs if trainer.first else None)
+        if trainer.last:
+            torch.save(y, os.path.join(out_dir, f"out{size}.pt"))
+        comm.Free()
+    world.Barrier()
 """
 
 
@@ -120,15 +125,11 @@ def test_user_block_trains_from_the_command_line_and_evaluates_on_any_ranks(tmp_
 
     script = tmp_path / "eval_outputs.py"
     script.write_text(EVAL_SCRIPT)
-    outs = {}
-    for ranks in (1, 2, 4):
-        out = tmp_path / f"out{ranks}.pt"
-        cmd = [mpiexec, "-n", str(ranks), sys.executable, str(script), path, str(out),
-               str(tmp_path / f"eval{ranks}")]
-        res = subprocess.run(cmd, env=clean_mpi_env(), capture_output=True, text=True,
-                             timeout=180, cwd=ROOT)
-        assert res.returncode == 0, res.stdout + res.stderr
-        outs[ranks] = torch.load(out)
+    cmd = [mpiexec, "-n", "4", sys.executable, str(script), path, str(tmp_path)]
+    res = subprocess.run(cmd, env=clean_mpi_env(), capture_output=True, text=True,
+                         timeout=240, cwd=ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    outs = {ranks: torch.load(tmp_path / f"out{ranks}.pt") for ranks in (1, 2, 4)}
     assert outs[1].shape == (len(data.val), data.num_classes)
     assert torch.equal(outs[1], outs[2]) and torch.equal(outs[1], outs[4])
     assert torch.allclose(outs[1], expected, rtol=1e-14, atol=1e-14)
