@@ -15,7 +15,10 @@ through the layers of a ``LayerParallel`` module (``net``):
   a vector-Jacobian product through the kept graph of layer n (on coarse
   grids: the coarse step linearised at the forward state of its C-point).  In
   the final fine sweep the same product also gives the weight gradient
-  h*(dF_n/dtheta_n)^T lambda_{n+1}.
+  h*(dF_n/dtheta_n)^T lambda_{n+1} (None for frozen parameters).
+
+Modules are called through ``net._call_step``, which applies the policy of
+``layerpar.models`` for train/eval mode, random draws and buffers.
 """
 import warnings
 
@@ -95,14 +98,14 @@ class ForwardApp(TorchVectors):
             # Keep the graph of F_n at the final u_n: the backward pass reuses it.
             with torch.enable_grad():
                 x = u.detach().requires_grad_(True)
-                f = F(x)
+                f = self.net._call_step(n, F, x, final=True)
             self.net._graphs[n] = (x, f, tuple(F.parameters()))
             out = torch.add(u, f.detach(), alpha=h)
             if n == self.net.layer_indices[-1] and not torch.isfinite(out).all():
                 self._report_nonfinite()
             return out
         with torch.no_grad():
-            out = torch.add(u, F(u), alpha=h)
+            out = torch.add(u, self.net._call_step(n, F, u, final=status.final), alpha=h)
         if status.final and n == self.net.layer_indices[-1] and not torch.isfinite(out).all():
             first = self.net.layer_indices[0]
             raise FloatingPointError(f"a layer in {first}..{n} produced NaN or Inf")
@@ -147,10 +150,13 @@ class AdjointApp(TorchVectors):
         if status.final:
             # a fine step (h = net.h): the adjoint h*lam through F_n gives the
             # weight gradients and the state update already scaled, as in
-            # back-propagation through u + h*F(u)
-            grads = torch.autograd.grad(f, (x,) + params, grad_outputs=lam * h,
+            # back-propagation through u + h*F(u); frozen parameters
+            # (requires_grad False) get no gradient: None
+            trainable = tuple(p for p in params if p.requires_grad)
+            grads = torch.autograd.grad(f, (x,) + trainable, grad_outputs=lam * h,
                                         allow_unused=True, retain_graph=net.retain_graphs)
-            net._grads[n] = grads[1:]
+            weights = iter(grads[1:])
+            net._grads[n] = tuple(next(weights) if p.requires_grad else None for p in params)
             if not net.retain_graphs:
                 del net._graphs[n]  # its last use
             return torch.add(lam, grads[0])

@@ -9,6 +9,7 @@ wrong type or out of range raises ``ConfigError`` naming it.
 import copy
 import json
 import math
+import re
 
 try:
     import tomllib
@@ -16,6 +17,7 @@ except ImportError:  # Python < 3.11
     import tomli as tomllib
 
 from layerpar.data import KNOWN_DATASETS
+from layerpar.datafiles import FILE_SUFFIXES
 from layerpar.steps import ACTIVATIONS
 
 MODES = ("serial", "layer-parallel", "one-shot")
@@ -25,8 +27,14 @@ MULTILEVEL_METHODS = ("none", "nested", "mgopt")
 
 DEFAULTS = {
     "data": {
-        "name": "peaks",       # peaks, digits, mnist, fashion-mnist, cifar10
+        "name": "peaks",       # peaks, digits, mnist, fashion-mnist, cifar10, files
         "root": "",            # directory of the data files (mnist, cifar10)
+        "path": "",            # files: the .npz, .h5/.hdf5 or .csv file
+        "val_path": "",        # files: a validation file ("": val_fraction of path)
+        "inputs": "x",         # files: the inputs' array (npz, HDF5)
+        "labels": "y",         # files: the labels' array, or CSV column
+        "num_classes": 0,      # files: 0 = the largest label + 1
+        "normalize": True,     # per feature/channel, from the training split
         "seed": 0,             # split and batch order
         "val_fraction": -1.0,  # < 0: the data set's default
         "batch_size": 100,
@@ -40,6 +48,12 @@ DEFAULTS = {
         "activation": "tanh",
         "kernel_size": 3,
         "seed": 0,             # weight initialisation
+        "step": "",            # "package.module:Name" of the residual step ("": kind)
+        "step_kwargs": {},     # its keyword arguments (a TOML table)
+        "opening": "",         # "package.module:Name" of the opening ("": kind)
+        "opening_kwargs": {},
+        "closing": "",         # "package.module:Name" of the closing ("": kind)
+        "closing_kwargs": {},
     },
     "mgrit": {
         "mode": "layer-parallel",  # serial, layer-parallel, one-shot
@@ -100,7 +114,8 @@ class ConfigError(ValueError):
 
 
 def _type_name(v):
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[type(v)]
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            dict: "a table (e.g. {width = 8, p = 0.1})", list: "a list of integers"}[type(v)]
 
 
 def _coerce(section, key, value, default):
@@ -134,6 +149,14 @@ def _coerce(section, key, value, default):
         if all(isinstance(v, int) and not isinstance(v, bool) for v in items):
             return list(items)
         raise ConfigError(f"{where} = {value!r}: expected an integer or a list of integers")
+    elif isinstance(default, dict):
+        if isinstance(value, str):  # an inline table given as text
+            try:
+                value = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                pass
+        if isinstance(value, dict):
+            return value
     raise ConfigError(f"{where} = {value!r}: expected {_type_name(default)}")
 
 
@@ -175,14 +198,18 @@ def check(config):
         if not cond:
             raise ConfigError(f"{where} = {_get(config, where)!r}: {what}")
 
-    need(d["name"] in KNOWN_DATASETS, "data.name",
-         f"unknown data set; known: {', '.join(KNOWN_DATASETS)}")
+    need(d["name"] in KNOWN_DATASETS + ("files",), "data.name",
+         f"unknown data set; known: {', '.join(KNOWN_DATASETS)}, files")
     need(d["seed"] >= 0, "data.seed", "must be >= 0")
     need(d["val_fraction"] < 0 or 0 < d["val_fraction"] < 1, "data.val_fraction",
          "must be in (0, 1), or negative for the data set's default")
     need(d["batch_size"] >= 1, "data.batch_size", "must be >= 1")
     need(d["dtype"] in ("float32", "float64"), "data.dtype", "must be float32 or float64")
     need(m["kind"] in ("dense", "conv"), "model.kind", "must be dense or conv")
+    for role in ("step", "opening", "closing"):
+        spec = m[role].strip()
+        need(spec == "" or (spec.count(":") == 1 and all(spec.split(":"))), f"model.{role}",
+             "expected 'package.module:Name' (or empty for the built-in kind)")
     need(m["width"] >= 1, "model.width", "must be >= 1")
     need(m["nlayers"] >= 1, "model.nlayers", "must be >= 1")
     need(math.isfinite(m["T"]) and m["T"] > 0, "model.T", "must be > 0")
@@ -223,6 +250,13 @@ def check(config):
     if d["name"] in ("mnist", "fashion-mnist", "cifar10"):
         need(d["root"] != "", "data.root", f"data set {d['name']} needs its directory")
     _check_multilevel(config, need)
+    if d["name"] == "files":
+        need(d["path"] != "", "data.path", "data set 'files' needs the file to read")
+        for key in ("path", "val_path"):
+            need(d[key] == "" or d[key].lower().endswith(FILE_SUFFIXES), f"data.{key}",
+                 f"the file type is told by its suffix: {', '.join(FILE_SUFFIXES)}")
+        need(d["labels"] != "", "data.labels", "must name the labels' array or column")
+        need(d["num_classes"] >= 0, "data.num_classes", "must be >= 0 (0: the largest label + 1)")
     return config
 
 
@@ -297,12 +331,24 @@ def resolve(path=None, overrides=()):
     return check(config)
 
 
+def _toml_value(value):
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        items = (f"{k if re.fullmatch(r'[A-Za-z0-9_-]+', k) else json.dumps(k)} = "
+                 f"{_toml_value(v)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
 def to_toml(config):
     """The configuration as TOML text (values of the types above only)."""
     lines = []
     for section, values in config.items():
         lines.append(f"[{section}]")
         for key, value in values.items():
-            lines.append(f"{key} = {json.dumps(value) if not isinstance(value, bool) else str(value).lower()}")
+            lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)

@@ -20,6 +20,29 @@ Public names
     only the last rank needs labels; a rank that does not need one of them
     gets ``None`` in its place (and can skip loading it with
     ``load_dataset(..., need_inputs=False)``).
+``load_files(path, *, val_path=None, inputs="x", labels="y", ...)``
+    The user's own data: an ``.npz``, HDF5 or CSV file with named input and
+    label arrays (readers in ``layerpar.datafiles``); validation from
+    ``val_path`` or ``val_fraction`` of the file.  ``[data] name = "files"``
+    with ``data.path`` in a configuration.
+``from_arrays(inputs, labels, ...)``, ``from_torch_dataset(dataset, ...)``
+    The same :class:`Dataset` from arrays or from any map-style
+    ``torch.utils.data.Dataset`` whose items are ``(input, label)``.  In a
+    Python training loop with :class:`layerpar.Network`::
+
+        data = from_torch_dataset(ds, val_fraction=0.1, seed=0, dtype=torch.float64)
+        loader = data.train.loader(batch_size=64, seed=0,
+                                   need_inputs=net.is_first, need_labels=net.is_last)
+        for epoch in range(epochs):
+            for x, y in loader.epoch(epoch):   # the same batches on every rank
+                opt.zero_grad()
+                net.loss(x, y, torch.nn.functional.cross_entropy).backward()
+                opt.step()
+
+    (``data.input_shape`` and ``data.num_classes`` size the opening and
+    closing modules.)
+``load_configured(data_config, *, need_inputs, need_labels, comm)``
+    The data set of a ``[data]`` configuration section.
 ``read_idx(path)``, ``read_cifar_batch(path)``
     The file readers, public for tests and for user tools.
 ``DatasetError``
@@ -43,6 +66,8 @@ Known sets (``KNOWN_DATASETS``)
 ``cifar10``        the Python batches ``data_batch_1`` .. ``data_batch_5`` and
                    ``test_batch`` in ``root`` or in ``root/cifar-10-batches-py``;
                    3x32x32, 10 classes; 10% for validation.
+``files``          the user's file (``load_files``); 20% for validation
+                   unless ``val_path`` names a validation file.
 """
 from __future__ import annotations
 
@@ -59,7 +84,8 @@ from layerpar._collective import collective
 
 __all__ = [
     "KNOWN_DATASETS", "DatasetError", "Dataset", "Split", "BatchLoader",
-    "load_dataset", "peaks_function", "read_idx", "read_cifar_batch",
+    "load_dataset", "load_files", "load_configured", "from_arrays", "from_torch_dataset",
+    "peaks_function", "read_idx", "read_cifar_batch",
 ]
 
 KNOWN_DATASETS = ("peaks", "digits", "mnist", "fashion-mnist", "cifar10")
@@ -71,7 +97,8 @@ PEAKS_THRESHOLDS = (-0.3, 0.0, 0.15, 1.3)
 PEAKS_DEFAULT_SAMPLES = 6000
 
 _DEFAULT_VAL_FRACTION = {"peaks": 1 / 6, "digits": 0.2, "mnist": 1 / 6,
-                         "fashion-mnist": 1 / 6, "cifar10": 0.1}
+                         "fashion-mnist": 1 / 6, "cifar10": 0.1, "files": 0.2}
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -231,15 +258,233 @@ def load_dataset(name: str, *, root=None, seed: int = 0,
     ``comm``          an mpi4py communicator: the load becomes collective and
                       a failure on any rank raises DatasetError on every rank.
     """
+    return _collective(comm, repr(name), lambda: _load_local(
+        name, root, seed, val_fraction, dtype, normalize, need_inputs, need_labels,
+        num_samples))
+
+
+def _collective(comm, what, load):
+    """load() on this rank; with a communicator, a failure on any rank
+    raises on every rank (the original exception where it happened)."""
     if comm is None:
-        return _load_local(name, root, seed, val_fraction, dtype, normalize,
-                           need_inputs, need_labels, num_samples)
+        return load()
     result = None
     # all ranks leave together instead of some waiting in the training loop
-    with collective(comm, f"loading data set {name!r}", error_type=DatasetError):
-        result = _load_local(name, root, seed, val_fraction, dtype, normalize,
-                             need_inputs, need_labels, num_samples)
+    with collective(comm, f"loading data set {what}", error_type=DatasetError):
+        result = load()
     return result
+
+
+def load_configured(d, *, need_inputs=True, need_labels=True, comm=None) -> Dataset:
+    """The data set of a ``[data]`` configuration section ``d`` (a dict as in
+    ``layerpar.config.DEFAULTS``); collective when ``comm`` is given."""
+    val_fraction = None if d["val_fraction"] < 0 else d["val_fraction"]
+    dtype = _DTYPES[d["dtype"]]
+    normalize = d.get("normalize", True)
+    if d["name"] == "files":
+        return load_files(d["path"], val_path=d["val_path"] or None, inputs=d["inputs"],
+                          labels=d["labels"], num_classes=d["num_classes"] or None,
+                          seed=d["seed"], val_fraction=val_fraction, dtype=dtype,
+                          normalize=normalize, need_inputs=need_inputs,
+                          need_labels=need_labels, comm=comm)
+    return load_dataset(d["name"], root=d["root"] or None, seed=d["seed"],
+                        val_fraction=val_fraction, dtype=dtype, normalize=normalize,
+                        need_inputs=need_inputs, need_labels=need_labels, comm=comm)
+
+
+# --------------------------------------------------------------------------
+# The user's data: files, arrays, torch data sets
+# --------------------------------------------------------------------------
+
+def load_files(path, *, val_path=None, inputs: str = "x", labels: str = "y",
+               num_classes: Optional[int] = None, seed: int = 0,
+               val_fraction: Optional[float] = None, dtype=torch.float32,
+               normalize: bool = True, need_inputs: bool = True, need_labels: bool = True,
+               comm=None) -> Dataset:
+    """A :class:`Dataset` from the user's ``.npz``, HDF5 or CSV file (see
+    ``layerpar.datafiles`` for the formats).
+
+    ``inputs``, ``labels``  the arrays' names (CSV: the label column; the
+                    other columns are the inputs).
+    ``val_path``    a validation file with the same arrays; without it
+                    ``val_fraction`` (default 0.2) of ``path`` is held out,
+                    chosen by ``seed``.
+    ``num_classes`` None: the largest label + 1.
+    The inputs are read only where ``need_inputs`` (their shape is read from
+    the file's metadata elsewhere); the labels are read on every rank (they
+    give the split and the number of classes) and kept where
+    ``need_labels``.  Other arguments as for :func:`load_dataset`.
+    """
+    def load():
+        from layerpar.datafiles import read_arrays
+        x, y, shape = read_arrays(path, inputs=inputs, labels=labels, need_inputs=need_inputs)
+        xv = yv = None
+        if val_path is not None:
+            xv, yv, vshape = read_arrays(val_path, inputs=inputs, labels=labels,
+                                         need_inputs=need_inputs)
+            if vshape != shape:
+                raise DatasetError(f"{os.fspath(val_path)}: inputs of shape {vshape} but "
+                                   f"{os.fspath(path)} has inputs of shape {shape}")
+        return from_arrays(x, y, val_inputs=xv, val_labels=yv, input_shape=shape,
+                           num_classes=num_classes, seed=seed, val_fraction=val_fraction,
+                           dtype=dtype, normalize=normalize, need_labels=need_labels,
+                           name="files", source=os.fspath(path),
+                           val_source=None if val_path is None else os.fspath(val_path))
+    return _collective(comm, repr(os.fspath(path)), load)
+
+
+def from_arrays(inputs, labels, *, val_inputs=None, val_labels=None, input_shape=None,
+                num_classes: Optional[int] = None, seed: int = 0,
+                val_fraction: Optional[float] = None, dtype=torch.float32,
+                normalize: bool = True, need_labels: bool = True, name: str = "arrays",
+                source: str = "inputs/labels", val_source: Optional[str] = None) -> Dataset:
+    """A :class:`Dataset` from arrays (numpy or torch): ``inputs`` of shape
+    ``(n, features)`` or ``(n, C, H, W)`` (None where the inputs are not
+    needed: then give ``input_shape``) and integer ``labels`` ``(n,)`` in
+    0..K-1.  Validation: ``val_inputs``/``val_labels``, or ``val_fraction``
+    (default 0.2) of the samples chosen by ``seed``.  ``num_classes`` None
+    takes the largest label + 1.  Errors name ``source`` (``val_source``)."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    y = _int_labels(labels, source)
+    x = None if inputs is None else _as_numpy(inputs)
+    if x is not None:
+        input_shape = tuple(x.shape[1:])
+        if len(x) != len(y):
+            raise DatasetError(f"{source}: {len(x)} inputs but {len(y)} labels")
+    if input_shape is None:
+        raise ValueError("from_arrays: give the inputs or their input_shape")
+    if len(input_shape) not in (1, 3):
+        raise DatasetError(f"{source}: inputs of shape (n, {', '.join(map(str, input_shape))}); "
+                           "expected (n, features) or (n, C, H, W)")
+    have_val = val_labels is not None
+    if have_val:
+        val_source = val_source or source
+        yv = _int_labels(val_labels, val_source)
+        xv = None if val_inputs is None else _as_numpy(val_inputs)
+        if xv is not None and (len(xv) != len(yv) or tuple(xv.shape[1:]) != tuple(input_shape)):
+            raise DatasetError(f"{val_source}: validation inputs of shape {tuple(xv.shape)} "
+                               f"for {len(yv)} labels and inputs of shape {tuple(input_shape)}")
+    top = int(max(y.max(initial=-1), yv.max(initial=-1) if have_val else -1))
+    if num_classes is None:
+        num_classes = top + 1
+    elif top >= num_classes:
+        where = source if y.max(initial=-1) == top else val_source
+        raise DatasetError(f"{where}: label {top} is out of range for num_classes = "
+                           f"{num_classes} (labels must be 0..{num_classes - 1})")
+    if num_classes < 1:
+        raise DatasetError(f"{source}: no labels")
+    if have_val:
+        if val_fraction not in (None, 0):
+            raise ValueError("give a validation set or val_fraction, not both")
+        train_idx, val_idx = np.arange(len(y)), None
+    else:
+        vf = 0.2 if val_fraction is None else float(val_fraction)
+        if not 0.0 <= vf < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        train_idx, val_idx = _split_indices(len(y), vf, seed)
+        xv, yv = (None if x is None else x[val_idx]), y[val_idx]
+        x = None if x is None else x[train_idx]
+        y = y[train_idx]
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    if x is not None:
+        x = x.astype(np_dtype)
+        xv = xv.astype(np_dtype) if xv is not None else None
+    mean = std = None
+    if normalize and x is not None:
+        mean, std = _stats(x)
+        for a in (x, xv):
+            if a is not None:
+                _apply_inplace(a, mean, std)
+
+    def split(xa, ya):
+        xt = None if xa is None else torch.from_numpy(np.ascontiguousarray(xa))
+        yt = torch.from_numpy(np.ascontiguousarray(ya)) if need_labels else None
+        return Split(xt, yt, len(ya))
+
+    to_t = (lambda a: None if a is None else torch.from_numpy(a))
+    return Dataset(name=name, input_shape=tuple(int(s) for s in input_shape),
+                   num_classes=int(num_classes), train=split(x, y), val=split(xv, yv),
+                   test=None, mean=to_t(mean), std=to_t(std))
+
+
+def from_torch_dataset(dataset, *, val_dataset=None, val_fraction: Optional[float] = None,
+                       seed: int = 0, dtype=torch.float32, normalize: bool = False,
+                       num_classes: Optional[int] = None, need_inputs: bool = True,
+                       need_labels: bool = True) -> Dataset:
+    """A :class:`Dataset` (the splits and loaders the Trainer uses) from a
+    map-style ``torch.utils.data.Dataset`` whose items are ``(input,
+    label)``: inputs tensors of shape ``(features,)`` or ``(C, H, W)``,
+    labels integers.  Every item is read once, here; ``need_inputs`` False
+    drops the inputs after reading.  Validation: ``val_dataset`` or
+    ``val_fraction`` (default 0.2) of ``dataset`` chosen by ``seed``.
+    ``normalize`` is off by default (a torch data set usually brings its own
+    transforms)."""
+    x, y = _stack_items(dataset, "dataset")
+    xv = yv = None
+    if val_dataset is not None:
+        xv, yv = _stack_items(val_dataset, "val_dataset")
+    return from_arrays(x if need_inputs else None, y, input_shape=tuple(x.shape[1:]),
+                       val_inputs=xv if need_inputs else None, val_labels=yv,
+                       num_classes=num_classes, seed=seed, val_fraction=val_fraction,
+                       dtype=dtype, normalize=normalize, need_labels=need_labels,
+                       name=type(dataset).__name__, source="dataset",
+                       val_source="val_dataset")
+
+
+def _stack_items(dataset, what):
+    try:
+        n = len(dataset)
+    except TypeError:
+        raise DatasetError(f"{what}: a map-style Dataset with __len__ is needed, not "
+                           f"{type(dataset).__name__}") from None
+    if n < 1:
+        raise DatasetError(f"{what} is empty")
+    xs, ys = [], []
+    for i in range(n):
+        item = dataset[i]
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            got = f"a {type(item).__name__}" + (f" of {len(item)}" if isinstance(
+                item, (tuple, list)) else "")
+            raise DatasetError(f"{what}[{i}] is {got}; expected a pair (input, label)")
+        xi = torch.as_tensor(item[0])
+        yi = item[1] if isinstance(item[1], torch.Tensor) else torch.from_numpy(np.asarray(item[1]))
+        if xs and xi.shape != xs[0].shape:
+            raise DatasetError(f"{what}[{i}]: input of shape {tuple(xi.shape)}, but item 0 "
+                               f"has shape {tuple(xs[0].shape)}")
+        if yi.numel() != 1:
+            raise DatasetError(f"{what}[{i}]: label of shape {tuple(yi.shape)}; expected one "
+                               "integer")
+        xs.append(xi.detach().cpu())
+        ys.append(yi.detach().cpu().reshape(()))
+    return torch.stack(xs).numpy(), torch.stack(ys).numpy()
+
+
+def _as_numpy(a):
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def _int_labels(labels, source):
+    """Labels as int64 (n,): integers (or whole numbers stored as floats),
+    >= 0; DatasetError naming ``source`` otherwise."""
+    y = _as_numpy(labels)
+    if y.ndim != 1:
+        raise DatasetError(f"{source}: labels of shape {y.shape}; expected (n,)")
+    if len(y) < 1:
+        raise DatasetError(f"{source}: no samples")
+    if np.issubdtype(y.dtype, np.floating):
+        bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
+        if bad.size:
+            raise DatasetError(f"{source}: labels are not integers (label {y[bad[0]].item()!r} at "
+                               f"index {int(bad[0])})")
+    elif not np.issubdtype(y.dtype, np.integer):
+        raise DatasetError(f"{source}: labels of dtype {y.dtype}; expected integers")
+    y = y.astype(np.int64)
+    if y.min() < 0:
+        i = int(np.argmin(y))
+        raise DatasetError(f"{source}: negative label {int(y[i])} at index {i}; labels must be "
+                           "0..K-1")
+    return y
 
 
 def _load_local(name, root, seed, val_fraction, dtype, normalize,

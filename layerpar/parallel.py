@@ -32,6 +32,8 @@ from layerpar import partition
 from layerpar._collective import agree, from_root
 from layerpar.apps import AdjointApp, ForwardApp
 from layerpar.pipeline import Pipeline, PipelineFunction
+from layerpar.models import (call_module, is_stochastic, layer_rng, set_training_flags,
+                             training_flags)
 from layerpar.steps import ResidualLayer
 
 
@@ -131,6 +133,13 @@ class LayerParallel(nn.Module):
                    ``braid_ext.MGRITTimeoutError`` naming it, after which
                    the job should end (``comm.Abort``)
 
+    Step modules may hold frozen parameters (no gradient), buffers and
+    train/eval behaviour (dropout, batch norm): they run under the policy of
+    ``layerpar.models`` (ghost copies in the owner's mode, random draws seeded
+    per forward pass and layer, buffers updated once per pass in the final
+    sweep).  ``passes`` counts the forward passes (it keys the random draws;
+    a checkpoint stores it).
+
     forward(u0): u0 is the input state on rank 0 (other ranks may pass None).
     Returns u_N on the last rank and a zero-size placeholder elsewhere; call
     backward on every rank (``Network`` does this for you).
@@ -212,6 +221,10 @@ class LayerParallel(nn.Module):
         self._record = True
         self._grads = {}
         self._state_meta = None
+        self.passes = 0          # forward passes so far: keys the layers' random draws
+        self._pass_index = 0
+        self._call_plan = {}
+        self._kinds = {}
         self.last_forward = {"iterations": 0, "residual_norms": [], "steps": [],
                              "virtual_time": 0.0}
         self.last_backward = dict(self.last_forward)
@@ -334,14 +347,42 @@ class LayerParallel(nn.Module):
         grids; receive the ones we step with but do not hold."""
         requests = []
         for q, n in self._ghost_sends:
-            state = {k: v.detach().cpu() for k, v in self.layers[str(n)].state_dict().items()}
-            requests.append(self.comm.isend(state, dest=q, tag=n))
+            F = self.layers[str(n)]
+            # to rank q: layer n's weights and buffers, and its submodules' train/eval flags
+            state = {k: v.detach().cpu() for k, v in F.state_dict().items()}
+            requests.append(self.comm.isend((state, training_flags(F)), dest=q, tag=n))
         for n in self._ghost_indices:
-            state = self.comm.recv(source=self.layout.owner(n), tag=n)
+            state, flags = self.comm.recv(source=self.layout.owner(n), tag=n)
             if n not in self._ghosts:
                 self._ghosts[n] = self._make_layer(n)
-            _load(self._ghosts[n], state, self._state_meta[2]).requires_grad_(False)
+            ghost = _load(self._ghosts[n], state, self._state_meta[2]).requires_grad_(False)
+            set_training_flags(ghost, flags)  # a ghost runs in its owner's mode
         MPI.Request.waitall(requests)
+
+    # ---- module state (the policy of layerpar.models) ----------------------
+    def _plan_calls(self):
+        """For this pass: which step modules draw random numbers (random and
+        in training mode) and which must keep their buffers outside the final
+        sweep (buffers and in training mode; ghosts' buffers are replaced
+        before every solve)."""
+        plan = {}
+        for n, F, own in [(n, self.layers[str(n)], True) for n in self.layer_indices] + \
+                [(n, F, False) for n, F in self._ghosts.items()]:
+            if n not in self._kinds:  # (random, has buffers): fixed by the module's build
+                self._kinds[n] = (is_stochastic(F), next(F.buffers(), None) is not None)
+            training = any(training_flags(F))
+            plan[n] = (training and self._kinds[n][0], own and training and self._kinds[n][1])
+        self._call_plan = plan
+
+    def _call_step(self, n, F, u, final):
+        """F_n(u) under the module-state policy: random draws seeded by
+        (seed, pass, n); buffers restored after a call outside the final
+        sweep."""
+        stochastic, buffered = self._call_plan.get(n, (False, False))
+        if not stochastic and not (buffered and not final):
+            return F(u)
+        rng = (self.seed, self._pass_index, n, u.device) if stochastic else None
+        return call_module(F, u, rng=rng, keep_buffers=buffered and not final)
 
     # ---- checks at the first call and when the state shape changes -------
     def _check_shapes(self, shape, dtype, device):
@@ -355,8 +396,9 @@ class LayerParallel(nn.Module):
                         raise ValueError(f"dtype mismatch: the input state is {dtype} but layer "
                                          f"{n} has parameters of {p.dtype}; convert the model "
                                          "(e.g. .double()) or the input")
-                with torch.no_grad():
-                    out = F(probe)
+                with torch.no_grad():  # leaves buffers and the global RNG as they were
+                    out = call_module(F, probe, rng=(self.seed, 0, n, device),
+                                      keep_buffers=True)
                 if not isinstance(out, torch.Tensor) or out.shape != probe.shape:
                     got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                     raise ValueError(f"layer {n}: step_factory's module maps a state of shape "
@@ -403,6 +445,7 @@ class LayerParallel(nn.Module):
             u0 = torch.zeros((), dtype=dtype, device=device)
         # without autograd (evaluation) no layer graphs are kept
         self._record = torch.is_grad_enabled()
+        self._pass_index, self.passes = self.passes, self.passes + 1
         params = tuple(p for F in self.layers.values() for p in F.parameters())
         if self.pipelined:
             return PipelineFunction.apply(self, (shape, dtype, device), self._anchor, u0,
@@ -420,6 +463,7 @@ class LayerParallel(nn.Module):
         """u_N (last rank) or a placeholder, and the layers' graphs of this
         pass (kept by the autograd context: each forward has its own)."""
         self._exchange_ghosts()
+        self._plan_calls()
         self._graphs = graphs = {}
         self._fwd_app.configure(shape, dtype, device)
         self._fwd_app.u0 = u0
@@ -546,9 +590,18 @@ class Network(nn.Module):
 
     def forward(self, x=None):
         """Class scores on the last rank; a placeholder elsewhere."""
-        u0 = self.opening(x) if self.is_first else None
+        p = self.body.passes  # the pass the body is about to run
+        u0 = self._call_end(self.opening, x, p, -1) if self.is_first else None
         uN = self.body(u0)
-        return self.closing(uN) if self.is_last else uN
+        return self._call_end(self.closing, uN, p, -2) if self.is_last else uN
+
+    def _call_end(self, module, x, pass_index, layer):
+        """The opening (layer -1) or closing (-2), with its random draws
+        seeded like a layer's: the same on any number of ranks."""
+        if is_stochastic(module) and any(training_flags(module)):
+            with layer_rng(self.body.seed, pass_index, layer, x.device):
+                return module(x)
+        return module(x)
 
     def loss(self, x, y, loss_fn):
         """The loss on the last rank; elsewhere a zero connected to the

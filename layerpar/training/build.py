@@ -1,13 +1,11 @@
 """Construction from a configuration: the network of a given depth, its
 optimiser, the residual monitor, the data loaders and the learning rate."""
-import math
-
 import torch
 
 from layerpar.config import mode_iterations
 from layerpar.optim import LBFGS, schedule
 from layerpar.parallel import Network
-from layerpar.steps import ConvClosing, ConvOpening, ConvStep, DenseClosing, DenseOpening, DenseStep
+from layerpar.models import factories
 from layerpar.training.monitor import ResidualMonitor
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -34,19 +32,7 @@ def build_network(config, input_shape, num_classes, comm, *, nlayers=None):
     the depth: networks of different depths built from one configuration
     start with the same opening and closing weights."""
     m = config["model"]
-    width, act, k = m["width"], m["activation"], m["kernel_size"]
-    if m["kind"] == "dense":
-        features = int(math.prod(input_shape))
-        opening = lambda: DenseOpening(features, width, act)  # noqa: E731
-        step = lambda n: DenseStep(width, act)  # noqa: E731
-        closing = lambda: DenseClosing(width, num_classes)  # noqa: E731
-    else:
-        if len(input_shape) != 3:
-            raise ValueError(f"model.kind = 'conv' needs image inputs (C, H, W); the data set "
-                             f"gives inputs of shape {tuple(input_shape)}: use model.kind = 'dense'")
-        opening = lambda: ConvOpening(input_shape[0], width, k, act)  # noqa: E731
-        step = lambda n: ConvStep(width, k, act)  # noqa: E731
-        closing = lambda: ConvClosing(width, num_classes, pool=min(4, input_shape[1]))  # noqa: E731
+    opening, step, closing = factories(m, input_shape, num_classes)  # built-in or by import path
     net = Network(opening, step, closing, nlayers=m["nlayers"] if nlayers is None else nlayers,
                   T=m["T"], comm=comm, seed=m["seed"], **mgrit_options(config))
     return net.to(DTYPES[config["data"]["dtype"]])
@@ -100,10 +86,7 @@ def make_loaders(config, data, rank, size):
 def load_data(config, comm):
     """The configured data set, with inputs on the first rank and labels on
     the last."""
-    from layerpar.data import load_dataset
-    d = config["data"]
+    from layerpar.data import load_configured
     rank, size = comm.Get_rank(), comm.Get_size()
-    return load_dataset(d["name"], root=d["root"] or None, seed=d["seed"],
-                        val_fraction=None if d["val_fraction"] < 0 else d["val_fraction"],
-                        dtype=DTYPES[d["dtype"]], need_inputs=rank == 0,
-                        need_labels=rank == size - 1, comm=comm)
+    return load_configured(config["data"], need_inputs=rank == 0,
+                           need_labels=rank == size - 1, comm=comm)

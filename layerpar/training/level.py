@@ -155,13 +155,19 @@ class Level:
         """(mean loss, accuracy) over a loader, collective; not counted as work."""
         work = dict(self.work)
         total, loss_sum, correct = 0, 0.0, 0
-        with torch.no_grad():
-            for b, (x, y) in enumerate(loader.epoch(0)):
-                n = batch_len(loader, b)
-                _, value, c = self.forward_loss(x, y)
-                total += n
-                loss_sum += value * n
-                correct += c
+        modes = {name: m.training for name, m in self.net.named_modules()}
+        self.net.eval()  # no dropout, running statistics
+        try:
+            with torch.no_grad():
+                for b, (x, y) in enumerate(loader.epoch(0)):
+                    n = batch_len(loader, b)
+                    _, value, c = self.forward_loss(x, y)
+                    total += n
+                    loss_sum += value * n
+                    correct += c
+        finally:
+            for name, m in self.net.named_modules():
+                m.training = modes[name]
         self.work = work
         return loss_sum / max(total, 1), correct / max(total, 1)
 
@@ -173,15 +179,19 @@ class Level:
         return {"fwd": sum(f for f, _ in parts), "bwd": sum(b for _, b in parts)}
 
     def params(self):
-        """This rank's parameters in the checkpoint layout: {"layers": {n:
-        {name: p}}, "opening": {...}, "closing": {...}}."""
-        return {"layers": {n: dict(self.body.layers[str(n)].named_parameters())
+        """This rank's parameters and buffers (running statistics) in the
+        checkpoint layout: {"layers": {n: {name: tensor}}, "opening": {...},
+        "closing": {...}}."""
+        return {"layers": {n: _tensors(self.body.layers[str(n)])
                            for n in self.body.layer_indices},
-                "opening": dict(self.net.opening.named_parameters()) if self.first else {},
-                "closing": dict(self.net.closing.named_parameters()) if self.last else {}}
+                "opening": _tensors(self.net.opening) if self.first else {},
+                "closing": _tensors(self.net.closing) if self.last else {}}
 
     def end_params(self):
         """{("opening"|"closing", name): parameter} of this rank."""
         p = self.params()
         return {(sec, k): v for sec in ("opening", "closing") for k, v in p[sec].items()}
 
+
+def _tensors(module):
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}

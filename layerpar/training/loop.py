@@ -81,7 +81,7 @@ class Trainer:
                  "closing": {k: v.detach() for k, v in params["closing"].items()},
                  "optimizer": ckpt.optimizer_state(self.optimizer, params),
                  "rng": ckpt.rng_state(),
-                 "extra": {"batch_in_epoch": self.batch_in_epoch,
+                 "extra": {"batch_in_epoch": self.batch_in_epoch, "passes": self.body.passes,
                            "monitor": self.monitor.state() if self.monitor else {},
                            "work": self.level.work_totals()}}
         ckpt.save_checkpoint(self.checkpoint_path(), self.comm, state)
@@ -124,6 +124,7 @@ class Trainer:
         self.epoch, self.step = st["epoch"], st["step"]
         extra = st.get("extra") or {}
         self.batch_in_epoch = extra.get("batch_in_epoch", 0)
+        self.body.passes = extra.get("passes", 0)  # keys the layers' random draws
         if self.monitor and extra.get("monitor"):
             self.monitor.restore(extra["monitor"], self.body)
         self._restore_work(extra.get("work"))

@@ -1,0 +1,237 @@
+"""User residual steps with state under layer-parallel propagation: frozen
+parameters, dropout, batch norm and train/eval mode, against the serial
+network with the same weights and the same per-layer random draws
+(layerpar.models' policy), on 1, 2 and 4 ranks."""
+import pytest
+import torch
+import torch.nn.functional as Fn
+from mpi4py import MPI
+
+from layerpar import DenseClosing, DenseOpening, Network
+from layerpar.models import layer_rng
+from tests.userblocks import Block, NormBlock
+
+F64 = torch.float64
+WORLD = MPI.COMM_WORLD
+N, WIDTH, SEED = 8, 6, 4
+CONVERGED = dict(max_levels=3, cfactor=2, min_coarse=1, fwd_iters=40, bwd_iters=40,
+                 fwd_tol=1e-13, bwd_tol=1e-13)
+INEXACT = dict(max_levels=3, cfactor=2, min_coarse=1, fwd_iters=2, bwd_iters=1)
+
+
+def net(comm, step=lambda n: Block(WIDTH, p=0.3), **opts):
+    return Network(lambda: DenseOpening(2, WIDTH), step, lambda: DenseClosing(WIDTH, 3),
+                   nlayers=N, T=2.0, comm=comm, seed=SEED, **opts).double()
+
+
+def batch(size=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(size, 2, generator=g, dtype=F64), torch.randint(0, 3, (size,), generator=g)
+
+
+def serial_forward(seq, x, pass_index):
+    """The serial network (opening, N residual layers, closing), each layer
+    drawing its random numbers from layer_rng(SEED, pass_index, n)."""
+    u = seq[0](x)
+    for n in range(N):
+        with layer_rng(SEED, pass_index, n):
+            u = seq[n + 1](u)
+    return seq[-1](u)
+
+
+def gathered(comm, named):
+    out = {}
+    for part in comm.allgather({k: v.detach().clone() for k, v in named}):
+        out.update(part)
+    return out
+
+
+def serial_names(seq):
+    """serial_equivalent()'s parameter names -> the Network's."""
+    names = {}
+    for name, _ in seq.named_parameters():
+        idx, rest = name.split(".", 1)
+        idx = int(idx)
+        names[name] = ("opening." + rest if idx == 0 else "closing." + rest if idx == N + 1
+                       else f"body.layers.{idx - 1}.{rest.removeprefix('F.')}")
+    return names
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("opts", [{}, CONVERGED], ids=["exact", "converged-multilevel"])
+def test_frozen_parameters_and_dropout_gradients_equal_serial(opts):
+    # training mode, dropout p=0.3, frozen V and c in every layer: loss and
+    # gradients of the trained parameters equal serial autograd with the same
+    # masks; frozen parameters get no gradient
+    m = net(WORLD, **opts)
+    x, y = batch()
+    seq = m.serial_equivalent()
+    p = m.body.passes
+    loss = m.loss(x, y, Fn.cross_entropy)
+    loss.backward()
+    ref = Fn.cross_entropy(serial_forward(seq, x, p), y)
+    ref.backward()
+    assert abs(m.reduce(loss) - float(ref.detach())) <= 1e-13 * float(ref.detach())
+    frozen = [k for k, q in m.named_parameters() if not q.requires_grad]
+    assert len(frozen) == 2 * len(m.body.layer_indices)
+    assert all(q.grad is None for q in m.parameters() if not q.requires_grad)
+    grads = gathered(WORLD, ((k, q.grad) for k, q in m.named_parameters()
+                             if q.requires_grad))
+    names = serial_names(seq)
+    sgrads = {names[k]: q.grad for k, q in seq.named_parameters() if q.requires_grad}
+    assert grads.keys() == sgrads.keys() and len(grads) == 2 * N + 4
+    for k, g in grads.items():
+        assert torch.allclose(g, sgrads[k], rtol=1e-12, atol=1e-15), k
+
+
+@pytest.mark.mpi
+def test_frozen_parameters_stay_fixed_in_training():
+    m = net(WORLD, **INEXACT)
+    before = {k: q.detach().clone() for k, q in m.named_parameters()}
+    opt = torch.optim.Adam(m.parameters(), lr=0.01)
+    for s in range(3):
+        x, y = batch(seed=s)
+        opt.zero_grad()
+        m.loss(x, y, Fn.cross_entropy).backward()
+        opt.step()
+    for k, q in m.named_parameters():
+        assert torch.equal(q, before[k]) != q.requires_grad, k
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("opts", [INEXACT, dict(INEXACT, fwd_iters=1, cfactor=4, max_levels=2)])
+def test_dropout_masks_do_not_depend_on_the_number_of_ranks(opts):
+    # inexact MGRIT in training mode: every call of layer n in a pass (owner,
+    # ghost copy on another rank, coarse grid) draws the same mask, so the
+    # result on WORLD is the one-rank result up to round-off
+    x, y = batch(seed=3)
+    outs = []
+    for comm in (WORLD, MPI.COMM_SELF):
+        m = net(comm, **opts)
+        for _ in range(2):  # the second pass draws other masks than the first
+            out = m(x)
+        value = m.reduce(Fn.cross_entropy(out, y) if m.is_last else 0.0)
+        outs.append(value)
+    assert abs(outs[0] - outs[1]) <= 1e-13 * abs(outs[1])
+
+
+def _norm_net(comm, **opts):
+    return net(comm, step=lambda n: NormBlock(WIDTH), **opts)
+
+
+def _running(m, comm):
+    return gathered(comm, ((k, b) for k, b in m.named_buffers()))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("opts", [{}, CONVERGED], ids=["exact", "converged-multilevel"])
+def test_batch_norm_statistics_updated_once_per_forward(opts):
+    m = _norm_net(WORLD, **opts)
+    seq = m.serial_equivalent()
+    x, y = batch(size=16)
+    for s in range(2):
+        xs = x + s
+        loss = m.loss(xs, y, Fn.cross_entropy)
+        loss.backward()
+        ref = Fn.cross_entropy(seq(xs), y)
+        ref.backward()
+        assert abs(m.reduce(loss) - float(ref.detach())) <= 1e-12 * float(ref.detach())
+    bufs = _running(m, WORLD)
+    names = {k: v for k, v in serial_names_buffers(seq).items()}
+    assert len(bufs) == 3 * N
+    for k, b in bufs.items():
+        sref = names[k]
+        if k.endswith("num_batches_tracked"):
+            assert int(b) == 2  # two forward passes, one update each
+        else:
+            assert torch.allclose(b, sref, rtol=1e-12, atol=1e-14), k
+
+
+def serial_names_buffers(seq):
+    out = {}
+    for name, b in seq.named_buffers():
+        idx, rest = name.split(".", 1)
+        out[f"body.layers.{int(idx) - 1}.{rest.removeprefix('F.')}"] = b
+    return out
+
+
+@pytest.mark.mpi
+def test_eval_mode_batch_norm_and_ghosts_follow_the_owner():
+    # after training steps the running statistics differ from their initial
+    # values; in eval mode the exact network equals the serial one, and the
+    # inexact one (coarse steps on ghost copies, which must be in eval mode
+    # too) gives the one-rank result
+    x, y = batch(size=16)
+    values = []
+    for comm in (WORLD, MPI.COMM_SELF):
+        m = _norm_net(comm, **INEXACT)
+        for s in range(2):
+            m.loss(x + s, y, Fn.cross_entropy).backward()
+        m.eval()
+        with torch.no_grad():
+            before = _running(m, comm)
+            out = m(x)
+            after = _running(m, comm)
+        assert all(torch.equal(before[k], after[k]) for k in before)  # eval: no update
+        values.append(m.reduce(Fn.cross_entropy(out, y) if m.is_last else 0.0))
+        if comm is WORLD:
+            exact = _norm_net(WORLD)
+            exact.load_state_dict(m.state_dict())
+            exact.eval()
+            seq = exact.serial_equivalent()
+            seq.eval()
+            with torch.no_grad():
+                out = exact(x)  # collective
+                got = exact.reduce(Fn.cross_entropy(out, y) if exact.is_last else 0.0)
+                ref = float(Fn.cross_entropy(seq(x), y))
+            assert abs(got - ref) <= 1e-13 * ref
+    assert abs(values[0] - values[1]) <= 1e-13 * abs(values[1])
+
+
+@pytest.mark.mpi
+def test_eval_outputs_identical_on_sub_communicators():
+    # the same trained weights evaluated on 1, 2, 4 ranks (as many as WORLD
+    # has): identical outputs in exact mode, and equal to the serial network
+    x, _ = batch(size=12, seed=8)
+    ref = net(MPI.COMM_SELF)
+    state = None
+    if WORLD.rank == 0:
+        opt = torch.optim.SGD(ref.parameters(), lr=0.2)
+        for s in range(3):
+            xb, yb = batch(seed=s)
+            opt.zero_grad()
+            ref.loss(xb, yb, Fn.cross_entropy).backward()
+            opt.step()
+        state = ref.serial_equivalent().state_dict()
+    state = WORLD.bcast(state, root=0)
+    seq = ref.serial_equivalent()
+    seq.load_state_dict(state)
+    seq.eval()
+    with torch.no_grad():
+        expected = seq(x)
+    for size in (1, 2, 4):
+        if size > WORLD.size:
+            continue
+        sub = WORLD.Split(0 if WORLD.rank < size else MPI.UNDEFINED, WORLD.rank)
+        out = None
+        if sub != MPI.COMM_NULL:
+            m = net(sub)
+            m.opening.load_state_dict(_part(state, "0.")) if m.is_first else None
+            m.closing.load_state_dict(_part(state, f"{N + 1}.")) if m.is_last else None
+            for n in m.body.layer_indices:
+                m.body.layers[str(n)].load_state_dict(_part(state, f"{n + 1}.F."))
+            m.eval()
+            with torch.no_grad():
+                out = m(x)
+            out = out if m.is_last else None
+            sub.Free()
+        outs = [o for o in WORLD.allgather(out) if o is not None]
+        assert len(outs) == 1
+        assert torch.allclose(outs[0], expected, rtol=1e-14, atol=1e-15)
+        if size == 1:
+            first = outs[0]
+        assert torch.equal(outs[0], first)
+
+
+def _part(state, prefix):
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
