@@ -188,6 +188,46 @@ def test_dtype_kept_and_sources_untouched(op, kind):
             assert all(v is not w for e in out.values() for w in e.values())
 
 
+class CountingComm(MPI.Intracomm):
+    """The same communicator, counting the point-to-point messages sent and
+    received per peer."""
+
+    def __init__(self, comm):  # the handle itself is made by Intracomm.__new__
+        self.sent, self.received = {}, {}
+
+    def isend(self, obj, dest, tag=0):
+        self.sent[dest] = self.sent.get(dest, 0) + 1
+        return super().isend(obj, dest, tag)
+
+    def recv(self, buf=None, source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=None):
+        self.received[source] = self.received.get(source, 0) + 1
+        return super().recv(buf, source, tag, status)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("op", ["prolong", "restrict"])
+def test_one_message_per_pair_of_owners(op):
+    """Constant prolongation and injection: rank p sends to q != p exactly
+    when a layer q receives is a copy of a layer p holds, once per call."""
+    P, me = WORLD.size, WORLD.rank
+    for N, r in pairs():
+        ns, nd = (N, r * N) if op == "prolong" else (r * N, N)
+        src, dst = Layout(ns, P), Layout(nd, P)
+        comm = CountingComm(WORLD)
+        local = local_dict(src, WORLD, lambda n: layer_data(n, ns))
+        if op == "prolong":
+            prolong(local, src, dst, comm, kind="constant")
+            copied_from = lambda d: d // r  # noqa: E731
+        else:
+            restrict(local, src, dst, comm, kind="injection")
+            copied_from = lambda d: r * d  # noqa: E731
+        to = {q for q in range(P) if q != me and
+              any(src.owner(copied_from(d)) == me for d in dst.layers(q))}
+        frm = {src.owner(copied_from(d)) for d in dst.layers(me)} - {me}
+        assert comm.sent == {q: 1 for q in to}
+        assert comm.received == {q: 1 for q in frm}
+
+
 def test_messages_go_only_between_owners():
     """The plan of every rank: what p sends to q is exactly what q expects
     from p, only layers p holds, only layers q's targets are made of."""
