@@ -180,6 +180,10 @@ class Level:
                 "opening": dict(self.net.opening.named_parameters()) if self.first else {},
                 "closing": dict(self.net.closing.named_parameters()) if self.last else {}}
 
+    def close(self):
+        """Collective: free the network's solvers (the level is not used again)."""
+        self.body.close()
+
     def end_params(self):
         """{("opening"|"closing", name): parameter} of this rank."""
         p = self.params()
