@@ -128,6 +128,7 @@ def _train(args, comm, out):
             out(f"no checkpoint in {config['run']['dir']}: starting afresh", 1)
     trainer.write_config()
     summary = trainer.run()
+    trainer.close()  # collective: solvers freed before MPI finalises
     g, method = config["mgrit"], config["multilevel"]["method"]
     out(f"layerpar: {config['data']['name']} {config['model']['kind']} N={config['model']['nlayers']} "
         f"on {comm.Get_size()} ranks, {g['mode']}"

@@ -187,6 +187,10 @@ class Level:
                 "opening": _tensors(self.net.opening) if self.first else {},
                 "closing": _tensors(self.net.closing) if self.last else {}}
 
+    def close(self):
+        """Collective: free the network's solvers (the level is not used again)."""
+        self.body.close()
+
     def end_params(self):
         """{("opening"|"closing", name): parameter} of this rank."""
         p = self.params()

@@ -207,6 +207,11 @@ class Trainer:
             totals = {k: int(saved.get(k, 0)) for k in totals}
         self.level.work = totals if self.first else {"fwd": 0, "bwd": 0}
 
+    def close(self):
+        """Collective: free the network's solvers (the trainer is not used
+        again)."""
+        self.level.close()
+
     def write_config(self):
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)

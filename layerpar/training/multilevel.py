@@ -276,6 +276,7 @@ class MultilevelTrainer:
             self._prolong_optimizer_state(old, new, src, dst, r, kind)
         tot = old.work_totals()
         self.done_work[self.depth] = {k: self.done_work[self.depth][k] + tot[k] for k in tot}
+        old.close()
         self.levels = [new]
         self.depth += 1
         self.depth_epoch, self.depth_done = 0, False
@@ -450,6 +451,13 @@ class MultilevelTrainer:
             plot_metrics(self.metrics.rows(), os.path.join(self.run_dir, "curves.png"))
         return summary
 
+    def close(self):
+        """Collective: free the networks' solvers and this trainer's
+        communicator (the trainer is not used again)."""
+        for lev in self.levels:
+            lev.close()
+        self.comm.Free()
+
     def write_config(self):
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
@@ -515,6 +523,7 @@ class MultilevelTrainer:
         if self.method == "nested":
             self.depth = int(extra["depth"])
             if self.levels[0].nlayers != self.depths[self.depth]:
+                self.levels[0].close()
                 self.levels = [Level(self.config, self.data, self.levels[0].comm,
                                      nlayers=self.depths[self.depth])]
         offsets, total = self._offsets()
