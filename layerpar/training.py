@@ -21,6 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as Fn
+from mpi4py import MPI
 
 from layerpar import checkpoint as ckpt
 from layerpar.config import mode_iterations, to_toml
@@ -146,10 +147,15 @@ class Trainer:
 
     ``log(text)`` receives messages on rank 0 (None: silent); ``progress``
     (rank 0) is called as progress(epoch, step_in_epoch, steps_per_epoch,
-    metrics) after each step.
+    metrics, first) after each step.  ``should_stop()`` (given on every rank
+    or on none) is asked after each step; when it is true on any rank, every
+    rank stops after that same step, a checkpoint is written and run()
+    returns a summary with ``stopped`` true.  ``metrics=False``: no metrics
+    files (evaluation only).
     """
 
-    def __init__(self, config, comm, *, log=None, progress=None):
+    def __init__(self, config, comm, *, log=None, progress=None, should_stop=None,
+                 metrics=True):
         self.config = config
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
@@ -178,8 +184,12 @@ class Trainer:
                                        g["max_iters"], fwd_iters, bwd_iters) \
             if g["mode"] != "serial" and g["monitor"] else None
         self.run_dir = config["run"]["dir"]
+        if not self.run_dir:
+            raise ValueError("run.dir = '': name the run's folder")
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
-        self.metrics = MetricsWriter(self.run_dir, comm)
+        self.should_stop = should_stop
+        self.sums = _epoch_sums()  # this epoch's steps so far (checkpointed)
+        self.metrics = MetricsWriter(self.run_dir, comm) if metrics else None
 
     # ---- optimiser --------------------------------------------------------
     def _make_optimizer(self):
@@ -220,6 +230,7 @@ class Trainer:
 
     def _train_step(self, x, y, size):
         stats = {}
+        work = dict(fwd_iters=0, bwd_iters=0, vtime=0.0)
 
         def closure():
             self.optimizer.zero_grad()
@@ -227,6 +238,11 @@ class Trainer:
             loss.backward()
             value += self._regularize()
             stats.update(loss=value, correct=correct)
+            # every solve of the step counts (L-BFGS evaluates several times)
+            f, b = self.body.last_forward, self.body.last_backward
+            work["fwd_iters"] += f["iterations"]
+            work["bwd_iters"] += b["iterations"]
+            work["vtime"] += f["virtual_time"] + b["virtual_time"]
             return value
 
         if self.config["optim"]["name"] == "lbfgs":
@@ -236,22 +252,42 @@ class Trainer:
             self.optimizer.step()
         f, b = self.body.last_forward, self.body.last_backward
         return dict(loss=stats["loss"], correct=stats["correct"], size=size,
-                    fwd_iters=f["iterations"], bwd_iters=b["iterations"],
+                    fwd_iters=work["fwd_iters"], bwd_iters=work["bwd_iters"],
                     fwd_res=f["residual_norms"][-1] if f["residual_norms"] else 0.0,
                     bwd_res=b["residual_norms"][-1] if b["residual_norms"] else 0.0,
-                    vtime=f["virtual_time"] + b["virtual_time"])
+                    vtime=work["vtime"])
 
-    def evaluate(self, loader):
-        """(mean loss, accuracy) over a loader, collective."""
+    def evaluate(self, loader, *, exact=True):
+        """(mean loss, accuracy) over a loader, collective; ``exact``: with
+        the exact network (one grid level), whatever the training mode."""
+        levels = (self.body.fwd_options["max_levels"], self.body.bwd_options["max_levels"])
+        switch = exact and max(levels) > 1
+        if switch:
+            self.body.reconfigure(max_levels=1)
         total, loss_sum, correct = 0, 0.0, 0
-        with torch.no_grad():
-            for b, (x, y) in enumerate(loader.epoch(0)):
-                n = _batch_len(loader, b)
-                _, value, c = self._forward_loss(x, y)
-                total += n
-                loss_sum += value * n
-                correct += c
+        try:
+            with torch.no_grad():
+                for b, (x, y) in enumerate(loader.epoch(0)):
+                    n = _batch_len(loader, b)
+                    _, value, c = self._forward_loss(x, y)
+                    total += n
+                    loss_sum += value * n
+                    correct += c
+        finally:
+            if switch:
+                self.body.reconfigure(max_levels=levels[0], bwd_max_levels=levels[1])
         return loss_sum / max(total, 1), correct / max(total, 1)
+
+    def _check_divergence(self, loss):
+        """Stop (on every rank: the loss is the same everywhere) when the loss
+        is not finite or far above chance level."""
+        bound = DIVERGED * max(math.log(self.data.num_classes), self._first_loss or 0.0)
+        if not math.isfinite(loss) or loss > bound:
+            raise FloatingPointError(
+                f"training diverged at step {self.step} (epoch {self.epoch + 1}): loss {loss:.4g}"
+                f" (chance level "
+                f"{math.log(self.data.num_classes):.3g}); lower optim.lr (now "
+                f"{self.optimizer.param_groups[0]['lr']:.3g})")
 
     # ---- checkpoints ---------------------------------------------------------
     def _params(self):
@@ -270,7 +306,7 @@ class Trainer:
                  "closing": {k: v.detach() for k, v in params["closing"].items()},
                  "optimizer": ckpt.optimizer_state(self.optimizer, params),
                  "rng": ckpt.rng_state(),
-                 "extra": {"batch_in_epoch": self.batch_in_epoch,
+                 "extra": {"batch_in_epoch": self.batch_in_epoch, "epoch_sums": dict(self.sums),
                            "monitor": self.monitor.state() if self.monitor else {}}}
         ckpt.save_checkpoint(self.checkpoint_path(), self.comm, state)
 
@@ -288,6 +324,8 @@ class Trainer:
                 path = ckpt.find_latest_checkpoint(self.run_dir, self.comm)
                 if path is None:
                     return False
+            else:
+                path = self._usable_checkpoint(path)
         keys = {"model": self.config["model"], "data": {
             k: self.config["data"][k] for k in ("name", "dtype", "seed")}}
         try:
@@ -312,12 +350,46 @@ class Trainer:
         self.epoch, self.step = st["epoch"], st["step"]
         extra = st.get("extra") or {}
         self.batch_in_epoch = extra.get("batch_in_epoch", 0)
+        self.sums = dict(_epoch_sums(), **extra.get("epoch_sums", {}))
         if self.monitor and extra.get("monitor"):
             self.monitor.restore(extra["monitor"], self.body)
-        self.metrics.truncate(self.epoch)  # rows of epochs finished before the save
+        if self.metrics:
+            self.metrics.truncate(self.epoch)  # rows of epochs finished before the save
         if self.log:
             self.log(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
         return True
+
+    def _usable_checkpoint(self, path):
+        """``path``, or its previous version when ``path`` is damaged; the
+        damaged file is renamed aside so the next save keeps the good one.
+        Collective."""
+        msg = None
+        if self.rank == 0:
+            prev = ckpt.previous_path(path)
+            try:
+                ckpt.verify_checkpoint(path)
+            except ckpt.CheckpointError as e:
+                try:
+                    ckpt.verify_checkpoint(prev)
+                except ckpt.CheckpointError:
+                    prev = None
+                if prev:
+                    aside = f"{path}.damaged-{int(time.time())}"
+                    os.replace(path, aside)
+                    msg = (prev, f"{e}; resuming from the previous checkpoint {prev} "
+                                 f"(the damaged file is kept as {aside})")
+        # Rank 0 -> every rank: the checkpoint to load instead, and why.
+        msg = self.comm.bcast(msg, root=0)
+        if msg is None:
+            return path
+        if self.log:
+            self.log(f"warning: {msg[1]}")
+        return msg[0]
+
+    def _stop_agreed(self):
+        """Collective: does any rank's should_stop() say stop?"""
+        return self.should_stop is not None and bool(
+            self.comm.allreduce(int(bool(self.should_stop())), op=MPI.MAX))
 
     # ---- the loop ------------------------------------------------------------
     def run(self):
@@ -326,12 +398,13 @@ class Trainer:
         steps_per_epoch = len(self.train_loader)
         t_start = time.perf_counter()
         summary = None
+        self._first_loss = None
         while self.epoch < o["epochs"]:
             for group in self.optimizer.param_groups:
                 group["lr"] = self._lr(self.epoch)
             t_epoch = time.perf_counter()
-            acc = dict(loss=0.0, correct=0, size=0, fwd_iters=0, bwd_iters=0, fwd_res=0.0,
-                       bwd_res=0.0, vtime=0.0, steps=0)
+            acc = self.sums
+            first = self.batch_in_epoch + 1
             batches = self.train_loader.epoch(self.epoch)
             for b, (x, y) in enumerate(batches):
                 if b < self.batch_in_epoch:
@@ -346,6 +419,9 @@ class Trainer:
                 acc["steps"] += 1
                 self.step += 1
                 self.batch_in_epoch = b + 1
+                if self._first_loss is None:
+                    self._first_loss = s["loss"]
+                self._check_divergence(s["loss"])
                 if self.monitor:
                     change = self.monitor.update(self.body)
                     status = getattr(self.optimizer, "last_step", {}).get("status")
@@ -355,15 +431,19 @@ class Trainer:
                     if change and self.log:
                         self.log(f"step {self.step}: {change}")
                 if self.progress:
-                    self.progress(self.epoch, b + 1, steps_per_epoch, s)
+                    self.progress(self.epoch, b + 1, steps_per_epoch, s, first)
                 if r["log_every"] and self.step % r["log_every"] == 0 and self.log:
                     self.log(f"step {self.step} (epoch {self.epoch + 1}, batch {b + 1}/"
                              f"{steps_per_epoch}): loss {s['loss']:.4f}, accuracy "
                              f"{100 * s['correct'] / max(size, 1):.1f}%, MGRIT iterations "
                              f"{s['fwd_iters']}/{s['bwd_iters']}, residuals "
                              f"{s['fwd_res']:.1e}/{s['bwd_res']:.1e}")
-                if every and self.step % every == 0 and self.batch_in_epoch < steps_per_epoch:
-                    self.save()
+                if self.batch_in_epoch < steps_per_epoch:
+                    if self._stop_agreed():
+                        self.save()
+                        return self._stopped(t_start)
+                    if every > 0 and self.step % every == 0:
+                        self.save()
             val_loss, val_acc = self.evaluate(self.val_loader)
             n = max(acc["steps"], 1)
             row = {"epoch": self.epoch + 1, "step": self.step,
@@ -378,10 +458,15 @@ class Trainer:
             self.metrics.append(row)
             self.epoch += 1
             self.batch_in_epoch = 0
-            self.save()
+            self.sums = _epoch_sums()
             summary = row
             if self.log:
                 self.log(format_row(row))
+            stop = self.epoch < o["epochs"] and self._stop_agreed()
+            if every >= 0 or stop or self.epoch == o["epochs"]:
+                self.save()
+            if stop:
+                return self._stopped(t_start)
         if summary is None:  # nothing left to train: report the current state
             val_loss, val_acc = self.evaluate(self.val_loader)
             summary = {"epoch": self.epoch, "step": self.step, "val_loss": val_loss,
@@ -391,11 +476,23 @@ class Trainer:
             plot_metrics(self.metrics.rows(), os.path.join(self.run_dir, "curves.png"))
         return summary
 
+    def _stopped(self, t_start):
+        return {"stopped": True, "epoch": self.epoch, "step": self.step,
+                "total_wall_time": time.perf_counter() - t_start}
+
     def write_config(self):
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.toml"), "w") as fh:
                 fh.write(to_toml(self.config))
+
+
+DIVERGED = 100.0  # a loss this many times chance level (or the first loss) has diverged
+
+
+def _epoch_sums():
+    return dict(loss=0.0, correct=0, size=0, fwd_iters=0, bwd_iters=0, fwd_res=0.0,
+                bwd_res=0.0, vtime=0.0, steps=0)
 
 
 def _batch_len(loader, b):
