@@ -284,7 +284,7 @@ def _train(args, comm, out, stop):
     g = config["mgrit"]
     out(f"layerpar: {config['data']['name']} {config['model']['kind']} N={config['model']['nlayers']} "
         f"on {comm.Get_size()} ranks, {g['mode']}: epoch {summary['epoch']}, "
-        f"validation accuracy (exact network) {100 * summary['val_acc']:.2f}%, "
+        f"validation accuracy {100 * summary['val_acc']:.2f}% (exact network), "
         f"loss {summary['val_loss']:.4f}, {summary['total_wall_time']:.1f}s; "
         f"results in {run_dir}", 0)
     return 0
@@ -316,16 +316,19 @@ def _eval(args, comm, out, stop):
         out.error(f"layerpar: stopped by {stop.name}")
         return stop.exit_status
     out(f"layerpar eval: {args.checkpoint} (epoch {trainer.epoch}) on {args.split} "
-        f"({len(split)} samples, {comm.Get_size()} ranks): accuracy (exact network) "
-        f"{100 * acc:.2f}%, loss {loss:.4f}, {time.perf_counter() - t:.1f}s", 0)
+        f"({len(split)} samples, {comm.Get_size()} ranks): accuracy {100 * acc:.2f}% "
+        f"(exact network), loss {loss:.4f}, {time.perf_counter() - t:.1f}s", 0)
     return 0
 
 
 def _describe(e):
     """The one line for an error a user can cause."""
     if isinstance(e, (MemoryError, RuntimeError)):
-        return (f"out of memory ({str(e).strip().splitlines()[0] if str(e).strip() else 'MemoryError'}"
-                "): choose a smaller model.width, model.nlayers or data.batch_size, or more ranks")
+        import re
+        size = re.search(r"allocate (\d+) bytes", str(e))
+        what = f" allocating {int(size.group(1)) / 2**30:.3g} GiB" if size else ""
+        return (f"out of memory{what}: choose a smaller model.width, model.nlayers or "
+                "data.batch_size, or more ranks")
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
         where = f" ({e.filename})" if e.filename else ""
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -377,7 +380,9 @@ def main(argv=None):
     except known as e:
         if isinstance(e, RuntimeError) and not _out_of_memory(e):
             return _internal_error(comm)
-        code = 2 if isinstance(e, (ConfigError, ValueError)) else 1
+        # 2: a setting to change; 1: anything else (data, checkpoint, disk, numbers)
+        code = 2 if isinstance(e, ValueError) and not isinstance(
+            e, (CheckpointError, DatasetError)) else 1
         if _all_failed(exit_comm):
             # the usual case: collective checks raise on every rank; rank 0 says it
             out.error(f"layerpar: error: {_describe(e)}")
