@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+import layerpar
+
 from conftest import clean_mpi_env
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
@@ -18,8 +20,9 @@ def test_train_library_example(mpiexec, ranks):
     cmd = [mpiexec, "-n", str(ranks), sys.executable,
            os.path.join(EXAMPLES, "train_library.py"), "--epochs", "2", "--nlayers", "16"]
     env = clean_mpi_env()
+    # the layerpar these tests import (the source tree, or an installed copy)
     env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.abspath(os.path.join(EXAMPLES, "..")), env.get("PYTHONPATH", "")])
+        [os.path.dirname(os.path.dirname(layerpar.__file__)), env.get("PYTHONPATH", "")])
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.strip().splitlines()
