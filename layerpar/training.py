@@ -455,7 +455,7 @@ class Trainer:
                    "lr": self.optimizer.param_groups[0]["lr"],
                    "wall_time": time.perf_counter() - t_epoch,
                    "virtual_time": acc["vtime"]}
-            self.metrics.append(row)
+            self._rank0_file_work(self.metrics.append, row)
             self.epoch += 1
             self.batch_in_epoch = 0
             self.sums = _epoch_sums()
@@ -481,10 +481,25 @@ class Trainer:
                 "total_wall_time": time.perf_counter() - t_start}
 
     def write_config(self):
-        if self.rank == 0:
+        def write():
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.toml"), "w") as fh:
                 fh.write(to_toml(self.config))
+        self._rank0_file_work(write)
+
+    def _rank0_file_work(self, fn, *args):
+        """Collective: fn(*args) on rank 0; an OSError there (a full disk)
+        is raised on every rank."""
+        err = None
+        if self.rank == 0:
+            try:
+                fn(*args)
+            except OSError as e:
+                err = (e.errno, e.strerror or str(e), e.filename)
+        # Rank 0 -> every rank: whether its file work failed.
+        err = self.comm.bcast(err, root=0)
+        if err is not None:
+            raise OSError(*err)
 
 
 DIVERGED = 100.0  # a loss this many times chance level (or the first loss) has diverged

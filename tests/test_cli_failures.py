@@ -275,3 +275,22 @@ def test_full_disk_during_a_save_is_one_line_and_leaves_nothing(tmp_path, mpiexe
     assert "disk full" in error_lines(r)
     assert not glob.glob(str(run_dir / ".*tmp*"))
     assert not (run_dir / "checkpoint.h5").exists()
+
+
+def test_full_disk_while_writing_metrics_is_one_line_on_every_rank(tmp_path, mpiexec):
+    run_dir = tmp_path / "run"
+    script = (
+        "import errno, os, sys\n"
+        "import layerpar.metrics as m\n"
+        "def full(self, row):\n"
+        "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.csv_path)\n"
+        "m.MetricsWriter.append = full\n"
+        "from layerpar.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    cmd = [mpiexec, "-n", "2", sys.executable, "-c", script, "train", "--run-dir", str(run_dir),
+           *TINY]
+    r = subprocess.run(cmd, env=clean_mpi_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    line = error_lines(r)
+    assert "disk full" in line and "metrics.csv" in line
+    assert "error on rank" not in r.stderr  # every rank agreed: no abort of one rank
