@@ -69,9 +69,11 @@ Safety
 ------
 ``save_checkpoint`` builds the file in memory, writes it to a temporary file
 in the target directory (removed again if the write fails, e.g. on a full
-disk: one CheckpointError, nothing left behind), fsyncs it, keeps the file it replaces as ``<stem>.prev<suffix>`` (``latest.h5`` ->
-``latest.prev.h5``) and renames the new one into place; a crash at any point
-leaves a complete checkpoint.  ``find_latest_checkpoint`` returns the newest
+disk: one CheckpointError, nothing left behind), fsyncs it, keeps the file
+it replaces as ``<stem>.prev<suffix>`` (``latest.h5`` -> ``latest.prev.h5``)
+and renames the new one into place; a crash at any point leaves a complete
+checkpoint (and at most a temporary file that ``layerpar train`` removes
+from the run folder when it next starts there).  ``find_latest_checkpoint`` returns the newest
 checkpoint of a directory that verifies.  Save and load are collective: rank
 0 does the file work and then tells every rank whether it succeeded, so a
 failure raises the same one-line :class:`CheckpointError` on every rank.
