@@ -260,7 +260,7 @@ def _train(args, comm, out, stop):
     if resuming:
         stored = _stored_config(comm, run_dir, args.resume_from)
         if stored is not None:
-            config = _resumed_config(args, stored)
+            config, notes = _resumed_config(args, stored), []
     config["run"]["dir"] = run_dir
     for note in notes:
         out(f"layerpar: {note}", 1)
@@ -277,8 +277,9 @@ def _train(args, comm, out, stop):
     trainer.write_config()
     summary = trainer.run()
     if summary.get("stopped"):
-        out.error(f"layerpar: stopped by {stop.name} after step {trainer.step} (epoch "
-                  f"{trainer.epoch + 1}); checkpoint saved in {run_dir}; continue with: "
+        out.error(f"layerpar: stopped by {stop.name} after step {trainer.step} "
+                  f"({trainer.epoch} of {config['optim']['epochs']} epochs complete); "
+                  f"checkpoint saved in {run_dir}; continue with: "
                   f"layerpar train --run-dir {run_dir} --resume")
         return stop.exit_status
     g = config["mgrit"]
