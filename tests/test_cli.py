@@ -48,7 +48,7 @@ def test_peaks_default_on_two_ranks(tmp_path, mpiexec):
     # the README's main job: the default configuration (peaks, dense N=32,
     # layer-parallel, Adam, 40 epochs) on 2 ranks
     t = time.perf_counter()
-    r = layerpar(mpiexec, 2, "train", "--run-dir", str(tmp_path), "-q")
+    r = layerpar(mpiexec, 2, "train", "--run-dir", str(tmp_path), "-q", timeout=1500)
     elapsed = time.perf_counter() - t
     assert r.returncode == 0, r.stdout + r.stderr
     acc = float(last_row(tmp_path)["val_acc"])
