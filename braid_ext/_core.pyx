@@ -573,10 +573,13 @@ cdef class Solver:
       min_coarse   coarsen while the coarse grid keeps >= this many steps
       relax        'F', 'FCF', 'FCFCF', ... or a list per level
       cycle        'V' or 'F'
-      skip         skip relaxation on the first down-cycle (coarse initial guess)
+      skip         skip relaxation on the first down-cycle (coarse initial guess);
+                   that cycle computes no residual, so the history starts
+                   at r_1 (unless the solve is warm-started)
       abs_tol, rel_tol   stop when the residual norm <= abs_tol or
-                   <= rel_tol * first residual norm; a tolerance of 0 is
-                   off (both 0: exactly max_iter iterations)
+                   <= rel_tol * first residual norm (r_0, or r_1 with skip);
+                   a tolerance of 0 is off (both 0: exactly max_iter
+                   iterations)
       max_iter     maximum number of MGRIT iterations per solve
       tnorm        'l2' or 'inf': norm of the residual over C-points
       store        'all' keeps every fine point; 'C' C-points and the last
@@ -775,7 +778,9 @@ cdef class Solver:
     @property
     def residual_norms(self):
         """Residual norms of the last solve: r_0 after the first relaxation,
-        then one per iteration (empty for a one-level, sequential solve)."""
+        then one per iteration (empty for a one-level, sequential solve).
+        With skip=True and a cold start the first down-cycle computes no
+        residual: the list starts at r_1 and has one entry fewer."""
         self._alive()
         cdef int n = 0
         CHKERR(mg_GetResidualNorms(self.core, NULL, 0, &n))

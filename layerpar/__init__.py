@@ -8,17 +8,26 @@ the ranks and back-propagation an adjoint MGRIT solve backward in layer-time.
 """
 __version__ = "0.1.0"
 
-from layerpar.parallel import LayerParallel, Network
-from layerpar.steps import (
-    ConvClosing,
-    ConvOpening,
-    ConvStep,
-    DenseClosing,
-    DenseOpening,
-    DenseStep,
-    ResidualLayer,
-    SmoothReLU,
-)
+# The names below are imported on first use, so that importing the package
+# (e.g. for ``layerpar --help``) does not load torch.
+_WHERE = {"LayerParallel": "parallel", "Network": "parallel", "ConvClosing": "steps",
+          "ConvOpening": "steps", "ConvStep": "steps", "DenseClosing": "steps",
+          "DenseOpening": "steps", "DenseStep": "steps", "ResidualLayer": "steps",
+          "SmoothReLU": "steps"}
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        import importlib
+        value = getattr(importlib.import_module(f"layerpar.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'layerpar' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_WHERE))
+
 
 __all__ = [
     "LayerParallel",

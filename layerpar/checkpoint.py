@@ -67,10 +67,13 @@ attributes; a load verifies it.
 
 Safety
 ------
-``save_checkpoint`` writes a temporary file in the target directory, fsyncs
-it, keeps the file it replaces as ``<stem>.prev<suffix>`` (``latest.h5`` ->
-``latest.prev.h5``) and renames the new one into place; a crash at any point
-leaves a complete checkpoint.  ``find_latest_checkpoint`` returns the newest
+``save_checkpoint`` builds the file in memory, writes it to a temporary file
+in the target directory (removed again if the write fails, e.g. on a full
+disk: one CheckpointError, nothing left behind), fsyncs it, keeps the file
+it replaces as ``<stem>.prev<suffix>`` (``latest.h5`` -> ``latest.prev.h5``)
+and renames the new one into place; a crash at any point leaves a complete
+checkpoint (and at most a temporary file that ``layerpar train`` removes
+from the run folder when it next starts there).  ``find_latest_checkpoint`` returns the newest
 checkpoint of a directory that verifies.  Save and load are collective: rank
 0 does the file work and then tells every rank whether it succeeded, so a
 failure raises the same one-line :class:`CheckpointError` on every rank.
@@ -78,7 +81,9 @@ A load never writes or deletes anything.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -229,11 +234,18 @@ def save_checkpoint(path, comm, state: dict, *, keep_previous: bool = True) -> N
                     raise CheckpointError(f"checkpoint {path}: rank {r} cannot send its state ({e})")
             merged = _merge_parts([pickle.loads(b) for b, _ in parts], path)
             _write_atomic(path, merged, comm.Get_size(), keep_previous)
-        except Exception as exc:  # noqa: BLE001 - broadcast, raised everywhere
+        except BaseException as exc:  # noqa: BLE001 - broadcast, raised everywhere
+            # (an interrupt too: the other ranks wait for this answer)
             original = exc
-            status = _message(exc, f"cannot write checkpoint {path}")
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                status = (f"cannot write checkpoint {path}: disk full (the previous "
+                          "checkpoint is kept): free space or choose another run folder")
+            else:
+                status = _message(exc, f"cannot write checkpoint {path}")
     # Rank 0 -> every rank: None on success, else the one-line error.
     status = comm.bcast(status, root=0)
+    if original is not None and not isinstance(original, Exception):
+        raise original
     if status is not None:
         raise CheckpointError(status) from original
 
@@ -331,11 +343,15 @@ def _write_atomic(path: str, state: dict, num_ranks: int, keep_previous: bool) -
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    # The file is built in memory and then written with plain writes: a
+    # full disk is an OSError here, never an HDF5 failure half-way through.
+    image = io.BytesIO()
+    with h5py.File(image, "w", track_order=True) as f:
+        _write_state(f, state, num_ranks)
+        f.attrs["sha256"] = _scan(f, decode=False)[0]
     try:
-        with _h5open(tmp, "w", track_order=True) as f:
-            _write_state(f, state, num_ranks)
-            f.attrs["sha256"] = _scan(f, decode=False)[0]
-        _fsync_path(tmp)
+        _write_bytes(tmp, image.getbuffer())
+        del image
         _install(tmp, path, keep_previous)
     except BaseException:
         try:
@@ -344,6 +360,14 @@ def _write_atomic(path: str, state: dict, num_ranks: int, keep_previous: bool) -
             pass
         raise
     _fsync_path(directory)
+
+
+def _write_bytes(path: str, data) -> None:
+    """Write ``data`` to a new file and fsync it."""
+    with open(path, "xb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _install(tmp: str, path: str, keep_previous: bool) -> None:

@@ -1,26 +1,33 @@
 """The ``layerpar`` command: train, eval, info.
 
     mpiexec -n 4 layerpar train --config peaks.toml --set optim.lr=0.05
-    srun layerpar train --config digits.toml --resume
-    mpiexec -n 2 layerpar eval --checkpoint runs/latest/checkpoint.h5 --split test
+    srun layerpar train --run-dir runs/peaks-1 --resume
+    mpiexec -n 2 layerpar eval --checkpoint runs/peaks-1/checkpoint.h5 --split test
     layerpar info
 
-Rank 0 alone prints.  Errors in the configuration, the data or a checkpoint
-end every rank with one line ``layerpar: error: ...`` (printed by rank 0) and
-a non-zero exit status.
+Rank 0 alone prints.  Errors in the configuration, the data, the run folder
+or a checkpoint end every rank with one line ``layerpar: error: ...`` on
+stderr (printed by rank 0) and a non-zero exit status (2 for a bad setting,
+1 otherwise).  SIGINT and SIGTERM stop training at the next step on every
+rank together, with a final checkpoint, and exit 130 and 143.
 """
 import argparse
+import errno
 import os
+import signal
 import sys
 import time
 
-
-def _threads_per_rank(comm):
-    """Cores per rank on this node, unless OMP_NUM_THREADS says otherwise."""
+def _threads_per_rank(comm, width=None):
+    """Torch threads per rank: OMP_NUM_THREADS if set; else the cores per
+    rank on this node, but one thread for layers too narrow to share (a
+    matrix of width 64 or less costs less than waking a second thread)."""
     from mpi4py import MPI
     env = os.environ.get("OMP_NUM_THREADS")
     if env and env.isdigit() and int(env) > 0:
         return int(env)
+    if width is not None and width <= SMALL_WIDTH:
+        return 1
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     n = local.Get_size()
     local.Free()
@@ -31,36 +38,109 @@ def _threads_per_rank(comm):
     return max(1, cores // n)
 
 
+SMALL_WIDTH = 64
+
+
+class StopRequest:
+    """Signal handlers that only record the signal; the training loop asks
+    (``requested()``) after each step, and the ranks agree on stopping.  A
+    second signal ends the process at once (the default action)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+
+    def install(self):
+        for s in self.SIGNALS:
+            signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+
+    def requested(self):
+        return self.signum is not None
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    @property
+    def exit_status(self):
+        return 128 + self.signum
+
+
 class Printer:
-    """Rank-0 output with verbosity levels and a one-line progress display."""
+    """Rank-0 output with verbosity levels and progress within an epoch
+    (a rewritten line on a terminal; otherwise, at -v a line per step, else
+    a line every PLAIN_EVERY seconds), on stderr."""
+
+    PLAIN_EVERY = 30.0
 
     def __init__(self, rank, verbosity):
         self.on = rank == 0
         self.verbosity = verbosity
-        self.tty = sys.stdout.isatty()
+        self.tty = sys.stderr.isatty()
         self._open_line = False
+        self._epoch_start = None
+        self._last_plain = 0.0
+
+    def _close_line(self):
+        if self._open_line:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self._open_line = False
 
     def __call__(self, text, level=1):
         if self.on and self.verbosity >= level:
-            if self._open_line:
-                sys.stdout.write("\n")
-                self._open_line = False
+            self._close_line()
             print(text, flush=True)
 
-    def progress(self, epoch, step, steps, s):
+    def error(self, text):
+        """One line on stderr (rank 0)."""
+        if self.on:
+            self._close_line()
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+
+    def progress(self, epoch, step, steps, s, first=1):
+        """After step ``step`` of ``steps`` (``first``: the first this run takes)."""
         if not self.on or self.verbosity < 1:
             return
+        now = time.perf_counter()
+        if step <= first or self._epoch_start is None:
+            self._epoch_start, self._first = now, step
+        done = step - self._first
+        rate = done / (now - self._epoch_start) if done > 0 and now > self._epoch_start else 0.0
+        eta = f"  ETA {_duration((steps - step) / rate)}" if rate > 0 else ""
         line = (f"epoch {epoch + 1} [{'#' * int(20 * step / steps):<20}] {step}/{steps}  "
-                f"loss {s['loss']:.4f}  acc {100 * s['correct'] / max(s['size'], 1):5.1f}%  "
+                f"{rate:.1f} it/s{eta}  loss {s['loss']:.4f}  "
+                f"acc {100 * s['correct'] / max(s['size'], 1):5.1f}%  "
                 f"mgrit {s['fwd_iters']}/{s['bwd_iters']}")
         if self.verbosity >= 2:
-            print(line, flush=True)
+            self._close_line()
+            sys.stderr.write(line + "\n")
         elif self.tty:
-            sys.stdout.write("\r" + line)
-            sys.stdout.flush()
+            sys.stderr.write("\r" + line)
             self._open_line = step < steps
             if step == steps:
-                sys.stdout.write("\r" + " " * len(line) + "\r")
+                sys.stderr.write("\r" + " " * len(line) + "\r")
+        elif now - self._last_plain >= self.PLAIN_EVERY and step < steps:
+            if self._last_plain:
+                sys.stderr.write(line + "\n")
+            self._last_plain = now
+        sys.stderr.flush()
+
+
+def _duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def _parser():
@@ -72,10 +152,15 @@ def _parser():
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a configuration value (repeatable)")
     t.add_argument("--resume", action="store_true",
-                   help="continue from the newest valid checkpoint in the run directory")
-    t.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint")
-    t.add_argument("--run-dir", help="output directory (run.dir)")
-    e = sub.add_parser("eval", help="evaluate a checkpoint")
+                   help="continue the run in the run folder from its newest valid checkpoint "
+                   "(checkpoint.prev.h5 when checkpoint.h5 is damaged), with the run's own "
+                   "config.toml; --config/--set may change optim, mgrit and run keys")
+    t.add_argument("--resume-from", metavar="CHECKPOINT",
+                   help="continue from this checkpoint, with its configuration")
+    t.add_argument("--run-dir", help="output folder (run.dir; default: a new runs/<name>-<k>)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in the run folder")
+    e = sub.add_parser("eval", help="evaluate a checkpoint with the exact network")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--split", choices=("val", "test", "train"), default="val")
     e.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -111,35 +196,104 @@ def _info(comm, out):
     return 0
 
 
-def _train(args, comm, out):
+# Keys a resumed run may not change: they define the network, its data and
+# the meaning of the stored optimiser state.
+FIXED_ON_RESUME = {"model": None, "data": ("name", "seed", "val_fraction", "batch_size", "dtype"),
+                   "optim": ("name",)}
+
+
+def _stored_config(comm, run_dir, resume_from):
+    """Collective: the configuration of the run being resumed, as (where,
+    dict of sections) or None: the checkpoint's for --resume-from, else the
+    run folder's config.toml."""
+    found = None
+    if comm.Get_rank() == 0:
+        from layerpar import checkpoint as ckpt
+        from layerpar.config import load_file
+        try:
+            if resume_from:
+                found = (resume_from, ckpt.verify_checkpoint(resume_from)["config"])
+            elif os.path.isfile(os.path.join(run_dir, "config.toml")):
+                path = os.path.join(run_dir, "config.toml")
+                found = (path, load_file(path))
+        except Exception:  # noqa: BLE001 - the load reports a damaged checkpoint itself
+            found = None
+    # Rank 0 -> every rank: the stored configuration (or None).
+    return comm.bcast(found, root=0)
+
+
+def _resumed_config(args, stored):
+    """The stored configuration with --config/--set applied, refusing a
+    change to a key in FIXED_ON_RESUME."""
+    import copy
+    from layerpar.config import DEFAULTS, ConfigError, check, merge, resolve
+    where, values = stored
+    base = merge(copy.deepcopy(DEFAULTS), values, where)
+    check(base)
+    config = resolve(args.config, args.set, base=base)
+    for section, keys in FIXED_ON_RESUME.items():
+        for key in keys or DEFAULTS[section]:
+            if config[section][key] != base[section][key]:
+                raise ConfigError(f"{section}.{key} = {config[section][key]!r}: the run being "
+                                  f"resumed has {base[section][key]!r} ({where}); it cannot "
+                                  "change within a run: drop the setting, or start a new run")
+    return config
+
+
+def _train(args, comm, out, stop):
+    from layerpar import rundir
     from layerpar.config import resolve, to_toml
     from layerpar.training.multilevel import make_trainer
 
-    overrides = list(args.set)
-    if args.run_dir:
-        overrides.append(f'run.dir="{args.run_dir}"')
-    config = resolve(args.config, overrides)
+    if args.resume and args.resume_from:
+        raise ValueError("--resume and --resume-from: give one of them")
+    resuming = bool(args.resume or args.resume_from)
+    notes = []
+    config = resolve(args.config, args.set, notes=notes)
+    asked = args.run_dir or config["run"]["dir"]
+    if not asked and args.resume_from:
+        asked = os.path.dirname(os.path.abspath(args.resume_from))
+    name = os.path.splitext(os.path.basename(args.config))[0] if args.config \
+        else config["data"]["name"]
+    run_dir = rundir.prepare(comm, asked, default=("runs", name), resume=resuming,
+                             overwrite=args.overwrite)
+    if resuming:
+        stored = _stored_config(comm, run_dir, args.resume_from)
+        if stored is not None:
+            config, notes = _resumed_config(args, stored), []
+    config["run"]["dir"] = run_dir
+    for note in notes:
+        out(f"layerpar: {note}", 1)
     out("resolved configuration:\n" + to_toml(config).rstrip(), 1)
-    trainer = make_trainer(config, comm, log=lambda s: out(s, 1), progress=out.progress)
+    import torch
+    torch.set_num_threads(_threads_per_rank(comm, config["model"]["width"]))
+    trainer = make_trainer(config, comm, log=lambda s: out(s, 1), progress=out.progress,
+                           should_stop=stop.requested)
     if args.resume_from:
         trainer.resume(args.resume_from)
     elif args.resume:
         if not trainer.resume():
-            out(f"no checkpoint in {config['run']['dir']}: starting afresh", 1)
+            out(f"no checkpoint in {run_dir}: starting afresh", 1)
     trainer.write_config()
     summary = trainer.run()
     trainer.close()  # collective: solvers freed before MPI finalises
+    if summary.get("stopped"):
+        out.error(f"layerpar: stopped by {stop.name} after step {trainer.step} "
+                  f"({trainer.epoch} of {config['optim']['epochs']} epochs complete); "
+                  f"checkpoint saved in {run_dir}; continue with: "
+                  f"layerpar train --run-dir {run_dir} --resume")
+        return stop.exit_status
     g, method = config["mgrit"], config["multilevel"]["method"]
     out(f"layerpar: {config['data']['name']} {config['model']['kind']} N={config['model']['nlayers']} "
         f"on {comm.Get_size()} ranks, {g['mode']}"
         f"{'' if method == 'none' else ', ' + method}: epoch {summary['epoch']}, "
-        f"validation accuracy {100 * summary['val_acc']:.2f}%, "
+        f"validation accuracy {100 * summary['val_acc']:.2f}% (exact network), "
         f"loss {summary['val_loss']:.4f}, {summary['total_wall_time']:.1f}s; "
-        f"results in {config['run']['dir']}", 0)
+        f"results in {run_dir}", 0)
     return 0
 
 
-def _eval(args, comm, out):
+def _eval(args, comm, out, stop):
     from layerpar import checkpoint as ckpt
     from layerpar.config import merge, parse_override, check
     from layerpar.training.multilevel import make_trainer
@@ -150,7 +304,9 @@ def _eval(args, comm, out):
         merge(config, parse_override(text), f"--set {text}")
     check(config)
     config["run"]["plot"] = False
-    trainer = make_trainer(config, comm)
+    import torch
+    torch.set_num_threads(_threads_per_rank(comm, config["model"]["width"]))
+    trainer = make_trainer(config, comm, metrics=False)
     trainer.resume(args.checkpoint)
     split = {"val": trainer.data.val, "test": trainer.data.test, "train": trainer.data.train}[args.split]
     if split is None:
@@ -159,10 +315,36 @@ def _eval(args, comm, out):
                           need_labels=trainer.last)
     t = time.perf_counter()
     loss, acc = trainer.evaluate(loader)
+    if stop.requested():
+        out.error(f"layerpar: stopped by {stop.name}")
+        return stop.exit_status
     out(f"layerpar eval: {args.checkpoint} (epoch {trainer.epoch}) on {args.split} "
-        f"({len(split)} samples, {comm.Get_size()} ranks): accuracy {100 * acc:.2f}%, "
-        f"loss {loss:.4f}, {time.perf_counter() - t:.1f}s", 0)
+        f"({len(split)} samples, {comm.Get_size()} ranks): accuracy {100 * acc:.2f}% "
+        f"(exact network), loss {loss:.4f}, {time.perf_counter() - t:.1f}s", 0)
     return 0
+
+
+def _describe(e):
+    """The one line for an error a user can cause."""
+    if isinstance(e, (MemoryError, RuntimeError)):
+        import re
+        size = re.search(r"allocate (\d+) bytes", str(e))
+        what = f" allocating {int(size.group(1)) / 2**30:.3g} GiB" if size else ""
+        return (f"out of memory{what}: choose a smaller model.width, model.nlayers or "
+                "data.batch_size, or more ranks")
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        where = f" ({e.filename})" if e.filename else ""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"disk full{where}: free space or choose another --run-dir"
+        return f"{e.strerror or e}{where}"
+    return str(e)
+
+
+def _out_of_memory(e):
+    text = str(e)
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and (
+        "can't allocate memory" in text or "not enough memory" in text
+        or "out of memory" in text.lower()))
 
 
 def _all_failed(exit_comm, grace=30.0):
@@ -181,12 +363,11 @@ def _all_failed(exit_comm, grace=30.0):
 
 def main(argv=None):
     args = _parser().parse_args(argv)
+    stop = StopRequest().install()
     from mpi4py import MPI
-    import torch
 
     comm = MPI.COMM_WORLD
     exit_comm = comm.Dup()  # only for agreeing on how to stop
-    torch.set_num_threads(_threads_per_rank(comm))
     verbosity = 0 if getattr(args, "quiet", False) else 2 if getattr(args, "verbose", False) else 1
     out = Printer(comm.Get_rank(), verbosity)
 
@@ -195,28 +376,34 @@ def main(argv=None):
     from layerpar.config import ConfigError
     from layerpar.data import DatasetError
     known = (ConfigError, DatasetError, CheckpointError, MGRITError, ValueError,
-             FloatingPointError, FileNotFoundError)
+             FloatingPointError, OSError, MemoryError, RuntimeError)
     try:
-        run = {"train": _train, "eval": _eval, "info": lambda a, c, o: _info(c, o)}[args.command]
-        return run(args, comm, out)
+        run = {"train": _train, "eval": _eval, "info": lambda a, c, o, s: _info(c, o)}[args.command]
+        return run(args, comm, out, stop)
     except known as e:
-        code = 2 if isinstance(e, (ConfigError, ValueError)) else 1
+        if isinstance(e, RuntimeError) and not _out_of_memory(e):
+            return _internal_error(comm)
+        # 2: a setting to change; 1: anything else (data, checkpoint, disk, numbers)
+        code = 2 if isinstance(e, ValueError) and not isinstance(
+            e, (CheckpointError, DatasetError)) else 1
         if _all_failed(exit_comm):
             # the usual case: collective checks raise on every rank; rank 0 says it
-            out(f"layerpar: error: {e}", 0)
+            out.error(f"layerpar: error: {_describe(e)}")
             return code
-        sys.stderr.write(f"layerpar: error on rank {comm.Get_rank()}: {e}\n")
+        sys.stderr.write(f"layerpar: error on rank {comm.Get_rank()}: {_describe(e)}\n")
         sys.stderr.flush()
         comm.Abort(code)
-    except KeyboardInterrupt:
-        return 130
     except BaseException:
-        # unexpected, and perhaps on this rank only: never leave the others waiting
-        import traceback
-        traceback.print_exc()
-        sys.stderr.write(f"layerpar: internal error on rank {comm.Get_rank()}; aborting all ranks\n")
-        sys.stderr.flush()
-        comm.Abort(1)
+        return _internal_error(comm)
+
+
+def _internal_error(comm):
+    """Unexpected, and perhaps on this rank only: never leave the others waiting."""
+    import traceback
+    traceback.print_exc()
+    sys.stderr.write(f"layerpar: internal error on rank {comm.Get_rank()}; aborting all ranks\n")
+    sys.stderr.flush()
+    comm.Abort(1)
 
 
 if __name__ == "__main__":

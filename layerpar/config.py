@@ -101,12 +101,19 @@ DEFAULTS = {
         "line_search_steps": 4,  # MG/OPT: step lengths 1, 1/2, ... tried on the correction
     },
     "run": {
-        "dir": "runs/latest",
-        "checkpoint_every": 0,  # steps between checkpoints; 0 = each epoch
+        "dir": "",              # "": a new folder runs/<config name>-<k>
+        "checkpoint_every": 0,  # steps between checkpoints; 0 = each epoch; -1 = only the last
         "log_every": 0,         # steps between progress lines; 0 = per epoch
         "plot": True,
     },
 }
+
+
+# Defaults that differ by optimiser, used where the configuration does not
+# set the key: L-BFGS takes unit trial steps with a line search, and a
+# decaying schedule would only shorten them.
+OPTIMIZER_DEFAULTS = {"lbfgs": {"lr": 1.0, "schedule": "constant"}}
+GENERATED_DATASETS = ("peaks", "digits")  # need no files: data.root does not apply
 
 
 class ConfigError(ValueError):
@@ -244,8 +251,8 @@ def check(config):
     need(o["tikhonov"] >= 0, "optim.tikhonov", "must be >= 0")
     need(o["smoothness"] >= 0, "optim.smoothness", "must be >= 0")
     need(o["lbfgs_history"] >= 1, "optim.lbfgs_history", "must be >= 1")
-    need(r["dir"] != "", "run.dir", "must name a directory")
-    need(r["checkpoint_every"] >= 0, "run.checkpoint_every", "must be >= 0")
+    need(r["checkpoint_every"] >= -1, "run.checkpoint_every",
+         "must be >= 0 (0: each epoch), or -1 for only the last checkpoint")
     need(r["log_every"] >= 0, "run.log_every", "must be >= 0")
     if d["name"] in ("mnist", "fashion-mnist", "cifar10"):
         need(d["root"] != "", "data.root", f"data set {d['name']} needs its directory")
@@ -257,6 +264,13 @@ def check(config):
                  f"the file type is told by its suffix: {', '.join(FILE_SUFFIXES)}")
         need(d["labels"] != "", "data.labels", "must name the labels' array or column")
         need(d["num_classes"] >= 0, "data.num_classes", "must be >= 0 (0: the largest label + 1)")
+    if d["name"] in GENERATED_DATASETS:
+        need(d["root"] == "", "data.root",
+             f"data set {d['name']} is built in and reads no files: remove data.root")
+    need(not (o["name"] == "lbfgs" and g["mode"] == "one-shot"), "optim.name",
+         "L-BFGS needs accurate gradients and loss values for its line search; one-shot "
+         "mode gives neither: use mgrit.mode = \"layer-parallel\" or \"serial\", or "
+         "optim.name = \"adam\"")
     return config
 
 
@@ -314,20 +328,42 @@ def _get(config, dotted):
     return config[section][key]
 
 
-def resolve(path=None, overrides=()):
-    """DEFAULTS <- TOML file at ``path`` <- ``section.key=value`` overrides."""
-    config = copy.deepcopy(DEFAULTS)
-    if path:
-        try:
-            with open(path, "rb") as fh:
-                loaded = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"configuration file {path!r} not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"configuration file {path!r} is not valid TOML: {e}") from None
-        merge(config, loaded, path)
-    for text in overrides:
-        merge(config, parse_override(text), f"--set {text}")
+def load_file(path):
+    """The {section: {key: value}} of a TOML file; ConfigError if it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path!r} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"configuration file {path!r} is a directory; --config names a "
+                          "TOML file") from None
+    except PermissionError:
+        raise ConfigError(f"configuration file {path!r} cannot be read (permission "
+                          "denied)") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"configuration file {path!r} is not valid TOML: {e}") from None
+
+
+def resolve(path=None, overrides=(), *, base=None, notes=None):
+    """``base`` (default DEFAULTS) <- TOML file at ``path`` <- ``section.key=value``
+    overrides.  Keys of OPTIMIZER_DEFAULTS that neither the file nor the
+    overrides set take the chosen optimiser's default (without ``base``);
+    a sentence per such change is appended to ``notes`` (a list)."""
+    config = copy.deepcopy(DEFAULTS if base is None else base)
+    given = set()
+    updates = [(load_file(path), path)] if path else []
+    updates += [(parse_override(text), f"--set {text}") for text in overrides]
+    for values, origin in updates:
+        merge(config, values, origin)
+        given |= {(s, k) for s, v in values.items() if isinstance(v, dict) for k in v}
+    if base is None:
+        for key, value in OPTIMIZER_DEFAULTS.get(config["optim"]["name"], {}).items():
+            if ("optim", key) not in given and config["optim"][key] != value:
+                config["optim"][key] = value
+                if notes is not None:
+                    notes.append(f"optim.{key} = {json.dumps(value)} "
+                                 f"(the default for optim.name = \"{config['optim']['name']}\")")
     return check(config)
 
 

@@ -111,7 +111,10 @@ class LayerParallel(nn.Module):
     Keyword-only MGRIT options, for both solves unless prefixed:
       max_levels   1 = exact layer-serial propagation across ranks (default);
                    more levels = layer-parallel
-      cfactor, relax ('F', 'FCF', ...), cycle ('V', 'F'), min_coarse, skip
+      cfactor, relax ('F', 'FCF', ...), cycle ('V', 'F'), min_coarse
+      skip         no relaxation on the first down-cycle of a cold solve; the
+                   residual history (last_forward["residual_norms"]) then
+                   starts at r_1
       fwd_iters, bwd_iters     iterations per solve (default 2 and 1)
       fwd_tol, bwd_tol         absolute residual tolerances (default 0: run
                                exactly the given iterations)

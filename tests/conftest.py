@@ -9,11 +9,18 @@ import torch
 torch.set_num_threads(1)
 
 
+# Settings a user gives Open MPI (run as root, MCA parameters such as
+# oversubscription) that a child mpiexec needs as much as this process.
+KEPT_MPI_SETTINGS = ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_MCA_", "PRTE_MCA_")
+
+
 def clean_mpi_env():
     """The environment for a child `mpiexec`: without the variables through
-    which this (possibly MPI-launched) process talks to its own launcher."""
+    which this (possibly MPI-launched) process talks to its own launcher,
+    keeping the user's Open MPI settings (KEPT_MPI_SETTINGS)."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "MPI_", "OMPI_", "MPIR_"))}
+           if k.startswith(KEPT_MPI_SETTINGS) or
+           not k.startswith(("PMI_", "PMIX_", "HYDRA_", "MPI_", "OMPI_", "MPIR_", "I_MPI_"))}
     env["OMP_NUM_THREADS"] = "1"
     return env
 

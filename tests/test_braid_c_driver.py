@@ -16,6 +16,7 @@ from mpi4py import MPI
 
 from braid_ext import Solver
 from braid_ext.examples.dahlquist import Dahlquist
+from conftest import clean_mpi_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "braid_ext" / "src"
@@ -32,11 +33,8 @@ def tool(name, env_var=None):
 
 def clean_env():
     """The environment without the variables of the MPI job this process
-    may belong to, so that the child mpiexec starts a job of its own."""
-    prefixes = ("PMI_", "PMIX_", "HYDRA_", "MPI_", "OMPI_", "MPIR_", "I_MPI_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+    runs in (see conftest.clean_mpi_env: the user's Open MPI settings stay)."""
+    return clean_mpi_env()
 
 
 @pytest.fixture(scope="module")

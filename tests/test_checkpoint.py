@@ -191,6 +191,33 @@ def test_atomic_save_keeps_previous_on_crash(tmp_path, monkeypatch):
     assert find_latest_checkpoint(tmp_path, comm) == str(path)
 
 
+@pytest.mark.parametrize("failure", ["disk-full", "interrupt"])
+def test_failed_write_is_one_error_and_leaves_nothing(tmp_path, monkeypatch, failure):
+    import errno
+    comm = MPI.COMM_SELF
+    path = tmp_path / "latest.h5"
+    save_checkpoint(path, comm, rank_state(range(N), first=True, last=True, epoch=1, step=10))
+    before = file_sha(path)
+
+    def fail(tmp, data):
+        with open(tmp, "xb") as fh:
+            fh.write(bytes(data[:64]))  # part of the file, then the failure
+        if failure == "disk-full":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ckpt, "_write_bytes", fail)
+    state = rank_state(range(N), first=True, last=True, epoch=2, step=20)
+    if failure == "disk-full":
+        with pytest.raises(CheckpointError, match="disk full") as info:
+            save_checkpoint(path, comm, state)
+        assert "\n" not in str(info.value)
+    else:  # an interrupt passes through (after the other ranks are told)
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(path, comm, state)
+    monkeypatch.undo()
+    assert file_sha(path) == before and os.listdir(tmp_path) == ["latest.h5"]
+
+
 def test_previous_checkpoint_kept_and_found(tmp_path):
     comm = MPI.COMM_SELF
     path = tmp_path / "latest.h5"

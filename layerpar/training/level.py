@@ -117,10 +117,16 @@ class Level:
         (the objective before the step, the correct count, MGRIT iterations
         and residuals, virtual time, and ``change``: what the monitor did)."""
         stats = {}
+        solves = dict(fwd_iters=0, bwd_iters=0, vtime=0.0)
 
         def closure():
             value, correct = self._evaluate_with_grad(x, y)
             stats.update(loss=value, correct=correct)
+            # every solve of the step counts (L-BFGS evaluates several times)
+            f, b = self.body.last_forward, self.body.last_backward
+            solves["fwd_iters"] += f["iterations"]
+            solves["bwd_iters"] += b["iterations"]
+            solves["vtime"] += f["virtual_time"] + b["virtual_time"]
             return value
 
         if self.lbfgs:
@@ -136,10 +142,10 @@ class Level:
             if change is None and status == "failed":
                 change = self.monitor.escalate(self.body, "no decrease along the inexact gradient")
         return dict(loss=stats["loss"], correct=stats["correct"], size=size,
-                    fwd_iters=f["iterations"], bwd_iters=b["iterations"],
+                    fwd_iters=solves["fwd_iters"], bwd_iters=solves["bwd_iters"],
                     fwd_res=f["residual_norms"][-1] if f["residual_norms"] else 0.0,
                     bwd_res=b["residual_norms"][-1] if b["residual_norms"] else 0.0,
-                    vtime=f["virtual_time"] + b["virtual_time"], change=change)
+                    vtime=solves["vtime"], change=change)
 
     def steps(self, k, batches):
         """k optimiser steps, cycling through ``batches`` (a list of
@@ -151,11 +157,17 @@ class Level:
             group["lr"] = lr
 
     # ---- evaluation and bookkeeping ----------------------------------------------------
-    def evaluate(self, loader):
-        """(mean loss, accuracy) over a loader, collective; not counted as work."""
+    def evaluate(self, loader, *, exact=True):
+        """(mean loss, accuracy) over a loader, collective; not counted as
+        work.  ``exact``: with the exact network (one grid level), whatever
+        the training mode."""
         work = dict(self.work)
         total, loss_sum, correct = 0, 0.0, 0
         modes = {name: m.training for name, m in self.net.named_modules()}
+        levels = (self.body.fwd_options["max_levels"], self.body.bwd_options["max_levels"])
+        switch = exact and max(levels) > 1
+        if switch:
+            self.body.reconfigure(max_levels=1)
         self.net.eval()  # no dropout, running statistics
         try:
             with torch.no_grad():
@@ -168,6 +180,8 @@ class Level:
         finally:
             for name, m in self.net.named_modules():
                 m.training = modes[name]
+            if switch:
+                self.body.reconfigure(max_levels=levels[0], bwd_max_levels=levels[1])
         self.work = work
         return loss_sum / max(total, 1), correct / max(total, 1)
 

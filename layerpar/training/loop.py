@@ -15,10 +15,12 @@ propagation past ``mgrit.max_iters``.
 Every rank runs the same loop on the same batches (the first rank needs the
 inputs, the last the labels); losses and counts come from the last rank.
 """
+import math
 import os
 import time
 
 import torch
+from mpi4py import MPI
 
 from layerpar import checkpoint as ckpt
 from layerpar.config import to_toml
@@ -33,10 +35,15 @@ class Trainer:
 
     ``log(text)`` receives messages on rank 0 (None: silent); ``progress``
     (rank 0) is called as progress(epoch, step_in_epoch, steps_per_epoch,
-    metrics) after each step.
+    metrics, first) after each step.  ``should_stop()`` (given on every rank
+    or on none) is asked after each step; when it is true on any rank, every
+    rank stops after that same step, a checkpoint is written and run()
+    returns a summary with ``stopped`` true.  ``metrics=False``: no metrics
+    files (evaluation only).
     """
 
-    def __init__(self, config, comm, *, log=None, progress=None):
+    def __init__(self, config, comm, *, log=None, progress=None, should_stop=None,
+                 metrics=True):
         self.config = config
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
@@ -47,8 +54,13 @@ class Trainer:
         self.train_loader, self.val_loader = make_loaders(config, self.data, self.rank, self.size)
         self.level = Level(config, self.data, comm)
         self.run_dir = config["run"]["dir"]
+        if not self.run_dir:
+            raise ValueError("run.dir = '': name the run's folder")
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
-        self.metrics = MetricsWriter(self.run_dir, comm)
+        self.should_stop = should_stop
+        self.sums = _epoch_sums()  # this epoch's steps so far (checkpointed)
+        self.metrics = MetricsWriter(self.run_dir, comm) if metrics else None
+        self._first_loss = None
 
     @property
     def net(self):
@@ -66,9 +78,21 @@ class Trainer:
     def monitor(self):
         return self.level.monitor
 
-    def evaluate(self, loader):
-        """(mean loss, accuracy) over a loader, collective."""
-        return self.level.evaluate(loader)
+    def evaluate(self, loader, *, exact=True):
+        """(mean loss, accuracy) over a loader, collective; ``exact``: with
+        the exact network (one grid level), whatever the training mode."""
+        return self.level.evaluate(loader, exact=exact)
+
+    def _check_divergence(self, loss):
+        """Stop (on every rank: the loss is the same everywhere) when the loss
+        is not finite or far above chance level."""
+        chance = math.log(self.data.num_classes)
+        bound = DIVERGED * max(chance, self._first_loss or 0.0)
+        if not math.isfinite(loss) or loss > bound:
+            raise FloatingPointError(
+                f"training diverged at step {self.step} (epoch {self.epoch + 1}): loss {loss:.4g}"
+                f" (chance level {chance:.3g}); lower optim.lr (now "
+                f"{self.optimizer.param_groups[0]['lr']:.3g})")
 
     # ---- checkpoints ---------------------------------------------------------
     def save(self):
@@ -82,6 +106,7 @@ class Trainer:
                  "optimizer": ckpt.optimizer_state(self.optimizer, params),
                  "rng": ckpt.rng_state(),
                  "extra": {"batch_in_epoch": self.batch_in_epoch, "passes": self.body.passes,
+                           "epoch_sums": dict(self.sums),
                            "monitor": self.monitor.state() if self.monitor else {},
                            "work": self.level.work_totals()}}
         ckpt.save_checkpoint(self.checkpoint_path(), self.comm, state)
@@ -100,6 +125,8 @@ class Trainer:
                 path = ckpt.find_latest_checkpoint(self.run_dir, self.comm)
                 if path is None:
                     return False
+            else:
+                path = self._usable_checkpoint(path)
         keys = {"model": self.config["model"], "data": {
             k: self.config["data"][k] for k in ("name", "dtype", "seed")}}
         try:
@@ -124,14 +151,48 @@ class Trainer:
         self.epoch, self.step = st["epoch"], st["step"]
         extra = st.get("extra") or {}
         self.batch_in_epoch = extra.get("batch_in_epoch", 0)
+        self.sums = dict(_epoch_sums(), **extra.get("epoch_sums", {}))
         self.body.passes = extra.get("passes", 0)  # keys the layers' random draws
         if self.monitor and extra.get("monitor"):
             self.monitor.restore(extra["monitor"], self.body)
         self._restore_work(extra.get("work"))
-        self.metrics.truncate(self.epoch)  # rows of epochs finished before the save
+        if self.metrics:
+            self.metrics.truncate(self.epoch)  # rows of epochs finished before the save
         if self.log:
             self.log(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
         return True
+
+    def _usable_checkpoint(self, path):
+        """``path``, or its previous version when ``path`` is damaged; the
+        damaged file is renamed aside so the next save keeps the good one.
+        Collective."""
+        msg = None
+        if self.rank == 0:
+            prev = ckpt.previous_path(path)
+            try:
+                ckpt.verify_checkpoint(path)
+            except ckpt.CheckpointError as e:
+                try:
+                    ckpt.verify_checkpoint(prev)
+                except ckpt.CheckpointError:
+                    prev = None
+                if prev:
+                    aside = f"{path}.damaged-{int(time.time())}"
+                    os.replace(path, aside)
+                    msg = (prev, f"{e}; resuming from the previous checkpoint {prev} "
+                                 f"(the damaged file is kept as {aside})")
+        # Rank 0 -> every rank: the checkpoint to load instead, and why.
+        msg = self.comm.bcast(msg, root=0)
+        if msg is None:
+            return path
+        if self.log:
+            self.log(f"warning: {msg[1]}")
+        return msg[0]
+
+    def _stop_agreed(self):
+        """Collective: does any rank's should_stop() say stop?"""
+        return self.should_stop is not None and bool(
+            self.comm.allreduce(int(bool(self.should_stop())), op=MPI.MAX))
 
     # ---- the loop ------------------------------------------------------------
     def run(self):
@@ -143,8 +204,8 @@ class Trainer:
         while self.epoch < o["epochs"]:
             self.level.set_lr(learning_rate(self.config, self.epoch))
             t_epoch = time.perf_counter()
-            acc = dict(loss=0.0, correct=0, size=0, fwd_iters=0, bwd_iters=0, fwd_res=0.0,
-                       bwd_res=0.0, vtime=0.0, steps=0)
+            acc = self.sums
+            first = self.batch_in_epoch + 1
             batches = self.train_loader.epoch(self.epoch)
             for b, (x, y) in enumerate(batches):
                 if b < self.batch_in_epoch:
@@ -159,18 +220,25 @@ class Trainer:
                 acc["steps"] += 1
                 self.step += 1
                 self.batch_in_epoch = b + 1
+                if self._first_loss is None:
+                    self._first_loss = s["loss"]
+                self._check_divergence(s["loss"])
                 if s["change"] and self.log:
                     self.log(f"step {self.step}: {s['change']}")
                 if self.progress:
-                    self.progress(self.epoch, b + 1, steps_per_epoch, s)
+                    self.progress(self.epoch, b + 1, steps_per_epoch, s, first)
                 if r["log_every"] and self.step % r["log_every"] == 0 and self.log:
                     self.log(f"step {self.step} (epoch {self.epoch + 1}, batch {b + 1}/"
                              f"{steps_per_epoch}): loss {s['loss']:.4f}, accuracy "
                              f"{100 * s['correct'] / max(size, 1):.1f}%, MGRIT iterations "
                              f"{s['fwd_iters']}/{s['bwd_iters']}, residuals "
                              f"{s['fwd_res']:.1e}/{s['bwd_res']:.1e}")
-                if every and self.step % every == 0 and self.batch_in_epoch < steps_per_epoch:
-                    self.save()
+                if self.batch_in_epoch < steps_per_epoch:
+                    if self._stop_agreed():
+                        self.save()
+                        return self._stopped(t_start)
+                    if every > 0 and self.step % every == 0:
+                        self.save()
             val_loss, val_acc = self.evaluate(self.val_loader)
             n = max(acc["steps"], 1)
             row = {"epoch": self.epoch + 1, "step": self.step,
@@ -183,13 +251,18 @@ class Trainer:
                    "wall_time": time.perf_counter() - t_epoch,
                    "virtual_time": acc["vtime"]}
             row.update({f"{k}_work": v for k, v in self.level.work_totals().items()})
-            self.metrics.append(row)
+            self._rank0_file_work(self.metrics.append, row)
             self.epoch += 1
             self.batch_in_epoch = 0
-            self.save()
+            self.sums = _epoch_sums()
             summary = row
             if self.log:
                 self.log(format_row(row))
+            stop = self.epoch < o["epochs"] and self._stop_agreed()
+            if every >= 0 or stop or self.epoch == o["epochs"]:
+                self.save()
+            if stop:
+                return self._stopped(t_start)
         if summary is None:  # nothing left to train: report the current state
             val_loss, val_acc = self.evaluate(self.val_loader)
             summary = {"epoch": self.epoch, "step": self.step, "val_loss": val_loss,
@@ -198,6 +271,10 @@ class Trainer:
         if self.rank == 0 and self.config["run"]["plot"]:
             plot_metrics(self.metrics.rows(), os.path.join(self.run_dir, "curves.png"))
         return summary
+
+    def _stopped(self, t_start):
+        return {"stopped": True, "epoch": self.epoch, "step": self.step,
+                "total_wall_time": time.perf_counter() - t_start}
 
     def _restore_work(self, saved):
         """Work counters of a resumed run: the saved totals, held by the first
@@ -213,7 +290,30 @@ class Trainer:
         self.level.close()
 
     def write_config(self):
-        if self.rank == 0:
+        def write():
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.toml"), "w") as fh:
                 fh.write(to_toml(self.config))
+        self._rank0_file_work(write)
+
+    def _rank0_file_work(self, fn, *args):
+        """Collective: fn(*args) on rank 0; an OSError there (a full disk)
+        is raised on every rank."""
+        err = None
+        if self.rank == 0:
+            try:
+                fn(*args)
+            except OSError as e:
+                err = (e.errno, e.strerror or str(e), e.filename)
+        # Rank 0 -> every rank: whether its file work failed.
+        err = self.comm.bcast(err, root=0)
+        if err is not None:
+            raise OSError(*err)
+
+
+DIVERGED = 100.0  # a loss this many times chance level (or the first loss) has diverged
+
+
+def _epoch_sums():
+    return dict(loss=0.0, correct=0, size=0, fwd_iters=0, bwd_iters=0, fwd_res=0.0,
+                bwd_res=0.0, vtime=0.0, steps=0)

@@ -57,6 +57,7 @@ import os
 import time
 
 import torch
+from mpi4py import MPI
 
 from layerpar import checkpoint as ckpt
 from layerpar import transfer
@@ -115,9 +116,11 @@ def _layout(level):
 class MultilevelTrainer:
     """Collective over ``comm``, with the interface of ``Trainer``:
     ``run()``, ``resume()``, ``save()``, ``evaluate(loader)``,
-    ``write_config()``.  ``log``/``progress`` as for ``Trainer``."""
+    ``write_config()``, ``close()``.  ``log``, ``progress``, ``should_stop``
+    and ``metrics`` as for ``Trainer``."""
 
-    def __init__(self, config, comm, *, log=None, progress=None):
+    def __init__(self, config, comm, *, log=None, progress=None, should_stop=None,
+                 metrics=True):
         ml = config["multilevel"]
         if ml["method"] not in ("nested", "mgopt"):
             raise ValueError(f"multilevel.method = {ml['method']!r}: MultilevelTrainer runs "
@@ -133,7 +136,8 @@ class MultilevelTrainer:
         self.train_loader, self.val_loader = make_loaders(config, self.data, self.rank, self.size)
         self.depths = depths(config)
         self.run_dir = config["run"]["dir"]
-        self.metrics = MetricsWriter(self.run_dir, comm)
+        self.metrics = MetricsWriter(self.run_dir, comm) if metrics else None
+        self.should_stop = should_stop
         self.epoch, self.step, self.cycle, self.batch_in_epoch = 0, 0, 0, 0
         # per level: cumulative work of levels no longer built (nested), as totals
         self.done_work = [{"fwd": 0, "bwd": 0} for _ in self.depths]
@@ -213,7 +217,8 @@ class MultilevelTrainer:
 
     def _finish_epoch(self, acc, t_epoch, level_index):
         row = self._row(acc, t_epoch, level_index)
-        self.metrics.append(row)
+        if self.metrics:
+            self.metrics.append(row)
         self.epoch += 1
         self.batch_in_epoch = 0
         if self.log:
@@ -245,14 +250,24 @@ class MultilevelTrainer:
                     self.cycle += 1
                     self.batch_in_epoch = b + 1
                     self._report(s, b, steps_per_epoch)
-                    if every and self.step % every == 0 and self.batch_in_epoch < steps_per_epoch:
-                        self.save()
+                    if self.batch_in_epoch < steps_per_epoch:
+                        if self._stop_agreed():
+                            self.save()
+                            return self._stopped()
+                        if every > 0 and self.step % every == 0:
+                            self.save()
                 summary = self._finish_epoch(acc, t_epoch, self.depth)
                 self.depth_epoch += 1
                 if not last_depth and target > 0 and summary["val_acc"] >= target:
                     self.depth_done = True
-                self.save()
+                stop = self._stop_agreed()
+                if every >= 0 or stop:
+                    self.save()
+                if stop:
+                    return self._stopped()
             if last_depth:
+                if every < 0:  # no checkpoint per epoch: the final one
+                    self.save()
                 return summary
             self._refine()
             self.save()
@@ -432,11 +447,27 @@ class MultilevelTrainer:
                 acc["accepted"] += self.last_cycle["alpha"] > 0
                 self.batch_in_epoch = b + 1
                 self._report(s, b, steps_per_epoch)
-                if every and self.step % every == 0 and self.batch_in_epoch < steps_per_epoch:
-                    self.save()
+                if self.batch_in_epoch < steps_per_epoch:
+                    if self._stop_agreed():
+                        self.save()
+                        return self._stopped()
+                    if every > 0 and self.step % every == 0:
+                        self.save()
             summary = self._finish_epoch(acc, t_epoch, 0)
-            self.save()
+            stop = self.epoch < o["epochs"] and self._stop_agreed()
+            if every >= 0 or stop or self.epoch == o["epochs"]:
+                self.save()
+            if stop:
+                return self._stopped()
         return summary
+
+    def _stop_agreed(self):
+        """Collective: does any rank's should_stop() say stop?"""
+        return self.should_stop is not None and bool(
+            self.comm.allreduce(int(bool(self.should_stop())), op=MPI.MAX))
+
+    def _stopped(self):
+        return {"stopped": True, "epoch": self.epoch, "step": self.step}
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self):
@@ -447,7 +478,7 @@ class MultilevelTrainer:
             summary = {"epoch": self.epoch, "step": self.step, "val_loss": val_loss,
                        "val_acc": val_acc}
         summary["total_wall_time"] = time.perf_counter() - t_start
-        if self.rank == 0 and self.config["run"]["plot"]:
+        if self.rank == 0 and self.metrics and self.config["run"]["plot"]:
             plot_metrics(self.metrics.rows(), os.path.join(self.run_dir, "curves.png"))
         return summary
 
@@ -558,7 +589,8 @@ class MultilevelTrainer:
         if self.method == "nested":
             self.depth_epoch = int(extra["depth_epoch"])
             self.depth_done = bool(extra["depth_done"])
-        self.metrics.truncate(self.epoch)
+        if self.metrics:
+            self.metrics.truncate(self.epoch)
         if self.log:
             self.log(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
         return True
