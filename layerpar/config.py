@@ -16,7 +16,8 @@ except ImportError:  # Python < 3.11
     import tomli as tomllib
 
 from layerpar.data import KNOWN_DATASETS
-from layerpar.steps import ACTIVATIONS
+from layerpar.optim import LINE_SEARCHES
+from layerpar.steps import ACTIVATIONS, BIASES
 
 MODES = ("serial", "layer-parallel", "one-shot")
 OPTIMIZERS = ("sgd", "adam", "lbfgs")
@@ -38,6 +39,8 @@ DEFAULTS = {
         "T": 5.0,              # final time: h = T / nlayers
         "activation": "tanh",
         "kernel_size": 3,
+        "bias": "vector",      # dense: vector (one per channel) or scalar (one per layer)
+        "init_scale": 0.0,     # 0: PyTorch's initialisation; > 0: uniform in [0, init_scale)
         "seed": 0,             # weight initialisation
     },
     "mgrit": {
@@ -66,6 +69,8 @@ DEFAULTS = {
         "tikhonov": 0.0,       # beta/2 * sum ||theta_n||^2
         "smoothness": 0.0,     # gamma/2 * sum ||(theta_n - theta_{n-1})/h||^2
         "lbfgs_history": 10,
+        "line_search": "armijo",  # lbfgs: armijo or strong-wolfe
+        "tikhonov_ends": False,   # the Tikhonov term also on the opening and closing layers
     },
     "run": {
         "dir": "runs/latest",
@@ -167,6 +172,11 @@ def check(config):
     need(m["kernel_size"] >= 1 and m["kernel_size"] % 2 == 1, "model.kernel_size",
          "must be odd and >= 1")
     need(m["seed"] >= 0, "model.seed", "must be >= 0")
+    need(m["bias"] in BIASES, "model.bias", f"choose one of {', '.join(BIASES)}")
+    need(m["bias"] == "vector" or m["kind"] == "dense", "model.bias",
+         "a scalar bias is for model.kind = 'dense' only")
+    need(math.isfinite(m["init_scale"]) and m["init_scale"] >= 0, "model.init_scale",
+         "must be >= 0 (0: PyTorch's initialisation)")
     need(g["mode"] in MODES, "mgrit.mode", f"choose one of {', '.join(MODES)}")
     need(g["max_levels"] >= 1, "mgrit.max_levels", "must be >= 1")
     need(g["cfactor"] >= 2, "mgrit.cfactor", "the coarsening factor must be >= 2")
@@ -192,6 +202,8 @@ def check(config):
     need(o["tikhonov"] >= 0, "optim.tikhonov", "must be >= 0")
     need(o["smoothness"] >= 0, "optim.smoothness", "must be >= 0")
     need(o["lbfgs_history"] >= 1, "optim.lbfgs_history", "must be >= 1")
+    need(o["line_search"] in LINE_SEARCHES, "optim.line_search",
+         f"choose one of {', '.join(LINE_SEARCHES)}")
     need(r["dir"] != "", "run.dir", "must name a directory")
     need(r["checkpoint_every"] >= 0, "run.checkpoint_every", "must be >= 0")
     need(r["log_every"] >= 0, "run.log_every", "must be >= 0")

@@ -45,22 +45,35 @@ def mgrit_options(config):
                 warm_start=g["mode"] == "one-shot")
 
 
+def _uniform(module, scale):
+    """Every parameter of ``module`` uniform in [0, scale) (scale 0: as
+    built).  Called inside the network's seeded factories, so the draws do
+    not depend on the number of ranks."""
+    if scale > 0:
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.rand_like(p) * scale)
+    return module
+
+
 def build_network(config, input_shape, num_classes, comm):
     """The configured Network on ``comm`` (float32 or float64)."""
     m = config["model"]
-    width, act, k = m["width"], m["activation"], m["kernel_size"]
+    width, act, k, bias = m["width"], m["activation"], m["kernel_size"], m["bias"]
+    scale = m["init_scale"]
     if m["kind"] == "dense":
         features = int(math.prod(input_shape))
-        opening = lambda: DenseOpening(features, width, act)  # noqa: E731
-        step = lambda n: DenseStep(width, act)  # noqa: E731
-        closing = lambda: DenseClosing(width, num_classes)  # noqa: E731
+        opening = lambda: _uniform(DenseOpening(features, width, act, bias), scale)  # noqa: E731
+        step = lambda n: _uniform(DenseStep(width, act, bias), scale)  # noqa: E731
+        closing = lambda: _uniform(DenseClosing(width, num_classes), scale)  # noqa: E731
     else:
         if len(input_shape) != 3:
             raise ValueError(f"model.kind = 'conv' needs image inputs (C, H, W); the data set "
                              f"gives inputs of shape {tuple(input_shape)}: use model.kind = 'dense'")
-        opening = lambda: ConvOpening(input_shape[0], width, k, act)  # noqa: E731
-        step = lambda n: ConvStep(width, k, act)  # noqa: E731
-        closing = lambda: ConvClosing(width, num_classes, pool=min(4, input_shape[1]))  # noqa: E731
+        opening = lambda: _uniform(ConvOpening(input_shape[0], width, k, act), scale)  # noqa: E731
+        step = lambda n: _uniform(ConvStep(width, k, act), scale)  # noqa: E731
+        closing = lambda: _uniform(ConvClosing(width, num_classes, pool=min(4, input_shape[1])),  # noqa: E731
+                                   scale)
     net = Network(opening, step, closing, nlayers=m["nlayers"], T=m["T"], comm=comm,
                   seed=m["seed"], **mgrit_options(config))
     return net.to(DTYPES[config["data"]["dtype"]])
@@ -189,7 +202,8 @@ class Trainer:
             return torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"])
         if o["name"] == "adam":
             return torch.optim.Adam(params, lr=o["lr"])
-        return LBFGS(params, self.body.comm, lr=o["lr"], history=o["lbfgs_history"])
+        return LBFGS(params, self.body.comm, lr=o["lr"], history=o["lbfgs_history"],
+                     line_search=o["line_search"])
 
     def _lr(self, epoch):
         o = self.config["optim"]
@@ -202,7 +216,8 @@ class Trainer:
         o = self.config["optim"]
         if o["tikhonov"] == 0 and o["smoothness"] == 0:
             return 0.0
-        return regularize(self.net, tikhonov=o["tikhonov"], smoothness=o["smoothness"])
+        return regularize(self.net, tikhonov=o["tikhonov"], smoothness=o["smoothness"],
+                          ends=o["tikhonov_ends"])
 
     # ---- one pass ----------------------------------------------------------
     def _forward_loss(self, x, y):
