@@ -34,7 +34,8 @@ __all__ = ["LBFGS", "LineSearchError", "regularize", "schedule", "scheduler", "S
 _ON_FAILURE = ("reset", "raise")
 LINE_SEARCHES = ("armijo", "strong-wolfe")
 _OPTIONS = ("lr", "history", "max_iter", "max_backtracks", "c1", "shrink", "grad_tol",
-            "curvature_eps", "on_failure", "line_search", "c2", "max_line_evals")
+            "curvature_eps", "on_failure", "line_search", "c2", "max_line_evals",
+            "reuse_evaluation")
 
 
 class LineSearchError(RuntimeError):
@@ -125,6 +126,13 @@ class LBFGS(torch.optim.Optimizer):
       curvature_eps   skip a pair unless y.s > curvature_eps*||y||*||s||
                       (non-positive or negligible curvature would make the
                       inverse-Hessian approximation indefinite)
+      reuse_evaluation  False (default): every ``step`` call starts with an
+                      evaluation of the closure.  True: a call that finds the
+                      parameters bitwise where the previous call left them
+                      starts from that call's last loss and gradient instead
+                      (for a closure whose objective does not change between
+                      calls, e.g. full-batch training with exact gradients:
+                      it saves one evaluation per call)
       on_failure      what happens when no step length decreases the loss:
                       'reset' (default) drops the history and retries along
                       -g; if that fails too, the parameters stay where they
@@ -140,7 +148,8 @@ class LBFGS(torch.optim.Optimizer):
     closure at the current point (so a changed objective is never mixed
     with an old gradient), then runs ``max_iter`` iterations; an iteration
     costs one evaluation per trial step length, and the accepted trial's
-    gradient starts the next iteration of the same call.  Returns the loss
+    gradient starts the next iteration of the same call (and, with
+    ``reuse_evaluation``, the first iteration of the next call).  Returns the loss
     at the start of the call.  ``last_step`` describes the call: 'loss'
     (start), 'new_loss', 'evaluations', 'backtracks' (line-search
     evaluations after the first of each search), 'step_lengths',
@@ -165,12 +174,13 @@ class LBFGS(torch.optim.Optimizer):
 
     def __init__(self, params, comm, *, lr=1.0, history=10, max_iter=1, max_backtracks=20,
                  c1=1e-4, shrink=0.5, grad_tol=0.0, curvature_eps=1e-10, on_failure="reset",
-                 line_search="armijo", c2=0.9, max_line_evals=25):
+                 line_search="armijo", c2=0.9, max_line_evals=25, reuse_evaluation=False):
         _check_comm(comm)
         _check_options(lr=lr, history=history, max_iter=max_iter,
                        max_backtracks=max_backtracks, c1=c1, shrink=shrink, grad_tol=grad_tol,
                        curvature_eps=curvature_eps, on_failure=on_failure,
-                       line_search=line_search, c2=c2, max_line_evals=max_line_evals)
+                       line_search=line_search, c2=c2, max_line_evals=max_line_evals,
+                       reuse_evaluation=reuse_evaluation)
         params = list(params)
         if params and isinstance(params[0], dict):
             if len(params) != 1:
@@ -181,7 +191,8 @@ class LBFGS(torch.optim.Optimizer):
         defaults = dict(lr=lr, history=history, max_iter=max_iter,
                         max_backtracks=max_backtracks, c1=c1, shrink=shrink, grad_tol=grad_tol,
                         curvature_eps=curvature_eps, on_failure=on_failure,
-                        line_search=line_search, c2=c2, max_line_evals=max_line_evals)
+                        line_search=line_search, c2=c2, max_line_evals=max_line_evals,
+                        reuse_evaluation=reuse_evaluation)
         super().__init__(params, defaults)
         kinds = {(p.dtype, p.device) for p in self._params}
         if len(kinds) > 1:
@@ -191,6 +202,11 @@ class LBFGS(torch.optim.Optimizer):
         self._numels = [p.numel() for p in self._params]
         self.comm = comm
         self.last_step = {}
+        self._last = None  # (flat parameters, f, flat gradient, ||g||^2) after a call
+
+    def load_state_dict(self, state_dict):
+        self._last = None
+        super().load_state_dict(state_dict)
 
     @property
     def _params(self):
@@ -458,7 +474,12 @@ class LBFGS(torch.optim.Optimizer):
         self.last_step = dict(loss=None, new_loss=None, evaluations=0, backtracks=0,
                               step_lengths=[], pairs=0, skipped_pairs=0, resets=0, status="ok")
         hist = self._load_history(group)
-        f, g, gg = self._evaluate(closure)
+        last, self._last = self._last, None
+        if group["reuse_evaluation"] and self._unchanged(last):
+            f, g, gg = last[1], last[2].clone(), last[3]
+            self._set_grads(g)
+        else:
+            f, g, gg = self._evaluate(closure)
         self.last_step["loss"] = self.last_step["new_loss"] = f
         try:
             for _ in range(group["max_iter"]):
@@ -485,10 +506,17 @@ class LBFGS(torch.optim.Optimizer):
                 f, g, gg = f_new, g_new, gg_new
                 self.last_step["new_loss"] = f
                 self.last_step["step_lengths"].append(t)
+            self._last = (self._flat_params(), f, g, gg)  # where the parameters are now
         finally:
             self._publish(hist[0], hist[1])
             self.last_step["pairs"] = hist[0].shape[0]
         return self.last_step["loss"]
+
+    def _unchanged(self, last):
+        """Collective: whether every rank's parameters are bitwise those of
+        ``last`` (each rank sends its yes/no to every rank)."""
+        mine = last is not None and torch.equal(self._flat_params(), last[0])
+        return all(self.comm.allgather(mine))
 
     def _iterate(self, closure, x0, f, g, gg, hist, group):
         """One iteration: direction and line search, with one retry along -g
@@ -581,7 +609,8 @@ def _budget(group):
 
 
 def _check_options(*, lr, history, max_iter, max_backtracks, c1, shrink, grad_tol,
-                   curvature_eps, on_failure, line_search="armijo", c2=0.9, max_line_evals=25):
+                   curvature_eps, on_failure, line_search="armijo", c2=0.9, max_line_evals=25,
+                   reuse_evaluation=False):
     def positive_int(name, v, low):
         if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
             raise ValueError(f"{name}={v!r}: must be an integer >= {low}")
@@ -605,6 +634,8 @@ def _check_options(*, lr, history, max_iter, max_backtracks, c1, shrink, grad_to
         raise ValueError(f"line_search={line_search!r}: choose one of {LINE_SEARCHES}")
     number("c2", c2, lambda v: c1 < v < 1, f"in (c1, 1) = ({c1}, 1)")
     positive_int("max_line_evals", max_line_evals, 1)
+    if not isinstance(reuse_evaluation, bool):
+        raise ValueError(f"reuse_evaluation={reuse_evaluation!r}: must be True or False")
 
 
 # ---------------------------------------------------------------------------

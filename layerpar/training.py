@@ -202,8 +202,11 @@ class Trainer:
             return torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"])
         if o["name"] == "adam":
             return torch.optim.Adam(params, lr=o["lr"])
+        # serial mode: the full-batch objective is the same at every step, so
+        # a step starts from the previous step's last evaluation
         return LBFGS(params, self.body.comm, lr=o["lr"], history=o["lbfgs_history"],
-                     line_search=o["line_search"])
+                     line_search=o["line_search"],
+                     reuse_evaluation=self.config["mgrit"]["mode"] == "serial")
 
     def _lr(self, epoch):
         o = self.config["optim"]
@@ -246,6 +249,8 @@ class Trainer:
 
         if self.config["optim"]["name"] == "lbfgs":
             self.optimizer.step(closure)
+            if not stats:  # the step reused the last evaluation and took no trial
+                closure()
         else:
             closure()
             self.optimizer.step()

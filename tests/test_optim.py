@@ -185,6 +185,37 @@ def test_lbfgs_several_iterations_per_call_equal_single_calls():
     assert float((q.x() - one[4]).norm()) <= 1e-13 * float(one[4].norm())
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize("line_search", ["armijo", "strong-wolfe"])
+def test_reused_evaluation_gives_the_same_iterates_with_fewer_evaluations(line_search):
+    runs = {}
+    for reuse in (False, True):
+        q = Quadratic(WORLD)
+        opt = LBFGS(q.params, WORLD, history=5, line_search=line_search, reuse_evaluation=reuse)
+        xs, evals = [], 0
+        for _ in range(10):
+            opt.step(q.closure(opt))
+            xs.append(q.x())
+            evals += opt.last_step["evaluations"]
+        runs[reuse] = (q, opt, xs, evals)
+    assert all(torch.equal(a, b) for a, b in zip(runs[False][2], runs[True][2]))
+    assert runs[True][3] == runs[False][3] - 9  # no evaluation at the start of calls 2..10
+    # a parameter changed on one rank only: every rank evaluates again
+    q, opt = runs[True][0], runs[True][1]
+    if WORLD.rank == WORLD.size - 1:
+        with torch.no_grad():
+            q.params[-1].add_(1e-3)
+    x = q.x()
+    opt.step(q.closure(opt))
+    assert opt.last_step["loss"] == pytest.approx(float(0.5 * x @ (q.A @ x) - q.b @ x),
+                                                  rel=1e-14)
+    assert opt.last_step["evaluations"] >= 2
+    # after load_state_dict the next call evaluates
+    opt.load_state_dict(opt.state_dict())
+    opt.step(q.closure(opt))
+    assert opt.last_step["evaluations"] >= 2
+
+
 def test_armijo_backtracks_when_unit_step_overshoots():
     # f(x) = a x^2 / 2 with a = 50, x0 = 0.01: g = 0.5 < 1, so the first trial
     # is the full step t = 1 to x = -0.49, far up the other side
@@ -288,7 +319,8 @@ def test_bad_options_are_rejected():
                       ({"max_backtracks": -1}, "max_backtracks="),
                       ({"on_failure": "ignore"}, "on_failure="), ({"max_iter": 0}, "max_iter="),
                       ({"line_search": "wolfe"}, "line_search="), ({"c2": 1e-5}, "c2="),
-                      ({"c2": 1.0}, "c2="), ({"max_line_evals": 0}, "max_line_evals=")]:
+                      ({"c2": 1.0}, "c2="), ({"max_line_evals": 0}, "max_line_evals="),
+                      ({"reuse_evaluation": 1}, "reuse_evaluation=")]:
         with pytest.raises(ValueError, match=match):
             LBFGS(p, SELF, **kw)
     with pytest.raises(TypeError, match="comm"):
