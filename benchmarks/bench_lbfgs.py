@@ -245,10 +245,9 @@ def main():
         for mode in modes:
             rows = [r for r in mode_rows if r["mode"] == mode]
             hits = [next((r for r in rows if r["val_acc"] >= t), None) for t in targets]
+            reach = ["-" if h is None else f"{h['epoch']}/{h['seconds']:.0f}s" for h in hits]
             print(f"{mode:16s}" + "".join(f"{100 * rows[k - 1]['val_acc']:8.1f}" for k in marks)
-                  + f"{rows[-1]['seconds']:8.1f}"
-                  + "".join(f"{'-' if h is None else str(h['epoch']) + '/' + format(h['seconds'], '.0f') + 's':>12s}"
-                            for h in hits))
+                  + f"{rows[-1]['seconds']:8.1f}" + "".join(f"{c:>12s}" for c in reach))
 
     try:
         import matplotlib

@@ -18,8 +18,12 @@ that the iterates do not depend on the number of ranks (up to round-off).
     for epoch in range(epochs):
         opt.step(closure)
 
+``LBFGS(..., line_search="strong-wolfe")`` replaces the backtracking search
+by a strong Wolfe search; ``reuse_evaluation=True`` saves the evaluation at
+the start of each call when the objective does not change between calls.
+
 Public names: ``LBFGS``, ``LineSearchError``, ``regularize``, ``schedule``,
-``scheduler`` (and ``SCHEDULES``).
+``scheduler`` (and ``SCHEDULES``, ``LINE_SEARCHES``).
 """
 import math
 import numbers
@@ -29,7 +33,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-__all__ = ["LBFGS", "LineSearchError", "regularize", "schedule", "scheduler", "SCHEDULES"]
+__all__ = ["LBFGS", "LineSearchError", "regularize", "schedule", "scheduler", "SCHEDULES",
+           "LINE_SEARCHES"]
 
 _ON_FAILURE = ("reset", "raise")
 LINE_SEARCHES = ("armijo", "strong-wolfe")

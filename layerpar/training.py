@@ -70,10 +70,10 @@ def build_network(config, input_shape, num_classes, comm):
         if len(input_shape) != 3:
             raise ValueError(f"model.kind = 'conv' needs image inputs (C, H, W); the data set "
                              f"gives inputs of shape {tuple(input_shape)}: use model.kind = 'dense'")
+        pool = min(4, input_shape[1])
         opening = lambda: _uniform(ConvOpening(input_shape[0], width, k, act), scale)  # noqa: E731
         step = lambda n: _uniform(ConvStep(width, k, act), scale)  # noqa: E731
-        closing = lambda: _uniform(ConvClosing(width, num_classes, pool=min(4, input_shape[1])),  # noqa: E731
-                                   scale)
+        closing = lambda: _uniform(ConvClosing(width, num_classes, pool=pool), scale)  # noqa: E731
     net = Network(opening, step, closing, nlayers=m["nlayers"], T=m["T"], comm=comm,
                   seed=m["seed"], **mgrit_options(config))
     return net.to(DTYPES[config["data"]["dtype"]])
