@@ -217,17 +217,17 @@ def main():
         runs = [results[v, s] for s in seeds]
         print(f"{v:20s}" + "".join(f"{100 * med(at_budget(r, b) for r in runs):8.1f}"
                                    for b in budgets))
-    print("\nTo a target validation accuracy: iterations / evaluations / seconds "
-          "(per seed; - = not reached)")
-    print(f"{'variant':20s}" + "".join(f"{f'{100 * t:.0f}%':>26s}" for t in targets))
+    print("\nTo a target validation accuracy: iterations/evaluations/seconds, one entry "
+          "per seed (- = not reached)")
+    print(f"{'variant':20s}" + "".join(f"  {f'{100 * t:.0f}%':>34s}" for t in targets))
     for v in variants:
         cells = []
         for t in targets:
             hits = [first_reaching(results[v, s], t) for s in seeds]
-            cells.append(" ".join("-" if h is None else
+            cells.append(", ".join("-" if h is None else
                                   f"{h['iteration']}/{h['evaluations']}/{h['seconds']:.0f}s"
                                   for h in hits))
-        print(f"{v:20s}" + "".join(f"{c:>26s}" for c in cells))
+        print(f"{v:20s}" + "".join(f"  {c:>34s}" for c in cells))
 
     mode_rows = []
     if a.modes:
@@ -274,7 +274,8 @@ def main():
         ax.set_ylabel("validation accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("full-batch L-BFGS on peaks (paper setting)")
+    fig.suptitle(f"full-batch L-BFGS on peaks ({m['nlayers']} layers, width {m['width']}, "
+                 f"bias {m['bias']}, init_scale {m['init_scale']}), seeds {seeds}")
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, f"lbfgs{a.tag}.png"), dpi=120)
     print(f"\nwrote {RESULTS}/lbfgs{a.tag}.csv and lbfgs{a.tag}.png")
