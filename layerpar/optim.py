@@ -410,7 +410,7 @@ class LBFGS(torch.optim.Optimizer):
         search = _WolfeState(f0, gd0, c1, c2)
         prev = _Trial(0.0, f0, gd0, None, None)
         while search.evals < budget:
-            cur = _Trial(t, *self._count(search, closure, x0, d, t))
+            cur = self._count(search, closure, x0, d, t)
             if not search.armijo(cur) or (search.evals > 1 and cur.f >= prev.f):
                 return self._zoom(closure, x0, d, search, prev, cur, budget)
             if search.curvature(cur):
@@ -439,7 +439,7 @@ class LBFGS(torch.optim.Optimizer):
                 guess = _quadratic_min(lo, hi)
             margin = 0.1 * (b - a)
             t = guess if guess is not None and a + margin <= guess <= b - margin else 0.5 * (a + b)
-            cur = _Trial(t, *self._count(search, closure, x0, d, t))
+            cur = self._count(search, closure, x0, d, t)
             if not search.armijo(cur) or cur.f >= lo.f:
                 hi = cur
                 continue
@@ -451,11 +451,13 @@ class LBFGS(torch.optim.Optimizer):
         return self._accept(search, x0, d, search.best)
 
     def _count(self, search, closure, x0, d, t):
+        """Collective: one trial of the search, counted."""
         if search.evals > 0:
             self.last_step["backtracks"] += 1
         f, g, gg, dg = self._trial(closure, x0, d, t)
-        search.seen(_Trial(t, f, dg, g, gg))
-        return f, dg, g, gg
+        trial = _Trial(t, f, dg, g, gg)
+        search.seen(trial)
+        return trial
 
     def _accept(self, search, x0, d, trial):
         """Move to ``trial`` (None: no trial decreased the loss enough);
