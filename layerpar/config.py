@@ -18,7 +18,8 @@ except ImportError:  # Python < 3.11
 
 from layerpar.data import KNOWN_DATASETS
 from layerpar.datafiles import FILE_SUFFIXES
-from layerpar.steps import ACTIVATIONS
+from layerpar.optim import LINE_SEARCHES
+from layerpar.steps import ACTIVATIONS, BIASES
 
 MODES = ("serial", "layer-parallel", "one-shot")
 OPTIMIZERS = ("sgd", "adam", "lbfgs")
@@ -47,6 +48,8 @@ DEFAULTS = {
         "T": 5.0,              # final time: h = T / nlayers
         "activation": "tanh",
         "kernel_size": 3,
+        "bias": "vector",      # dense: vector (one per channel) or scalar (one per layer)
+        "init_scale": 0.0,     # 0: PyTorch's initialisation; > 0: uniform in [0, init_scale)
         "seed": 0,             # weight initialisation
         "step": "",            # "package.module:Name" of the residual step ("": kind)
         "step_kwargs": {},     # its keyword arguments (a TOML table)
@@ -85,6 +88,8 @@ DEFAULTS = {
         "tikhonov": 0.0,       # beta/2 * sum ||theta_n||^2
         "smoothness": 0.0,     # gamma/2 * sum ||(theta_n - theta_{n-1})/h||^2
         "lbfgs_history": 10,
+        "line_search": "armijo",  # lbfgs: armijo or strong-wolfe
+        "tikhonov_ends": False,   # the Tikhonov term also on the opening and closing layers
     },
     "multilevel": {
         "method": "none",       # none, nested (nested iteration), mgopt (MG/OPT V-cycles)
@@ -225,6 +230,11 @@ def check(config):
     need(m["kernel_size"] >= 1 and m["kernel_size"] % 2 == 1, "model.kernel_size",
          "must be odd and >= 1")
     need(m["seed"] >= 0, "model.seed", "must be >= 0")
+    need(m["bias"] in BIASES, "model.bias", f"choose one of {', '.join(BIASES)}")
+    need(m["bias"] == "vector" or m["kind"] == "dense", "model.bias",
+         "a scalar bias is for model.kind = 'dense' only")
+    need(math.isfinite(m["init_scale"]) and m["init_scale"] >= 0, "model.init_scale",
+         "must be >= 0 (0: PyTorch's initialisation)")
     need(g["mode"] in MODES, "mgrit.mode", f"choose one of {', '.join(MODES)}")
     need(g["max_levels"] >= 1, "mgrit.max_levels", "must be >= 1")
     need(g["cfactor"] >= 2, "mgrit.cfactor", "the coarsening factor must be >= 2")
@@ -253,6 +263,8 @@ def check(config):
     need(o["lbfgs_history"] >= 1, "optim.lbfgs_history", "must be >= 1")
     need(r["checkpoint_every"] >= -1, "run.checkpoint_every",
          "must be >= 0 (0: each epoch), or -1 for only the last checkpoint")
+    need(o["line_search"] in LINE_SEARCHES, "optim.line_search",
+         f"choose one of {', '.join(LINE_SEARCHES)}")
     need(r["log_every"] >= 0, "run.log_every", "must be >= 0")
     if d["name"] in ("mnist", "fashion-mnist", "cifar10"):
         need(d["root"] != "", "data.root", f"data set {d['name']} needs its directory")

@@ -146,12 +146,13 @@ def factories(model, input_shape, num_classes):
     optional ``step``/``opening``/``closing`` specs with their ``*_kwargs``),
     for inputs of ``input_shape`` and ``num_classes`` classes."""
     width, act, k = model["width"], model["activation"], model["kernel_size"]
+    bias = model.get("bias", "vector")
     specs = {role: model.get(role, "") for role in _ROLES}
     built_in = {}
     if model["kind"] == "dense":
         features = int(math.prod(input_shape))
-        built_in = {"opening": lambda: DenseOpening(features, width, act),
-                    "step": lambda: DenseStep(width, act),
+        built_in = {"opening": lambda: DenseOpening(features, width, act, bias),
+                    "step": lambda: DenseStep(width, act, bias),
                     "closing": lambda: DenseClosing(width, num_classes)}
     else:
         if len(input_shape) != 3 and not (specs["opening"] and specs["closing"]):
@@ -171,9 +172,25 @@ def factories(model, input_shape, num_classes):
             made[role] = _user_factory(specs[role], model.get(f"{role}_kwargs"),
                                        f"model.{role}")
         else:
-            made[role] = built_in[role]
+            made[role] = _initialised(built_in[role], model.get("init_scale", 0.0))
     step = made["step"]
     return made["opening"], (lambda n: step()), made["closing"]
+
+
+def _initialised(factory, scale):
+    """``factory`` whose modules have every parameter uniform in [0, scale)
+    (scale 0: as built).  Called inside the network's seeded factories, so
+    the draws do not depend on the number of ranks."""
+    if not scale > 0:
+        return factory
+
+    def make():
+        module = factory()
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.rand_like(p) * scale)
+        return module
+    return make
 
 
 # --------------------------------------------------------------------------

@@ -18,8 +18,12 @@ that the iterates do not depend on the number of ranks (up to round-off).
     for epoch in range(epochs):
         opt.step(closure)
 
+``LBFGS(..., line_search="strong-wolfe")`` replaces the backtracking search
+by a strong Wolfe search; ``reuse_evaluation=True`` saves the evaluation at
+the start of each call when the objective does not change between calls.
+
 Public names: ``LBFGS``, ``LineSearchError``, ``regularize``, ``schedule``,
-``scheduler`` (and ``SCHEDULES``).
+``scheduler`` (and ``SCHEDULES``, ``LINE_SEARCHES``).
 """
 import math
 import numbers
@@ -31,16 +35,20 @@ from mpi4py import MPI
 
 from layerpar._collective import agree, collective
 
-__all__ = ["LBFGS", "LineSearchError", "regularize", "schedule", "scheduler", "SCHEDULES"]
+__all__ = ["LBFGS", "LineSearchError", "regularize", "schedule", "scheduler", "SCHEDULES",
+           "LINE_SEARCHES"]
 
 _ON_FAILURE = ("reset", "raise")
+LINE_SEARCHES = ("armijo", "strong-wolfe")
 _OPTIONS = ("lr", "history", "max_iter", "max_backtracks", "c1", "shrink", "grad_tol",
-            "curvature_eps", "on_failure")
+            "curvature_eps", "on_failure", "line_search", "c2", "max_line_evals",
+            "reuse_evaluation")
 
 
 class LineSearchError(RuntimeError):
-    """No step length satisfied the Armijo condition, not even along the
-    steepest-descent direction.  Raised on every rank at once."""
+    """No step length satisfied the line search's sufficient-decrease
+    (Armijo) condition, not even along the steepest-descent direction.
+    Raised on every rank at once."""
 
 
 def _check_comm(comm):
@@ -81,8 +89,8 @@ def _dot(a, b):
 # L-BFGS
 # ---------------------------------------------------------------------------
 class LBFGS(torch.optim.Optimizer):
-    """Full-batch L-BFGS with a backtracking (Armijo) line search, for
-    parameters split over the ranks of ``comm``.
+    """Full-batch L-BFGS with a backtracking (Armijo) or a strong Wolfe line
+    search, for parameters split over the ranks of ``comm``.
 
     ``params`` are this rank's parameters (one group); ``comm`` the
     communicator that splits them (``net.body.comm``).  Each rank's slice of
@@ -100,13 +108,31 @@ class LBFGS(torch.optim.Optimizer):
                       apply (lr = 0 takes no step)
       history         number of (s, y) pairs kept
       max_iter        L-BFGS iterations per ``step`` call
-      max_backtracks  step-length halvings (t <- shrink*t) before giving up
-      c1              Armijo constant: accept f(x+t d) <= f(x) + c1 t g.d
-      shrink          backtracking factor in (0, 1)
+      line_search     'armijo' (default): backtracking t <- shrink*t from the
+                      trial step until f(x+t d) <= f(x) + c1 t g.d.
+                      'strong-wolfe': bracketing and zoom with cubic
+                      (quadratic, bisection as safeguards) interpolation
+                      until also |g(x+t d).d| <= c2 |g.d| (Nocedal & Wright,
+                      Algorithms 3.5 and 3.6); the accepted pairs then have
+                      y.s > 0, and step lengths above 1 are possible
+      max_backtracks  'armijo': step-length halvings before giving up
+      c1              sufficient-decrease (Armijo) constant in (0, 1)
+      c2              'strong-wolfe': curvature constant in (c1, 1)
+      shrink          'armijo': backtracking factor in (0, 1)
+      max_line_evals  'strong-wolfe': evaluations per line search.  When they
+                      run out, the trial with the lowest loss that satisfies
+                      the Armijo condition is accepted (if there is one)
       grad_tol        stop when ||g|| <= grad_tol (0: only at g = 0)
       curvature_eps   skip a pair unless y.s > curvature_eps*||y||*||s||
                       (non-positive or negligible curvature would make the
                       inverse-Hessian approximation indefinite)
+      reuse_evaluation  False (default): every ``step`` call starts with an
+                      evaluation of the closure.  True: a call that finds the
+                      parameters bitwise where the previous call left them
+                      starts from that call's last loss and gradient instead
+                      (for a closure whose objective does not change between
+                      calls, e.g. full-batch training with exact gradients:
+                      it saves one evaluation per call)
       on_failure      what happens when no step length decreases the loss:
                       'reset' (default) drops the history and retries along
                       -g; if that fails too, the parameters stay where they
@@ -122,9 +148,11 @@ class LBFGS(torch.optim.Optimizer):
     closure at the current point (so a changed objective is never mixed
     with an old gradient), then runs ``max_iter`` iterations; an iteration
     costs one evaluation per trial step length, and the accepted trial's
-    gradient starts the next iteration of the same call.  Returns the loss
+    gradient starts the next iteration of the same call (and, with
+    ``reuse_evaluation``, the first iteration of the next call).  Returns the loss
     at the start of the call.  ``last_step`` describes the call: 'loss'
-    (start), 'new_loss', 'evaluations', 'backtracks', 'step_lengths',
+    (start), 'new_loss', 'evaluations', 'backtracks' (line-search
+    evaluations after the first of each search), 'step_lengths',
     'pairs', 'skipped_pairs', 'resets', 'status' ('ok', 'reset',
     'converged' or 'failed').  On return the gradients hold the last
     evaluation's (the accepted point's, unless the search failed).
@@ -145,11 +173,14 @@ class LBFGS(torch.optim.Optimizer):
     """
 
     def __init__(self, params, comm, *, lr=1.0, history=10, max_iter=1, max_backtracks=20,
-                 c1=1e-4, shrink=0.5, grad_tol=0.0, curvature_eps=1e-10, on_failure="reset"):
+                 c1=1e-4, shrink=0.5, grad_tol=0.0, curvature_eps=1e-10, on_failure="reset",
+                 line_search="armijo", c2=0.9, max_line_evals=25, reuse_evaluation=False):
         _check_comm(comm)
         _check_options(lr=lr, history=history, max_iter=max_iter,
                        max_backtracks=max_backtracks, c1=c1, shrink=shrink, grad_tol=grad_tol,
-                       curvature_eps=curvature_eps, on_failure=on_failure)
+                       curvature_eps=curvature_eps, on_failure=on_failure,
+                       line_search=line_search, c2=c2, max_line_evals=max_line_evals,
+                       reuse_evaluation=reuse_evaluation)
         params = list(params)
         if params and isinstance(params[0], dict):
             if len(params) != 1:
@@ -159,7 +190,9 @@ class LBFGS(torch.optim.Optimizer):
             params = [{"params": []}]  # a rank whose layers have no parameters
         defaults = dict(lr=lr, history=history, max_iter=max_iter,
                         max_backtracks=max_backtracks, c1=c1, shrink=shrink, grad_tol=grad_tol,
-                        curvature_eps=curvature_eps, on_failure=on_failure)
+                        curvature_eps=curvature_eps, on_failure=on_failure,
+                        line_search=line_search, c2=c2, max_line_evals=max_line_evals,
+                        reuse_evaluation=reuse_evaluation)
         super().__init__(params, defaults)
         kinds = {(p.dtype, p.device) for p in self._params}
         if len(kinds) > 1:
@@ -169,6 +202,11 @@ class LBFGS(torch.optim.Optimizer):
         self._numels = [p.numel() for p in self._params]
         self.comm = comm
         self.last_step = {}
+        self._last = None  # (flat parameters, f, flat gradient, ||g||^2) after a call
+
+    def load_state_dict(self, state_dict):
+        self._last = None
+        super().load_state_dict(state_dict)
 
     @property
     def _params(self):
@@ -197,6 +235,13 @@ class LBFGS(torch.optim.Optimizer):
     def _set_params(self, flat):
         for p, piece in zip(self._params, torch.split(flat, self._numels)):
             p.copy_(piece.view_as(p))
+
+    def _set_grads(self, flat):
+        for p, piece in zip(self._params, torch.split(flat, self._numels)):
+            if p.grad is None:
+                p.grad = piece.view_as(p).clone()
+            else:
+                p.grad.copy_(piece.view_as(p))
 
     def _evaluate(self, closure):
         """Collective: (f, flat local gradient, ||g||^2 over all ranks) at the
@@ -325,9 +370,17 @@ class LBFGS(torch.optim.Optimizer):
 
     # ---- the line search ---------------------------------------------------
     def _line_search(self, closure, x0, f0, d, gd, t, group):
+        """Collective: a step length along d from x0 by the configured search.
+        Returns (t, f, g, ||g||^2) at the accepted point, or Nones if no
+        trial decreased the loss enough (the parameters are then at the last
+        trial)."""
+        if group["line_search"] == "strong-wolfe":
+            return self._wolfe_search(closure, x0, f0, d, gd, t, group)
+        return self._backtrack(closure, x0, f0, d, gd, t, group)
+
+    def _backtrack(self, closure, x0, f0, d, gd, t, group):
         """Collective backtracking: the first t = t0*shrink^j, j <= max_backtracks,
-        with f(x0 + t d) <= f0 + c1 t g.d.  Returns (t, f, g, ||g||^2) there,
-        or Nones if there is none (the parameters are then at the last trial)."""
+        with f(x0 + t d) <= f0 + c1 t g.d."""
         for j in range(group["max_backtracks"] + 1):
             self._set_params(torch.add(x0, d, alpha=t))
             f, g, gg = self._evaluate(closure)
@@ -337,17 +390,100 @@ class LBFGS(torch.optim.Optimizer):
             t *= group["shrink"]
         return None, None, None, None
 
+    def _trial(self, closure, x0, d, t):
+        """Collective: evaluate at x0 + t d; (f, g, ||g||^2, g.d) with the
+        sums over all ranks (the same floats everywhere)."""
+        self._set_params(torch.add(x0, d, alpha=t))
+        f, g, gg = self._evaluate(closure)
+        return f, g, gg, float(_allsum(self.comm, [_dot(g, d)])[0])
+
+    def _wolfe_search(self, closure, x0, f0, d, gd0, t, group):
+        """Collective strong Wolfe search (Nocedal & Wright, Algorithm 3.5):
+        grow the trial step until an interval is known to hold acceptable
+        steps, then shrink it (``_zoom``).  phi(t) = f(x0 + t d) and
+        phi'(t) = g(x0 + t d).d; every decision below is taken from these
+        floats, which are the same on every rank."""
+        c1, c2, budget = group["c1"], group["c2"], group["max_line_evals"]
+        search = _WolfeState(f0, gd0, c1, c2)
+        prev = _Trial(0.0, f0, gd0, None, None)
+        while search.evals < budget:
+            cur = self._count(search, closure, x0, d, t)
+            if not search.armijo(cur) or (search.evals > 1 and cur.f >= prev.f):
+                return self._zoom(closure, x0, d, search, prev, cur, budget)
+            if search.curvature(cur):
+                return self._accept(search, x0, d, cur)
+            if cur.dg >= 0:
+                return self._zoom(closure, x0, d, search, cur, prev, budget)
+            # still descending at t: extrapolate, to at least 2.1 and at
+            # most 5 times the last step from the previous trial
+            low, high = t + 1.1 * (t - prev.t), t + 4.0 * (t - prev.t)
+            guess = _cubic_min(prev, cur)
+            prev, t = cur, min(max(guess, low), high) if guess is not None else high
+        return self._accept(search, x0, d, search.best)
+
+    def _zoom(self, closure, x0, d, search, lo, hi, budget):
+        """Nocedal & Wright, Algorithm 3.6: ``lo`` satisfies the Armijo
+        condition with the lowest loss seen in the interval, and the
+        interval between ``lo`` and ``hi`` contains strong Wolfe steps.
+        The trial is the interpolated minimiser kept at least a tenth of the
+        interval away from its ends (bisection otherwise)."""
+        while search.evals < budget:
+            a, b = min(lo.t, hi.t), max(lo.t, hi.t)
+            if not b - a > 1e-14 * b:  # the interval has shrunk to round-off
+                break
+            guess = _cubic_min(lo, hi)
+            if guess is None:
+                guess = _quadratic_min(lo, hi)
+            margin = 0.1 * (b - a)
+            t = guess if guess is not None and a + margin <= guess <= b - margin else 0.5 * (a + b)
+            cur = self._count(search, closure, x0, d, t)
+            if not search.armijo(cur) or cur.f >= lo.f:
+                hi = cur
+                continue
+            if search.curvature(cur):
+                return self._accept(search, x0, d, cur)
+            if cur.dg * (hi.t - lo.t) >= 0:
+                hi = lo
+            lo = cur
+        return self._accept(search, x0, d, search.best)
+
+    def _count(self, search, closure, x0, d, t):
+        """Collective: one trial of the search, counted."""
+        if search.evals > 0:
+            self.last_step["backtracks"] += 1
+        f, g, gg, dg = self._trial(closure, x0, d, t)
+        trial = _Trial(t, f, dg, g, gg)
+        search.seen(trial)
+        return trial
+
+    def _accept(self, search, x0, d, trial):
+        """Move to ``trial`` (None: no trial decreased the loss enough);
+        the parameters and their gradients become the trial's."""
+        if trial is None:
+            return None, None, None, None
+        if trial is not search.last:
+            self._set_params(torch.add(x0, d, alpha=trial.t))
+            self._set_grads(trial.g)
+        return trial.t, trial.f, trial.g, trial.gg
+
     @torch.no_grad()
     def step(self, closure):
         """Collective: ``max_iter`` L-BFGS iterations; the loss at the start."""
         if closure is None or not callable(closure):
             raise TypeError("LBFGS.step needs a closure: it evaluates the loss several times")
         group = self.param_groups[0]
+        for k in _OPTIONS:  # a state saved before an option existed
+            group.setdefault(k, self.defaults[k])
         _check_options(**{k: group[k] for k in _OPTIONS})
         self.last_step = dict(loss=None, new_loss=None, evaluations=0, backtracks=0,
                               step_lengths=[], pairs=0, skipped_pairs=0, resets=0, status="ok")
         hist = self._load_history(group)
-        f, g, gg = self._evaluate(closure)
+        last, self._last = self._last, None
+        if group["reuse_evaluation"] and self._unchanged(last):
+            f, g, gg = last[1], last[2].clone(), last[3]
+            self._set_grads(g)
+        else:
+            f, g, gg = self._evaluate(closure)
         self.last_step["loss"] = self.last_step["new_loss"] = f
         try:
             for _ in range(group["max_iter"]):
@@ -364,20 +500,27 @@ class LBFGS(torch.optim.Optimizer):
                     self.last_step["status"] = "failed"
                     if group["on_failure"] == "raise":
                         raise LineSearchError(
-                            f"no step length t = lr*shrink^j (j <= {group['max_backtracks']}) "
-                            "satisfied the Armijo condition, not even along -g: the "
-                            "gradient may be wrong or inexact (increase the MGRIT "
-                            "iterations), or max_backtracks too small")
+                            f"no step length ({_budget(group)}) satisfied the Armijo "
+                            "condition, not even along -g: the gradient may be wrong or "
+                            "inexact (increase the MGRIT iterations), or the line search's "
+                            "budget too small")
                     break
                 t, f_new, g_new, gg_new, d = result
                 hist = self._add_pair(hist, d.mul_(t), g_new - g, group)
                 f, g, gg = f_new, g_new, gg_new
                 self.last_step["new_loss"] = f
                 self.last_step["step_lengths"].append(t)
+            self._last = (self._flat_params(), f, g, gg)  # where the parameters are now
         finally:
             self._publish(hist[0], hist[1])
             self.last_step["pairs"] = hist[0].shape[0]
         return self.last_step["loss"]
+
+    def _unchanged(self, last):
+        """Collective: whether every rank's parameters are bitwise those of
+        ``last`` (each rank sends its yes/no to every rank)."""
+        mine = last is not None and torch.equal(self._flat_params(), last[0])
+        return all(self.comm.allgather(mine))
 
     def _iterate(self, closure, x0, f, g, gg, hist, group):
         """One iteration: direction and line search, with one retry along -g
@@ -402,8 +545,76 @@ class LBFGS(torch.optim.Optimizer):
         return (t, *new, d), hist
 
 
+class _Trial:
+    """One point of a line search: t, phi(t), phi'(t), and the local
+    gradient and ||g||^2 there (None for the start point)."""
+    __slots__ = ("t", "f", "dg", "g", "gg")
+
+    def __init__(self, t, f, dg, g, gg):
+        self.t, self.f, self.dg, self.g, self.gg = t, f, dg, g, gg
+
+
+class _WolfeState:
+    """The conditions of a strong Wolfe search from phi(0) = f0, phi'(0) =
+    gd0 < 0, its evaluation count, the last trial and the best trial that
+    satisfies the Armijo condition (lowest loss, the earliest of equals)."""
+
+    def __init__(self, f0, gd0, c1, c2):
+        self.f0, self.gd0, self.c1, self.c2 = f0, gd0, c1, c2
+        self.evals, self.best, self.last = 0, None, None
+
+    def armijo(self, trial):
+        return trial.f <= self.f0 + self.c1 * trial.t * self.gd0  # False for NaN
+
+    def curvature(self, trial):
+        return abs(trial.dg) <= -self.c2 * self.gd0  # False for NaN
+
+    def seen(self, trial):
+        self.evals += 1
+        self.last = trial
+        if (self.armijo(trial) and math.isfinite(trial.dg)
+                and (self.best is None or trial.f < self.best.f)):
+            self.best = trial
+
+
+def _cubic_min(p, q):
+    """The minimiser of the cubic through (t, phi, phi') at p and q, or None
+    when it has none or the numbers are not finite."""
+    if not all(math.isfinite(v) for v in (p.t, p.f, p.dg, q.t, q.f, q.dg)) or p.t == q.t:
+        return None
+    d1 = p.dg + q.dg - 3.0 * (p.f - q.f) / (p.t - q.t)
+    disc = d1 * d1 - p.dg * q.dg
+    if not disc >= 0:
+        return None
+    d2 = math.copysign(math.sqrt(disc), q.t - p.t)
+    denom = q.dg - p.dg + 2.0 * d2
+    if denom == 0:
+        return None
+    t = q.t - (q.t - p.t) * (q.dg + d2 - d1) / denom
+    return t if math.isfinite(t) else None
+
+
+def _quadratic_min(p, q):
+    """The minimiser of the parabola through phi(p.t), phi'(p.t) and
+    phi(q.t), or None when it opens downwards."""
+    if not all(math.isfinite(v) for v in (p.t, p.f, p.dg, q.t, q.f)) or p.t == q.t:
+        return None
+    dt = q.t - p.t
+    curv = q.f - p.f - p.dg * dt
+    if not curv > 0:
+        return None
+    return p.t - p.dg * dt * dt / (2.0 * curv)
+
+
+def _budget(group):
+    if group["line_search"] == "strong-wolfe":
+        return f"strong Wolfe search, {group['max_line_evals']} evaluations"
+    return f"t = lr*shrink^j, j <= {group['max_backtracks']}"
+
+
 def _check_options(*, lr, history, max_iter, max_backtracks, c1, shrink, grad_tol,
-                   curvature_eps, on_failure):
+                   curvature_eps, on_failure, line_search="armijo", c2=0.9, max_line_evals=25,
+                   reuse_evaluation=False):
     def positive_int(name, v, low):
         if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
             raise ValueError(f"{name}={v!r}: must be an integer >= {low}")
@@ -423,6 +634,12 @@ def _check_options(*, lr, history, max_iter, max_backtracks, c1, shrink, grad_to
     number("curvature_eps", curvature_eps, lambda v: v >= 0, ">= 0")
     if on_failure not in _ON_FAILURE:
         raise ValueError(f"on_failure={on_failure!r}: choose one of {_ON_FAILURE}")
+    if line_search not in LINE_SEARCHES:
+        raise ValueError(f"line_search={line_search!r}: choose one of {LINE_SEARCHES}")
+    number("c2", c2, lambda v: c1 < v < 1, f"in (c1, 1) = ({c1}, 1)")
+    positive_int("max_line_evals", max_line_evals, 1)
+    if not isinstance(reuse_evaluation, bool):
+        raise ValueError(f"reuse_evaluation={reuse_evaluation!r}: must be True or False")
 
 
 # ---------------------------------------------------------------------------

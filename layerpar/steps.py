@@ -43,12 +43,42 @@ def activation(name):
         raise ValueError(f"activation={name!r}: choose one of {sorted(ACTIVATIONS)}") from None
 
 
-class DenseStep(nn.Module):
-    """F(u) = sigma(W u + b) on states of shape (batch, width)."""
+BIASES = ("vector", "scalar")
 
-    def __init__(self, width, activation_name="tanh"):
+
+class ScalarBiasLinear(nn.Module):
+    """u -> W u + b with one scalar b added to every output.  Initialised as
+    ``nn.Linear`` would (the bias from its first entry)."""
+
+    def __init__(self, in_features, out_features):
         super().__init__()
-        self.linear = nn.Linear(width, width)
+        ref = nn.Linear(in_features, out_features)
+        self.weight = nn.Parameter(ref.weight.detach().clone())
+        self.bias = nn.Parameter(ref.bias.detach()[:1].clone())
+
+    def forward(self, u):
+        return torch.nn.functional.linear(u, self.weight) + self.bias
+
+    def extra_repr(self):
+        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
+
+
+def _affine(in_features, out_features, bias):
+    if bias == "vector":
+        return nn.Linear(in_features, out_features)
+    if bias == "scalar":
+        return ScalarBiasLinear(in_features, out_features)
+    raise ValueError(f"bias={bias!r}: choose one of {BIASES}")
+
+
+class DenseStep(nn.Module):
+    """F(u) = sigma(W u + b) on states of shape (batch, width); ``b`` is a
+    vector (``bias='vector'``, default) or one scalar per layer
+    (``bias='scalar'``)."""
+
+    def __init__(self, width, activation_name="tanh", bias="vector"):
+        super().__init__()
+        self.linear = _affine(width, width, bias)
         self.act = activation(activation_name)
 
     def forward(self, u):
@@ -71,11 +101,12 @@ class ConvStep(nn.Module):
 
 
 class DenseOpening(nn.Module):
-    """Lifts inputs of shape (batch, in_features) to the network width."""
+    """Lifts inputs of shape (batch, in_features) to the network width:
+    sigma(W x + b), ``b`` a vector or one scalar (``bias``, as DenseStep)."""
 
-    def __init__(self, in_features, width, activation_name="tanh"):
+    def __init__(self, in_features, width, activation_name="tanh", bias="vector"):
         super().__init__()
-        self.linear = nn.Linear(in_features, width)
+        self.linear = _affine(in_features, width, bias)
         self.act = activation(activation_name)
 
     def forward(self, x):

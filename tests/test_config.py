@@ -1,6 +1,10 @@
 """Configuration: defaults, files, overrides and the checks that name the
 offending value."""
+import os
+
 import pytest
+
+import layerpar
 
 from layerpar.config import DEFAULTS, ConfigError, parse_override, resolve, to_toml
 
@@ -41,10 +45,15 @@ def test_file_and_overrides(tmp_path):
     ("solver.levels=2", "solver"),
     ("lr=0.1", "section.key=value"),
     ('data.name="mnist"', "data.root"),
+    ('optim.line_search="wolfe"', "optim.line_search"),
+    ('model.bias="none"', "model.bias"),
+    ('model.kind="conv"', "model.bias"),
+    ("model.init_scale=-1e-3", "model.init_scale"),
 ])
 def test_invalid_values_are_named(override, named):
+    base = ['model.bias="scalar"'] if override == 'model.kind="conv"' else []
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
-        resolve(None, [override])
+        resolve(None, base + [override])
 
 
 def test_bad_file(tmp_path):
@@ -62,3 +71,13 @@ def test_mgrit_options_reach_the_network():
     assert opts["skip"] is True and opts["microbatches"] == 4
     serial = mgrit_options(resolve(None, ['mgrit.mode="serial"', "mgrit.microbatches=4"]))
     assert serial == {"max_levels": 1, "microbatches": 4}
+
+
+def test_paper_peaks_configuration():
+    path = os.path.join(os.path.dirname(layerpar.__file__), "configs", "peaks-paper.toml")
+    c = resolve(path)
+    assert (c["model"]["nlayers"], c["model"]["width"], c["model"]["T"]) == (30, 8, 1.0)
+    assert (c["model"]["bias"], c["model"]["init_scale"]) == ("scalar", 1e-3)
+    assert (c["optim"]["name"], c["optim"]["schedule"], c["optim"]["tikhonov"]) == \
+        ("lbfgs", "constant", 1e-7)
+    assert c["optim"]["tikhonov_ends"] is True

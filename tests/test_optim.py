@@ -185,6 +185,37 @@ def test_lbfgs_several_iterations_per_call_equal_single_calls():
     assert float((q.x() - one[4]).norm()) <= 1e-13 * float(one[4].norm())
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize("line_search", ["armijo", "strong-wolfe"])
+def test_reused_evaluation_gives_the_same_iterates_with_fewer_evaluations(line_search):
+    runs = {}
+    for reuse in (False, True):
+        q = Quadratic(WORLD)
+        opt = LBFGS(q.params, WORLD, history=5, line_search=line_search, reuse_evaluation=reuse)
+        xs, evals = [], 0
+        for _ in range(10):
+            opt.step(q.closure(opt))
+            xs.append(q.x())
+            evals += opt.last_step["evaluations"]
+        runs[reuse] = (q, opt, xs, evals)
+    assert all(torch.equal(a, b) for a, b in zip(runs[False][2], runs[True][2]))
+    assert runs[True][3] == runs[False][3] - 9  # no evaluation at the start of calls 2..10
+    # a parameter changed on one rank only: every rank evaluates again
+    q, opt = runs[True][0], runs[True][1]
+    if WORLD.rank == WORLD.size - 1:
+        with torch.no_grad():
+            q.params[-1].add_(1e-3)
+    x = q.x()
+    opt.step(q.closure(opt))
+    assert opt.last_step["loss"] == pytest.approx(float(0.5 * x @ (q.A @ x) - q.b @ x),
+                                                  rel=1e-14)
+    assert opt.last_step["evaluations"] >= 2
+    # after load_state_dict the next call evaluates
+    opt.load_state_dict(opt.state_dict())
+    opt.step(q.closure(opt))
+    assert opt.last_step["evaluations"] >= 2
+
+
 def test_armijo_backtracks_when_unit_step_overshoots():
     # f(x) = a x^2 / 2 with a = 50, x0 = 0.01: g = 0.5 < 1, so the first trial
     # is the full step t = 1 to x = -0.49, far up the other side
@@ -238,11 +269,14 @@ def test_pair_with_negative_curvature_is_skipped():
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("on_failure", ["reset", "raise"])
-def test_line_search_failure_resets_history_and_keeps_parameters(on_failure):
+@pytest.mark.parametrize("line_search", ["armijo", "strong-wolfe"])
+def test_line_search_failure_resets_history_and_keeps_parameters(on_failure, line_search):
     # after three good steps, a closure that returns the negated gradient:
     # every direction L-BFGS takes climbs, no step length decreases f
+    # (seven trials per search: 6 halvings, or 7 strong Wolfe evaluations)
     q = Quadratic(WORLD)
-    opt = LBFGS(q.params, WORLD, history=5, max_backtracks=6, on_failure=on_failure)
+    opt = LBFGS(q.params, WORLD, history=5, max_backtracks=6, on_failure=on_failure,
+                line_search=line_search, max_line_evals=7)
     for _ in range(3):
         opt.step(q.closure(opt))
     assert opt.last_step["pairs"] == 3
@@ -283,7 +317,10 @@ def test_bad_options_are_rejected():
     for kw, match in [({"lr": -1.0}, "lr="), ({"history": 0}, "history="),
                       ({"c1": 1.0}, "c1="), ({"shrink": 1.5}, "shrink="),
                       ({"max_backtracks": -1}, "max_backtracks="),
-                      ({"on_failure": "ignore"}, "on_failure="), ({"max_iter": 0}, "max_iter=")]:
+                      ({"on_failure": "ignore"}, "on_failure="), ({"max_iter": 0}, "max_iter="),
+                      ({"line_search": "wolfe"}, "line_search="), ({"c2": 1e-5}, "c2="),
+                      ({"c2": 1.0}, "c2="), ({"max_line_evals": 0}, "max_line_evals="),
+                      ({"reuse_evaluation": 1}, "reuse_evaluation=")]:
         with pytest.raises(ValueError, match=match):
             LBFGS(p, SELF, **kw)
     with pytest.raises(TypeError, match="comm"):
@@ -292,6 +329,157 @@ def test_bad_options_are_rejected():
         LBFGS([{"params": p}, {"params": [torch.nn.Parameter(torch.zeros(1))]}], SELF)
     with pytest.raises(TypeError, match="closure"):
         LBFGS(p, SELF).step(None)
+
+
+# ---------------------------------------------------------------------------
+# the strong Wolfe line search
+# ---------------------------------------------------------------------------
+class Rosenbrock:
+    """f(x) = sum_i 100 (x_{i+1} - x_i^2)^2 + (1 - x_i)^2 over n variables,
+    one parameter of one entry per ``partition.local_layers(n, P, rank)``
+    index; minimiser x = 1.  Values and gradients from the formula in
+    numpy (independent of autograd)."""
+
+    def __init__(self, comm, n=6):
+        self.comm, self.n = comm, n
+        start = np.array([-1.2 if i % 2 == 0 else 1.0 for i in range(n)])
+        self.blocks = list(partition.local_layers(n, comm.Get_size(), comm.Get_rank()))
+        self.params = [torch.nn.Parameter(torch.tensor([start[i]], dtype=F64))
+                       for i in self.blocks]
+
+    @staticmethod
+    def f(x):
+        return float(np.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2))
+
+    @staticmethod
+    def grad(x):
+        g = np.zeros_like(x)
+        r = x[1:] - x[:-1] ** 2
+        g[:-1] += -400.0 * x[:-1] * r - 2.0 * (1.0 - x[:-1])
+        g[1:] += 200.0 * r
+        return g
+
+    def x(self):
+        """Collective: the whole x on every rank."""
+        x = np.empty(self.n)
+        for part in self.comm.allgather({i: float(p.detach()) for i, p in
+                                         zip(self.blocks, self.params)}):
+            for i, v in part.items():
+                x[i] = v
+        return x
+
+    def closure(self, opt):
+        def closure():
+            opt.zero_grad()
+            x = self.x()
+            g = self.grad(x)
+            for i, p in zip(self.blocks, self.params):
+                p.grad = torch.tensor([g[i]], dtype=F64)
+            return self.f(x)
+        return closure
+
+
+def check_strong_wolfe(f, grad, x0, x1, c1, c2):
+    """The strong Wolfe conditions for the step s = x1 - x0 (= t d, t > 0),
+    from independent evaluations of f and its gradient."""
+    s = x1 - x0
+    gs0 = float(grad(x0) @ s)
+    assert gs0 < 0, "not a descent step"
+    assert f(x1) <= f(x0) + c1 * gs0
+    assert abs(float(grad(x1) @ s)) <= c2 * abs(gs0)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("c2", [0.9, 0.1])
+def test_strong_wolfe_conditions_hold_on_every_accepted_step(c2):
+    r = Rosenbrock(WORLD)
+    opt = LBFGS(r.params, WORLD, history=5, line_search="strong-wolfe", c2=c2)
+    longer = 0
+    for _ in range(25):
+        x0 = r.x()
+        opt.step(r.closure(opt))
+        assert opt.last_step["status"] == "ok"
+        check_strong_wolfe(r.f, r.grad, x0, r.x(), 1e-4, c2)
+        longer += opt.last_step["step_lengths"][0] > 1.0
+        # the gradients held on return are the accepted point's
+        g = r.grad(r.x())
+        for i, p in zip(r.blocks, r.params):
+            assert float(p.grad) == g[i]
+    assert opt.last_step["skipped_pairs"] == 0  # y.s > 0 by the curvature condition
+
+
+@pytest.mark.parametrize("a,x0,grows", [(50.0, 0.01, False), (0.01, 1.0, True)])
+def test_strong_wolfe_zooms_after_overshoot_and_extrapolates_short_steps(a, x0, grows):
+    # f = a x^2 / 2 from x0 along -g: with a = 50 the first trial (t = 1)
+    # lands far up the other side and the search must zoom back; with
+    # a = 0.01 the first trial barely moves and the search must extrapolate
+    x = torch.nn.Parameter(torch.tensor([x0], dtype=F64))
+    opt = LBFGS([x], SELF, line_search="strong-wolfe")
+
+    def closure():
+        opt.zero_grad()
+        f = 0.5 * a * (x * x).sum()
+        f.backward()
+        return float(f.detach())
+
+    opt.step(closure)
+    x1 = float(x.detach())
+    t = opt.last_step["step_lengths"][0]
+    assert abs(x1 - (x0 - t * a * x0)) <= 1e-15
+    assert opt.last_step["backtracks"] >= 1  # the first trial was not accepted
+    assert (t > 1.0) == grows
+    f = lambda z: 0.5 * a * float(z @ z)
+    check_strong_wolfe(f, lambda z: a * z, np.array([x0]), np.array([x1]), 1e-4, 0.9)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("line_search", ["strong-wolfe", "armijo"])
+def test_lbfgs_converges_on_rosenbrock(line_search):
+    r = Rosenbrock(WORLD)
+    opt = LBFGS(r.params, WORLD, history=5, line_search=line_search)
+    for k in range(400):
+        opt.step(r.closure(opt))
+        if np.abs(r.x() - 1.0).max() <= 1e-10:
+            break
+    assert np.abs(r.x() - 1.0).max() <= 1e-10, (k, r.x())
+    assert k < 100  # measured: 64 (strong Wolfe) and 69 (Armijo) iterations
+
+
+@pytest.mark.mpi
+def test_strong_wolfe_lbfgs_on_quadratic_converges_and_is_rank_invariant():
+    q, opt, world = run_quadratic(WORLD, 40, cond=10.0, history=5, line_search="strong-wolfe")
+    _, _, single = run_quadratic(SELF, 40, cond=10.0, history=5, line_search="strong-wolfe")
+    # equal to round-off (measured 1e-15) while the loss still resolves the
+    # iterates (30 iterations, 1.9e-8 from x*); closer to x* the loss values
+    # compared by the search differ in their last bits on other rank counts
+    # (other summation orders), so the decisions and the paths differ at the
+    # level where the search stalls: measured 2e-10 (1, 2 ranks) and 1e-8
+    # (4 ranks) from x* (see test_lbfgs_converges_to_minimiser)
+    for a, b in zip(world[:31], single[:31]):
+        assert float((a - b).norm()) <= 1e-12 * float(b.norm())
+    for path in (world, single):
+        errors = [rel(x, q.minimiser()) for x in path]
+        assert errors[30] <= 1e-7 and max(errors[31:]) <= 3e-8
+
+
+@pytest.mark.mpi
+def test_strong_wolfe_trains_network_independently_of_ranks():
+    def train(comm):
+        net = dense_net(comm)
+        opt = LBFGS(net.parameters(), net.body.comm, history=5, line_search="strong-wolfe")
+        x, y = batch()
+        closure = net_closure(net, opt, x, y, 1e-3, 1e-3)
+        losses = [opt.step(closure) for _ in range(6)]
+        return losses, [p.detach().clone() for p in net.serial_equivalent().parameters()]
+
+    world, w_params = train(WORLD)
+    single, s_params = train(SELF)
+    for a, b in zip(world, single):
+        assert abs(a - b) <= 1e-10 * abs(b)
+    for a, b in zip(w_params, s_params):
+        assert float((a - b).abs().max()) <= 1e-10 * max(1.0, float(b.abs().max()))
+    assert all(b <= a for a, b in zip(world, world[1:]))
+    assert world[-1] < 0.9 * world[0]
 
 
 # ---------------------------------------------------------------------------

@@ -78,6 +78,36 @@ def test_serial_mode_losses_independent_of_ranks(optimizer, run_dirs):
         assert torch.allclose(ww[k], ws[k], rtol=1e-10, atol=1e-13), k
 
 
+PAPER_SETS = {"optim.name": '"lbfgs"', "optim.lr": 1.0, "optim.schedule": '"constant"',
+              "model.bias": '"scalar"', "model.init_scale": 1e-3,
+              "model.activation": '"smoothrelu"', "optim.tikhonov": 1e-7,
+              "optim.tikhonov_ends": "true"}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("line_search", ["armijo", "strong-wolfe"])
+def test_lbfgs_paper_setting_independent_of_ranks(line_search, run_dirs):
+    sets = dict(PAPER_SETS, **{"optim.line_search": f'"{line_search}"', "optim.epochs": 3})
+    fresh = Trainer(small_config(run_dirs(), **sets), WORLD)
+    for k, v in weights(fresh).items():  # uniform in [0, 1e-3), a scalar bias per layer
+        assert float(v.min()) >= 0 and float(v.max()) < 1e-3, k
+        if k.startswith("body.") and k.endswith("bias"):
+            assert v.shape == (1,), k
+    tw = train(WORLD, run_dirs(), **sets)
+    ts = train(MPI.COMM_SELF, run_dirs(shared=False), **sets)
+    assert tw.optimizer.param_groups[0]["line_search"] == line_search
+    rows_w = WORLD.bcast(tw.metrics.rows(), root=0)
+    rows_s = ts.metrics.rows()
+    assert len(rows_w) == len(rows_s) == 3
+    for a, b in zip(rows_w, rows_s):
+        for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-10, abs_tol=1e-14), key
+    assert rows_w[-1]["train_loss"] < rows_w[0]["train_loss"]
+    ww, ws = weights(tw), weights(ts)
+    for k in ww:
+        assert torch.allclose(ww[k], ws[k], rtol=1e-10, atol=1e-13), k
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("mode", ["serial", "layer-parallel"])
 def test_resume_gives_the_uninterrupted_weights(mode, run_dirs):

@@ -46,7 +46,11 @@ def make_optimizer(config, net):
         return torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"])
     if o["name"] == "adam":
         return torch.optim.Adam(params, lr=o["lr"])
-    return LBFGS(params, net.body.comm, lr=o["lr"], history=o["lbfgs_history"])
+    # serial mode: the full-batch objective is the same at every step, so
+    # a step starts from the previous step's last evaluation
+    return LBFGS(params, net.body.comm, lr=o["lr"], history=o["lbfgs_history"],
+                 line_search=o["line_search"],
+                 reuse_evaluation=config["mgrit"]["mode"] == "serial")
 
 
 def make_monitor(config):

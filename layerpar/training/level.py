@@ -78,7 +78,7 @@ class Level:
         if o["tikhonov"] == 0 and o["smoothness"] == 0:
             return 0.0
         return regularize(self.net, tikhonov=o["tikhonov"], smoothness=o["smoothness"],
-                          add_grad=add_grad)
+                          ends=o["tikhonov_ends"], add_grad=add_grad)
 
     def _evaluate_with_grad(self, x, y):
         """Objective value and correct count; the objective's gradient in .grad."""
@@ -131,6 +131,8 @@ class Level:
 
         if self.lbfgs:
             self.optimizer.step(closure)
+            if not stats:  # the step reused the last evaluation and took no trial
+                closure()
         else:
             closure()
             self.optimizer.step()
