@@ -120,6 +120,7 @@ def test_coarse_gradient_is_restricted_fine_gradient(restrict, run_dirs):
         else:
             want = g_h[key]
         worst = max(worst, float((g - want).abs().max()))
+    print(f"\ncoherence: max abs difference {worst:.1e}")
     assert worst < 1e-12, worst
     # and the coarse weights are the restricted fine weights
     w_h, w_H = gathered(fine, "data"), gathered(coarse, "data")
