@@ -279,10 +279,6 @@ def check(config):
     if d["name"] in GENERATED_DATASETS:
         need(d["root"] == "", "data.root",
              f"data set {d['name']} is built in and reads no files: remove data.root")
-    need(not (o["name"] == "lbfgs" and g["mode"] == "one-shot"), "optim.name",
-         "L-BFGS needs accurate gradients and loss values for its line search; one-shot "
-         "mode gives neither: use mgrit.mode = \"layer-parallel\" or \"serial\", or "
-         "optim.name = \"adam\"")
     return config
 
 

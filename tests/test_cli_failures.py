@@ -209,7 +209,6 @@ def test_resume_uses_the_run_configuration(tmp_path, cli):
     ("config-is-dir", "is a directory"),
     ("width-too-large", "model.width"),
     ("root-with-peaks", "data.root"),
-    ("lbfgs-one-shot", "optim.name"),
     ("diverging-lr", "optim.lr"),
 ])
 def test_user_errors_are_one_line_on_stderr(tmp_path, cli, case, named):
@@ -217,7 +216,6 @@ def test_user_errors_are_one_line_on_stderr(tmp_path, cli, case, named):
     args = {"dir-is-file": [], "config-is-dir": ["--config", str(tmp_path)],
             "width-too-large": ["--set", "model.width=3000000"],
             "root-with-peaks": ["--set", f'data.root="{tmp_path}"'],
-            "lbfgs-one-shot": ["--set", 'optim.name="lbfgs"', "--set", 'mgrit.mode="one-shot"'],
             "diverging-lr": ["--set", "optim.lr=1e6"]}[case]
     if case == "dir-is-file":
         run_dir.write_text("not a folder")
