@@ -98,3 +98,10 @@ def from_root(comm, root, compute, *, error_type=None):
     if cls is RemoteError:
         raise RemoteError(text, root)
     raise cls(text)
+
+
+def any_rank(comm, flag):
+    """Collective: whether ``flag`` is true on any rank (every rank sends
+    its flag; all learn the maximum)."""
+    from mpi4py import MPI
+    return bool(comm.allreduce(int(bool(flag)), op=MPI.MAX))

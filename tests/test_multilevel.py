@@ -390,3 +390,31 @@ def test_command_line_refuses_bad_settings_in_one_line(tmp_path, mpiexec, settin
     assert "Traceback" not in text, text
     lines = [ln for ln in text.splitlines() if ln.startswith("layerpar: error:")]
     assert len(lines) == 1 and named in lines[0], text
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("method,sets", METHODS[:2])
+def test_stop_request_on_one_rank_stops_all_and_resumes(method, sets, run_dirs):
+    # should_stop() true on the last rank only, after its third question:
+    # every rank stops after the same step with a checkpoint, and the resumed
+    # run ends where the uninterrupted one does
+    asked = []
+
+    def should_stop():
+        asked.append(1)
+        return WORLD.rank == WORLD.size - 1 and len(asked) >= 3
+
+    part = run_dirs()
+    stopped = MultilevelTrainer(config(part, method, **sets), WORLD, should_stop=should_stop)
+    summary = stopped.run()
+    assert summary.get("stopped") and stopped.step == 3
+    assert WORLD.allgather(stopped.step) == [3] * WORLD.size
+    stopped.close()
+    resumed = MultilevelTrainer(config(part, method, **sets), WORLD)
+    assert resumed.resume() and resumed.step == 3
+    resumed.run()
+    full = MultilevelTrainer(config(run_dirs(), method, **sets), WORLD)
+    full.run()
+    assert_same_run(rows_and_weights(full), rows_and_weights(resumed), 1e-12)
+    resumed.close()
+    full.close()

@@ -20,9 +20,9 @@ import os
 import time
 
 import torch
-from mpi4py import MPI
 
 from layerpar import checkpoint as ckpt
+from layerpar._collective import any_rank
 from layerpar.config import to_toml
 from layerpar.metrics import MetricsWriter
 from layerpar.training.build import learning_rate, load_data, make_loaders
@@ -191,8 +191,7 @@ class Trainer:
 
     def _stop_agreed(self):
         """Collective: does any rank's should_stop() say stop?"""
-        return self.should_stop is not None and bool(
-            self.comm.allreduce(int(bool(self.should_stop())), op=MPI.MAX))
+        return self.should_stop is not None and any_rank(self.comm, self.should_stop())
 
     # ---- the loop ------------------------------------------------------------
     def run(self):

@@ -57,9 +57,9 @@ import os
 import time
 
 import torch
-from mpi4py import MPI
 
 from layerpar import checkpoint as ckpt
+from layerpar._collective import any_rank
 from layerpar import transfer
 from layerpar.config import check_ranks, to_toml
 from layerpar.metrics import MetricsWriter
@@ -147,6 +147,7 @@ class MultilevelTrainer:
         else:  # finest first
             self.levels = [Level(config, self.data, comm, nlayers=n) for n in self.depths[::-1]]
         self.last_cycle = {}
+        self.acc = self._new_acc()  # this epoch's steps so far (checkpointed)
 
     # ---- shared helpers ---------------------------------------------------------------
     @property
@@ -217,6 +218,7 @@ class MultilevelTrainer:
 
     def _finish_epoch(self, acc, t_epoch, level_index):
         row = self._row(acc, t_epoch, level_index)
+        self.acc = self._new_acc()  # the next epoch's sums
         if self.metrics:
             self.metrics.append(row)
         self.epoch += 1
@@ -239,7 +241,7 @@ class MultilevelTrainer:
             while not self.depth_done and self.depth_epoch < budgets[self.depth]:
                 lev = self.level
                 lev.set_lr(learning_rate(self.config, min(self.epoch, total - 1), epochs=total))
-                t_epoch, acc = time.perf_counter(), self._new_acc()
+                t_epoch, acc = time.perf_counter(), self.acc
                 for b, (x, y) in enumerate(self.train_loader.epoch(self.epoch)):
                     if b < self.batch_in_epoch:
                         continue  # done before the checkpoint this run resumed from
@@ -433,7 +435,7 @@ class MultilevelTrainer:
         while self.epoch < o["epochs"]:
             for lev in self.levels:
                 lev.set_lr(learning_rate(self.config, self.epoch))
-            t_epoch, acc = time.perf_counter(), self._new_acc()
+            t_epoch, acc = time.perf_counter(), self.acc
             for b, (x, y) in enumerate(self.train_loader.epoch(self.epoch)):
                 if b < self.batch_in_epoch:
                     continue
@@ -463,8 +465,7 @@ class MultilevelTrainer:
 
     def _stop_agreed(self):
         """Collective: does any rank's should_stop() say stop?"""
-        return self.should_stop is not None and bool(
-            self.comm.allreduce(int(bool(self.should_stop())), op=MPI.MAX))
+        return self.should_stop is not None and any_rank(self.comm, self.should_stop())
 
     def _stopped(self):
         return {"stopped": True, "epoch": self.epoch, "step": self.step}
@@ -528,7 +529,7 @@ class MultilevelTrainer:
         levels_work = [lev.work_totals() for lev in self.levels]
         state["extra"] = {
             "method": self.method, "nlayers": [lev.nlayers for lev in self.levels],
-            "cycle": self.cycle, "batch_in_epoch": self.batch_in_epoch,
+            "cycle": self.cycle, "batch_in_epoch": self.batch_in_epoch, "acc": dict(self.acc),
             "depth": getattr(self, "depth", 0), "depth_epoch": getattr(self, "depth_epoch", 0),
             "depth_done": getattr(self, "depth_done", False),
             "done_work": [dict(w) for w in self.done_work], "work": levels_work,
@@ -585,6 +586,7 @@ class MultilevelTrainer:
             ckpt.set_rng_state(st["rng"])
         self.epoch, self.step = st["epoch"], st["step"]
         self.cycle, self.batch_in_epoch = int(extra["cycle"]), int(extra["batch_in_epoch"])
+        self.acc = dict(self._new_acc(), **extra.get("acc", {}))
         self.done_work = [dict(w) for w in extra["done_work"]]
         if self.method == "nested":
             self.depth_epoch = int(extra["depth_epoch"])
