@@ -537,13 +537,6 @@ class LayerParallel(nn.Module):
         layers = self.serial_layers(root)
         return None if layers is None else nn.Sequential(*layers)
 
-    def close(self):
-        """Collective: free both solvers now (a network that is no longer
-        used, e.g. the shallower one after a refinement), rather than at
-        garbage collection, which may come after MPI has finalised."""
-        self._fwd_solver.close()
-        self._bwd_solver.close()
-
     def extra_repr(self):
         return (f"nlayers={self.nlayers}, T={self.T}, ranks={self.size}, "
                 f"local layers={self.layer_indices.start}..{self.layer_indices.stop - 1}, "

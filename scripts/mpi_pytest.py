@@ -16,6 +16,9 @@ def main():
     p.add_argument("pytest_args", nargs=argparse.REMAINDER)
     a = p.parse_args()
     args = [x for x in a.pytest_args if x != "--"]
+    # as `python -m pytest` does: the current directory on the path, so that
+    # tests import their helpers as `tests.<module>`
+    sys.path.insert(0, os.getcwd())
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     args += [f"--junitxml={a.log_prefix}-rank{rank}.xml", "-p", "no:cacheprovider"]
