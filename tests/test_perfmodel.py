@@ -171,3 +171,44 @@ def test_bad_arguments_are_named():
         pm.training_step(_calibration(), 8, 1, "fast")
     with pytest.raises(ValueError, match="shape="):
         pm.calibrate(torch.nn.Linear(2, 2), ())
+
+
+def _plan_lines(cal, tmp_path, ranks, overrides=()):
+    from layerpar.plan import main
+    path = tmp_path / "cal.json"
+    cal.save(path)
+    lines = []
+    assert main(config_path="layerpar/configs/digits-conv.toml", ranks=ranks,
+                overrides=list(overrides), calibration=str(path), out=lines.append) == 0
+    return lines
+
+
+def test_plan_says_use_fewer_ranks_when_messages_dominate(tmp_path):
+    cal = pm.Calibration({k: (0.0, 1e-6) for k in pm.KINDS}, latency=1.0, bandwidth=1e9,
+                         batch=50, row_bytes=2048)
+    lines = _plan_lines(cal, tmp_path, 4)
+    assert lines[-1].startswith("recommendation: train serially on 1 rank: use fewer ranks")
+    # the table: serial on one rank is the unit of the speed-ups
+    import re
+    assert any(re.match(r"serial\s+P=1\s.*\s1\.00x$", line) for line in lines)
+
+
+def test_plan_says_use_the_pipeline_when_it_is_fastest(tmp_path):
+    """Costs proportional to the batch and free messages: the pipeline on
+    8 ranks with 16 micro-batches takes (8 + 15)/(8 * 16) of the serial
+    time, and MGRIT with 3 forward iterations more than that."""
+    cal = pm.Calibration({k: (0.0, 1e-5) for k in pm.KINDS}, latency=0.0, bandwidth=1e300,
+                         batch=50, row_bytes=2048)
+    lines = _plan_lines(cal, tmp_path, 8, ["mgrit.fwd_iters=3", "mgrit.bwd_iters=3"])
+    assert "recommendation: use the pipeline (exact gradients)" in lines[-1]
+    assert "fastest: pipeline P=8 microbatches=16" in lines[-2]
+
+
+def test_plan_command_parses_without_torch():
+    import subprocess
+    import sys
+    code = ("import sys\nfrom layerpar.cli import _parser\n"
+            "a = _parser().parse_args(['plan', '--ranks', '4', '--calibration', 'c.json'])\n"
+            "assert a.command == 'plan' and a.ranks == 4 and a.calibration == 'c.json'\n"
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
