@@ -55,7 +55,9 @@ def main():
     comm = MPI.COMM_WORLD
     rank, P = comm.Get_rank(), comm.Get_size()
     shape = (a.batch, a.width, a.size, a.size)
-    cal = pm.calibrate(ConvStep(a.width), shape, torch.float32, comm=comm)
+    # with the solver's own cost per step (a short solve on one rank), and without
+    cal = pm.calibrate(ConvStep(a.width), shape, torch.float32, comm=comm, overhead=True)
+    bare = pm.Calibration.load_dict(dict(cal.to_dict(), overhead=0.0))
 
     nets = []
     for mode, model_kw, net_kw in SETTINGS:
@@ -85,20 +87,25 @@ def main():
     rows = []
     for i, (mode, kw, net) in enumerate(nets):
         measured = statistics.median(times[i])
-        model = pm.training_step(cal, a.layers, P, mode, **kw)["time"]
+        model = pm.training_step(bare, a.layers, P, mode, **kw)["time"]
+        model_o = pm.training_step(cal, a.layers, P, mode, **kw)["time"]
         rows.append(dict(P=P, mode=mode, setting=" ".join(f"{k}={v}" for k, v in kw.items()),
                          layers=a.layers, batch=a.batch, measured_s=f"{measured:.5f}",
-                         model_s=f"{model:.5f}", ratio=f"{measured / model:.3f}"))
+                         model_s=f"{model:.5f}", ratio=f"{measured / model:.3f}",
+                         model_overhead_s=f"{model_o:.5f}",
+                         ratio_overhead=f"{measured / model_o:.3f}"))
         net.close()
     if rank == 0:
         print(f"P={P}  calibration: fwd {cal.step('fwd') * 1e3:.3f} ms  fwd_rec "
               f"{cal.step('fwd_rec') * 1e3:.3f} ms  adj {cal.step('adj') * 1e3:.3f} ms  adj_w "
-              f"{cal.step('adj_w') * 1e3:.3f} ms  message {cal.message() * 1e6:.1f} us "
+              f"{cal.step('adj_w') * 1e3:.3f} ms  message {cal.message() * 1e6:.1f} us  overhead {cal.overhead * 1e6:.1f} us/step "
               f"({cal.info['messages']})")
-        print(f"{'P':>2} {'mode':<15} {'setting':<70} {'measured':>9} {'model':>9} {'ratio':>6}")
+        print(f"{'P':>2} {'mode':<15} {'setting':<70} {'measured':>9} {'model':>9} {'ratio':>6} "
+              f"{'+overhd':>9} {'ratio':>6}")
         for r in rows:
             print(f"{r['P']:>2} {r['mode']:<15} {r['setting']:<70} {r['measured_s']:>9} "
-                  f"{r['model_s']:>9} {r['ratio']:>6}")
+                  f"{r['model_s']:>9} {r['ratio']:>6} {r['model_overhead_s']:>9} "
+                  f"{r['ratio_overhead']:>6}")
         os.makedirs(os.path.dirname(a.out), exist_ok=True)
         new = not os.path.exists(a.out)
         with open(a.out, "a", newline="") as f:

@@ -12,7 +12,10 @@ dtype, the seconds of
 at the full batch and at a small one (costs are modelled affine in the
 batch: a + b*rows, for the pipeline's micro-batches), and a message's
 latency and bandwidth by ping-pong between ranks 0 and 1 (a stored default
-on one rank).  ``Calibration.save``/``load`` keep it as JSON.
+on one rank).  Optionally (``overhead=True``) a short two-level training
+step on one rank measures what the solver costs per step beyond the step
+itself (callback trampolines, clones, packing, residual arithmetic), added
+to every step.  ``Calibration.save``/``load`` keep it as JSON.
 
 Schedule of one MGRIT solve, as the core runs it (drive.c, relax.c,
 restrict.c).  Fine points 1..N are split into P contiguous blocks; a level-l
@@ -76,7 +79,7 @@ class Calibration:
     bandwidth (bytes/s), and the setting they were measured for."""
 
     def __init__(self, costs, *, latency=DEFAULT_LATENCY, bandwidth=DEFAULT_BANDWIDTH,
-                 batch, row_bytes, info=None):
+                 batch, row_bytes, overhead=0.0, info=None):
         for k in KINDS:
             a, b = costs[k]
             if not (math.isfinite(a) and math.isfinite(b)):
@@ -86,13 +89,16 @@ class Calibration:
                              "must be >= 0 and > 0")
         self.costs = {k: (float(costs[k][0]), float(costs[k][1])) for k in KINDS}
         self.latency, self.bandwidth = float(latency), float(bandwidth)
+        if not (math.isfinite(overhead) and overhead >= 0):
+            raise ValueError(f"overhead={overhead!r}: must be a finite number >= 0")
         self.batch, self.row_bytes = int(batch), int(row_bytes)
+        self.overhead = float(overhead)
         self.info = dict(info or {})
 
     def step(self, kind, rows=None):
         """Seconds of one step of ``kind`` on ``rows`` samples (default: the batch)."""
         a, b = self.costs[kind]
-        return max(a + b * (self.batch if rows is None else rows), 0.0)
+        return max(a + b * (self.batch if rows is None else rows), 0.0) + self.overhead
 
     def message(self, rows=None):
         """Seconds of one message of ``rows`` samples (default: the batch)."""
@@ -102,7 +108,8 @@ class Calibration:
     def to_dict(self):
         return {"costs": {k: list(v) for k, v in self.costs.items()},
                 "latency": self.latency, "bandwidth": self.bandwidth,
-                "batch": self.batch, "row_bytes": self.row_bytes, "info": self.info}
+                "batch": self.batch, "row_bytes": self.row_bytes, "overhead": self.overhead,
+                "info": self.info}
 
     def save(self, path):
         with open(path, "w") as f:
@@ -111,11 +118,14 @@ class Calibration:
     @classmethod
     def load(cls, path):
         with open(path) as f:
-            d = json.load(f)
+            return cls.load_dict(json.load(f), path)
+
+    @classmethod
+    def load_dict(cls, d, path="calibration"):
         try:
             return cls({k: tuple(d["costs"][k]) for k in KINDS}, latency=d["latency"],
                        bandwidth=d["bandwidth"], batch=d["batch"], row_bytes=d["row_bytes"],
-                       info=d.get("info"))
+                       overhead=d.get("overhead", 0.0), info=d.get("info"))
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a calibration file ({e!r})") from None
 
@@ -182,11 +192,35 @@ def _ping_pong(comm, nbytes, repeats):
     return comm.bcast(dt, root=0)  # rank 0's measurement, on every rank
 
 
-def calibrate(step_module, shape, dtype=None, *, comm=None, repeats=20, small_batch=None):
+def _solver_overhead(cal, F, shape, dtype, repeats, N=16):
+    """Seconds per step that a real solve takes beyond the step itself (the
+    callbacks' trampolines, clones, messages packed, residual arithmetic):
+    a two-level training step of N layers on one rank, measured, minus its
+    model, per step taken."""
+    import copy
+
+    import torch
+    from mpi4py import MPI
+
+    from layerpar.parallel import LayerParallel
+    opts = dict(max_levels=2, cfactor=4, relax="F", skip=True, fwd_iters=2, bwd_iters=1)
+    u0 = torch.randn(shape, dtype=dtype)
+    with LayerParallel(lambda n: copy.deepcopy(F), N, 1.0, MPI.COMM_SELF, **opts).to(dtype) as net:
+        def step():
+            net(u0).sum().backward()
+        t = _median_time(step, repeats)
+        steps = sum(net.last_forward["steps"]) + sum(net.last_backward["steps"])
+    model = training_step(cal, N, 1, "layer-parallel", **opts)["time"]
+    return max((t - model) / steps, 0.0)
+
+
+def calibrate(step_module, shape, dtype=None, *, comm=None, repeats=20, small_batch=None,
+              overhead=False):
     """Measure a Calibration for ``step_module`` on states of ``shape``
     (batch first) and ``dtype``.  With ``comm`` of two or more ranks (a
     collective call) ranks 0 and 1 measure the messages; otherwise the
-    stored defaults are used."""
+    stored defaults are used.  With ``overhead`` a short solve on one rank
+    measures the solver's own cost per step (added to every step)."""
     import torch
     dtype = dtype or torch.get_default_dtype()
     shape = tuple(shape)
@@ -217,8 +251,11 @@ def calibrate(step_module, shape, dtype=None, *, comm=None, repeats=20, small_ba
         source = "ping-pong"
     info = {"shape": list(shape), "dtype": str(dtype), "messages": source,
             "threads": torch.get_num_threads()}
-    return Calibration(costs, latency=latency, bandwidth=bandwidth, batch=B,
-                       row_bytes=row_bytes, info=info)
+    cal = Calibration(costs, latency=latency, bandwidth=bandwidth, batch=B,
+                      row_bytes=row_bytes, info=info)
+    if overhead:
+        cal.overhead = _solver_overhead(cal, F, shape, dtype, max(3, repeats // 4))
+    return cal
 
 
 # ---- the MGRIT schedule -------------------------------------------------------

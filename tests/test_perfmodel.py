@@ -151,9 +151,10 @@ def test_training_step_model_equals_the_calibrated_clock(mode, opts):
 
 def test_calibration_round_trip(tmp_path):
     F = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh())
-    cal = pm.calibrate(F, (16, 4), torch.float64, repeats=3)
+    cal = pm.calibrate(F, (16, 4), torch.float64, repeats=3, overhead=True)
     for k in pm.KINDS:
         assert cal.step(k) > 0
+    assert cal.overhead >= 0
     assert cal.info["messages"] == "default"
     path = tmp_path / "calibration.json"
     cal.save(path)
