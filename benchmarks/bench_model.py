@@ -96,10 +96,9 @@ def main():
                          ratio_overhead=f"{measured / model_o:.3f}"))
         net.close()
     if rank == 0:
-        print(f"P={P}  calibration: fwd {cal.step('fwd') * 1e3:.3f} ms  fwd_rec "
-              f"{cal.step('fwd_rec') * 1e3:.3f} ms  adj {cal.step('adj') * 1e3:.3f} ms  adj_w "
-              f"{cal.step('adj_w') * 1e3:.3f} ms  message {cal.message() * 1e6:.1f} us  overhead {cal.overhead * 1e6:.1f} us/step "
-              f"({cal.info['messages']})")
+        costs = "  ".join(f"{k} {bare.step(k) * 1e3:.3f} ms" for k in pm.KINDS)
+        print(f"P={P}  calibration: {costs}  message {cal.message() * 1e6:.1f} us "
+              f"({cal.info['messages']})  solver overhead {cal.overhead * 1e6:.1f} us/step")
         print(f"{'P':>2} {'mode':<15} {'setting':<70} {'measured':>9} {'model':>9} {'ratio':>6} "
               f"{'+overhd':>9} {'ratio':>6}")
         for r in rows:

@@ -284,7 +284,8 @@ def hierarchy(N, max_levels, cfactor, min_coarse=2):
 
 
 def relax_sweeps(relax):
-    if not (isinstance(relax, str) and len(relax) % 2 == 1 and relax == "F" + "CF" * (len(relax) // 2)):
+    if not (isinstance(relax, str) and len(relax) % 2 == 1
+            and relax == "F" + "CF" * (len(relax) // 2)):
         raise ValueError(f"relax={relax!r}: must be 'F', 'FCF', 'FCFCF', ...")
     return len(relax) // 2
 
