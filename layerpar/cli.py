@@ -166,6 +166,16 @@ def _parser():
     e.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a stored configuration value (e.g. data.root=...)")
     sub.add_parser("info", help="versions, MPI library, ranks, threads, build options")
+    pl = sub.add_parser("plan", help="predicted time per training step of each mode on P "
+                        "ranks, and the fastest")
+    pl.add_argument("--config", help="TOML configuration file (default: built-in peaks)")
+    pl.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a configuration value (repeatable)")
+    pl.add_argument("--ranks", type=int, required=True, help="ranks available")
+    pl.add_argument("--calibration", metavar="FILE",
+                    help="a stored calibration (JSON); default: calibrate now")
+    pl.add_argument("--save-calibration", metavar="FILE",
+                    help="store the calibration made now (JSON)")
     for s in (t, e):
         s.add_argument("-q", "--quiet", action="store_true", help="only the summary line")
         s.add_argument("-v", "--verbose", action="store_true", help="a line per step")
@@ -324,6 +334,13 @@ def _eval(args, comm, out, stop):
     return 0
 
 
+def _plan(args, comm, out, stop):
+    from layerpar.plan import main as plan_main
+    return plan_main(config_path=args.config, ranks=args.ranks, overrides=args.set,
+                     calibration=args.calibration, save=args.save_calibration, comm=comm,
+                     out=out)
+
+
 def _describe(e):
     """The one line for an error a user can cause."""
     if isinstance(e, (MemoryError, RuntimeError)):
@@ -378,7 +395,8 @@ def main(argv=None):
     known = (ConfigError, DatasetError, CheckpointError, MGRITError, ValueError,
              FloatingPointError, OSError, MemoryError, RuntimeError)
     try:
-        run = {"train": _train, "eval": _eval, "info": lambda a, c, o, s: _info(c, o)}[args.command]
+        run = {"train": _train, "eval": _eval, "info": lambda a, c, o, s: _info(c, o),
+               "plan": _plan}[args.command]
         return run(args, comm, out, stop)
     except known as e:
         if isinstance(e, RuntimeError) and not _out_of_memory(e):

@@ -1,0 +1,480 @@
+"""A cost model of a training step: calibrated step and message costs, and
+the schedules of the MGRIT solves and of the exact pipeline.
+
+Calibration (``calibrate``) measures, for one step module, state shape and
+dtype, the seconds of
+
+    fwd      u + h*F(u) without autograd (relaxation and coarse steps)
+    fwd_rec  the same recording the graph of F (the final forward sweep)
+    adj      lam + h*(dF/du)^T lam through a kept graph (adjoint relaxation)
+    adj_w    the same with the weight gradient (the final adjoint sweep)
+
+at the full batch and at a small one (costs are modelled affine in the
+batch: a + b*rows, for the pipeline's micro-batches), and a message's
+latency and bandwidth by ping-pong between ranks 0 and 1 (a stored default
+on one rank).  Optionally (``overhead=True``) a short two-level training
+step on one rank measures what the solver costs per step beyond the step
+itself (callback trampolines, clones, packing, residual arithmetic), added
+to every step.  ``Calibration.save``/``load`` keep it as JSON.
+
+Schedule of one MGRIT solve, as the core runs it (drive.c, relax.c,
+restrict.c).  Fine points 1..N are split into P contiguous blocks; a level-l
+point j is fine point j*stride_l on the rank holding that fine point; the
+hierarchy coarsens while n_l / cfactor >= min_coarse and l + 1 < max_levels.
+A sweep on level l with C-spacing m (0: one sequential segment) steps each
+local F-point once and, with C-values, each local C-point >= 1 once; rank q
+first runs the segment from its last C-point (sending its end value to the
+right), then its interior segments, then waits for the left neighbour's
+value (sent at the sender's clock, arriving ``latency`` later) and runs its
+leading segment.  Its clock advances by the step cost per step.  A solve of
+K = max_iter iterations, nu CF sweeps per relaxation, with tolerances 0:
+
+    iteration k < K (k = 0 with skip: no level-0 work, the coarse problem is
+        stepped from injected values without right-hand side)
+      level 0: nu C-sweeps (relaxation), one C-sweep (residual, w = Phi u),
+               an agreement (clocks -> max + latency*ceil(log2 P))
+      restriction: one C-sweep with spacing 1 on level 1 (Phi_c u, n_1 steps)
+      level l (1 <= l < L-1): as level 0 without the agreement, then the
+               restriction to l+1, the cycle on l+1, and an F-sweep
+               (interpolation)
+      level L-1: one sequential sweep (n_{L-1} steps across the ranks)
+    iteration K: the residual C-sweep on level 0, which is the final sweep
+               (steps recorded: fwd_rec / adj_w), and an agreement
+    one level (serial mode): one sequential sweep of N final steps.
+
+So with two levels the per-iteration counts are (nu + 1) N fine steps and
+2 N/m coarse steps (N/m without skip's first iteration), plus the final N,
+exactly the textbook counts of tests/test_braid_work.py.  The time follows
+from the per-rank clock recurrence above (``solve``), which is the core's
+virtual clock when every step of a level costs the same and messages cost
+``latency``; the model's time additionally charges bytes/bandwidth per
+message and the final sweep's own step cost.
+
+Exact pipeline (GPipe, layerpar.pipeline), m micro-batches of sizes
+b_i, rank q holding n_q layers: micro-batch i leaves rank q at
+
+    F[q][i] = max(F[q][i-1], F[q-1][i] + msg(b_i)) + n_q * c(b_i),
+
+and backward likewise from the last rank with the micro-batches in reverse
+order; with even blocks and sizes the pass takes (P + m - 1) N/(P m) step
+costs of a micro-batch plus (P - 1) messages: a bubble of (P - 1)/(P + m - 1).
+
+A training step is modelled as forward solve + backward solve (+ ``extra``
+seconds for what the model does not see: opening, closing, loss, optimiser).
+"""
+import itertools
+import json
+import math
+import time
+
+# message latency (s) and bandwidth (bytes/s) used without two ranks to measure
+DEFAULT_LATENCY = 5e-6
+DEFAULT_BANDWIDTH = 5e9
+KINDS = ("fwd", "fwd_rec", "adj", "adj_w")
+
+
+# ---- calibration ------------------------------------------------------------
+class Calibration:
+    """Step costs a + b*rows per kind (seconds), message latency (s) and
+    bandwidth (bytes/s), and the setting they were measured for."""
+
+    def __init__(self, costs, *, latency=DEFAULT_LATENCY, bandwidth=DEFAULT_BANDWIDTH,
+                 batch, row_bytes, overhead=0.0, info=None):
+        for k in KINDS:
+            a, b = costs[k]
+            if not (math.isfinite(a) and math.isfinite(b)):
+                raise ValueError(f"costs[{k!r}]={costs[k]!r}: must be finite")
+        if not (latency >= 0 and bandwidth > 0):
+            raise ValueError(f"latency={latency!r}, bandwidth={bandwidth!r}: "
+                             "must be >= 0 and > 0")
+        self.costs = {k: (float(costs[k][0]), float(costs[k][1])) for k in KINDS}
+        self.latency, self.bandwidth = float(latency), float(bandwidth)
+        if not (math.isfinite(overhead) and overhead >= 0):
+            raise ValueError(f"overhead={overhead!r}: must be a finite number >= 0")
+        self.batch, self.row_bytes = int(batch), int(row_bytes)
+        self.overhead = float(overhead)
+        self.info = dict(info or {})
+
+    def step(self, kind, rows=None):
+        """Seconds of one step of ``kind`` on ``rows`` samples (default: the batch)."""
+        a, b = self.costs[kind]
+        return max(a + b * (self.batch if rows is None else rows), 0.0) + self.overhead
+
+    def message(self, rows=None):
+        """Seconds of one message of ``rows`` samples (default: the batch)."""
+        rows = self.batch if rows is None else rows
+        return self.latency + (16 + rows * self.row_bytes) / self.bandwidth
+
+    def to_dict(self):
+        return {"costs": {k: list(v) for k, v in self.costs.items()},
+                "latency": self.latency, "bandwidth": self.bandwidth,
+                "batch": self.batch, "row_bytes": self.row_bytes, "overhead": self.overhead,
+                "info": self.info}
+
+    def save(self, path):
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    @classmethod
+    def load(cls, path):
+        with open(path) as f:
+            return cls.load_dict(json.load(f), path)
+
+    @classmethod
+    def load_dict(cls, d, path="calibration"):
+        try:
+            return cls({k: tuple(d["costs"][k]) for k in KINDS}, latency=d["latency"],
+                       bandwidth=d["bandwidth"], batch=d["batch"], row_bytes=d["row_bytes"],
+                       overhead=d.get("overhead", 0.0), info=d.get("info"))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a calibration file ({e!r})") from None
+
+
+def _median_time(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _step_costs(F, shape, dtype, repeats, h=0.1):
+    import torch
+    params = tuple(p for p in F.parameters() if p.requires_grad)
+    u = torch.randn(shape, dtype=dtype)
+    lam = torch.randn(shape, dtype=dtype)
+
+    def fwd():
+        with torch.no_grad():
+            return torch.add(u, F(u), alpha=h)
+
+    def record():
+        with torch.enable_grad():
+            x = u.detach().requires_grad_(True)
+            f = F(x)
+        torch.add(u, f.detach(), alpha=h)
+        return x, f
+
+    x, f = record()
+
+    def adj():
+        (gx,) = torch.autograd.grad(f, x, grad_outputs=lam, retain_graph=True)
+        return torch.add(lam, gx, alpha=h)
+
+    def rec_and_adj_w():
+        x, f = record()
+        grads = torch.autograd.grad(f, (x,) + params, grad_outputs=lam * h)
+        return torch.add(lam, grads[0])
+
+    t_rec = _median_time(record, repeats)
+    return {"fwd": _median_time(fwd, repeats), "fwd_rec": t_rec, "adj": _median_time(adj, repeats),
+            "adj_w": max(_median_time(rec_and_adj_w, repeats) - t_rec, 0.0)}
+
+
+def _ping_pong(comm, nbytes, repeats):
+    """Seconds of one message of nbytes between ranks 0 and 1 (half a round trip)."""
+    import numpy as np
+    rank = comm.Get_rank()
+    buf = np.zeros(max(nbytes, 1), dtype=np.uint8)
+    comm.Barrier()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        if rank == 0:    # rank 0 sends to 1, then waits for the echo
+            comm.Send(buf, dest=1, tag=7)
+            comm.Recv(buf, source=1, tag=7)
+        elif rank == 1:  # rank 1 echoes what rank 0 sent
+            comm.Recv(buf, source=0, tag=7)
+            comm.Send(buf, dest=0, tag=7)
+    dt = (time.perf_counter() - t) / (2 * repeats)
+    return comm.bcast(dt, root=0)  # rank 0's measurement, on every rank
+
+
+def _solver_overhead(cal, F, shape, dtype, repeats, N=16):
+    """Seconds per step that a real solve takes beyond the step itself (the
+    callbacks' trampolines, clones, messages packed, residual arithmetic):
+    a two-level training step of N layers on one rank, measured, minus its
+    model, per step taken."""
+    import copy
+
+    import torch
+    from mpi4py import MPI
+
+    from layerpar.parallel import LayerParallel
+    opts = dict(max_levels=2, cfactor=4, relax="F", skip=True, fwd_iters=2, bwd_iters=1)
+    u0 = torch.randn(shape, dtype=dtype)
+    with LayerParallel(lambda n: copy.deepcopy(F), N, 1.0, MPI.COMM_SELF, **opts).to(dtype) as net:
+        def step():
+            net(u0).sum().backward()
+        t = _median_time(step, repeats)
+        steps = sum(net.last_forward["steps"]) + sum(net.last_backward["steps"])
+    model = training_step(cal, N, 1, "layer-parallel", **opts)["time"]
+    return max((t - model) / steps, 0.0)
+
+
+def calibrate(step_module, shape, dtype=None, *, comm=None, repeats=20, small_batch=None,
+              overhead=False):
+    """Measure a Calibration for ``step_module`` on states of ``shape``
+    (batch first) and ``dtype``.  With ``comm`` of two or more ranks (a
+    collective call) ranks 0 and 1 measure the messages; otherwise the
+    stored defaults are used.  With ``overhead`` a short solve on one rank
+    measures the solver's own cost per step (added to every step)."""
+    import torch
+    dtype = dtype or torch.get_default_dtype()
+    shape = tuple(shape)
+    if not shape or shape[0] < 1:
+        raise ValueError(f"shape={shape!r}: the state shape must start with a batch size >= 1")
+    if not (isinstance(repeats, int) and repeats >= 1):
+        raise ValueError(f"repeats={repeats!r}: must be an integer >= 1")
+    F = step_module.to(dtype)
+    B = shape[0]
+    small = small_batch or max(1, B // 8)
+    big = _step_costs(F, shape, dtype, repeats)
+    costs = {}
+    if small < B:
+        little = _step_costs(F, (small,) + shape[1:], dtype, repeats)
+        for k in KINDS:
+            b = max((big[k] - little[k]) / (B - small), 0.0)
+            costs[k] = (big[k] - b * B, b)
+    else:
+        costs = {k: (0.0, big[k] / B) for k in KINDS}
+    row_bytes = int(math.prod(shape[1:])) * torch.empty((), dtype=dtype).element_size()
+    latency, bandwidth, source = DEFAULT_LATENCY, DEFAULT_BANDWIDTH, "default"
+    if comm is not None and comm.Get_size() >= 2:
+        t_small = _ping_pong(comm, 16, 200)
+        nbytes = 16 + B * row_bytes
+        t_big = _ping_pong(comm, nbytes, 50)
+        latency = t_small
+        bandwidth = nbytes / max(t_big - t_small, 1e-12)
+        source = "ping-pong"
+    info = {"shape": list(shape), "dtype": str(dtype), "messages": source,
+            "threads": torch.get_num_threads()}
+    cal = Calibration(costs, latency=latency, bandwidth=bandwidth, batch=B,
+                      row_bytes=row_bytes, info=info)
+    if overhead:
+        cal.overhead = _solver_overhead(cal, F, shape, dtype, max(3, repeats // 4))
+    return cal
+
+
+# ---- the MGRIT schedule -------------------------------------------------------
+def _fwd_block(N, P, q):
+    return (0 if q == 0 else 1 + q * N // P), (q + 1) * N // P
+
+
+def block(N, P, q, reverse=False):
+    """Fine points (lo, hi) of time-ordered rank q (the core's layout)."""
+    if not reverse:
+        return _fwd_block(N, P, q)
+    lo, hi = _fwd_block(N, P, P - 1 - q)
+    return (0 if q == 0 else N + 1 - hi), N + 1 - max(lo, 1)
+
+
+def hierarchy(N, max_levels, cfactor, min_coarse=2):
+    """[(points n_l, stride_l, cfactor_l or 0 on the coarsest)] per level."""
+    out, n, stride = [], N, 1
+    while True:
+        coarsen = len(out) + 1 < max_levels and n // cfactor >= min_coarse
+        out.append((n, stride, cfactor if coarsen else 0))
+        if not coarsen:
+            return out
+        n //= cfactor
+        stride *= cfactor
+
+
+def relax_sweeps(relax):
+    if not (isinstance(relax, str) and len(relax) % 2 == 1
+            and relax == "F" + "CF" * (len(relax) // 2)):
+        raise ValueError(f"relax={relax!r}: must be 'F', 'FCF', 'FCFCF', ...")
+    return len(relax) // 2
+
+
+class _Solve:
+    """The clocks and step counts of one solve, rank by rank (time order)."""
+
+    def __init__(self, N, P, levels, reverse, cost, msg, allreduce):
+        self.N, self.P, self.levels, self.reverse = N, P, levels, reverse
+        self.cost, self.msg, self.allreduce = cost, msg, allreduce
+        self.clock = [0.0] * P
+        self.steps = [[0] * len(levels) for _ in range(P)]
+        self.messages = [0] * P
+        self.blocks = [block(N, P, q, reverse) for q in range(P)]
+
+    def agree(self):
+        t = max(self.clock) + self.allreduce
+        self.clock = [t] * self.P
+
+    def sweep(self, l, m, with_c, final=False):
+        n, stride, _ = self.levels[l]
+        c = self.cost(l, final)
+        is_c = (lambda j: j == 0) if m == 0 else (lambda j: j % m == 0)
+        incoming = None  # send clock of the previous rank holding points
+        for q in range(self.P):
+            flo, fhi = self.blocks[q]
+            lo, hi = -(-flo // stride), fhi // stride
+            if lo > hi:
+                continue
+            need_left = lo > 0 and (not is_c(lo) or with_c)
+            need_right = hi < n and (not is_c(hi + 1) or with_c)
+            if m == 0:
+                c_first = c_last = 0 if lo == 0 else hi + 1
+            else:
+                c_first, c_last = -(-lo // m) * m, (hi // m) * m
+            have_c = c_first <= hi
+            t, sent, nsteps = self.clock[q], None, 0
+            if need_right and is_c(hi):
+                sent = t
+            if have_c:
+                last_f = hi if m == 0 else min(c_last + m - 1, hi)
+                s = last_f - c_last + (1 if with_c and m and c_last + m <= hi else 0)
+                t += s * c
+                nsteps += s
+                if need_right and not is_c(hi):
+                    sent = t
+                if m:
+                    s = (c_last - c_first) // m * (m - 1 + (1 if with_c else 0))
+                    t += s * c
+                    nsteps += s
+            if need_left:
+                t = max(t, incoming + self.msg)
+                s = (c_first - 1 if have_c else hi) - lo + 1
+                s += 1 if have_c and with_c and c_first >= 1 else 0
+                t += s * c
+                nsteps += s
+                if not have_c and need_right:
+                    sent = t
+            if need_right:
+                self.messages[q] += 1
+            self.clock[q] = t
+            self.steps[q][l] += nsteps
+            incoming = sent
+
+    def relax(self, l, nu):
+        for _ in range(nu):
+            self.sweep(l, self.levels[l][2], True)
+
+    def cycle(self, l, first, shape, interp, nrelax):
+        L = len(self.levels)
+        if l == L - 1:
+            self.sweep(l, 0, False)
+            return
+        if not first:
+            self.relax(l, nrelax)
+            self.sweep(l, self.levels[l][2], True)
+        if not first:
+            self.sweep(l + 1, 1, True)
+        again = shape == "F" and l + 1 < L - 1
+        self.cycle(l + 1, first, shape, not again, nrelax)
+        if again:
+            self.cycle(l + 1, False, "V", True, nrelax)
+        if interp:
+            self.sweep(l, self.levels[l][2], False)
+
+    def run(self, nrelax, skip, max_iter, cycle):
+        L = len(self.levels)
+        if L == 1:
+            self.sweep(0, 0, False, final=True)
+            self.agree()
+            return
+        m0 = self.levels[0][2]
+        for k in itertools.count():
+            first = k == 0 and skip
+            if not first:
+                last = k >= max_iter
+                if not last:
+                    self.relax(0, nrelax)
+                self.sweep(0, m0, True, final=last)
+                self.agree()
+                if last:
+                    break
+            if not first:
+                self.sweep(1, 1, True)
+            again = cycle == "F" and L > 2
+            self.cycle(1, first, cycle, not again, nrelax)
+            if again:
+                self.cycle(1, False, "V", True, nrelax)
+        self.agree()  # the core's closing check for NaN/Inf
+
+
+def solve(N, P, *, max_levels=1, cfactor=4, min_coarse=2, relax="FCF", cycle="V", skip=False,
+          max_iter=2, reverse=False, cost=1.0, final_cost=None, latency=0.0, message=None,
+          warm=False):
+    """Model of one solve: {"time", "steps" (per comm rank, per level),
+    "messages" (per comm rank)}.  ``cost``: seconds per step, a number or
+    one per level; ``final_cost`` that of the final fine sweep (default:
+    the level-0 cost); ``message``: seconds per message (default
+    ``latency``); reductions cost ``latency * ceil(log2 P)``.  ``warm``: a
+    warm-started solve (no skipped down-cycle)."""
+    if not (isinstance(N, int) and isinstance(P, int) and 1 <= P <= N):
+        raise ValueError(f"N={N!r}, P={P!r}: need integers 1 <= P <= N")
+    if cycle not in ("V", "F"):
+        raise ValueError(f"cycle={cycle!r}: must be 'V' or 'F'")
+    if not (isinstance(max_iter, int) and max_iter >= 0):
+        raise ValueError(f"max_iter={max_iter!r}: must be an integer >= 0")
+    levels = hierarchy(N, max_levels, cfactor, min_coarse)
+    costs = list(cost) if isinstance(cost, (list, tuple)) else [cost] * len(levels)
+    costs += [costs[-1]] * (len(levels) - len(costs))
+    fc = costs[0] if final_cost is None else final_cost
+    s = _Solve(N, P, levels, reverse, lambda l, final: fc if final and l == 0 else costs[l],
+               latency if message is None else message,
+               latency * math.ceil(math.log2(P)) if P > 1 else 0.0)
+    s.run(relax_sweeps(relax), skip and not warm, max_iter, cycle)
+    order = range(P - 1, -1, -1) if reverse else range(P)  # comm rank r = P-1-q when reversed
+    return {"time": s.clock[0], "steps": [s.steps[q] for q in order],
+            "messages": [s.messages[q] for q in order], "levels": len(levels)}
+
+
+def pipeline(N, P, sizes, step_cost, message):
+    """Model of one pipelined pass (GPipe): seconds on the slowest rank.
+    ``step_cost(rows)`` and ``message(rows)`` give seconds per layer step
+    and per message of a micro-batch of ``rows`` samples."""
+    done = [0.0] * len(sizes)  # when each micro-batch left the previous rank
+    clock = 0.0
+    for q in range(P):
+        lo, hi = _fwd_block(N, P, q)
+        nq = hi - max(lo, 1) + 1
+        clock = 0.0
+        for i, b in enumerate(sizes):
+            ready = 0.0 if q == 0 else done[i] + message(b)
+            clock = max(clock, ready) + nq * step_cost(b)
+            done[i] = clock
+    return max(done)
+
+
+# ---- a training step --------------------------------------------------------
+MODES = ("serial", "pipeline", "layer-parallel", "one-shot")
+
+
+def training_step(cal, N, P, mode, *, max_levels=2, cfactor=4, min_coarse=2, relax="F",
+                  cycle="V", skip=True, fwd_iters=None, bwd_iters=1, microbatches=1,
+                  batch=None, extra=0.0):
+    """Predicted seconds of one training step (forward + backward solve +
+    ``extra``) with calibration ``cal``: a dict with "time", "forward",
+    "backward"."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: must be one of {', '.join(MODES)}")
+    batch = cal.batch if batch is None else batch
+    msg = cal.message(batch)
+    if mode == "pipeline" and microbatches > 1:
+        from layerpar.pipeline import split_sizes
+        sizes = split_sizes(batch, microbatches)
+        fwd = pipeline(N, P, sizes, lambda b: cal.step("fwd_rec", b), cal.message)
+        bwd = pipeline(N, P, sizes[::-1], lambda b: cal.step("adj_w", b), cal.message)
+        allr = cal.latency * math.ceil(math.log2(P)) if P > 1 else 0.0
+        return {"time": fwd + bwd + 2 * allr + extra, "forward": fwd + allr,
+                "backward": bwd + allr}
+    if mode in ("serial", "pipeline"):
+        opts = dict(max_levels=1)
+    else:
+        if fwd_iters is None:
+            fwd_iters = 1 if mode == "one-shot" else 2
+        opts = dict(max_levels=max_levels, cfactor=cfactor, min_coarse=min_coarse, relax=relax,
+                    cycle=cycle, skip=skip, warm=mode == "one-shot")
+    kw = dict(latency=cal.latency, message=msg)
+    fwd = solve(N, P, **opts, max_iter=fwd_iters or 0, cost=cal.step("fwd", batch),
+                final_cost=cal.step("fwd_rec", batch), **kw)
+    bwd = solve(N, P, **opts, max_iter=bwd_iters, reverse=True, cost=cal.step("adj", batch),
+                final_cost=cal.step("adj_w", batch), **kw)
+    return {"time": fwd["time"] + bwd["time"] + extra, "forward": fwd["time"],
+            "backward": bwd["time"]}

@@ -1,0 +1,147 @@
+"""``layerpar plan``: the predicted time per training step of each mode for a
+configuration on P ranks (layerpar.perfmodel with a calibration of the
+configured step module), and the fastest choice.
+
+Exact modes (serial, pipeline) give the gradients of serial back-propagation;
+the MGRIT modes (layer-parallel, one-shot) give inexact ones whose accuracy
+depends on the iterations: the recommendation names the fastest exact mode
+as well as the fastest overall.
+"""
+import math
+
+from layerpar import perfmodel as pm
+
+
+def _setting_name(mode, P, kw):
+    if mode == "serial":
+        return f"serial             P={P}"
+    if mode == "pipeline":
+        return f"pipeline           P={P} microbatches={kw['microbatches']}"
+    return (f"{mode:<18} P={P} levels={kw['max_levels']} cfactor={kw['cfactor']} "
+            f"relax={kw['relax']} skip={kw['skip']} iters={kw['fwd_iters']}/{kw['bwd_iters']}")
+
+
+def candidates(config, P):
+    """(mode, ranks, options) to compare: the configured MGRIT settings, a
+    few alternatives, the pipeline with several micro-batch counts, and each
+    on fewer ranks (powers of two below P)."""
+    g, N = config["mgrit"], config["model"]["nlayers"]
+    B = config["data"]["batch_size"]
+    mode = g["mode"] if g["mode"] != "serial" else "layer-parallel"
+    fwd = g["fwd_iters"] or (1 if mode == "one-shot" else 2)
+    bwd = g["bwd_iters"] or 1
+    base = dict(max_levels=g["max_levels"], cfactor=g["cfactor"], relax=g["relax"],
+                skip=g["skip"], cycle=g["cycle"], fwd_iters=fwd, bwd_iters=bwd)
+    mg = [base, dict(base, relax="F", skip=True), dict(base, max_levels=base["max_levels"] + 1),
+          dict(base, cfactor=2 if base["cfactor"] != 2 else 8)]
+    ranks = sorted({P} | {2 ** k for k in range(int(math.log2(P)) + 1)})
+    out = []
+    for p in ranks:
+        if p > N:
+            continue
+        out.append(("serial", p, {}))
+        for m in sorted({2, 4, 8, 2 * p, g["microbatches"]} - {1}):
+            if m <= B:
+                out.append(("pipeline", p, {"microbatches": m}))
+        seen = []
+        for kw in mg:
+            # the hierarchy the core builds: more levels than fit are not built
+            levels = pm.hierarchy(N, kw["max_levels"], kw["cfactor"], config["mgrit"].get(
+                "min_coarse", 2))
+            kw = dict(kw, max_levels=len(levels))
+            if len(levels) > 1 and kw not in seen:
+                seen.append(kw)
+                for md in (mode, "one-shot" if mode != "one-shot" else "layer-parallel"):
+                    k = dict(kw)
+                    if md == "one-shot":
+                        k["fwd_iters"] = 1
+                    elif mode == "one-shot":
+                        k["fwd_iters"] = 2
+                    if (md, p, k) not in out:
+                        out.append((md, p, k))
+    return out
+
+
+def predict(cal, config, P):
+    """[(name, mode, ranks, seconds per step)] for every candidate, fastest first."""
+    N = config["model"]["nlayers"]
+    rows = []
+    for mode, p, kw in candidates(config, P):
+        t = pm.training_step(cal, N, p, mode, batch=config["data"]["batch_size"], **kw)["time"]
+        rows.append((_setting_name(mode, p, kw), mode, p, t))
+    rows.sort(key=lambda r: r[3])
+    return rows
+
+
+def report(rows, P):
+    """The table and the recommendation, as lines of text."""
+    base = next(t for _, mode, p, t in rows if mode == "serial" and p == 1)
+    lines = [f"{'setting':<78} {'s/step':>10} {'speed-up':>9}"]
+    for name, _, _, t in rows:
+        lines.append(f"{name:<78} {t:10.4g} {base / t:8.2f}x")
+    rows = [(" ".join(name.split()),) + tuple(r) for name, *r in rows]
+    best = rows[0]
+    exact = next(r for r in rows if r[1] in ("serial", "pipeline"))
+    lines.append("")
+    lines.append(f"fastest: {best[0]} ({base / best[3]:.2f}x over serial on one rank)")
+    if best[1] in ("serial", "pipeline"):
+        advice = "use the pipeline" if best[1] == "pipeline" else "train serially"
+        if best[2] < P:
+            advice += f" on {best[2]} rank{'s' * (best[2] > 1)}: use fewer ranks"
+        lines.append(f"recommendation: {advice} (exact gradients)")
+    else:
+        advice = f"use {best[1]}"
+        if best[2] < P:
+            advice += f" on {best[2]} rank{'s' * (best[2] > 1)}: use fewer ranks"
+        lines.append(f"recommendation: {advice} (inexact gradients: check the residuals); "
+                     f"fastest exact: {exact[0]} ({base / exact[3]:.2f}x)")
+    return lines
+
+
+def state_setting(config):
+    """(step module, state shape, dtype) of a configuration: the opening
+    applied to a zero batch gives the state shape."""
+    import torch
+    from mpi4py import MPI
+
+    from layerpar.models import factories
+    from layerpar.training.build import DTYPES, load_data
+
+    data = load_data(config, MPI.COMM_SELF)
+    opening, step, _ = factories(config["model"], data.input_shape, data.num_classes)
+    dtype = DTYPES[config["data"]["dtype"]]
+    B = config["data"]["batch_size"]
+    with torch.no_grad():
+        state = opening().to(dtype)(torch.zeros((B,) + tuple(data.input_shape), dtype=dtype))
+    return step(0), tuple(state.shape), dtype
+
+
+def main(*, config_path, ranks, overrides=(), calibration=None, save=None, comm=None,
+         out=print):
+    """Collective on ``comm`` (the messages are measured between ranks 0
+    and 1 when it has two); ``out`` prints a line (rank 0's)."""
+    from layerpar.config import check_ranks, resolve
+
+    if not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f"--ranks {ranks!r}: the number of ranks must be an integer >= 1")
+    config = resolve(config_path, overrides)
+    N = config["model"]["nlayers"]
+    if ranks > N:
+        raise ValueError(f"--ranks {ranks}: more ranks than model.nlayers = {N}")
+    check_ranks(config, ranks)
+    if calibration:
+        cal = pm.Calibration.load(calibration)
+        source = f"calibration {calibration}"
+    else:
+        F, shape, dtype = state_setting(config)
+        cal = pm.calibrate(F, shape, dtype, comm=comm)
+        source = f"calibrated now: state {shape} {str(dtype).replace('torch.', '')}"
+        if save and (comm is None or comm.Get_rank() == 0):
+            cal.save(save)
+    out(f"{source}; messages: {cal.info.get('messages', '?')} "
+        f"(latency {cal.latency:.3g} s, bandwidth {cal.bandwidth:.3g} B/s)")
+    out(f"{N} layers, batch {config['data']['batch_size']}, up to {ranks} ranks; modelled "
+        "solves only (opening, closing, loss and optimiser not included)")
+    for line in report(predict(cal, config, ranks), ranks):
+        out(line)
+    return 0

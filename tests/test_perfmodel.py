@@ -1,0 +1,215 @@
+"""The cost model against the core: step counts per rank and level equal the
+counters of real solves (exact integers), and the modelled time equals the
+core's virtual clock (deterministic: no wall time is asserted), for the
+Solver and for LayerParallel's forward and backward solves and pipeline."""
+import json
+
+import pytest
+import torch
+from mpi4py import MPI
+
+from braid_ext import Solver
+from braid_ext.examples.rotation import DampedRotation
+from layerpar import perfmodel as pm
+from layerpar.parallel import LayerParallel
+
+WORLD = MPI.COMM_WORLD
+P, RANK = WORLD.Get_size(), WORLD.Get_rank()
+
+
+def _solver_case(N, opts, max_iter, reverse, cost, latency):
+    with Solver(DampedRotation(), WORLD, 0.0, 2.0, N, abs_tol=0.0, max_iter=max_iter,
+                final_sweep=True, reverse=reverse, step_cost=cost, latency=latency,
+                **opts) as s:
+        s.solve()
+        st = s.stats()
+    return st["steps"], st["virtual_time"]
+
+
+CASES = [(N, dict(max_levels=lv, cfactor=cf, relax=relax, skip=skip, cycle=cycle))
+         for N, cf in ((16, 4), (37, 3), (64, 4))
+         for lv in (1, 2, 3)
+         for relax, skip, cycle in (("F", True, "V"), ("FCF", False, "V"), ("F", False, "F"))]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("max_iter", [1, 2])
+@pytest.mark.parametrize("N,opts", CASES)
+def test_steps_and_clock_equal_the_core(N, opts, max_iter, reverse):
+    cost, latency = [1.0, 0.375, 0.25], 0.125   # exact binary fractions: equality holds
+    steps, clock = _solver_case(N, opts, max_iter, reverse, cost, latency)
+    model = pm.solve(N, P, **opts, max_iter=max_iter, reverse=reverse, cost=cost,
+                     latency=latency)
+    assert steps == model["steps"][RANK][:len(steps)]
+    assert clock == pytest.approx(model["time"], rel=1e-12)
+
+
+def test_textbook_two_level_counts():
+    """Two levels, one rank: (nu + 1) N fine and 2 N/m coarse steps per
+    iteration (N/m in a skipped first one), and N in the final sweep."""
+    N, m = 64, 4
+    for relax, nu in (("F", 0), ("FCF", 1)):
+        for skip in (False, True):
+            for K in (1, 2, 3):
+                got = pm.solve(N, 1, max_levels=2, cfactor=m, relax=relax, skip=skip,
+                               max_iter=K)["steps"][0]
+                fine = (K - skip) * (nu + 1) * N + N
+                coarse = (K - skip) * 2 * N // m + skip * N // m
+                assert got == [fine, coarse]
+
+
+def _net(opts, N=12):
+    torch.manual_seed(0)
+    return LayerParallel(lambda n: torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh()),
+                         N, 1.0, WORLD, **opts).double()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("opts", [dict(max_levels=1),
+                                  dict(max_levels=2, cfactor=3, relax="F", skip=True),
+                                  dict(max_levels=3, cfactor=2, relax="FCF", fwd_iters=1,
+                                       bwd_iters=2),
+                                  dict(max_levels=1, microbatches=3)])
+def test_layerparallel_counts_and_clock(opts):
+    """The counters and clock of LayerParallel's solves (its step cost is
+    1 per step, messages free) against the model."""
+    N = 12
+    net = _net(opts, N)
+    u0 = torch.randn(5, 3, dtype=torch.float64)
+    out = net(u0 if RANK == 0 else None)
+    out.sum().backward()
+    fwd, bwd = net.last_forward, net.last_backward
+    net.close()
+    if opts.get("microbatches", 1) > 1:
+        sizes = [2, 2, 1]
+        model_f = pm.pipeline(N, P, sizes, lambda b: 1.0 / 3, lambda b: 0.0)
+        model_b = pm.pipeline(N, P, sizes[::-1], lambda b: 1.0 / 3, lambda b: 0.0)
+        assert fwd["virtual_time"] == pytest.approx(model_f, rel=1e-12)
+        assert bwd["virtual_time"] == pytest.approx(model_b, rel=1e-12)
+        return
+    kw = {k: v for k, v in opts.items() if k not in ("fwd_iters", "bwd_iters")}
+    kw.setdefault("relax", "FCF")
+    for rec, reverse, iters in ((fwd, False, opts.get("fwd_iters", 2)),
+                                (bwd, True, opts.get("bwd_iters", 1))):
+        model = pm.solve(N, P, **kw, max_iter=iters, reverse=reverse)
+        assert rec["steps"] == model["steps"][RANK][:len(rec["steps"])]
+        assert rec["virtual_time"] == pytest.approx(model["time"], rel=1e-12)
+
+
+def test_pipeline_textbook_bubble():
+    """Even blocks and micro-batches: (P + m - 1) N / (P m) step costs."""
+    for N, P_, m in ((16, 4, 4), (64, 8, 2), (12, 1, 3)):
+        # a micro-batch's layer step costs 1/m of a full-batch one
+        t = pm.pipeline(N, P_, [4] * m, lambda b: 1.0 / m, lambda b: 0.0)
+        assert t == pytest.approx((P_ + m - 1) * N / (P_ * m), rel=1e-12)
+
+
+def _calibration(final=True):
+    """Costs a + b*rows; without ``final`` the final sweeps cost what the
+    other steps do (the virtual clock has one cost per level)."""
+    costs = {"fwd": (1e-4, 1e-5), "fwd_rec": (1.2e-4, 1.2e-5), "adj": (1.5e-4, 2e-5),
+             "adj_w": (2e-4, 3e-5)}
+    if not final:
+        costs.update(fwd_rec=costs["fwd"], adj_w=costs["adj"])
+    # bandwidth so large that a message costs its latency (as on the clock)
+    return pm.Calibration(costs, latency=2e-5, bandwidth=1e300, batch=32, row_bytes=64)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode,opts", [("serial", {}),
+                                       ("layer-parallel", dict(max_levels=2, cfactor=4)),
+                                       ("layer-parallel", dict(max_levels=3, cfactor=2,
+                                                               relax="FCF", skip=False)),
+                                       ("one-shot", dict(max_levels=2, cfactor=2))])
+def test_training_step_model_equals_the_calibrated_clock(mode, opts):
+    """A training step's model against the virtual clocks of the forward
+    and backward solves run with the calibrated costs and latency."""
+    cal = _calibration(final=False)
+    N = 16
+    model = pm.training_step(cal, N, P, mode, **opts)
+    full = dict(max_levels=2, cfactor=4, relax="F", skip=True, cycle="V", min_coarse=2)
+    full.update(opts)
+    if mode == "serial":
+        full["max_levels"] = 1
+    clock = 0.0
+    for reverse, kind, iters in ((False, "fwd", 1 if mode == "one-shot" else 2),
+                                 (True, "adj", 1)):
+        with Solver(DampedRotation(), WORLD, 0.0, 2.0, N, abs_tol=0.0, max_iter=iters,
+                    final_sweep=True, reverse=reverse, step_cost=cal.step(kind),
+                    latency=cal.latency, warm_start=mode == "one-shot", **full) as s:
+            s.solve()
+            if mode == "one-shot":
+                s.solve()  # a one-shot step solves warm
+            clock += s.stats()["virtual_time"]
+    assert model["time"] == pytest.approx(clock, rel=1e-9)
+    # the final sweeps' own costs (recording, weight gradients) are what the
+    # clock cannot express: the full model differs from it by them alone
+    full_model = pm.training_step(_calibration(), N, P, mode, **opts)
+    assert full_model["time"] > model["time"]
+
+
+def test_calibration_round_trip(tmp_path):
+    F = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh())
+    cal = pm.calibrate(F, (16, 4), torch.float64, repeats=3, overhead=True)
+    for k in pm.KINDS:
+        assert cal.step(k) > 0
+    assert cal.overhead >= 0
+    assert cal.info["messages"] == "default"
+    path = tmp_path / "calibration.json"
+    cal.save(path)
+    again = pm.Calibration.load(path)
+    assert again.to_dict() == json.loads(json.dumps(cal.to_dict()))
+    assert again.step("adj_w", 3) == cal.step("adj_w", 3)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="relax="):
+        pm.solve(8, 1, max_levels=2, relax="FF")
+    with pytest.raises(ValueError, match="P="):
+        pm.solve(4, 8)
+    with pytest.raises(ValueError, match="mode="):
+        pm.training_step(_calibration(), 8, 1, "fast")
+    with pytest.raises(ValueError, match="shape="):
+        pm.calibrate(torch.nn.Linear(2, 2), ())
+
+
+def _plan_lines(cal, tmp_path, ranks, overrides=()):
+    from layerpar.plan import main
+    path = tmp_path / "cal.json"
+    cal.save(path)
+    lines = []
+    assert main(config_path="layerpar/configs/digits-conv.toml", ranks=ranks,
+                overrides=list(overrides), calibration=str(path), out=lines.append) == 0
+    return lines
+
+
+def test_plan_says_use_fewer_ranks_when_messages_dominate(tmp_path):
+    cal = pm.Calibration({k: (0.0, 1e-6) for k in pm.KINDS}, latency=1.0, bandwidth=1e9,
+                         batch=50, row_bytes=2048)
+    lines = _plan_lines(cal, tmp_path, 4)
+    assert lines[-1].startswith("recommendation: train serially on 1 rank: use fewer ranks")
+    # the table: serial on one rank is the unit of the speed-ups
+    import re
+    assert any(re.match(r"serial\s+P=1\s.*\s1\.00x$", line) for line in lines)
+
+
+def test_plan_says_use_the_pipeline_when_it_is_fastest(tmp_path):
+    """Costs proportional to the batch and free messages: the pipeline on
+    8 ranks with 16 micro-batches takes (8 + 15)/(8 * 16) of the serial
+    time, and MGRIT with 3 forward iterations more than that."""
+    cal = pm.Calibration({k: (0.0, 1e-5) for k in pm.KINDS}, latency=0.0, bandwidth=1e300,
+                         batch=50, row_bytes=2048)
+    lines = _plan_lines(cal, tmp_path, 8, ["mgrit.fwd_iters=3", "mgrit.bwd_iters=3"])
+    assert "recommendation: use the pipeline (exact gradients)" in lines[-1]
+    assert "fastest: pipeline P=8 microbatches=16" in lines[-2]
+
+
+def test_plan_command_parses_without_torch():
+    import subprocess
+    import sys
+    code = ("import sys\nfrom layerpar.cli import _parser\n"
+            "a = _parser().parse_args(['plan', '--ranks', '4', '--calibration', 'c.json'])\n"
+            "assert a.command == 'plan' and a.ranks == 4 and a.calibration == 'c.json'\n"
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
