@@ -243,7 +243,7 @@ class LayerParallel(nn.Module):
         self._call_plan = {}
         self._kinds = {}
         self.last_forward = {"iterations": 0, "residual_norms": [], "steps": [],
-                             "virtual_time": 0.0}
+                             "virtual_time": 0.0, "input_norm": 0.0}
         self.last_backward = dict(self.last_forward)
 
     # ---- lifetime -----------------------------------------------------------
@@ -491,6 +491,13 @@ class LayerParallel(nn.Module):
         return shape, dtype, device
 
     # ---- the solves ---------------------------------------------------------
+    def _input_norm(self, v, root):
+        """Collective: the 2-norm of a solve's given state (the input state,
+        or the adjoint's final value), held on ``root``, on every rank."""
+        # root -> every rank: one number
+        return self.comm.bcast(float(torch.linalg.vector_norm(v.detach()))
+                               if self.rank == root else None, root=root)
+
     @staticmethod
     def _solve(solver):
         solver.solve()
@@ -530,6 +537,7 @@ class LayerParallel(nn.Module):
             self.last_forward = self._solve(self._fwd_solver)
         finally:
             self._fwd_app.u0 = None
+        self.last_forward["input_norm"] = self._input_norm(u0, self.first_rank)
         self._graphs = {}
         if self.rank == self.last_rank:
             return self._fwd_solver.get(self.nlayers).clone(), graphs
@@ -551,6 +559,7 @@ class LayerParallel(nn.Module):
                 graphs.clear()
             self._graphs = {}
             self._bwd_app.lam_final = None
+        self.last_backward["input_norm"] = self._input_norm(lam, self.last_rank)
         grad_u0 = None
         if self.rank == self.first_rank:
             grad_u0 = self._bwd_solver.get(self.nlayers).clone()
