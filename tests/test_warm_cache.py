@@ -107,3 +107,34 @@ def test_cache_is_bounded_and_closed():
 def test_bad_solver_cache_is_refused():
     with pytest.raises(ValueError, match="solver_cache"):
         dense_net(solver_cache=0)
+
+
+def _one_shot_trainer(run_dir):
+    from layerpar.config import resolve
+    from layerpar.training import Trainer
+    sets = ['mgrit.mode="one-shot"', "mgrit.max_levels=2", "mgrit.cfactor=2", "model.nlayers=8",
+            "model.width=4", "data.batch_size=50", 'data.dtype="float64"', "run.plot=false",
+            f'run.dir="{run_dir}"']
+    return Trainer(resolve(None, sets), WORLD, metrics=False)
+
+
+@pytest.mark.mpi
+def test_training_validation_pass_keeps_one_shot_warm(tmp_path):
+    # Level.evaluate (the exact network on the validation batches) between two
+    # training steps: the second step's solves are those without it
+    run_dir = WORLD.bcast(str(tmp_path), root=0)
+    runs = []
+    for validate in (False, True):
+        tr = _one_shot_trainer(run_dir)
+        batches = list(tr.train_loader.epoch(0))[:3]
+        history = []
+        for i, (x, y) in enumerate(batches):
+            stats = tr.level.step(x, y, 50)
+            history.append((stats["loss"], list(tr.body.last_forward["residual_norms"]),
+                            list(tr.body.last_backward["residual_norms"])))
+            if validate and i == 0:
+                tr.level.evaluate(tr.val_loader)
+        runs.append(history)
+        tr.level.close()
+    assert runs[0] == runs[1]
+    assert all(len(h[1]) == 2 for h in runs[0])  # one iteration: r_0, r_1
