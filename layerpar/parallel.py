@@ -225,6 +225,7 @@ class LayerParallel(nn.Module):
             self.close()  # every rank raises here alike (options are checked everywhere)
             raise
         self._pair_in_use = self._pair_key(None, fwd, bwd)
+        self._key_options = {self._pair_in_use: (fwd, bwd)}  # key -> (fwd, bwd) options
         self.layout = self._fwd_solver.layout()  # which rank holds which layer
         self.layer_indices = self.layout.layers(self.rank)
         self.layers = nn.ModuleDict()
@@ -363,6 +364,7 @@ class LayerParallel(nn.Module):
         if key == self._pair_in_use:
             return
         if self._pair_in_use[0] is None and key[1:] == self._pair_in_use[1:]:
+            self._key_options[key] = self._key_options.pop(self._pair_in_use)
             self._pair_in_use = key  # the pair built at construction: still unused
             return
         pair = self._pairs.pop(key, None)
@@ -374,15 +376,76 @@ class LayerParallel(nn.Module):
                 new_fwd.close()
                 raise
             pair = (new_fwd, new_bwd)
+        self._key_options[key] = (self.fwd_options, self.bwd_options)
         old = (self._fwd_solver, self._bwd_solver)
         if self._pair_in_use[0] is None:
             for solver in old:
                 solver.close()
+            self._key_options.pop(self._pair_in_use, None)
         else:
             self._pairs[self._pair_in_use] = old
         while len(self._pairs) >= self.solver_cache:
-            for solver in self._pairs.pop(next(iter(self._pairs))):
+            gone = next(iter(self._pairs))
+            for solver in self._pairs.pop(gone):
                 solver.close()
+            self._key_options.pop(gone, None)
+        self._fwd_solver, self._bwd_solver = pair
+        self._pair_in_use = key
+
+    # ---- warm states (one-shot): saved and restored ----------------------
+    def warm_states(self):
+        """This rank's solver states, for a checkpoint: a list of (state meta,
+        forward options, backward options, {"fwd": {index: tensor}, "bwd":
+        {index: tensor}}), one per solver pair holding a solution, the cached
+        pairs from the least recently used, the pair in use last.  Local;
+        ``load_warm_states`` on the same number of ranks restores them."""
+        self._check_open()
+        out = []
+        pairs = list(self._pairs.items()) + \
+            [(self._pair_in_use, (self._fwd_solver, self._bwd_solver))]
+        for key, pair in pairs:
+            if key[0] is None:
+                continue
+            held = {}
+            for name, solver in zip(("fwd", "bwd"), pair):
+                lo, hi = solver.local_range(0)
+                try:
+                    held[name] = {i: solver.get(i).detach().clone()
+                                  for i in range(lo, hi + 1) if solver.is_stored(i)}
+                except ValueError:  # no solution held (e.g. no adjoint solve yet)
+                    held[name] = {}
+            if held["fwd"] or held["bwd"]:
+                out.append((key[0], dict(self._key_options[key][0]),
+                            dict(self._key_options[key][1]), held))
+        return out
+
+    def load_warm_states(self, states):
+        """Collective: rebuild the solver pairs of ``warm_states()`` (saved on
+        the same number of ranks) with their states, the last one in use;
+        the pairs held so far are closed.  The options stay as they are."""
+        self._check_open()
+        old = list(self._pairs.values()) + [(self._fwd_solver, self._bwd_solver)]
+        self._pairs = {}
+        self._fwd_solver = self._bwd_solver = None
+        for pair in old:
+            for solver in pair:
+                solver.close()
+        pair = key = None
+        for meta, fwd, bwd, held in states:
+            if pair is not None:
+                self._pairs[key] = pair
+            pair = (self._new_solver(self._fwd_app, fwd, reverse=False),
+                    self._new_solver(self._bwd_app, bwd, reverse=True))
+            key = self._pair_key(meta, fwd, bwd)
+            self._key_options[key] = (fwd, bwd)
+            for name, solver in zip(("fwd", "bwd"), pair):
+                for i, u in held[name].items():
+                    solver.set(int(i), u.detach().clone())
+        if pair is None:  # nothing saved: a fresh pair for the current options
+            pair = (self._new_solver(self._fwd_app, self.fwd_options, reverse=False),
+                    self._new_solver(self._bwd_app, self.bwd_options, reverse=True))
+            key = self._pair_key(None, self.fwd_options, self.bwd_options)
+            self._key_options[key] = (self.fwd_options, self.bwd_options)
         self._fwd_solver, self._bwd_solver = pair
         self._pair_in_use = key
 

@@ -138,3 +138,26 @@ def test_training_validation_pass_keeps_one_shot_warm(tmp_path):
         tr.level.close()
     assert runs[0] == runs[1]
     assert all(len(h[1]) == 2 for h in runs[0])  # one iteration: r_0, r_1
+
+
+@pytest.mark.mpi
+def test_saved_warm_states_restore_the_solves_bit_for_bit():
+    # a network's solver states and weights, installed in a new network on
+    # the same ranks: its next training passes are the first one's
+    x1, y1 = batch(6, 1)
+    x2, y2 = batch(6, 2)
+    xv, _ = batch(5, 3)
+    with dense_net() as a, dense_net() as b, dense_net() as cold:
+        train_pass(a, x1, y1)
+        exact_eval(a, xv)
+        train_pass(a, x2, y2)
+        states = a.body.warm_states()
+        assert [s[0][0] for s in states] == [(5, 4), (6, 4)]  # eval pair, training pair
+        b.load_state_dict(a.state_dict())
+        b.body.load_warm_states(states)
+        cold.load_state_dict(a.state_dict())
+        expected = [train_pass(a, x1, y1), train_pass(a, x2, y2)]
+        assert [train_pass(b, x1, y1), train_pass(b, x2, y2)] == expected
+        assert train_pass(cold, x1, y1)[0] != expected[0][0]  # not vacuous: cold differs
+        with pytest.raises(ValueError, match="index=-1"):
+            b.body._fwd_solver.set(-1, x1)
