@@ -419,10 +419,12 @@ class LayerParallel(nn.Module):
                             dict(self._key_options[key][1]), held))
         return out
 
-    def load_warm_states(self, states):
+    def load_warm_states(self, states, *, owned_only=False):
         """Collective: rebuild the solver pairs of ``warm_states()`` (saved on
         the same number of ranks) with their states, the last one in use;
-        the pairs held so far are closed.  The options stay as they are."""
+        the pairs held so far are closed.  The options stay as they are.
+        ``owned_only``: the states may hold other ranks' points too (merged
+        from every rank); only this rank's stored points are installed."""
         self._check_open()
         old = list(self._pairs.values()) + [(self._fwd_solver, self._bwd_solver)]
         self._pairs = {}
@@ -440,7 +442,11 @@ class LayerParallel(nn.Module):
             self._key_options[key] = (fwd, bwd)
             for name, solver in zip(("fwd", "bwd"), pair):
                 for i, u in held[name].items():
-                    solver.set(int(i), u.detach().clone())
+                    try:
+                        solver.set(int(i), u.detach().clone())
+                    except ValueError:  # not a stored point of this rank
+                        if not owned_only:
+                            raise
         if pair is None:  # nothing saved: a fresh pair for the current options
             pair = (self._new_solver(self._fwd_app, self.fwd_options, reverse=False),
                     self._new_solver(self._bwd_app, self.bwd_options, reverse=True))
