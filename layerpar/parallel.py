@@ -376,6 +376,8 @@ class LayerParallel(nn.Module):
                 new_fwd.close()
                 raise
             pair = (new_fwd, new_bwd)
+            if meta == self._pair_in_use[0]:  # same states, other options (e.g. iterations)
+                self._carry_states((self._fwd_solver, self._bwd_solver), pair)
         self._key_options[key] = (self.fwd_options, self.bwd_options)
         old = (self._fwd_solver, self._bwd_solver)
         if self._pair_in_use[0] is None:
@@ -391,6 +393,22 @@ class LayerParallel(nn.Module):
             self._key_options.pop(gone, None)
         self._fwd_solver, self._bwd_solver = pair
         self._pair_in_use = key
+
+    @staticmethod
+    def _carry_states(old, new):
+        """Local: the warm states of a pair, copied into a new pair for the
+        same states that warm-starts on more than one level (a change of
+        the iteration count keeps a one-shot run warm)."""
+        for src, dst in zip(old, new):
+            if not (dst.options["warm_start"] and dst.options["max_levels"] > 1):
+                continue
+            lo, hi = src.local_range(0)
+            try:
+                held = {i: src.get(i) for i in range(lo, hi + 1) if src.is_stored(i)}
+            except ValueError:  # no solution held
+                continue
+            for i, u in held.items():
+                dst.set(i, u.detach().clone())
 
     # ---- warm states (one-shot): saved and restored ----------------------
     def warm_states(self):

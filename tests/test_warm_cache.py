@@ -209,3 +209,24 @@ def test_resumed_one_shot_run_equals_the_uninterrupted_one(stop):
     for k in full[0]:
         assert torch.equal(full[0][k], resumed[0][k]), k  # bit for bit on the same ranks
     assert full[1] == resumed[1]
+
+
+@pytest.mark.mpi
+def test_more_iterations_keep_the_warm_states():
+    # the first residual of a solve depends on its initial guess only: after
+    # a change of the iteration count (what the residual monitor does) it is
+    # the one the solve would have had with the old count, not a cold one's
+    x1, y1 = batch(6, 1)
+    x2, y2 = batch(6, 2)
+    firsts = []
+    for change in (False, True, "cold"):
+        with dense_net(warm_start=change != "cold") as net:
+            train_pass(net, x1, y1)
+            if change:
+                net.body.reconfigure(fwd_iters=2, bwd_iters=2)
+            fwd, bwd, _ = train_pass(net, x2, y2)
+            firsts.append(fwd[0])  # (the adjoint's depends on the forward's iterations)
+            if change is True:
+                assert len(fwd) == 3 and len(bwd) == 3
+    assert firsts[1] == firsts[0]
+    assert firsts[2] != firsts[0]
