@@ -835,6 +835,19 @@ cdef class Solver:
                              f"{self.rank} (not owned, not stored, or no successful solve)")
         return box_get(u)
 
+    def set(self, int64_t index, u):
+        """Hold ``u`` (kept, not copied) as the solution at fine point
+        ``index`` (owned here and stored): with warm_start, the initial guess
+        of the next solve, e.g. states saved by ``get`` and restored.  Local;
+        the solver warm-starts once every stored point it owns is set."""
+        self._alive()
+        cdef mg_Vector v = box_new(u)
+        cdef int rc = mg_SetVector(self.core, index, v)
+        if rc != MG_OK:
+            Py_DECREF(<object>(<Box*>v).obj)  # not taken: a new box, in no ring
+            free(<Box*>v)
+            raise ValueError(f"index={index}: not a stored point owned by rank {self.rank}")
+
     def stats(self, bint reduce=False):
         """Statistics of the last solve on this rank, or over all ranks
         (``reduce=True``, collective: counts summed, times maximised).

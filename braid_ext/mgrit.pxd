@@ -111,6 +111,7 @@ cdef extern from "mgrit.h":
     int mg_GetLevelSize(mg_Core core, int level, int64_t *n, int64_t *stride)
     int mg_GetVector(mg_Core core, int64_t index, mg_Vector *u_out)
     int mg_IsStored(mg_Core core, int64_t index, int *stored_out)
+    int mg_SetVector(mg_Core core, int64_t index, mg_Vector u)
     int mg_GetStats(mg_Core core, int reduce, mg_Stats *stats_out)
     int mg_GetFailure(mg_Core core, int *rank_out, int64_t *index_out)
     int mg_GetFailureCode(mg_Core core, int *code_out)

@@ -72,6 +72,8 @@ DEFAULTS = {
         "monitor": True,       # raise iterations when the residual stalls
         "monitor_factor": 0.5, # a solve must cut its residual by this per iteration
         "monitor_patience": 3, # stalled updates in a row before acting
+        "monitor_max_residual": 1.0,  # also stalled: a last residual above this times
+                               # the norm of the solve's given state (0: off)
         "max_iters": 8,        # the monitor's ceiling; past it: serial propagation
         "microbatches": 1,     # > 1: serial propagation is the exact pipeline
                                # (the batch split into micro-batches that flow
@@ -248,6 +250,8 @@ def check(config):
     need(g["bwd_tol"] >= 0, "mgrit.bwd_tol", "must be >= 0")
     need(0 < g["monitor_factor"] < 1, "mgrit.monitor_factor", "must be in (0, 1)")
     need(g["monitor_patience"] >= 1, "mgrit.monitor_patience", "must be >= 1")
+    need(math.isfinite(g["monitor_max_residual"]) and g["monitor_max_residual"] >= 0,
+         "mgrit.monitor_max_residual", "must be a finite number >= 0 (0: off)")
     need(g["max_iters"] >= max(g["fwd_iters"], g["bwd_iters"], 2), "mgrit.max_iters",
          "must be >= 2 and >= fwd_iters and bwd_iters")
     need(g["microbatches"] >= 1, "mgrit.microbatches", "the number of micro-batches must be >= 1")

@@ -130,6 +130,11 @@ class LayerParallel(nn.Module):
                    (torch.tensor_split sizes; fewer when the batch is
                    smaller) that flow rank to rank, forward and backward
                    (GPipe schedule, layerpar.pipeline)
+      solver_cache how many solver pairs (forward and adjoint) to keep, each
+                   for one state shape/dtype/device and set of options
+                   (default 4): a pass with another batch size or with
+                   other options (an exact evaluation pass) and back returns
+                   to the same solvers, warm states included
       timeout      seconds any wait of a solve for other ranks may last
                    (default: $LAYERPAR_TIMEOUT, else no limit); a rank that
                    stops answering then makes the others raise
@@ -156,7 +161,7 @@ class LayerParallel(nn.Module):
                  bwd_iters=1, fwd_tol=0.0, bwd_tol=0.0, fwd_rel_tol=0.0,
                  bwd_rel_tol=0.0, bwd_max_levels=None, bwd_cfactor=None,
                  bwd_relax=None, bwd_cycle=None, warm_start=False, retain_graphs=False,
-                 seed=0, microbatches=1, timeout=None):
+                 seed=0, microbatches=1, solver_cache=4, timeout=None):
         super().__init__()
         _check_comm(comm)
         if not callable(step_factory):
@@ -173,6 +178,11 @@ class LayerParallel(nn.Module):
             raise ValueError(f"microbatches={microbatches!r}: the number of micro-batches "
                              "must be an integer >= 1")
         self.microbatches = microbatches
+        if not isinstance(solver_cache, int) or isinstance(solver_cache, bool) \
+                or solver_cache < 1:
+            raise ValueError(f"solver_cache={solver_cache!r}: the number of solver pairs "
+                             "to keep must be an integer >= 1")
+        self.solver_cache = solver_cache
         timeout = _timeout(timeout)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"seed={seed!r}: must be an integer")
@@ -205,12 +215,17 @@ class LayerParallel(nn.Module):
         # Build both solvers now: a bad option raises here, on every rank.
         self._fwd_app, self._bwd_app = ForwardApp(self), AdjointApp(self)
         self._fwd_solver = self._bwd_solver = None
+        # solver pairs not in use, by _pair_key (least recently used first);
+        # the pair in use is bound to a state meta at the first pass
+        self._pairs = {}
         try:
             self._fwd_solver = self._new_solver(self._fwd_app, fwd, reverse=False)
             self._bwd_solver = self._new_solver(self._bwd_app, bwd, reverse=True)
         except BaseException:
             self.close()  # every rank raises here alike (options are checked everywhere)
             raise
+        self._pair_in_use = self._pair_key(None, fwd, bwd)
+        self._key_options = {self._pair_in_use: (fwd, bwd)}  # key -> (fwd, bwd) options
         self.layout = self._fwd_solver.layout()  # which rank holds which layer
         self.layer_indices = self.layout.layers(self.rank)
         self.layers = nn.ModuleDict()
@@ -229,7 +244,7 @@ class LayerParallel(nn.Module):
         self._call_plan = {}
         self._kinds = {}
         self.last_forward = {"iterations": 0, "residual_norms": [], "steps": [],
-                             "virtual_time": 0.0}
+                             "virtual_time": 0.0, "input_norm": 0.0}
         self.last_backward = dict(self.last_forward)
 
     # ---- lifetime -----------------------------------------------------------
@@ -239,9 +254,12 @@ class LayerParallel(nn.Module):
         closing twice does nothing."""
         if self.comm is None:
             return
-        for solver in (self._fwd_solver, self._bwd_solver):
-            if solver is not None:
-                solver.close()
+        pairs = list(self._pairs.values()) + [(self._fwd_solver, self._bwd_solver)]
+        self._pairs = {}
+        for pair in pairs:
+            for solver in pair:
+                if solver is not None:
+                    solver.close()
         for comm in self._comms.values():
             comm.Free()
         self._comms = {}
@@ -306,9 +324,11 @@ class LayerParallel(nn.Module):
 
     def reconfigure(self, *, max_levels=None, bwd_max_levels=None, fwd_iters=None,
                     bwd_iters=None, warm_start=None):
-        """Collective: change MGRIT options between passes (e.g. more
-        iterations, or max_levels=1 for exact propagation).  The solvers are
-        rebuilt, so warm states are dropped."""
+        """Change MGRIT options between passes (e.g. more iterations, or
+        max_levels=1 for exact propagation), checked here.  The next pass
+        takes the solvers for the new options from the cache of solver pairs
+        or builds them (collective then); switching back to earlier options
+        finds their solvers again, with their warm states (``solver_cache``)."""
         self._check_open()
         fwd, bwd = dict(self.fwd_options), dict(self.bwd_options)
         if max_levels is not None:
@@ -322,13 +342,136 @@ class LayerParallel(nn.Module):
             bwd["max_iter"] = bwd_iters
         if warm_start is not None:
             fwd["warm_start"] = bwd["warm_start"] = bool(warm_start)
-        new_fwd = self._new_solver(self._fwd_app, fwd, reverse=False)
-        new_bwd = self._new_solver(self._bwd_app, bwd, reverse=True)
-        self._fwd_solver.close()
-        self._bwd_solver.close()
-        self._fwd_solver, self._bwd_solver = new_fwd, new_bwd
+        for prefix, opts in (("", fwd), ("bwd_", bwd)):
+            try:
+                check_options(self.nlayers, self.size, **opts)
+            except ValueError as e:
+                raise ValueError(_option_message(str(e), prefix)) from None
         self.fwd_options, self.bwd_options = fwd, bwd
         self._plan_ghosts()
+
+    @staticmethod
+    def _pair_key(meta, fwd, bwd):
+        return (meta, repr(sorted(fwd.items())), repr(sorted(bwd.items())))
+
+    def _use_pair(self, meta):
+        """Collective: make the solver pair for the state ``meta`` and the
+        current options the one in use: from the cache, with its warm
+        states, or new.  The pair in use goes to the cache (unless it never
+        solved); past ``solver_cache`` pairs the least recently used is
+        closed.  Every rank switches alike (same calls, same order)."""
+        key = self._pair_key(meta, self.fwd_options, self.bwd_options)
+        if key == self._pair_in_use:
+            return
+        if self._pair_in_use[0] is None and key[1:] == self._pair_in_use[1:]:
+            self._key_options[key] = self._key_options.pop(self._pair_in_use)
+            self._pair_in_use = key  # the pair built at construction: still unused
+            return
+        pair = self._pairs.pop(key, None)
+        if pair is None:
+            new_fwd = self._new_solver(self._fwd_app, self.fwd_options, reverse=False)
+            try:
+                new_bwd = self._new_solver(self._bwd_app, self.bwd_options, reverse=True)
+            except BaseException:
+                new_fwd.close()
+                raise
+            pair = (new_fwd, new_bwd)
+            if meta == self._pair_in_use[0]:  # same states, other options (e.g. iterations)
+                self._carry_states((self._fwd_solver, self._bwd_solver), pair)
+        self._key_options[key] = (self.fwd_options, self.bwd_options)
+        old = (self._fwd_solver, self._bwd_solver)
+        if self._pair_in_use[0] is None:
+            for solver in old:
+                solver.close()
+            self._key_options.pop(self._pair_in_use, None)
+        else:
+            self._pairs[self._pair_in_use] = old
+        while len(self._pairs) >= self.solver_cache:
+            gone = next(iter(self._pairs))
+            for solver in self._pairs.pop(gone):
+                solver.close()
+            self._key_options.pop(gone, None)
+        self._fwd_solver, self._bwd_solver = pair
+        self._pair_in_use = key
+
+    @staticmethod
+    def _carry_states(old, new):
+        """Local: the warm states of a pair, copied into a new pair for the
+        same states that warm-starts on more than one level (a change of
+        the iteration count keeps a one-shot run warm)."""
+        for src, dst in zip(old, new):
+            if not (dst.options["warm_start"] and dst.options["max_levels"] > 1):
+                continue
+            lo, hi = src.local_range(0)
+            try:
+                held = {i: src.get(i) for i in range(lo, hi + 1) if src.is_stored(i)}
+            except ValueError:  # no solution held
+                continue
+            for i, u in held.items():
+                dst.set(i, u.detach().clone())
+
+    # ---- warm states (one-shot): saved and restored ----------------------
+    def warm_states(self):
+        """This rank's solver states, for a checkpoint: a list of (state meta,
+        forward options, backward options, {"fwd": {index: tensor}, "bwd":
+        {index: tensor}}), one per solver pair holding a solution, the cached
+        pairs from the least recently used, the pair in use last.  Local;
+        ``load_warm_states`` on the same number of ranks restores them."""
+        self._check_open()
+        out = []
+        pairs = list(self._pairs.items()) + \
+            [(self._pair_in_use, (self._fwd_solver, self._bwd_solver))]
+        for key, pair in pairs:
+            if key[0] is None:
+                continue
+            held = {}
+            for name, solver in zip(("fwd", "bwd"), pair):
+                lo, hi = solver.local_range(0)
+                try:
+                    held[name] = {i: solver.get(i).detach().clone()
+                                  for i in range(lo, hi + 1) if solver.is_stored(i)}
+                except ValueError:  # no solution held (e.g. no adjoint solve yet)
+                    held[name] = {}
+            if held["fwd"] or held["bwd"]:
+                out.append((key[0], dict(self._key_options[key][0]),
+                            dict(self._key_options[key][1]), held))
+        return out
+
+    def load_warm_states(self, states, *, owned_only=False):
+        """Collective: rebuild the solver pairs of ``warm_states()`` (saved on
+        the same number of ranks) with their states, the last one in use;
+        the pairs held so far are closed.  The options stay as they are.
+        ``owned_only``: the states may hold other ranks' points too (merged
+        from every rank); only this rank's stored points are installed."""
+        self._check_open()
+        old = list(self._pairs.values()) + [(self._fwd_solver, self._bwd_solver)]
+        self._pairs = {}
+        self._fwd_solver = self._bwd_solver = None
+        for pair in old:
+            for solver in pair:
+                solver.close()
+        pair = key = None
+        for meta, fwd, bwd, held in states:
+            if pair is not None:
+                self._pairs[key] = pair
+            pair = (self._new_solver(self._fwd_app, fwd, reverse=False),
+                    self._new_solver(self._bwd_app, bwd, reverse=True))
+            key = self._pair_key(meta, fwd, bwd)
+            self._key_options[key] = (fwd, bwd)
+            for name, solver in zip(("fwd", "bwd"), pair):
+                for i, u in held[name].items():
+                    try:
+                        solver.set(int(i), u.detach().clone())
+                    except ValueError:  # not a stored point of this rank
+                        if not owned_only:
+                            raise
+        if pair is None:  # nothing saved: a fresh pair for the current options
+            pair = (self._new_solver(self._fwd_app, self.fwd_options, reverse=False),
+                    self._new_solver(self._bwd_app, self.bwd_options, reverse=True))
+            key = self._pair_key(None, self.fwd_options, self.bwd_options)
+            self._key_options[key] = (self.fwd_options, self.bwd_options)
+        self._fwd_solver, self._bwd_solver = pair
+        self._pair_in_use = key
 
     def _step_module(self, n):
         key = str(n)
@@ -429,12 +572,19 @@ class LayerParallel(nn.Module):
         shape, dtype, device = meta[0], meta[1], torch.device(meta[2])
         if meta != self._state_meta:
             self._check_shapes(shape, dtype, device)
-            if self._state_meta is not None:
-                self.reconfigure()  # warm states of another shape are useless
             self._state_meta = meta
+        # the solvers (and warm states) for this state and the current options
+        self._use_pair(meta)
         return shape, dtype, device
 
     # ---- the solves ---------------------------------------------------------
+    def _input_norm(self, v, root):
+        """Collective: the 2-norm of a solve's given state (the input state,
+        or the adjoint's final value), held on ``root``, on every rank."""
+        # root -> every rank: one number
+        return self.comm.bcast(float(torch.linalg.vector_norm(v.detach()))
+                               if self.rank == root else None, root=root)
+
     @staticmethod
     def _solve(solver):
         solver.solve()
@@ -474,6 +624,7 @@ class LayerParallel(nn.Module):
             self.last_forward = self._solve(self._fwd_solver)
         finally:
             self._fwd_app.u0 = None
+        self.last_forward["input_norm"] = self._input_norm(u0, self.first_rank)
         self._graphs = {}
         if self.rank == self.last_rank:
             return self._fwd_solver.get(self.nlayers).clone(), graphs
@@ -495,6 +646,7 @@ class LayerParallel(nn.Module):
                 graphs.clear()
             self._graphs = {}
             self._bwd_app.lam_final = None
+        self.last_backward["input_norm"] = self._input_norm(lam, self.last_rank)
         grad_u0 = None
         if self.rank == self.first_rank:
             grad_u0 = self._bwd_solver.get(self.nlayers).clone()

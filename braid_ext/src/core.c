@@ -229,6 +229,21 @@ int mg_GetVector(mg_Core core, int64_t index, mg_Vector *out) {
   return MG_OK;
 }
 
+int mg_SetVector(mg_Core core, int64_t index, mg_Vector u) {
+  NEED(u && !core->broken);
+  if (core->nlevels == 0) MG_CHK(mg_BuildHierarchy(core));
+  mg_Level *f = &core->levels[0];
+  NEED(index >= f->lo && index <= f->hi && mg_FineStored(core, index));
+  mg_CallFree(core, &f->u[index - f->lo]);
+  f->u[index - f->lo] = u;
+  /* a solution once every stored point owned here holds a vector */
+  int all = 1;
+  for (int64_t j = f->lo; j <= f->hi; j++)
+    if (mg_FineStored(core, j) && !f->u[j - f->lo]) all = 0;
+  core->have_solution = all;
+  return MG_OK;
+}
+
 int mg_GetFailure(mg_Core core, int *rank_out, int64_t *index_out) {
   NEED(rank_out && index_out);
   *rank_out = core->fail_rank;

@@ -202,6 +202,11 @@ int mg_GetLevelSize(mg_Core core, int level, int64_t *npoints_minus_1,
 /* the vector held at fine point index (owned and stored), borrowed: valid
  * until the next Drive or Destroy */
 int mg_GetVector(mg_Core core, int64_t index, mg_Vector *u_out);
+/* install u (taken over: the core frees it) as the solution at fine point
+ * index (owned here and stored), the initial guess of the next warm-started
+ * Drive; the core holds a solution once every stored point it owns has one.
+ * Local. */
+int mg_SetVector(mg_Core core, int64_t index, mg_Vector u);
 /* is the fine point stored after Drive (C-points, the last point, or all
  * points with store_all)? */
 int mg_IsStored(mg_Core core, int64_t index, int *stored_out);

@@ -61,7 +61,7 @@ def make_monitor(config):
         return None
     fwd_iters, bwd_iters = mode_iterations(config)
     return ResidualMonitor(g["monitor_factor"], g["monitor_patience"], g["max_iters"],
-                           fwd_iters, bwd_iters)
+                           fwd_iters, bwd_iters, max_residual=g["monitor_max_residual"])
 
 
 def learning_rate(config, epoch, *, epochs=None):

@@ -4,13 +4,20 @@ import math
 
 
 class ResidualMonitor:
-    """Watches the residual history of each solve.  A solve of k iterations
-    that cuts its residual by less than ``factor`` per iteration on average,
-    ``patience`` updates in a row, gets one more iteration; past ``max_iters``
-    the network falls back to serial (exact) propagation."""
+    """Watches the residual history of each solve.  A solve is stalled when
+    its k iterations cut the residual by less than ``factor`` per iteration
+    on average, or when its last residual exceeds ``max_residual`` times the
+    norm of the state it is given (the input state of the forward solve, the
+    loss gradient of the adjoint; the solves' ``input_norm``): the level
+    matters as well as the contraction, since a warm-started solve may
+    contract well from a residual that has grown.  A solve stalled
+    ``patience`` updates in a row gets one more iteration; past ``max_iters``
+    the network falls back to serial (exact) propagation.  ``max_residual``
+    0 watches contraction only."""
 
-    def __init__(self, factor, patience, max_iters, fwd_iters, bwd_iters):
+    def __init__(self, factor, patience, max_iters, fwd_iters, bwd_iters, max_residual=0.0):
         self.factor, self.patience, self.max_iters = factor, patience, max_iters
+        self.max_residual = max_residual
         self.iters = {"fwd": fwd_iters, "bwd": bwd_iters}
         self.stalls = {"fwd": 0, "bwd": 0}
         self.serial = False
@@ -25,6 +32,14 @@ class ResidualMonitor:
             return 0.0
         return (norms[-1] / norms[0]) ** (1.0 / (len(norms) - 1))
 
+    def too_large(self, info):
+        """Does the solve end with a residual above ``max_residual`` times
+        the norm of its given state?"""
+        norms = info["residual_norms"]
+        if not self.max_residual or not norms:
+            return False
+        return not norms[-1] <= self.max_residual * info.get("input_norm", 0.0)
+
     def update(self, body):
         """Look at the last solves; returns a description of a change made to
         ``body`` (collective: every rank sees the same norms), or None."""
@@ -32,7 +47,7 @@ class ResidualMonitor:
             return None
         change = {}
         for key, info in (("fwd", body.last_forward), ("bwd", body.last_backward)):
-            if self.rate(info["residual_norms"]) > self.factor:
+            if self.rate(info["residual_norms"]) > self.factor or self.too_large(info):
                 self.stalls[key] += 1
             else:
                 self.stalls[key] = 0
