@@ -621,7 +621,8 @@ def find_latest_checkpoint(run_dir, comm, *, pattern_suffix: str = ".h5") -> Opt
 # --------------------------------------------------------------------------
 
 def load_checkpoint(path, comm, *, layer_indices=None, num_layers: Optional[int] = None,
-                    config: Optional[dict] = None, like: Optional[dict] = None) -> dict:
+                    config: Optional[dict] = None, like: Optional[dict] = None,
+                    defaults: Optional[dict] = None) -> dict:
     """Read ``path`` and give each rank its part of the state.
 
     Collective over ``comm``.  ``layer_indices``: the global layer indices this
@@ -629,7 +630,9 @@ def load_checkpoint(path, comm, *, layer_indices=None, num_layers: Optional[int]
     ``num_layers``: refuse a checkpoint of a network of another depth.
     ``config``: refuse a checkpoint whose configuration differs in any entry
     given here (nested dicts compare entry by entry; pass the part that must
-    match, e.g. ``{"model": cfg["model"]}``).  ``like``: a state of this run's
+    match, e.g. ``{"model": cfg["model"]}``); an entry the checkpoint lacks
+    (a key added after it was written) counts as its value in ``defaults``
+    (same nesting), when given.  ``like``: a state of this run's
     model (this rank's layers, opening and closing); refuse a checkpoint whose
     parameters differ from it in name, shape or dtype.
 
@@ -655,7 +658,7 @@ def load_checkpoint(path, comm, *, layer_indices=None, num_layers: Optional[int]
                 raise CheckpointError(f"checkpoint {path} is for {header['num_layers']} layers, "
                                       f"this run has {num_layers}")
             if config is not None:
-                diff = _config_difference(header["config"], config)
+                diff = _config_difference(header["config"], config, defaults=defaults)
                 if diff:
                     raise CheckpointError(f"checkpoint {path} has a different configuration: {diff}")
             payloads = [_select(header, tree, req, r, path) for r, (req, _) in enumerate(requests)]
@@ -733,15 +736,19 @@ def _compare_spec(what: str, saved: dict, model: dict, path: str) -> None:
                                   f"{list(s_shape)} in the checkpoint, {dtype} {list(shape)} in the model")
 
 
-def _config_difference(saved, expected, prefix: str = "") -> Optional[str]:
+def _config_difference(saved, expected, prefix: str = "", defaults=None) -> Optional[str]:
     if not isinstance(expected, Mapping):
         raise TypeError("config must be a dict of the entries that must match")
     for k, v in expected.items():
         key = f"{prefix}{k}"
+        if isinstance(saved, Mapping) and k not in saved and isinstance(defaults, Mapping) \
+                and k in defaults:
+            saved = dict(saved, **{k: json.loads(json.dumps(defaults[k], default=repr))})
         if not isinstance(saved, Mapping) or k not in saved:
             return f"{key} is not in the checkpoint's configuration"
         if isinstance(v, Mapping) and isinstance(saved[k], Mapping):
-            d = _config_difference(saved[k], v, key + ".")
+            d = _config_difference(saved[k], v, key + ".",
+                                   defaults.get(k) if isinstance(defaults, Mapping) else None)
             if d:
                 return d
         elif json.loads(json.dumps(v, default=repr)) != saved[k]:

@@ -305,11 +305,13 @@ def _train(args, comm, out, stop):
 
 def _eval(args, comm, out, stop):
     from layerpar import checkpoint as ckpt
-    from layerpar.config import merge, parse_override, check
+    import copy
+    from layerpar.config import DEFAULTS, merge, parse_override, check
     from layerpar.training.multilevel import make_trainer
 
     header = ckpt.load_checkpoint(args.checkpoint, comm, layer_indices=[])
-    config = header["config"]
+    # keys added after the checkpoint was written take their defaults
+    config = merge(copy.deepcopy(DEFAULTS), header["config"], args.checkpoint)
     for text in args.set:
         merge(config, parse_override(text), f"--set {text}")
     check(config)

@@ -539,3 +539,22 @@ def test_optimizer_resume_on_one_rank(shared_dir):
         assert sorted(got) == sorted(merged)
         assert all(torch.equal(got[k], merged[k]) for k in got)
     comm.Barrier()
+
+
+def test_keys_added_after_a_checkpoint_take_their_defaults(tmp_path):
+    # a checkpoint written before model.bias and model.step_kwargs existed:
+    # a run with their default values resumes it, one with other values not
+    comm = MPI.COMM_SELF
+    path = tmp_path / "c.h5"
+    save_checkpoint(path, comm, rank_state(range(N), first=True, last=True))
+    defaults = {"model": {"bias": "vector", "step_kwargs": {}, "width": 8}}
+    now = {"model": dict(CONFIG["model"], bias="vector", step_kwargs={})}
+    load_checkpoint(path, comm, layer_indices=[], config=now, defaults=defaults)
+    with pytest.raises(CheckpointError, match="model.bias is not in the checkpoint"):
+        load_checkpoint(path, comm, layer_indices=[], config=now)
+    with pytest.raises(CheckpointError, match="model.bias = 'vector' in the checkpoint, 'scalar'"):
+        load_checkpoint(path, comm, layer_indices=[], defaults=defaults,
+                        config={"model": dict(now["model"], bias="scalar")})
+    with pytest.raises(CheckpointError, match="model.width = 3 in the checkpoint, 8"):
+        load_checkpoint(path, comm, layer_indices=[], defaults=defaults,
+                        config={"model": dict(now["model"], width=8)})

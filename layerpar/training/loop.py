@@ -24,7 +24,7 @@ import torch
 
 from layerpar import checkpoint as ckpt
 from layerpar._collective import any_rank
-from layerpar.config import to_toml
+from layerpar.config import DEFAULTS, to_toml
 from layerpar.metrics import MetricsWriter
 from layerpar.training.build import learning_rate, load_data, make_loaders
 from layerpar.training.level import Level
@@ -160,7 +160,8 @@ class Trainer:
             k: self.config["data"][k] for k in ("name", "dtype", "seed")}}
         try:
             st = ckpt.load_checkpoint(path, self.comm, layer_indices=self.body.layer_indices,
-                                      num_layers=self.body.nlayers, config=keys)
+                                      num_layers=self.body.nlayers, config=keys,
+                                      defaults=DEFAULTS)
         except ckpt.CheckpointError as e:
             prev = ckpt.previous_path(path)
             hint = f" (the previous checkpoint {prev} is kept: resume from it with " \

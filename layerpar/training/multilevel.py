@@ -61,7 +61,7 @@ import torch
 from layerpar import checkpoint as ckpt
 from layerpar._collective import any_rank
 from layerpar import transfer
-from layerpar.config import check_ranks, to_toml
+from layerpar.config import DEFAULTS, check_ranks, to_toml
 from layerpar.metrics import MetricsWriter
 from layerpar.training.build import learning_rate, load_data, make_loaders
 from layerpar.training.level import Level
@@ -548,7 +548,8 @@ class MultilevelTrainer:
                 "multilevel": {k: ml[k] for k in ("method", "levels", "factor")},
                 "data": {k: self.config["data"][k] for k in ("name", "dtype", "seed")},
                 "optim": {"name": self.config["optim"]["name"]}}
-        header = ckpt.load_checkpoint(path, self.comm, layer_indices=[], config=keys)
+        header = ckpt.load_checkpoint(path, self.comm, layer_indices=[], config=keys,
+                                      defaults=DEFAULTS)
         extra = header.get("extra") or {}
         if extra.get("method") != self.method:
             raise ckpt.CheckpointError(f"checkpoint {path} is not of a {self.method} run")
@@ -562,7 +563,7 @@ class MultilevelTrainer:
         wanted = [off + n for lev, off in zip(self.levels, offsets)
                   for n in lev.body.layer_indices]
         st = ckpt.load_checkpoint(path, self.comm, layer_indices=wanted, num_layers=total,
-                                  config=keys)
+                                  config=keys, defaults=DEFAULTS)
         sopt = st["optimizer"]
         for i, (lev, off) in enumerate(zip(self.levels, offsets)):
             params = lev.params()
