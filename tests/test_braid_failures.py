@@ -18,7 +18,10 @@ from braid_ext.examples.dahlquist import Dahlquist
 
 NSTEPS = 64
 OPTIONS = dict(max_levels=3, cfactor=2, relax="FCF", abs_tol=1e-12)
-MAX_SECONDS = 10.0  # every rank must have left the failed solve by then
+# A no-hang bound, not a speed target: a failed solve ends in well under a
+# second (scripts/fault_matrix.py reports the times); the bound holds on a
+# machine loaded many times over.
+MAX_SECONDS = 120.0
 
 
 class Boom(RuntimeError):
