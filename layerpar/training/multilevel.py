@@ -252,12 +252,8 @@ class MultilevelTrainer:
                     self.cycle += 1
                     self.batch_in_epoch = b + 1
                     self._report(s, b, steps_per_epoch)
-                    if self.batch_in_epoch < steps_per_epoch:
-                        if self._stop_agreed():
-                            self.save()
-                            return self._stopped()
-                        if every > 0 and self.step % every == 0:
-                            self.save()
+                    if self._stop_or_save(steps_per_epoch, every):
+                        return self._stopped()
                 summary = self._finish_epoch(acc, t_epoch, self.depth)
                 self.depth_epoch += 1
                 if not last_depth and target > 0 and summary["val_acc"] >= target:
@@ -449,12 +445,8 @@ class MultilevelTrainer:
                 acc["accepted"] += self.last_cycle["alpha"] > 0
                 self.batch_in_epoch = b + 1
                 self._report(s, b, steps_per_epoch)
-                if self.batch_in_epoch < steps_per_epoch:
-                    if self._stop_agreed():
-                        self.save()
-                        return self._stopped()
-                    if every > 0 and self.step % every == 0:
-                        self.save()
+                if self._stop_or_save(steps_per_epoch, every):
+                    return self._stopped()
             summary = self._finish_epoch(acc, t_epoch, 0)
             stop = self.epoch < o["epochs"] and self._stop_agreed()
             if every >= 0 or stop or self.epoch == o["epochs"]:
@@ -462,6 +454,18 @@ class MultilevelTrainer:
             if stop:
                 return self._stopped()
         return summary
+
+    def _stop_or_save(self, steps_per_epoch, every):
+        """After a step inside an epoch: True, after a checkpoint, when any
+        rank asks to stop; else the periodic checkpoint.  Collective."""
+        if self.batch_in_epoch >= steps_per_epoch:
+            return False
+        if self._stop_agreed():
+            self.save()
+            return True
+        if every > 0 and self.step % every == 0:
+            self.save()
+        return False
 
     def _stop_agreed(self):
         """Collective: does any rank's should_stop() say stop?"""
