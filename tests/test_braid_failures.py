@@ -7,7 +7,6 @@ Each rank catches what its solve raised; the outcomes are then gathered and
 checked on every rank, so a failed assertion never leaves another rank
 waiting in a collective call.
 """
-import time
 
 import numpy as np
 import pytest
@@ -18,10 +17,6 @@ from braid_ext.examples.dahlquist import Dahlquist
 
 NSTEPS = 64
 OPTIONS = dict(max_levels=3, cfactor=2, relax="FCF", abs_tol=1e-12)
-# A no-hang bound, not a speed target: a failed solve ends in well under a
-# second (scripts/fault_matrix.py reports the times); the bound holds on a
-# machine loaded many times over.
-MAX_SECONDS = 120.0
 
 
 class Boom(RuntimeError):
@@ -134,16 +129,15 @@ def test_failing_callback_raises_on_every_rank(method, at, where):
     app = FaultyApp(method, bad, at, comm.rank)
     solver = Solver(app, comm, 0.0, 1.0, NSTEPS, **OPTIONS)
     exc = None
-    t0 = time.perf_counter()
     try:
         solver.solve()
     except Exception as e:  # noqa: BLE001 - checked below
         exc = e
-    elapsed = time.perf_counter() - t0
-    results = comm.allgather((outcome(exc, app), elapsed))
+    # every rank got here (a rank left waiting would hang the test run, which
+    # the MPI passes bound with a timeout); what each one raised:
+    results = comm.allgather(outcome(exc, app))
 
-    for r, ((kind, detail), seconds) in enumerate(results):
-        assert seconds < MAX_SECONDS, f"rank {r} took {seconds:.1f} s to leave the solve"
+    for r, (kind, detail) in enumerate(results):
         if r == bad:
             assert kind == "original", f"rank {r} (the failing one): {kind} {detail}"
         else:
@@ -179,15 +173,12 @@ def test_one_level_and_two_level_failure_in_step(max_levels):
     app = FaultyApp("step", bad, 0, comm.rank)
     exc = None
     with Solver(app, comm, 0.0, 1.0, NSTEPS, max_levels=max_levels) as solver:
-        t0 = time.perf_counter()
         try:
             solver.solve()
         except Exception as e:  # noqa: BLE001
             exc = e
-        elapsed = time.perf_counter() - t0
     kinds = comm.allgather(outcome(exc, app)[0])
     assert kinds == ["mgrit"] * bad + ["original"]
-    assert comm.allreduce(elapsed, op=MPI.MAX) < MAX_SECONDS
 
 
 @pytest.mark.mpi
