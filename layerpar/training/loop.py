@@ -28,7 +28,8 @@ from layerpar.config import DEFAULTS, to_toml
 from layerpar.metrics import MetricsWriter
 from layerpar.training.build import learning_rate, load_data, make_loaders
 from layerpar.training.level import Level
-from layerpar.training.report import batch_len, format_row, plot_metrics
+from layerpar.training.report import (add_step, batch_len, epoch_sums, format_row,
+                                      plot_metrics)
 
 
 class Trainer:
@@ -59,7 +60,7 @@ class Trainer:
             raise ValueError("run.dir = '': name the run's folder")
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.should_stop = should_stop
-        self.sums = _epoch_sums()  # this epoch's steps so far (checkpointed)
+        self.sums = epoch_sums()  # this epoch's steps so far (checkpointed)
         self.metrics = MetricsWriter(self.run_dir, comm) if metrics else None
         self._first_loss = None
 
@@ -181,7 +182,7 @@ class Trainer:
         self.epoch, self.step = st["epoch"], st["step"]
         extra = st.get("extra") or {}
         self.batch_in_epoch = extra.get("batch_in_epoch", 0)
-        self.sums = dict(_epoch_sums(), **extra.get("epoch_sums", {}))
+        self.sums = dict(epoch_sums(), **extra.get("epoch_sums", {}))
         self.body.passes = extra.get("passes", 0)  # keys the layers' random draws
         if self.monitor and extra.get("monitor"):
             self.monitor.restore(extra["monitor"], self.body)
@@ -243,12 +244,7 @@ class Trainer:
                     continue  # done before the checkpoint this run resumed from
                 size = batch_len(self.train_loader, b)
                 s = self.level.step(x, y, size)
-                for k in ("fwd_iters", "bwd_iters", "fwd_res", "bwd_res", "vtime"):
-                    acc[k] += s[k]
-                acc["loss"] += s["loss"] * size
-                acc["correct"] += s["correct"]
-                acc["size"] += size
-                acc["steps"] += 1
+                add_step(acc, s, size)
                 self.step += 1
                 self.batch_in_epoch = b + 1
                 if self._first_loss is None:
@@ -285,7 +281,7 @@ class Trainer:
             self._rank0_file_work(self.metrics.append, row)
             self.epoch += 1
             self.batch_in_epoch = 0
-            self.sums = _epoch_sums()
+            self.sums = epoch_sums()
             summary = row
             if self.log:
                 self.log(format_row(row))
@@ -343,8 +339,3 @@ class Trainer:
 
 
 DIVERGED = 100.0  # a loss this many times chance level (or the first loss) has diverged
-
-
-def _epoch_sums():
-    return dict(loss=0.0, correct=0, size=0, fwd_iters=0, bwd_iters=0, fwd_res=0.0,
-                bwd_res=0.0, vtime=0.0, steps=0)

@@ -65,7 +65,8 @@ from layerpar.config import DEFAULTS, check_ranks, to_toml
 from layerpar.metrics import MetricsWriter
 from layerpar.training.build import learning_rate, load_data, make_loaders
 from layerpar.training.level import Level
-from layerpar.training.report import batch_len, format_row, plot_metrics
+from layerpar.training.report import (add_step, batch_len, epoch_sums, format_row,
+                                      plot_metrics)
 
 
 def depths(config):
@@ -147,7 +148,8 @@ class MultilevelTrainer:
         else:  # finest first
             self.levels = [Level(config, self.data, comm, nlayers=n) for n in self.depths[::-1]]
         self.last_cycle = {}
-        self.acc = self._new_acc()  # this epoch's steps so far (checkpointed)
+        # this epoch's steps so far (checkpointed)
+        self.acc = epoch_sums(accepted=0, corrections=0)
 
     # ---- shared helpers ---------------------------------------------------------------
     @property
@@ -196,20 +198,6 @@ class MultilevelTrainer:
         row.update(self._work_columns())
         return row
 
-    @staticmethod
-    def _new_acc():
-        return dict(loss=0.0, correct=0, size=0, fwd_iters=0, bwd_iters=0, fwd_res=0.0,
-                    bwd_res=0.0, vtime=0.0, steps=0, accepted=0, corrections=0)
-
-    @staticmethod
-    def _add(acc, s, size):
-        for k in ("fwd_iters", "bwd_iters", "fwd_res", "bwd_res", "vtime"):
-            acc[k] += s[k]
-        acc["loss"] += s["loss"] * size
-        acc["correct"] += s["correct"]
-        acc["size"] += size
-        acc["steps"] += 1
-
     def _report(self, s, b, steps_per_epoch):
         if s.get("change") and self.log:
             self.log(f"step {self.step}: {s['change']}")
@@ -218,7 +206,7 @@ class MultilevelTrainer:
 
     def _finish_epoch(self, acc, t_epoch, level_index):
         row = self._row(acc, t_epoch, level_index)
-        self.acc = self._new_acc()  # the next epoch's sums
+        self.acc = epoch_sums(accepted=0, corrections=0)  # the next epoch's sums
         if self.metrics:
             self.metrics.append(row)
         self.epoch += 1
@@ -247,7 +235,7 @@ class MultilevelTrainer:
                         continue  # done before the checkpoint this run resumed from
                     size = batch_len(self.train_loader, b)
                     s = lev.step(x, y, size)
-                    self._add(acc, s, size)
+                    add_step(acc, s, size)
                     self.step += 1
                     self.cycle += 1
                     self.batch_in_epoch = b + 1
@@ -440,7 +428,7 @@ class MultilevelTrainer:
                 if s is None:  # no fine optimiser step in the cycle: its evaluation
                     s = dict(loss=self.last_cycle["f_before"], correct=0, fwd_iters=0,
                              bwd_iters=0, fwd_res=0.0, bwd_res=0.0, vtime=0.0, size=size)
-                self._add(acc, s, size)
+                add_step(acc, s, size)
                 acc["corrections"] += 1
                 acc["accepted"] += self.last_cycle["alpha"] > 0
                 self.batch_in_epoch = b + 1
@@ -591,7 +579,7 @@ class MultilevelTrainer:
             ckpt.set_rng_state(st["rng"])
         self.epoch, self.step = st["epoch"], st["step"]
         self.cycle, self.batch_in_epoch = int(extra["cycle"]), int(extra["batch_in_epoch"])
-        self.acc = dict(self._new_acc(), **extra.get("acc", {}))
+        self.acc = dict(epoch_sums(accepted=0, corrections=0), **extra.get("acc", {}))
         self.done_work = [dict(w) for w in extra["done_work"]]
         if self.method == "nested":
             self.depth_epoch = int(extra["depth_epoch"])

@@ -6,6 +6,22 @@ def batch_len(loader, b):
     return min(loader.batch_size, loader.num_samples - b * loader.batch_size)
 
 
+def epoch_sums(**extra):
+    """The running sums of an epoch's steps (``extra``: more counters)."""
+    return dict(loss=0.0, correct=0, size=0, fwd_iters=0, bwd_iters=0, fwd_res=0.0,
+                bwd_res=0.0, vtime=0.0, steps=0, **extra)
+
+
+def add_step(sums, s, size):
+    """Add the statistics ``s`` of one step on ``size`` samples to ``sums``."""
+    for k in ("fwd_iters", "bwd_iters", "fwd_res", "bwd_res", "vtime"):
+        sums[k] += s[k]
+    sums["loss"] += s["loss"] * size
+    sums["correct"] += s["correct"]
+    sums["size"] += size
+    sums["steps"] += 1
+
+
 def format_row(row):
     return (f"epoch {row['epoch']:3d}  loss {row['train_loss']:.4f}  "
             f"train {100 * row['train_acc']:5.1f}%  val {100 * row['val_acc']:5.1f}%  "
