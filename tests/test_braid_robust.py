@@ -221,13 +221,14 @@ def test_timeout_must_be_a_number_of_seconds(bad):
 
 
 HANG = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     from mpi4py import MPI
     from braid_ext import MGRITTimeoutError, Solver
     from braid_ext.examples.dahlquist import Dahlquist
 
     comm = MPI.COMM_WORLD
     silent = int(sys.argv[1])
+    report = sys.argv[2]
 
     class Hang(Dahlquist):
         def step(self, u, status):
@@ -240,8 +241,13 @@ HANG = textwrap.dedent("""
     try:
         s.solve()
     except MGRITTimeoutError as e:
-        print(f"RANK {comm.rank} TIMEOUT rank={e.rank} after {time.monotonic() - t0:.1f}: {e}",
-              flush=True)
+        # a file, not stdout: the launcher may tear the job down before it
+        # forwards what a rank printed just ahead of the abort
+        # (written whole, then renamed: another rank's abort may end this one at any point)
+        with open(f"{report}-partial.{comm.rank}", "w") as f:
+            f.write(f"{time.time():.6f} RANK {comm.rank} TIMEOUT rank={e.rank} "
+                    f"after {time.monotonic() - t0:.1f}: {e}\\n")
+        os.replace(f"{report}-partial.{comm.rank}", f"{report}.{comm.rank}")
         comm.Abort(3)
 """)
 
@@ -252,9 +258,12 @@ def test_a_silent_rank_is_named_by_the_others_after_the_timeout(mpiexec, tmp_pat
     serial_only()
     script = tmp_path / "hang.py"
     script.write_text(HANG)
-    proc = run_child([mpiexec, "-n", str(ranks), sys.executable, str(script), str(silent)])
-    lines = [ln for ln in proc.stdout.splitlines() if "TIMEOUT" in ln]
+    report = tmp_path / "timeout"
+    proc = run_child([mpiexec, "-n", str(ranks), sys.executable, str(script), str(silent),
+                      str(report)])
+    lines = sorted(p.read_text() for p in tmp_path.glob("timeout.*"))
     assert lines, proc.stdout + proc.stderr
+    assert not any(f"RANK {silent} " in ln for ln in lines)  # the silent rank never got there
     # the first rank to report names the silent one
     assert f"rank={silent}" in lines[0] and f"rank {silent} did not answer" in lines[0]
     assert proc.returncode != 0
