@@ -392,12 +392,17 @@ def test_command_line_refuses_bad_settings_in_one_line(tmp_path, mpiexec, settin
     assert len(lines) == 1 and named in lines[0], text
 
 
+ONE_SHOT = {"mgrit.mode": '"one-shot"', "mgrit.max_levels": 2, "mgrit.cfactor": 2}
+
+
 @pytest.mark.mpi
-@pytest.mark.parametrize("method,sets", METHODS[:2])
+@pytest.mark.parametrize("method,sets", METHODS[:2] + [("nested", dict(METHODS[0][1], **ONE_SHOT)),
+                                                       ("mgopt", dict(METHODS[1][1], **ONE_SHOT))])
 def test_stop_request_on_one_rank_stops_all_and_resumes(method, sets, run_dirs):
     # should_stop() true on the last rank only, after its third question:
     # every rank stops after the same step with a checkpoint, and the resumed
-    # run ends where the uninterrupted one does
+    # run ends where the uninterrupted one does (one-shot: every level's warm
+    # MGRIT states are in the checkpoint, or the resumed solves start cold)
     asked = []
 
     def should_stop():

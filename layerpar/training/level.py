@@ -19,6 +19,8 @@ module), so one step is one fine-layer-equivalent step evaluation; an exact
 forward pass of a network of N layers costs N.  Validation passes are not
 counted.  ``work_totals()`` sums the counters over the ranks.
 """
+import json
+
 import torch
 import torch.nn.functional as Fn
 
@@ -202,6 +204,34 @@ class Level:
                            for n in self.body.layer_indices},
                 "opening": _tensors(self.net.opening) if self.first else {},
                 "closing": _tensors(self.net.closing) if self.last else {}}
+
+    def warm_state(self):
+        """One-shot mode: the network's solver pairs by position, each with
+        its state meta and options (JSON) and {point index: tensor} per
+        solve; every rank gives its own points (a checkpoint merges them
+        into one set).  Otherwise {} (the solves start cold anyway)."""
+        if not self.body.fwd_options["warm_start"]:
+            return {}
+        out = {}
+        for j, (meta, fwd, bwd, held) in enumerate(self.body.warm_states()):
+            out[j] = {"shape": list(meta[0]), "dtype": str(meta[1]).replace("torch.", ""),
+                      "device": meta[2], "options": json.dumps([fwd, bwd], sort_keys=True),
+                      "fwd": held["fwd"], "bwd": held["bwd"]}
+        return out
+
+    def restore_warm_state(self, saved):
+        """Collective: the solver pairs of ``warm_state()``, each rank keeping
+        the points it owns (saved on any number of ranks: every point is in
+        ``saved``)."""
+        pairs = []
+        for j in sorted(saved):
+            p = saved[j]
+            fwd, bwd = json.loads(p["options"])
+            meta = (tuple(p["shape"]), getattr(torch, p["dtype"]), p["device"])
+            device = torch.device(p["device"])
+            held = {k: {int(i): u.to(device) for i, u in p[k].items()} for k in ("fwd", "bwd")}
+            pairs.append((meta, fwd, bwd, held))
+        self.body.load_warm_states(pairs, owned_only=True)
 
     def close(self):
         """Collective: free the network's solvers (the level is not used again)."""

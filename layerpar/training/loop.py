@@ -15,7 +15,6 @@ propagation past ``mgrit.max_iters``.
 Every rank runs the same loop on the same batches (the first rank needs the
 inputs, the last the labels); losses and counts come from the last rank.
 """
-import json
 import math
 import os
 import time
@@ -111,35 +110,8 @@ class Trainer:
                            "epoch_sums": dict(self.sums),
                            "monitor": self.monitor.state() if self.monitor else {},
                            "work": self.level.work_totals(),
-                           "warm": self._warm_states()}}
+                           "warm": self.level.warm_state()}}
         ckpt.save_checkpoint(self.checkpoint_path(), self.comm, state)
-
-    def _warm_states(self):
-        """One-shot mode: the solver pairs' states by position, each with its
-        state meta and options (JSON) and {point index: tensor} per solve;
-        every rank gives its own points (merged into one set).  Otherwise
-        {} (the solves start cold anyway)."""
-        if not self.body.fwd_options["warm_start"]:
-            return {}
-        out = {}
-        for j, (meta, fwd, bwd, held) in enumerate(self.body.warm_states()):
-            out[j] = {"shape": list(meta[0]), "dtype": str(meta[1]).replace("torch.", ""),
-                      "device": meta[2], "options": json.dumps([fwd, bwd], sort_keys=True),
-                      "fwd": held["fwd"], "bwd": held["bwd"]}
-        return out
-
-    def _restore_warm_states(self, saved):
-        """Collective: the saved solver pairs, with the states of the points
-        this rank owns (any number of ranks: every point is saved)."""
-        pairs = []
-        for j in sorted(saved):
-            p = saved[j]
-            fwd, bwd = json.loads(p["options"])
-            meta = (tuple(p["shape"]), getattr(torch, p["dtype"]), p["device"])
-            device = torch.device(p["device"])
-            held = {k: {int(i): u.to(device) for i, u in p[k].items()} for k in ("fwd", "bwd")}
-            pairs.append((meta, fwd, bwd, held))
-        self.body.load_warm_states(pairs, owned_only=True)
 
     def checkpoint_path(self):
         return os.path.join(self.run_dir, "checkpoint.h5")
@@ -187,7 +159,7 @@ class Trainer:
         if self.monitor and extra.get("monitor"):
             self.monitor.restore(extra["monitor"], self.body)
         if extra.get("warm"):
-            self._restore_warm_states(extra["warm"])
+            self.level.restore_warm_state(extra["warm"])
         self._restore_work(extra.get("work"))
         if self.metrics:
             self.metrics.truncate(self.epoch)  # rows of epochs finished before the save

@@ -525,7 +525,9 @@ class MultilevelTrainer:
             "depth": getattr(self, "depth", 0), "depth_epoch": getattr(self, "depth_epoch", 0),
             "depth_done": getattr(self, "depth_done", False),
             "done_work": [dict(w) for w in self.done_work], "work": levels_work,
-            "monitors": [lev.monitor.state() if lev.monitor else {} for lev in self.levels]}
+            "monitors": [lev.monitor.state() if lev.monitor else {} for lev in self.levels],
+            "passes": [lev.body.passes for lev in self.levels],
+            "warm": {i: lev.warm_state() for i, lev in enumerate(self.levels)}}
         ckpt.save_checkpoint(self.checkpoint_path(), self.comm, state)
 
     def resume(self, path=None):
@@ -575,6 +577,11 @@ class MultilevelTrainer:
             mon = extra["monitors"][i]
             if lev.monitor and mon:
                 lev.monitor.restore(mon, lev.body)
+            if "passes" in extra:  # keys the layers' random draws
+                lev.body.passes = int(extra["passes"][i])
+            warm = (extra.get("warm") or {}).get(i)
+            if warm:
+                lev.restore_warm_state(warm)
         if st.get("rng"):
             ckpt.set_rng_state(st["rng"])
         self.epoch, self.step = st["epoch"], st["step"]
