@@ -60,12 +60,14 @@ def test_peaks_default_on_two_ranks(tmp_path, mpiexec):
 
 
 def test_digits_conv_all_modes(tmp_path, mpiexec):
+    # 6 of the configuration's 15 epochs (cosine schedule over 6): each mode
+    # reaches about 96.7% already
     acc = {}
     for mode in ("serial", "layer-parallel", "one-shot"):
         run_dir = tmp_path / mode
         r = layerpar(mpiexec, 2, "train", "--config", os.path.join(CONFIGS, "digits-conv.toml"),
                      "--run-dir", str(run_dir), "--set", f'mgrit.mode="{mode}"',
-                     "--set", "run.plot=false", "-q")
+                     "--set", "run.plot=false", "--set", "optim.epochs=6", "-q")
         assert r.returncode == 0, r.stdout + r.stderr
         acc[mode] = float(last_row(run_dir)["val_acc"])
     print("\ndigits conv, 2 ranks, validation accuracy: " +
