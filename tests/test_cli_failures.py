@@ -224,12 +224,27 @@ def test_user_errors_are_one_line_on_stderr(tmp_path, cli, case, named):
     assert named in one_error(out, err)
 
 
-def test_read_only_run_folder_is_one_line(tmp_path, cli):
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """An empty folder this process cannot write into: mode 0555, and for
+    root (who ignores the mode) a read-only bind mount of it."""
+    folder = tmp_path / "run"
+    folder.mkdir(mode=0o555)
+    mounted = False
     if os.geteuid() == 0:
-        pytest.skip("root writes into read-only folders")
-    run_dir = tmp_path / "run"
-    run_dir.mkdir(mode=0o555)
-    code, out, err = cli("train", "--run-dir", str(run_dir), *TINY)
+        r = subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"root writes into folders of any mode, and cannot mount here: "
+                        f"{r.stderr.strip()}")
+        mounted = True
+    yield folder
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_read_only_run_folder_is_one_line(read_only_folder, cli):
+    code, out, err = cli("train", "--run-dir", str(read_only_folder), *TINY)
     assert code == 2
     assert "not writable" in one_error(out, err)
 
