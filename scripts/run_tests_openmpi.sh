@@ -23,7 +23,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
-"$VENV/bin/python" -m pip install -q setuptools Cython numpy
+"$VENV/bin/python" -m pip install -q -c constraints.txt setuptools wheel Cython numpy
 "$VENV/bin/python" -m pip install -q --no-binary=mpi4py --no-build-isolation --force-reinstall \
     --no-deps mpi4py
 "$VENV/bin/python" -m pip install -q -c constraints.txt --no-build-isolation ".[test]"

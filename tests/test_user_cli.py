@@ -21,13 +21,13 @@ from layerpar.config import resolve
 from layerpar.data import load_files
 from layerpar.training import Trainer, build_network
 from test_cli import error_lines
-from tests.userblocks import Block
+from userblocks import Block
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+TESTS = os.path.dirname(os.path.abspath(__file__))  # where userblocks imports from
 WORLD = MPI.COMM_WORLD
 N, WIDTH = 8, 6
 USER = ['data.name="files"', 'data.dtype="float64"', "data.batch_size=40",
-        'model.step="tests.userblocks:Block"', f"model.step_kwargs={{width = {WIDTH}, p = 0.2}}",
+        'model.step="userblocks:Block"', f"model.step_kwargs={{width = {WIDTH}, p = 0.2}}",
         f"model.width={WIDTH}", f"model.nlayers={N}", "run.plot=false"]
 
 # Evaluate a checkpoint in exact mode and model.eval() on the first 1, 2 and
@@ -68,10 +68,10 @@ def write_data(path, n=160, seed=0):
 
 
 def layerpar(mpiexec, n, *args, timeout=240):
-    """The command from the repository root, where tests.userblocks imports."""
+    """The command run in the tests folder, where userblocks imports."""
     cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "layerpar", *args]
     return subprocess.run(cmd, env=clean_mpi_env(), capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+                          timeout=timeout, cwd=TESTS)
 
 
 def sets(*items):
@@ -127,7 +127,7 @@ def test_user_block_trains_from_the_command_line_and_evaluates_on_any_ranks(tmp_
     script.write_text(EVAL_SCRIPT)
     cmd = [mpiexec, "-n", "4", sys.executable, str(script), path, str(tmp_path)]
     res = subprocess.run(cmd, env=clean_mpi_env(), capture_output=True, text=True,
-                         timeout=240, cwd=ROOT)
+                         timeout=240, cwd=TESTS)
     assert res.returncode == 0, res.stdout + res.stderr
     outs = {ranks: torch.load(tmp_path / f"out{ranks}.pt") for ranks in (1, 2, 4)}
     assert outs[1].shape == (len(data.val), data.num_classes)
@@ -145,7 +145,7 @@ def test_bad_data_file_and_import_path_one_line_errors(tmp_path, mpiexec):
     assert npz in line and "no array 'y'" in line and "labels" in line
     r = layerpar(mpiexec, 2, "train", "--run-dir", str(tmp_path / "run"), "-q",
                  *sets(*USER, f'data.path="{npz}"', 'data.labels="labels"',
-                       'model.step="tests.userblocks:Blok"'))
+                       'model.step="userblocks:Blok"'))
     assert r.returncode != 0
     line = error_lines(r)
     assert "model.step" in line and "'Blok'" in line
@@ -199,7 +199,7 @@ def test_checkpoint_keeps_running_statistics():
             write_data(npz, n=60)
         WORLD.Barrier()
         config = resolve(None, [*USER, f'data.path="{npz}"', "model.nlayers=4",
-                                'model.step="tests.userblocks:NormBlock"',
+                                'model.step="userblocks:NormBlock"',
                                 f"model.step_kwargs={{width = {WIDTH}}}", "optim.epochs=1",
                                 f'run.dir="{dirs[1]}"'])
         trained = Trainer(config, WORLD)

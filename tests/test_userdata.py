@@ -327,7 +327,7 @@ def test_torch_dataset_in_a_training_loop_with_network():
 
 def test_config_for_user_data_and_models(tmp_path):
     cfg = resolve(None, ['data.name="files"', f'data.path="{tmp_path}/d.npz"',
-                         'model.step="tests.userblocks:Block"',
+                         'model.step="userblocks:Block"',
                          "model.step_kwargs={width = 8, p = 0.25}"])
     assert cfg["model"]["step_kwargs"] == {"width": 8, "p": 0.25}
     text_form = resolve(None, ['model.step_kwargs="{width = 8, p = 0.25}"'])
@@ -339,7 +339,7 @@ def test_config_for_user_data_and_models(tmp_path):
                       (['data.name="files"', 'data.path="d.txt"'], "data.path"),
                       (['data.name="files"', 'data.path="d.h5"', 'data.val_path="v.json"'],
                        "data.val_path"),
-                      (['model.step="tests.userblocks.Block"'], "model.step"),
+                      (['model.step="userblocks.Block"'], "model.step"),
                       (["model.closing_kwargs=3"], "model.closing_kwargs"),
                       (['data.name="file"'], "data.name")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -347,24 +347,24 @@ def test_config_for_user_data_and_models(tmp_path):
 
 
 def test_import_paths_and_their_errors():
-    from tests import userblocks
-    assert resolve_spec("tests.userblocks:Block") is userblocks.Block
+    import userblocks
+    assert resolve_spec("userblocks:Block") is userblocks.Block
     model = {"kind": "dense", "width": 5, "activation": "tanh", "kernel_size": 3,
-             "step": "tests.userblocks:make_block", "step_kwargs": {"width": 5, "p": 0.0},
+             "step": "userblocks:make_block", "step_kwargs": {"width": 5, "p": 0.0},
              "closing": "torch.nn:Linear", "closing_kwargs": {"in_features": 5,
                                                               "out_features": 2}}
     opening, step, closing = factories(model, (3,), 2)
     assert isinstance(step(0), userblocks.Block) and isinstance(opening(), DenseOpening)
     assert isinstance(closing(), torch.nn.Linear)
     for spec, text in (("tests.nowhere:Block", "cannot import module 'tests.nowhere'"),
-                       ("tests.userblocks:Missing", "has no attribute 'Missing'"),
-                       ("tests.userblocks:NotAModule", "not an nn.Module subclass"),
-                       ("tests.userblocks:NOT_A_MODULE", "is a int, not an nn.Module"),
-                       ("tests.userblocks", "expected 'package.module:Name'")):
+                       ("userblocks:Missing", "has no attribute 'Missing'"),
+                       ("userblocks:NotAModule", "not an nn.Module subclass"),
+                       ("userblocks:NOT_A_MODULE", "is a int, not an nn.Module"),
+                       ("userblocks", "expected 'package.module:Name'")):
         with pytest.raises(ModelSpecError, match="model.opening = ") as info:
             resolve_spec(spec, key="model.opening")
         assert text in str(info.value)
-    bad_kwargs = dict(model, step="tests.userblocks:Block", step_kwargs={"depth": 2})
+    bad_kwargs = dict(model, step="userblocks:Block", step_kwargs={"depth": 2})
     with pytest.raises(ModelSpecError, match=r"model\.step_kwargs = .*depth"):
         factories(bad_kwargs, (3,), 2)
     returns_int = dict(model, step="builtins:abs", step_kwargs={})

@@ -9,7 +9,7 @@ from mpi4py import MPI
 
 from layerpar import DenseClosing, DenseOpening, Network
 from layerpar.models import layer_rng
-from tests.userblocks import Block, NormBlock
+from userblocks import Block, NormBlock
 
 F64 = torch.float64
 WORLD = MPI.COMM_WORLD
