@@ -329,3 +329,55 @@ def test_cli_grid_run_and_resume_on_another_grid(tmp_path, mpiexec):
     assert rf["val_acc"] == rp["val_acc"]
     for key in ("train_loss", "val_loss"):
         assert abs(float(rf[key]) - float(rp[key])) <= 1e-12 * float(rf[key]), key
+
+
+def test_grid_step_model():
+    from layerpar import perfmodel as pm
+    costs = {k: (1e-4 * (i + 1), 1e-6 * (i + 1)) for i, k in enumerate(pm.KINDS)}
+    cal = pm.Calibration(costs, latency=2e-6, bandwidth=1e9, batch=64, row_bytes=256)
+    # an allreduce by hand: 2 log2(D) latencies and 2 (D-1)/D of the bytes
+    assert pm.allreduce(1000, 1, latency=1.0, bandwidth=1.0) == 0.0
+    assert pm.allreduce(8e6, 16, latency=2e-6, bandwidth=1e9) == \
+        pytest.approx(2 * 4 * 2e-6 + 2 * 15 / 16 * 8e6 / 1e9, rel=1e-14)
+    assert pm.allreduce(100, 3, latency=1.0, bandwidth=100.0) == pytest.approx(4 + 4 / 3)
+    opts = dict(max_levels=2, cfactor=4, relax="F", skip=True)
+    one = pm.grid_step(cal, 32, 1, 4, "layer-parallel", layer_bytes=4096, **opts)
+    plain = pm.training_step(cal, 32, 4, "layer-parallel", **opts)["time"]
+    assert one["time"] == plain and one["allreduce"] == 0.0
+    # 16 x 16 with a batch of 1000: groups of 63 rows (the largest share),
+    # 2 layers per rank in the allreduce
+    big = pm.grid_step(cal, 32, 16, 16, "layer-parallel", layer_bytes=4096, batch=1000,
+                       **opts)
+    assert big["group"] == pm.training_step(cal, 32, 16, "layer-parallel", batch=63,
+                                            **opts)["time"]
+    assert big["allreduce"] == pm.allreduce(2 * 4096, 16, latency=2e-6, bandwidth=1e9)
+    assert big["time"] == big["group"] + big["allreduce"]
+    with pytest.raises(ValueError, match="batch"):
+        pm.grid_step(cal, 32, 16, 2, "serial", layer_bytes=1, batch=8)
+
+
+@pytest.mark.mpi
+def test_trainer_on_a_grid_writes_once_and_fails_everywhere(tmp_path):
+    # the in-process trainer on D = P groups of one rank: the metrics and the
+    # checkpoint of group 0; a checkpoint that cannot be written raises on
+    # every rank (group 0 tells the others)
+    from layerpar.training import Trainer
+    P = WORLD.Get_size()
+    run_dir = WORLD.bcast(str(tmp_path) if WORLD.Get_rank() == 0 else None, root=0)
+    cfg = config("sgd", **{"parallel.data": P, "optim.epochs": 1, "data.batch_size": 500,
+                           "run.dir": f'"{run_dir}"'})
+    t = Trainer(cfg, WORLD)
+    assert t.grid.shape == (P, 1)
+    summary = t.run()
+    assert summary["epoch"] == 1 and 0 < summary["val_acc"] <= 1
+    st = ckpt.load_checkpoint(os.path.join(run_dir, "checkpoint.h5"), MPI.COMM_SELF)
+    assert st["config"]["parallel"]["data"] == P and st["step"] == 10
+    if WORLD.Get_rank() == 0:
+        with open(os.path.join(run_dir, "a-file"), "w"):
+            pass
+    WORLD.Barrier()
+    t.run_dir = os.path.join(run_dir, "a-file", "run")  # a folder that cannot be made
+    with pytest.raises(ckpt.CheckpointError):
+        t.save()
+    t.close()
+    assert t.grid.closed

@@ -169,8 +169,10 @@ class Trainer:
         """One-shot mode: the solver pairs' states by position, each with its
         state meta and options (JSON) and {point index: tensor} per solve;
         every rank gives its own points (merged into one set).  Otherwise
-        {} (the solves start cold anyway)."""
-        if not self.body.fwd_options["warm_start"]:
+        {} (the solves start cold anyway), and on a grid of several groups
+        (each group's states are those of its own share: a resumed run's
+        solves start cold)."""
+        if not self.body.fwd_options["warm_start"] or self.grid.data > 1:
             return {}
         out = {}
         for j, (meta, fwd, bwd, held) in enumerate(self.body.warm_states()):
@@ -235,7 +237,7 @@ class Trainer:
         self.body.passes = extra.get("passes", 0)  # keys the layers' random draws
         if self.monitor and extra.get("monitor"):
             self.monitor.restore(extra["monitor"], self.body)
-        if extra.get("warm"):
+        if extra.get("warm") and self.grid.data == 1:
             self._restore_warm_states(extra["warm"])
         self._restore_work(extra.get("work"))
         if self.metrics:
