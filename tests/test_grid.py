@@ -372,6 +372,9 @@ def test_trainer_on_a_grid_writes_once_and_fails_everywhere(tmp_path):
     assert summary["epoch"] == 1 and 0 < summary["val_acc"] <= 1
     st = ckpt.load_checkpoint(os.path.join(run_dir, "checkpoint.h5"), MPI.COMM_SELF)
     assert st["config"]["parallel"]["data"] == P and st["step"] == 10
+    # the command's evaluation loader: the same validation as the run's
+    assert t.evaluate(t.loader(t.data.val, batch_size=1000)) == \
+        (summary["val_loss"], summary["val_acc"])
     if WORLD.Get_rank() == 0:
         with open(os.path.join(run_dir, "a-file"), "w"):
             pass
@@ -381,3 +384,19 @@ def test_trainer_on_a_grid_writes_once_and_fails_everywhere(tmp_path):
         t.save()
     t.close()
     assert t.grid.closed
+
+
+@pytest.mark.mpi
+def test_a_stop_asked_in_one_group_stops_every_group(tmp_path):
+    from layerpar.training import Trainer
+    P = WORLD.Get_size()
+    run_dir = WORLD.bcast(str(tmp_path) if WORLD.Get_rank() == 0 else None, root=0)
+    cfg = config("sgd", **{"parallel.data": P, "optim.epochs": 1, "data.batch_size": 500,
+                           "run.dir": f'"{run_dir}"'})
+    last = WORLD.Get_rank() == P - 1  # the last rank of the last group
+    t = Trainer(cfg, WORLD, should_stop=lambda: last and t.step >= 2)
+    summary = t.run()
+    assert summary["stopped"] and t.step == 2
+    assert ckpt.load_checkpoint(os.path.join(run_dir, "checkpoint.h5"),
+                                MPI.COMM_SELF)["step"] == 2
+    t.close()
