@@ -423,7 +423,8 @@ def main(argv=None):
     known = (ConfigError, DatasetError, CheckpointError, MGRITError, ValueError,
              FloatingPointError, OSError, MemoryError, RuntimeError)
     try:
-        run = {"train": _train, "eval": _eval, "info": lambda a, c, o, s: _info(c, o, a.data_parallel),
+        run = {"train": _train, "eval": _eval,
+               "info": lambda a, c, o, s: _info(c, o, a.data_parallel),
                "plan": _plan}[args.command]
         return run(args, comm, out, stop)
     except known as e:
