@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _WHERE = {"LayerParallel": "parallel", "Network": "parallel", "ConvClosing": "steps",
           "ConvOpening": "steps", "ConvStep": "steps", "DenseClosing": "steps",
           "DenseOpening": "steps", "DenseStep": "steps", "ResidualLayer": "steps",
-          "SmoothReLU": "steps"}
+          "SmoothReLU": "steps", "ProcessGrid": "grid"}
 
 
 def __getattr__(name):
@@ -32,6 +32,7 @@ def __dir__():
 __all__ = [
     "LayerParallel",
     "Network",
+    "ProcessGrid",
     "DenseStep",
     "ConvStep",
     "DenseOpening",

@@ -3,6 +3,7 @@
     mpiexec -n 4 layerpar train --config peaks.toml --set optim.lr=0.05
     srun layerpar train --run-dir runs/peaks-1 --resume
     mpiexec -n 2 layerpar eval --checkpoint runs/peaks-1/checkpoint.h5 --split test
+    mpiexec -n 8 layerpar train --data-parallel 2 ...   # 2 groups x 4 layer ranks
     layerpar info
 
 Rank 0 alone prints.  Errors in the configuration, the data, the run folder
@@ -165,7 +166,7 @@ def _parser():
     e.add_argument("--split", choices=("val", "test", "train"), default="val")
     e.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a stored configuration value (e.g. data.root=...)")
-    sub.add_parser("info", help="versions, MPI library, ranks, threads, build options")
+    i = sub.add_parser("info", help="versions, MPI library, ranks, threads, build options")
     pl = sub.add_parser("plan", help="predicted time per training step of each mode on P "
                         "ranks, and the fastest")
     pl.add_argument("--config", help="TOML configuration file (default: built-in peaks)")
@@ -176,13 +177,25 @@ def _parser():
                     help="a stored calibration (JSON); default: calibrate now")
     pl.add_argument("--save-calibration", metavar="FILE",
                     help="store the calibration made now (JSON)")
+    for s in (t, e, i):
+        s.add_argument("--data-parallel", type=int, metavar="D",
+                       help="D data-parallel groups of P/D layer-parallel ranks each "
+                       "(parallel.data; D must divide the number of ranks P)")
     for s in (t, e):
         s.add_argument("-q", "--quiet", action="store_true", help="only the summary line")
         s.add_argument("-v", "--verbose", action="store_true", help="a line per step")
     return p
 
 
-def _info(comm, out):
+def _grid_text(size, data):
+    layers = size // data if data >= 1 and size % data == 0 else None
+    if layers is None:
+        return f"grid: --data-parallel {data} does not divide the {size} ranks"
+    return (f"grid: {data} x {layers} (data-parallel groups x layer-parallel ranks per "
+            "group)")
+
+
+def _info(comm, out, data=None):
     import numpy
     import torch
     import mpi4py
@@ -199,6 +212,7 @@ def _info(comm, out):
         f"MPI library: {MPI.Get_library_version().splitlines()[0].strip()}",
         f"MPI standard: {'.'.join(map(str, MPI.Get_version()))}",
         f"ranks: {comm.Get_size()}, threads per rank: {threads}",
+        _grid_text(comm.Get_size(), data or 1),
         f"braid_ext build: compiler {build['compiler']}, MPI headers {build['mpi_version']}",
     ]
     for line in lines:
@@ -258,6 +272,8 @@ def _train(args, comm, out, stop):
     if args.resume and args.resume_from:
         raise ValueError("--resume and --resume-from: give one of them")
     resuming = bool(args.resume or args.resume_from)
+    if args.data_parallel is not None:  # the run's shape: may change on --resume
+        args.set = [*args.set, f"parallel.data={args.data_parallel}"]
     notes = []
     config = resolve(args.config, args.set, notes=notes)
     asked = args.run_dir or config["run"]["dir"]
@@ -275,6 +291,9 @@ def _train(args, comm, out, stop):
     for note in notes:
         out(f"layerpar: {note}", 1)
     out("resolved configuration:\n" + to_toml(config).rstrip(), 1)
+    from layerpar.config import check_grid
+    check_grid(config, comm.Get_size())
+    out(_grid_text(comm.Get_size(), config["parallel"]["data"]), 1)
     import torch
     torch.set_num_threads(_threads_per_rank(comm, config["model"]["width"]))
     trainer = make_trainer(config, comm, log=lambda s: out(s, 1), progress=out.progress,
@@ -295,12 +314,17 @@ def _train(args, comm, out, stop):
         return stop.exit_status
     g, method = config["mgrit"], config["multilevel"]["method"]
     out(f"layerpar: {config['data']['name']} {config['model']['kind']} N={config['model']['nlayers']} "
-        f"on {comm.Get_size()} ranks, {g['mode']}"
+        f"on {comm.Get_size()} ranks ({_grid_shape(comm, config)} grid), {g['mode']}"
         f"{'' if method == 'none' else ', ' + method}: epoch {summary['epoch']}, "
         f"validation accuracy {100 * summary['val_acc']:.2f}% (exact network), "
         f"loss {summary['val_loss']:.4f}, {summary['total_wall_time']:.1f}s; "
         f"results in {run_dir}", 0)
     return 0
+
+
+def _grid_shape(comm, config):
+    d = config["parallel"]["data"]
+    return f"{d} x {comm.Get_size() // d}"
 
 
 def _eval(args, comm, out, stop):
@@ -314,6 +338,8 @@ def _eval(args, comm, out, stop):
     config = merge(copy.deepcopy(DEFAULTS), header["config"], args.checkpoint)
     for text in args.set:
         merge(config, parse_override(text), f"--set {text}")
+    # the evaluation's own shape, not the training run's
+    config["parallel"]["data"] = 1 if args.data_parallel is None else args.data_parallel
     check(config)
     config["run"]["plot"] = False
     import torch
@@ -323,15 +349,15 @@ def _eval(args, comm, out, stop):
     split = {"val": trainer.data.val, "test": trainer.data.test, "train": trainer.data.train}[args.split]
     if split is None:
         raise ValueError(f"--split test: data set {config['data']['name']} has no test split")
-    loader = split.loader(batch_size=1000, shuffle=False, need_inputs=trainer.first,
-                          need_labels=trainer.last)
+    loader = trainer.loader(split, batch_size=1000)
     t = time.perf_counter()
     loss, acc = trainer.evaluate(loader)
     if stop.requested():
         out.error(f"layerpar: stopped by {stop.name}")
         return stop.exit_status
     out(f"layerpar eval: {args.checkpoint} (epoch {trainer.epoch}) on {args.split} "
-        f"({len(split)} samples, {comm.Get_size()} ranks): accuracy {100 * acc:.2f}% "
+        f"({len(split)} samples, {comm.Get_size()} ranks, {_grid_shape(comm, config)} "
+        f"grid): accuracy {100 * acc:.2f}% "
         f"(exact network), loss {loss:.4f}, {time.perf_counter() - t:.1f}s", 0)
     return 0
 
@@ -397,7 +423,8 @@ def main(argv=None):
     known = (ConfigError, DatasetError, CheckpointError, MGRITError, ValueError,
              FloatingPointError, OSError, MemoryError, RuntimeError)
     try:
-        run = {"train": _train, "eval": _eval, "info": lambda a, c, o, s: _info(c, o),
+        run = {"train": _train, "eval": _eval,
+               "info": lambda a, c, o, s: _info(c, o, a.data_parallel),
                "plan": _plan}[args.command]
         return run(args, comm, out, stop)
     except known as e:

@@ -107,6 +107,10 @@ DEFAULTS = {
         "target_accuracy": 0.0,  # nested: leave a depth at this validation accuracy; 0 = off
         "line_search_steps": 4,  # MG/OPT: step lengths 1, 1/2, ... tried on the correction
     },
+    "parallel": {
+        "data": 1,              # data-parallel groups D: the P ranks form D groups of
+                                # P/D layer-parallel ranks (D must divide P)
+    },
     "run": {
         "dir": "",              # "": a new folder runs/<config name>-<k>
         "checkpoint_every": 0,  # steps between checkpoints; 0 = each epoch; -1 = only the last
@@ -273,6 +277,7 @@ def check(config):
     if d["name"] in ("mnist", "fashion-mnist", "cifar10"):
         need(d["root"] != "", "data.root", f"data set {d['name']} needs its directory")
     _check_multilevel(config, need)
+    _check_parallel(config, need)
     if d["name"] == "files":
         need(d["path"] != "", "data.path", "data set 'files' needs the file to read")
         for key in ("path", "val_path"):
@@ -313,6 +318,30 @@ def _check_multilevel(config, need):
         need(m["nlayers"] % div == 0, "model.nlayers",
              f"multilevel.levels = {ml['levels']} with multilevel.factor = {ml['factor']} "
              f"needs a depth divisible by {div}")
+
+
+def _check_parallel(config, need):
+    # a configuration written before the section existed: one group
+    p = config.setdefault("parallel", copy.deepcopy(DEFAULTS["parallel"]))
+    need(p["data"] >= 1, "parallel.data", "the number of data-parallel groups must be >= 1")
+    need(p["data"] == 1 or config["multilevel"]["method"] == "none", "parallel.data",
+         f"multilevel.method = {config['multilevel']['method']!r} trains on one "
+         "data-parallel group: use parallel.data = 1 (or --data-parallel 1)")
+
+
+def check_grid(config, size):
+    """Refuse a number of data-parallel groups that does not divide the
+    ``size`` ranks, or leaves a group fewer ranks than layers."""
+    d, n = config["parallel"]["data"], config["model"]["nlayers"]
+    if size % d:
+        divisors = [k for k in range(1, size + 1) if size % k == 0]
+        raise ConfigError(f"parallel.data = {d} (--data-parallel) does not divide the {size} "
+                          f"ranks: the ranks form data x layer-parallel groups; choose one of "
+                          f"{', '.join(map(str, divisors))}")
+    if size // d > n:
+        raise ConfigError(f"parallel.data = {d}: each data-parallel group has {size // d} "
+                          f"ranks, more than the {n} layers (model.nlayers); use more "
+                          "data-parallel groups or fewer ranks")
 
 
 def check_ranks(config, size):

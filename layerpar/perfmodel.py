@@ -61,6 +61,16 @@ costs of a micro-batch plus (P - 1) messages: a bubble of (P - 1)/(P + m - 1).
 
 A training step is modelled as forward solve + backward solve (+ ``extra``
 seconds for what the model does not see: opening, closing, loss, optimiser).
+
+On a D x L process grid (``grid_step``) each of the D groups takes that step
+on L ranks with its share of the batch (the largest: ceil(B/D) rows), and
+then the gradients are summed over the D ranks of each column: an allreduce
+of the parameter bytes one rank holds (ceil(N/L) residual layers), modelled
+as recursive halving and doubling (reduce-scatter + allgather):
+
+    allreduce(n bytes, D) = 2 ceil(log2 D) latency + 2 (D-1)/D n / bandwidth
+
+with the calibration's latency and bandwidth.
 """
 import itertools
 import json
@@ -478,3 +488,33 @@ def training_step(cal, N, P, mode, *, max_levels=2, cfactor=4, min_coarse=2, rel
                 final_cost=cal.step("adj_w", batch), **kw)
     return {"time": fwd["time"] + bwd["time"] + extra, "forward": fwd["time"],
             "backward": bwd["time"]}
+
+
+# ---- data x layer parallelism --------------------------------------------------
+def allreduce(nbytes, D, *, latency, bandwidth):
+    """Seconds of an allreduce (sum) of ``nbytes`` bytes over ``D`` ranks:
+    reduce-scatter and allgather by recursive halving and doubling."""
+    if D < 1 or nbytes < 0:
+        raise ValueError(f"D={D!r}, nbytes={nbytes!r}: need D >= 1 and nbytes >= 0")
+    if D == 1:
+        return 0.0
+    return 2 * math.ceil(math.log2(D)) * latency + 2 * (D - 1) / D * nbytes / bandwidth
+
+
+def grid_step(cal, N, D, L, mode, *, layer_bytes, batch=None, **options):
+    """Predicted seconds of one training step on a D x L grid: the
+    ``training_step`` of one group on L ranks with the largest share
+    ceil(batch/D) of the global ``batch`` (default: the calibration's), plus
+    the gradient allreduce over D ranks of ceil(N/L) * ``layer_bytes`` (the
+    bytes of one residual layer's parameters; the opening and closing layers
+    are left out).  ``options`` are those of ``training_step``.  A dict with
+    "time", "group" (the group's step) and "allreduce"."""
+    if not (isinstance(D, int) and isinstance(L, int) and D >= 1 and 1 <= L <= N):
+        raise ValueError(f"D={D!r}, L={L!r}: need D >= 1 and 1 <= L <= N={N}")
+    batch = cal.batch if batch is None else batch
+    if batch < D:
+        raise ValueError(f"batch={batch} < D={D}: every group needs a sample")
+    share = -(-batch // D)
+    group = training_step(cal, N, L, mode, batch=share, **options)["time"]
+    ar = allreduce(-(-N // L) * layer_bytes, D, latency=cal.latency, bandwidth=cal.bandwidth)
+    return {"time": group + ar, "group": group, "allreduce": ar}

@@ -73,24 +73,32 @@ def learning_rate(config, epoch, *, epochs=None):
     return o["lr"] * factor(epoch)
 
 
-def make_loaders(config, data, rank, size):
+def make_loaders(config, data, rank, size, *, grid=None):
     """(train loader, validation loader): full-batch training for L-BFGS;
-    the first rank draws inputs, the last labels."""
+    the first rank (of ``size``, this one ``rank``) draws inputs, the last
+    labels.  On a process grid (``rank``, ``size``: in the group) each
+    group's loaders give its rows of the same global batches."""
     d, o = config["data"], config["optim"]
     first, last = rank == 0, rank == size - 1
     full_batch = o["name"] == "lbfgs"
     batch = len(data.train) if full_batch else d["batch_size"]
-    train = data.train.loader(batch_size=batch, seed=d["seed"], shuffle=not full_batch,
-                              need_inputs=first, need_labels=last)
-    val = data.val.loader(batch_size=max(d["batch_size"], 1000), shuffle=False,
-                          need_inputs=first, need_labels=last)
+    opts = dict(need_inputs=first, need_labels=last)
+    val_batch = max(d["batch_size"], 1000)
+    if grid is not None:
+        return (grid.loader(data.train, batch_size=batch, seed=d["seed"],
+                            shuffle=not full_batch, **opts),
+                grid.loader(data.val, batch_size=val_batch, shuffle=False, **opts))
+    train = data.train.loader(batch_size=batch, seed=d["seed"], shuffle=not full_batch, **opts)
+    val = data.val.loader(batch_size=val_batch, shuffle=False, **opts)
     return train, val
 
 
-def load_data(config, comm):
+def load_data(config, comm, *, first=None, last=None):
     """The configured data set, with inputs on the first rank and labels on
-    the last."""
+    the last (``first``/``last``: whether this rank is; default its place
+    in ``comm``).  Collective over ``comm``."""
     from layerpar.data import load_configured
     rank, size = comm.Get_rank(), comm.Get_size()
-    return load_configured(config["data"], need_inputs=rank == 0,
-                           need_labels=rank == size - 1, comm=comm)
+    first = rank == 0 if first is None else first
+    last = rank == size - 1 if last is None else last
+    return load_configured(config["data"], need_inputs=first, need_labels=last, comm=comm)

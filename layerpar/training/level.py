@@ -18,6 +18,16 @@ layer step costs the same on networks of any depth (same width, same
 module), so one step is one fine-layer-equivalent step evaluation; an exact
 forward pass of a network of N layers costs N.  Validation passes are not
 counted.  ``work_totals()`` sums the counters over the ranks.
+
+On a process grid (``grid``: a ``layerpar.grid.ProcessGrid``; ``comm`` is
+then ``grid.layer_comm``) the batches given are this group's shares of the
+global batches, and ``size`` the global batch's size: the loss of each group
+is its share's mean, the gradients are averaged over the data axis weighted
+by the shares (before the penalties and the linear term, which every group
+adds alike), and the values returned (objective, correct count) are those of
+the global batch, the same on every rank of the grid.  A group whose share
+is empty runs no solve and contributes nothing.  The work counters and the
+solves' statistics are this group's.
 """
 import json
 
@@ -33,9 +43,12 @@ class Level:
     """Collective over ``comm``: every rank builds the same levels and calls
     the same methods in the same order."""
 
-    def __init__(self, config, data, comm, *, nlayers=None):
+    def __init__(self, config, data, comm, *, nlayers=None, grid=None):
         self.config = config
         self.comm = comm
+        if grid is not None and grid.data == 1:
+            grid = None  # one group: nothing to share or average
+        self.grid = grid
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.first, self.last = self.rank == 0, self.rank == self.size - 1
         self.net = build_network(config, data.input_shape, data.num_classes, comm,
@@ -61,9 +74,28 @@ class Level:
             local = float(sum(torch.sum(v * p.detach()) for p, v in self._linear.items()))
         return self.comm.allreduce(local)
 
-    def forward_loss(self, x, y):
+    def forward_loss(self, x, y, size=None):
         """(loss tensor for backward, loss value, correct count), the values
-        from the last rank on every rank.  Counts the forward solve."""
+        from the last rank on every rank.  Counts the forward solve.  On a
+        grid (``size``: the global batch's size) the values are those of the
+        global batch, the loss tensor this group's (None for an empty share)."""
+        if self.grid is not None:
+            return self._grid_forward_loss(x, y, size)
+        return self._share_forward_loss(x, y)
+
+    def _grid_forward_loss(self, x, y, size):
+        if size is None:
+            raise ValueError("on a process grid the global batch size must be given")
+        n = self.grid.share_size(size)
+        if n > 0:
+            loss, value, correct = self._share_forward_loss(x, y)
+        else:  # no rows here: no solve (the pass is still counted for the random draws)
+            self.body.passes += 1
+            loss, value, correct = None, 0.0, 0
+        value, correct = self.grid.sum_values([self.grid.weight(size) * value, correct])
+        return loss, value, int(correct)
+
+    def _share_forward_loss(self, x, y):
         out = self.net(x)
         self.work["fwd"] += sum(self.body.last_forward["steps"])
         if self.last:
@@ -82,12 +114,15 @@ class Level:
         return regularize(self.net, tikhonov=o["tikhonov"], smoothness=o["smoothness"],
                           ends=o["tikhonov_ends"], add_grad=add_grad)
 
-    def _evaluate_with_grad(self, x, y):
+    def _evaluate_with_grad(self, x, y, size=None):
         """Objective value and correct count; the objective's gradient in .grad."""
         self.optimizer.zero_grad()
-        loss, value, correct = self.forward_loss(x, y)
-        loss.backward()
-        self.work["bwd"] += sum(self.body.last_backward["steps"])
+        loss, value, correct = self.forward_loss(x, y, size)
+        if loss is not None:
+            loss.backward()
+            self.work["bwd"] += sum(self.body.last_backward["steps"])
+        if self.grid is not None:
+            self.grid.average_gradients(self.net.parameters(), self.grid.weight(size))
         value += self._penalty(add_grad=True)
         if self._linear:
             for p, v in self._linear.items():
@@ -97,16 +132,17 @@ class Level:
             value -= self._linear_value()
         return value, correct
 
-    def loss_and_grad(self, x, y):
+    def loss_and_grad(self, x, y, size=None):
         """The objective at the current weights; its gradient in the
-        parameters' ``.grad``.  Collective."""
-        return self._evaluate_with_grad(x, y)[0]
+        parameters' ``.grad``.  Collective (``size``: on a grid, the global
+        batch's size)."""
+        return self._evaluate_with_grad(x, y, size)[0]
 
-    def loss(self, x, y):
+    def loss(self, x, y, size=None):
         """The objective at the current weights (a forward solve only).
         Collective."""
         with torch.no_grad():
-            _, value, _ = self.forward_loss(x, y)
+            _, value, _ = self.forward_loss(x, y, size)
             value += self._penalty(add_grad=False)
             if self._linear:
                 value -= self._linear_value()
@@ -122,7 +158,7 @@ class Level:
         solves = dict(fwd_iters=0, bwd_iters=0, vtime=0.0)
 
         def closure():
-            value, correct = self._evaluate_with_grad(x, y)
+            value, correct = self._evaluate_with_grad(x, y, size)
             stats.update(loss=value, correct=correct)
             # every solve of the step counts (L-BFGS evaluates several times)
             f, b = self.body.last_forward, self.body.last_backward
@@ -177,7 +213,7 @@ class Level:
             with torch.no_grad():
                 for b, (x, y) in enumerate(loader.epoch(0)):
                     n = batch_len(loader, b)
-                    _, value, c = self.forward_loss(x, y)
+                    _, value, c = self.forward_loss(x, y, n)
                     total += n
                     loss_sum += value * n
                     correct += c

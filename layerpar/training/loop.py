@@ -14,6 +14,17 @@ propagation past ``mgrit.max_iters``.
 
 Every rank runs the same loop on the same batches (the first rank needs the
 inputs, the last the labels); losses and counts come from the last rank.
+
+On a process grid of D data-parallel groups x L layer-parallel ranks
+(``parallel.data = D``, ``layerpar.grid``) each group holds the network on
+its L ranks and trains on its rows of the same global batches; gradients are
+averaged over the data axis before every optimiser step, so the groups keep
+the same weights and the run follows the global batches as on one group.
+Losses and accuracies are the global batch's.  Group 0 writes the
+checkpoints (its layer ranks, as on one group) and every group reads its
+layers on resume, on any grid shape; metrics, progress and the run folder's
+files come from world rank 0; a stop asked on any rank stops every rank.
+The work counters (metrics' ``*_work``) and MGRIT statistics are group 0's.
 """
 import math
 import os
@@ -22,8 +33,9 @@ import time
 import torch
 
 from layerpar import checkpoint as ckpt
-from layerpar._collective import any_rank
-from layerpar.config import DEFAULTS, to_toml
+from layerpar._collective import agree, any_rank
+from layerpar.config import DEFAULTS, check_grid, to_toml
+from layerpar.grid import ProcessGrid
 from layerpar.metrics import MetricsWriter
 from layerpar.training.build import learning_rate, load_data, make_loaders
 from layerpar.training.level import Level
@@ -41,19 +53,30 @@ class Trainer:
     rank stops after that same step, a checkpoint is written and run()
     returns a summary with ``stopped`` true.  ``metrics=False``: no metrics
     files (evaluation only).
+
+    ``grid``: a ``layerpar.grid.ProcessGrid`` over ``comm`` (default: one
+    made from ``parallel.data``, freed by ``close()``).
     """
 
     def __init__(self, config, comm, *, log=None, progress=None, should_stop=None,
-                 metrics=True):
+                 metrics=True, grid=None):
         self.config = config
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self._own_grid = grid is None
+        if grid is None:
+            check_grid(config, self.size)  # a ConfigError naming parallel.data, everywhere
+            grid = ProcessGrid(comm, data=config["parallel"]["data"])
+        self.grid = grid
         self.log = log if self.rank == 0 else None
         self.progress = progress if self.rank == 0 else None
-        self.first, self.last = self.rank == 0, self.rank == self.size - 1
-        self.data = load_data(config, comm)
-        self.train_loader, self.val_loader = make_loaders(config, self.data, self.rank, self.size)
-        self.level = Level(config, self.data, comm)
+        # the place in this rank's group: the first needs inputs, the last labels
+        self.first, self.last = grid.layer_rank == 0, grid.layer_rank == grid.layers - 1
+        self.data = load_data(config, comm, first=self.first, last=self.last)
+        sharded = grid if grid.data > 1 else None
+        self.train_loader, self.val_loader = make_loaders(
+            config, self.data, grid.layer_rank, grid.layers, grid=sharded)
+        self.level = Level(config, self.data, grid.layer_comm, grid=sharded)
         self.run_dir = config["run"]["dir"]
         if not self.run_dir:
             raise ValueError("run.dir = '': name the run's folder")
@@ -79,6 +102,15 @@ class Trainer:
     def monitor(self):
         return self.level.monitor
 
+    def loader(self, split, *, batch_size):
+        """An evaluation loader over ``split`` (in order) for this rank: its
+        group's rows of each batch on a grid."""
+        if self.grid.data > 1:
+            return self.grid.loader(split, batch_size=batch_size, shuffle=False,
+                                    need_inputs=self.first, need_labels=self.last)
+        return split.loader(batch_size=batch_size, shuffle=False, need_inputs=self.first,
+                            need_labels=self.last)
+
     def evaluate(self, loader, *, exact=True):
         """(mean loss, accuracy) over a loader, collective; ``exact``: with
         the exact network (one grid level), whatever the training mode."""
@@ -97,6 +129,25 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------
     def save(self):
+        """Collective: group 0 writes the checkpoint over its layer ranks;
+        every rank raises the same CheckpointError if that fails."""
+        error = original = None
+        if self.grid.data_rank == 0:
+            try:
+                ckpt.save_checkpoint(self.checkpoint_path(), self.grid.layer_comm,
+                                     self._state())
+            except BaseException as e:  # noqa: BLE001 - sent to the other groups below
+                error, original = str(e), e
+        if self.grid.data > 1:
+            # group 0's rank -> the ranks of its column: the outcome
+            error = self.grid.data_comm.bcast(error, root=0)
+        if original is not None:
+            raise original
+        if error is not None:
+            raise ckpt.CheckpointError(error)
+
+    def _state(self):
+        """This rank's part of the checkpoint (collective over its group)."""
         params = self.level.params()
         state = {"num_layers": self.body.nlayers, "epoch": self.epoch, "step": self.step,
                  "config": self.config,
@@ -110,8 +161,10 @@ class Trainer:
                            "epoch_sums": dict(self.sums),
                            "monitor": self.monitor.state() if self.monitor else {},
                            "work": self.level.work_totals(),
-                           "warm": self.level.warm_state()}}
-        ckpt.save_checkpoint(self.checkpoint_path(), self.comm, state)
+                           # on a grid of several groups each group's states are
+                           # those of its own share: a resumed run's solves start cold
+                           "warm": self.level.warm_state() if self.grid.data == 1 else {}}}
+        return state
 
     def checkpoint_path(self):
         return os.path.join(self.run_dir, "checkpoint.h5")
@@ -132,9 +185,7 @@ class Trainer:
         keys = {"model": self.config["model"], "data": {
             k: self.config["data"][k] for k in ("name", "dtype", "seed")}}
         try:
-            st = ckpt.load_checkpoint(path, self.comm, layer_indices=self.body.layer_indices,
-                                      num_layers=self.body.nlayers, config=keys,
-                                      defaults=DEFAULTS)
+            st = self._load(path, keys)
         except ckpt.CheckpointError as e:
             prev = ckpt.previous_path(path)
             hint = f" (the previous checkpoint {prev} is kept: resume from it with " \
@@ -158,7 +209,7 @@ class Trainer:
         self.body.passes = extra.get("passes", 0)  # keys the layers' random draws
         if self.monitor and extra.get("monitor"):
             self.monitor.restore(extra["monitor"], self.body)
-        if extra.get("warm"):
+        if extra.get("warm") and self.grid.data == 1:
             self.level.restore_warm_state(extra["warm"])
         self._restore_work(extra.get("work"))
         if self.metrics:
@@ -166,6 +217,25 @@ class Trainer:
         if self.log:
             self.log(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
         return True
+
+    def _load(self, path, keys):
+        """Collective: every group reads its layers of ``path`` over its
+        layer ranks; a failure in any group raises on every rank."""
+        st = error = None
+        try:
+            st = ckpt.load_checkpoint(path, self.grid.layer_comm,
+                                      layer_indices=self.body.layer_indices,
+                                      num_layers=self.body.nlayers, config=keys,
+                                      defaults=DEFAULTS)
+        except ckpt.CheckpointError as e:
+            error = e
+        if self.grid.data > 1:
+            # every rank -> every rank: whether its group's load failed
+            agree(self.comm, error, what="loading the checkpoint",
+                  error_type=ckpt.CheckpointError)
+        elif error is not None:
+            raise error
+        return st
 
     def _usable_checkpoint(self, path):
         """``path``, or its previous version when ``path`` is damaged; the
@@ -284,9 +354,11 @@ class Trainer:
         self.level.work = totals if self.first else {"fwd": 0, "bwd": 0}
 
     def close(self):
-        """Collective: free the network's solvers (the trainer is not used
-        again)."""
+        """Collective: free the network's solvers and the grid's
+        communicators (the trainer is not used again)."""
         self.level.close()
+        if self._own_grid:
+            self.grid.close()
 
     def write_config(self):
         def write():
