@@ -20,7 +20,7 @@ ends and the optimiser step).
     python benchmarks/bench_model.py [--ranks 1,2,4] [--rounds 5]
 runs `mpiexec -n P` for each P (a P above the number of cores is
 oversubscribed: marked so) and writes benchmarks/results/model_vs_measured.csv
-and calibration_P{P}.json.  Under mpiexec with --worker: one P.
+and calibration_{wall,cpu}_P{P}.json.  Under mpiexec with --worker: one P.
 """
 import argparse
 import csv

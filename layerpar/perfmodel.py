@@ -275,6 +275,28 @@ _OVERHEAD_RUNS = [(n, opts) for n in (8, 32) for opts in (
     dict(max_levels=2, cfactor=4, relax="F", skip=True, fwd_iters=2, bwd_iters=1))]
 
 
+def fit_overhead(rows):
+    """(a, b), both >= 0, minimising sum (a*steps + b*passes - excess)^2 over
+    rows of (steps, passes, excess seconds): least squares, and on the
+    boundary a = 0 or b = 0 when the free minimum has a negative part."""
+    sxx = sum(x * x for x, _, _ in rows)
+    sxy = sum(x * y for x, y, _ in rows)
+    syy = sum(y * y for _, y, _ in rows)
+    rx = sum(x * r for x, _, r in rows)
+    ry = sum(y * r for _, y, r in rows)
+    det = sxx * syy - sxy * sxy
+    if det > 1e-12 * sxx * syy:
+        a, b = (rx * syy - ry * sxy) / det, (ry * sxx - rx * sxy) / det
+        if a >= 0 and b >= 0:
+            return a, b
+
+    def sse(a, b):
+        return sum((a * x + b * y - r) ** 2 for x, y, r in rows)
+    edges = [(max(rx / sxx, 0.0), 0.0) if sxx else (0.0, 0.0),
+             (0.0, max(ry / syy, 0.0)) if syy else (0.0, 0.0)]
+    return min(edges, key=lambda ab: sse(*ab))
+
+
 def _solver_overhead(cal, F, shape, dtype, repeats, comm, clock):
     """(seconds per solver step, seconds per pass) that the body's training
     steps take beyond the steps themselves: serial and two-level steps of 8
@@ -300,19 +322,7 @@ def _solver_overhead(cal, F, shape, dtype, repeats, comm, clock):
         kw = {} if mode == "serial" else opts
         model = training_step(cal, N, 1, mode, **kw)
         rows.append((steps, 2.0, t - model["forward"] - model["backward"]))
-    # least squares for (a, b) >= 0 in  residual = a*steps + b*passes
-    sxx = sum(s * s for s, _, _ in rows)
-    sxy = sum(s * p for s, p, _ in rows)
-    syy = sum(p * p for _, p, _ in rows)
-    rx = sum(s * r for s, _, r in rows)
-    ry = sum(p * r for _, p, r in rows)
-    det = sxx * syy - sxy * sxy
-    a, b = (rx * syy - ry * sxy) / det, (ry * sxx - rx * sxy) / det
-    if a < 0:
-        a, b = 0.0, max(ry / syy, 0.0)
-    elif b < 0:
-        a, b = max(rx / sxx, 0.0), 0.0
-    return a, b
+    return fit_overhead(rows)
 
 
 def _optimizer_cost(F, make_optimizer, repeats, comm, clock, layers=8):

@@ -270,3 +270,18 @@ def test_plan_command_parses_without_torch():
             "assert a.command == 'plan' and a.ranks == 4 and a.calibration == 'c.json'\n"
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_overhead_fit_recovers_the_costs():
+    """Excess seconds a*steps + b*passes are fitted back exactly; a negative
+    free minimum moves to the boundary, where the fit is the best one-term
+    least-squares fit."""
+    rows = [(16, 2, 16 * 3e-5 + 2 * 1e-3), (32, 2, 32 * 3e-5 + 2 * 1e-3),
+            (64, 2, 64 * 3e-5 + 2 * 1e-3), (128, 2, 128 * 3e-5 + 2 * 1e-3)]
+    a, b = pm.fit_overhead(rows)
+    assert a == pytest.approx(3e-5, rel=1e-9) and b == pytest.approx(1e-3, rel=1e-9)
+    # excess that falls with the steps: no per-step cost, the mean per pass
+    rows = [(16, 2, 4e-3), (128, 2, 1e-3)]
+    a, b = pm.fit_overhead(rows)
+    assert a == 0.0 and b == pytest.approx((4e-3 + 1e-3) / 4, rel=1e-12)
+    assert pm.fit_overhead([(16, 2, -1.0), (32, 2, -2.0)]) == (0.0, 0.0)
