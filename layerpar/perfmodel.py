@@ -80,8 +80,9 @@ costs of a micro-batch plus (P - 1) messages: a bubble of (P - 1)/(P + m - 1).
 A training step is modelled as forward solve + backward solve (the solvers'
 steps costing the step kind's cost + ``overhead`` each) + the pass costs:
 2 ``solve_fixed`` and three reductions (the input's broadcast, the two input
-norms; the pipeline: the broadcast and two agreements) + ``ends`` +
-``optimizer`` times the most layers a rank holds (+ ``extra`` seconds).
+norms; the pipeline: the broadcast and two agreements), one latency for the
+coarse grids' weights (more than one level on more than one rank), ``ends``
+and ``optimizer`` times the most layers a rank holds (+ ``extra`` seconds).
 """
 import itertools
 import json

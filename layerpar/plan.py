@@ -140,11 +140,11 @@ def main(*, config_path, ranks, overrides=(), calibration=None, save=None, comm=
             cal.save(save)
     out(f"{source}; messages: {cal.info.get('messages', '?')} "
         f"(latency {cal.latency:.3g} s, bandwidth {cal.bandwidth:.3g} B/s)")
-    parts = [name for name, v in (("opening, closing, loss", cal.ends),
-                                  ("optimiser", cal.optimizer)) if not v]
+    left_out = [name for name, v in (("the solver's own costs", cal.overhead + cal.solve_fixed),
+                                     ("opening, closing, loss", cal.ends),
+                                     ("optimiser", cal.optimizer)) if not v]
     out(f"{N} layers, batch {config['data']['batch_size']}, up to {ranks} ranks; modelled: "
-        "the solves with the solver's own costs" + (f" ({' and '.join(parts)} not included)"
-                                                    if parts else ""))
+        "the solves" + (f" (not included: {'; '.join(left_out)})" if left_out else ""))
     for line in report(predict(cal, config, ranks), ranks):
         out(line)
     return 0
