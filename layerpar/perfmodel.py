@@ -8,14 +8,32 @@ dtype, the seconds of
     fwd_rec  the same recording the graph of F (the final forward sweep)
     adj      lam + h*(dF/du)^T lam through a kept graph (adjoint relaxation)
     adj_w    the same with the weight gradient (the final adjoint sweep)
+    pipe_fwd a layer of a block recorded at once (the pipeline's forward)
+    pipe_bwd its share of one back-propagation through the block, weight
+             gradients included (the pipeline's backward)
 
 at the full batch and at a small one (costs are modelled affine in the
 batch: a + b*rows, for the pipeline's micro-batches), and a message's
 latency and bandwidth by ping-pong between ranks 0 and 1 (a stored default
-on one rank).  Optionally (``overhead=True``) a short two-level training
-step on one rank measures what the solver costs per step beyond the step
-itself (callback trampolines, clones, packing, residual arithmetic), added
-to every step.  ``Calibration.save``/``load`` keep it as JSON.
+on one rank).  A cost is the mean over a block of calls (the median of
+three blocks), measured on every rank of ``comm`` at once and averaged over
+them: on a machine whose cores are shared (more ranks than cores, or other
+jobs) a rank computes only part of the time, and the mean over a block
+sees that share where the median of single calls would not.  Optionally:
+
+    overhead     (``overhead=True``) what the solver costs per step beyond
+                 the step itself (callback trampolines, clones, the state
+                 vectors' allocation, residual arithmetic) and per pass
+                 (``solve_fixed``: the pass's set-up, the input broadcast,
+                 the autograd function): short training steps of the body on
+                 one rank, serial and two-level at two depths, minus the
+                 model of their steps, fitted by least squares
+    ends         (``ends=fn``) the opening, closing and loss, forward and
+                 backward, of one training step: fn() runs them once
+    optimizer    (``optimizer=make``) the optimiser's step per layer:
+                 make(params) builds it, timed on copies of the step module
+
+``Calibration.save``/``load`` keep it as JSON.
 
 Schedule of one MGRIT solve, as the core runs it (drive.c, relax.c,
 restrict.c).  Fine points 1..N are split into P contiguous blocks; a level-l
@@ -59,8 +77,12 @@ and backward likewise from the last rank with the micro-batches in reverse
 order; with even blocks and sizes the pass takes (P + m - 1) N/(P m) step
 costs of a micro-batch plus (P - 1) messages: a bubble of (P - 1)/(P + m - 1).
 
-A training step is modelled as forward solve + backward solve (+ ``extra``
-seconds for what the model does not see: opening, closing, loss, optimiser).
+A training step is modelled as forward solve + backward solve (the solvers'
+steps costing the step kind's cost + ``overhead`` each) + the pass costs:
+2 ``solve_fixed`` and three reductions (the input's broadcast, the two input
+norms; the pipeline: the broadcast and two agreements), one latency for the
+coarse grids' weights (more than one level on more than one rank), ``ends``
+and ``optimizer`` times the most layers a rank holds (+ ``extra`` seconds).
 
 On a D x L process grid (``grid_step``) each of the D groups takes that step
 on L ranks with its share of the batch (the largest: ceil(B/D) rows), and
@@ -80,17 +102,27 @@ import time
 # message latency (s) and bandwidth (bytes/s) used without two ranks to measure
 DEFAULT_LATENCY = 5e-6
 DEFAULT_BANDWIDTH = 5e9
-KINDS = ("fwd", "fwd_rec", "adj", "adj_w")
+KINDS = ("fwd", "fwd_rec", "adj", "adj_w", "pipe_fwd", "pipe_bwd")
+# what a kind not measured costs (calibrations made before it was added)
+_STANDS_IN = {"pipe_fwd": "fwd_rec", "pipe_bwd": "adj_w"}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 # ---- calibration ------------------------------------------------------------
 class Calibration:
     """Step costs a + b*rows per kind (seconds), message latency (s) and
-    bandwidth (bytes/s), and the setting they were measured for."""
+    bandwidth (bytes/s), the solver's own cost per step (``overhead``) and
+    per pass (``solve_fixed``), the ends of a training step (``ends``: the
+    opening, closing and loss, forward and backward), the optimiser's step
+    per layer (``optimizer``), and the setting they were measured for."""
 
     def __init__(self, costs, *, latency=DEFAULT_LATENCY, bandwidth=DEFAULT_BANDWIDTH,
-                 batch, row_bytes, overhead=0.0, info=None):
+                 batch, row_bytes, overhead=0.0, solve_fixed=0.0, ends=0.0, optimizer=0.0,
+                 info=None):
+        costs = dict(costs)
         for k in KINDS:
+            if k not in costs and k in _STANDS_IN:
+                costs[k] = costs[_STANDS_IN[k]]
             a, b = costs[k]
             if not (math.isfinite(a) and math.isfinite(b)):
                 raise ValueError(f"costs[{k!r}]={costs[k]!r}: must be finite")
@@ -99,27 +131,37 @@ class Calibration:
                              "must be >= 0 and > 0")
         self.costs = {k: (float(costs[k][0]), float(costs[k][1])) for k in KINDS}
         self.latency, self.bandwidth = float(latency), float(bandwidth)
-        if not (math.isfinite(overhead) and overhead >= 0):
-            raise ValueError(f"overhead={overhead!r}: must be a finite number >= 0")
+        for name, v in (("overhead", overhead), ("solve_fixed", solve_fixed), ("ends", ends),
+                        ("optimizer", optimizer)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name}={v!r}: must be a finite number >= 0")
         self.batch, self.row_bytes = int(batch), int(row_bytes)
-        self.overhead = float(overhead)
+        self.overhead, self.solve_fixed = float(overhead), float(solve_fixed)
+        self.ends, self.optimizer = float(ends), float(optimizer)
         self.info = dict(info or {})
 
     def step(self, kind, rows=None):
-        """Seconds of one step of ``kind`` on ``rows`` samples (default: the batch)."""
+        """Seconds of one step of ``kind`` on ``rows`` samples (default: the
+        batch), the step alone (the pipeline's); a solver's step costs
+        ``overhead`` more."""
         a, b = self.costs[kind]
-        return max(a + b * (self.batch if rows is None else rows), 0.0) + self.overhead
+        return max(a + b * (self.batch if rows is None else rows), 0.0)
 
     def message(self, rows=None):
         """Seconds of one message of ``rows`` samples (default: the batch)."""
         rows = self.batch if rows is None else rows
         return self.latency + (16 + rows * self.row_bytes) / self.bandwidth
 
+    def reduction(self, P):
+        """Seconds of a reduction or broadcast over P ranks."""
+        return self.latency * math.ceil(math.log2(P)) if P > 1 else 0.0
+
     def to_dict(self):
         return {"costs": {k: list(v) for k, v in self.costs.items()},
                 "latency": self.latency, "bandwidth": self.bandwidth,
                 "batch": self.batch, "row_bytes": self.row_bytes, "overhead": self.overhead,
-                "info": self.info}
+                "solve_fixed": self.solve_fixed, "ends": self.ends,
+                "optimizer": self.optimizer, "info": self.info}
 
     def save(self, path):
         with open(path, "w") as f:
@@ -132,26 +174,42 @@ class Calibration:
 
     @classmethod
     def load_dict(cls, d, path="calibration"):
+        """From ``to_dict``; entries added since a file was written count
+        as 0 (not measured)."""
         try:
-            return cls({k: tuple(d["costs"][k]) for k in KINDS}, latency=d["latency"],
+            return cls({k: tuple(v) for k, v in d["costs"].items()}, latency=d["latency"],
                        bandwidth=d["bandwidth"], batch=d["batch"], row_bytes=d["row_bytes"],
-                       overhead=d.get("overhead", 0.0), info=d.get("info"))
+                       overhead=d.get("overhead", 0.0), solve_fixed=d.get("solve_fixed", 0.0),
+                       ends=d.get("ends", 0.0), optimizer=d.get("optimizer", 0.0),
+                       info=d.get("info"))
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a calibration file ({e!r})") from None
 
 
-def _median_time(fn, repeats):
+def _block_time(fn, repeats, comm=None, blocks=3, clock=time.perf_counter):
+    """Seconds per call of fn: the mean over a block of ``repeats`` calls,
+    the median of ``blocks`` blocks, after one warm-up call.  With ``comm``
+    (collective) every rank measures at the same time and the mean over the
+    ranks is returned."""
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2]
+    means = []
+    for _ in range(blocks):
+        if comm is not None:
+            comm.Barrier()
+        t = clock()
+        for _ in range(repeats):
+            fn()
+        means.append((clock() - t) / repeats)
+    means.sort()
+    mine = means[len(means) // 2]
+    if comm is None:
+        return mine
+    return comm.allreduce(mine) / comm.Get_size()
 
 
-def _step_costs(F, shape, dtype, repeats, h=0.1):
+def _step_costs(F, shape, dtype, repeats, comm, clock, h=0.1):
+    import copy
+
     import torch
     params = tuple(p for p in F.parameters() if p.requires_grad)
     u = torch.randn(shape, dtype=dtype)
@@ -179,9 +237,29 @@ def _step_costs(F, shape, dtype, repeats, h=0.1):
         grads = torch.autograd.grad(f, (x,) + params, grad_outputs=lam * h)
         return torch.add(lam, grads[0])
 
-    t_rec = _median_time(record, repeats)
-    return {"fwd": _median_time(fwd, repeats), "fwd_rec": t_rec, "adj": _median_time(adj, repeats),
-            "adj_w": max(_median_time(rec_and_adj_w, repeats) - t_rec, 0.0)}
+    # the pipeline: a block of layers recorded at once, back-propagated by one call
+    block = [copy.deepcopy(F) for _ in range(4)]
+    block_params = tuple(p for G in block for p in G.parameters() if p.requires_grad)
+
+    def pipe_fwd():
+        with torch.enable_grad():
+            x = u.detach().requires_grad_(True)
+            y = x
+            for G in block:
+                y = torch.add(y, G(y), alpha=h)
+        return x, y
+
+    def pipe_both():
+        x, y = pipe_fwd()
+        return torch.autograd.grad(y, (x,) + block_params, grad_outputs=lam)
+
+    def timed(fn):
+        return _block_time(fn, repeats, comm, clock=clock)
+
+    t_rec, t_pipe = timed(record), timed(pipe_fwd) / len(block)
+    return {"fwd": timed(fwd), "fwd_rec": t_rec, "adj": timed(adj),
+            "adj_w": max(timed(rec_and_adj_w) - t_rec, 0.0), "pipe_fwd": t_pipe,
+            "pipe_bwd": max(timed(pipe_both) / len(block) - t_pipe, 0.0)}
 
 
 def _ping_pong(comm, nbytes, repeats):
@@ -202,35 +280,90 @@ def _ping_pong(comm, nbytes, repeats):
     return comm.bcast(dt, root=0)  # rank 0's measurement, on every rank
 
 
-def _solver_overhead(cal, F, shape, dtype, repeats, N=16):
-    """Seconds per step that a real solve takes beyond the step itself (the
-    callbacks' trampolines, clones, messages packed, residual arithmetic):
-    a two-level training step of N layers on one rank, measured, minus its
-    model, per step taken."""
+# the short solves that measure the solver's own costs: (layers, options)
+_OVERHEAD_RUNS = [(n, opts) for n in (8, 32) for opts in (
+    dict(max_levels=1),
+    dict(max_levels=2, cfactor=4, relax="F", skip=True, fwd_iters=2, bwd_iters=1))]
+
+
+def fit_overhead(rows):
+    """(a, b), both >= 0, minimising sum (a*steps + b*passes - excess)^2 over
+    rows of (steps, passes, excess seconds): least squares, and on the
+    boundary a = 0 or b = 0 when the free minimum has a negative part."""
+    sxx = sum(x * x for x, _, _ in rows)
+    sxy = sum(x * y for x, y, _ in rows)
+    syy = sum(y * y for _, y, _ in rows)
+    rx = sum(x * r for x, _, r in rows)
+    ry = sum(y * r for _, y, r in rows)
+    det = sxx * syy - sxy * sxy
+    if det > 1e-12 * sxx * syy:
+        a, b = (rx * syy - ry * sxy) / det, (ry * sxx - rx * sxy) / det
+        if a >= 0 and b >= 0:
+            return a, b
+
+    def sse(a, b):
+        return sum((a * x + b * y - r) ** 2 for x, y, r in rows)
+    edges = [(max(rx / sxx, 0.0), 0.0) if sxx else (0.0, 0.0),
+             (0.0, max(ry / syy, 0.0)) if syy else (0.0, 0.0)]
+    return min(edges, key=lambda ab: sse(*ab))
+
+
+def _solver_overhead(cal, F, shape, dtype, repeats, comm, clock):
+    """(seconds per solver step, seconds per pass) that the body's training
+    steps take beyond the steps themselves: serial and two-level steps of 8
+    and 32 layers on one rank (every rank of ``comm`` at once), measured,
+    minus their model, fitted as a*steps + b*passes by least squares
+    (each >= 0); the mean over the ranks."""
     import copy
 
     import torch
     from mpi4py import MPI
 
     from layerpar.parallel import LayerParallel
-    opts = dict(max_levels=2, cfactor=4, relax="F", skip=True, fwd_iters=2, bwd_iters=1)
     u0 = torch.randn(shape, dtype=dtype)
-    with LayerParallel(lambda n: copy.deepcopy(F), N, 1.0, MPI.COMM_SELF, **opts).to(dtype) as net:
-        def step():
-            net(u0).sum().backward()
-        t = _median_time(step, repeats)
-        steps = sum(net.last_forward["steps"]) + sum(net.last_backward["steps"])
-    model = training_step(cal, N, 1, "layer-parallel", **opts)["time"]
-    return max((t - model) / steps, 0.0)
+    rows = []
+    for N, opts in _OVERHEAD_RUNS:
+        with LayerParallel(lambda n: copy.deepcopy(F), N, 1.0, MPI.COMM_SELF,
+                           **opts).to(dtype) as net:
+            def step():
+                net(u0).sum().backward()
+            t = _block_time(step, repeats, comm, clock=clock)
+            steps = sum(net.last_forward["steps"]) + sum(net.last_backward["steps"])
+        mode = "serial" if opts["max_levels"] == 1 else "layer-parallel"
+        kw = {} if mode == "serial" else opts
+        model = training_step(cal, N, 1, mode, **kw)
+        rows.append((steps, 2.0, t - model["forward"] - model["backward"]))
+    return fit_overhead(rows)
+
+
+def _optimizer_cost(F, make_optimizer, repeats, comm, clock, layers=8):
+    """Seconds of the optimiser's step per layer: on ``layers`` copies of F
+    with gradients set."""
+    import copy
+
+    import torch
+    params = [p for _ in range(layers) for p in copy.deepcopy(F).parameters()
+              if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-6
+    opt = make_optimizer(params)
+    return _block_time(opt.step, repeats, comm, clock=clock) / layers
 
 
 def calibrate(step_module, shape, dtype=None, *, comm=None, repeats=20, small_batch=None,
-              overhead=False):
+              overhead=False, ends=None, optimizer=None, clock="wall"):
     """Measure a Calibration for ``step_module`` on states of ``shape``
-    (batch first) and ``dtype``.  With ``comm`` of two or more ranks (a
-    collective call) ranks 0 and 1 measure the messages; otherwise the
-    stored defaults are used.  With ``overhead`` a short solve on one rank
-    measures the solver's own cost per step (added to every step)."""
+    (batch first) and ``dtype``.  With ``comm`` (a collective call) every
+    rank measures at once and the costs are averaged over the ranks; with
+    two or more ranks, ranks 0 and 1 measure the messages (otherwise the
+    stored defaults are used).  ``overhead``: the solver's own costs per
+    step and per pass, from short solves on one rank.  ``ends()``: runs
+    the opening, closing and loss of one training step, forward and
+    backward.  ``optimizer(params)``: builds the training's optimiser, whose
+    step is measured per layer.  ``clock``: "wall" (seconds elapsed) or
+    "cpu" (the process's CPU seconds: on a machine shared with other jobs,
+    the time the steps would take with the cores to themselves; messages
+    are measured in wall time either way)."""
     import torch
     dtype = dtype or torch.get_default_dtype()
     shape = tuple(shape)
@@ -238,13 +371,19 @@ def calibrate(step_module, shape, dtype=None, *, comm=None, repeats=20, small_ba
         raise ValueError(f"shape={shape!r}: the state shape must start with a batch size >= 1")
     if not (isinstance(repeats, int) and repeats >= 1):
         raise ValueError(f"repeats={repeats!r}: must be an integer >= 1")
+    for name, fn in (("ends", ends), ("optimizer", optimizer)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable or None, not {type(fn).__name__}")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock={clock!r}: must be one of {', '.join(CLOCKS)}")
+    tick = CLOCKS[clock]
     F = step_module.to(dtype)
     B = shape[0]
     small = small_batch or max(1, B // 8)
-    big = _step_costs(F, shape, dtype, repeats)
+    big = _step_costs(F, shape, dtype, repeats, comm, tick)
     costs = {}
     if small < B:
-        little = _step_costs(F, (small,) + shape[1:], dtype, repeats)
+        little = _step_costs(F, (small,) + shape[1:], dtype, repeats, comm, tick)
         for k in KINDS:
             b = max((big[k] - little[k]) / (B - small), 0.0)
             costs[k] = (big[k] - b * B, b)
@@ -260,11 +399,17 @@ def calibrate(step_module, shape, dtype=None, *, comm=None, repeats=20, small_ba
         bandwidth = nbytes / max(t_big - t_small, 1e-12)
         source = "ping-pong"
     info = {"shape": list(shape), "dtype": str(dtype), "messages": source,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(),
+            "ranks": 1 if comm is None else comm.Get_size(), "clock": clock}
     cal = Calibration(costs, latency=latency, bandwidth=bandwidth, batch=B,
                       row_bytes=row_bytes, info=info)
     if overhead:
-        cal.overhead = _solver_overhead(cal, F, shape, dtype, max(3, repeats // 4))
+        cal.overhead, cal.solve_fixed = _solver_overhead(cal, F, shape, dtype,
+                                                         max(2, repeats // 5), comm, tick)
+    if ends is not None:
+        cal.ends = _block_time(ends, max(2, repeats // 2), comm, clock=tick)
+    if optimizer is not None:
+        cal.optimizer = _optimizer_cost(F, optimizer, repeats, comm, tick)
     return cal
 
 
@@ -459,21 +604,23 @@ MODES = ("serial", "pipeline", "layer-parallel", "one-shot")
 def training_step(cal, N, P, mode, *, max_levels=2, cfactor=4, min_coarse=2, relax="F",
                   cycle="V", skip=True, fwd_iters=None, bwd_iters=1, microbatches=1,
                   batch=None, extra=0.0):
-    """Predicted seconds of one training step (forward + backward solve +
-    ``extra``) with calibration ``cal``: a dict with "time", "forward",
-    "backward"."""
+    """Predicted seconds of one training step with calibration ``cal``: a
+    dict with "forward" and "backward" (the solves, or the pipelined passes),
+    "pass" (the passes' fixed costs and reductions, the ends and the
+    optimiser step) and "time" (their sum + ``extra``)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: must be one of {', '.join(MODES)}")
     batch = cal.batch if batch is None else batch
     msg = cal.message(batch)
+    most_layers = -(-N // P)  # the optimiser steps every rank's layers at once
+    rest = 2 * cal.solve_fixed + 3 * cal.reduction(P) + cal.ends + cal.optimizer * most_layers
     if mode == "pipeline" and microbatches > 1:
         from layerpar.pipeline import split_sizes
         sizes = split_sizes(batch, microbatches)
-        fwd = pipeline(N, P, sizes, lambda b: cal.step("fwd_rec", b), cal.message)
-        bwd = pipeline(N, P, sizes[::-1], lambda b: cal.step("adj_w", b), cal.message)
-        allr = cal.latency * math.ceil(math.log2(P)) if P > 1 else 0.0
-        return {"time": fwd + bwd + 2 * allr + extra, "forward": fwd + allr,
-                "backward": bwd + allr}
+        fwd = pipeline(N, P, sizes, lambda b: cal.step("pipe_fwd", b), cal.message)
+        bwd = pipeline(N, P, sizes[::-1], lambda b: cal.step("pipe_bwd", b), cal.message)
+        return {"time": fwd + bwd + rest + extra, "forward": fwd, "backward": bwd,
+                "pass": rest}
     if mode in ("serial", "pipeline"):
         opts = dict(max_levels=1)
     else:
@@ -482,12 +629,15 @@ def training_step(cal, N, P, mode, *, max_levels=2, cfactor=4, min_coarse=2, rel
         opts = dict(max_levels=max_levels, cfactor=cfactor, min_coarse=min_coarse, relax=relax,
                     cycle=cycle, skip=skip, warm=mode == "one-shot")
     kw = dict(latency=cal.latency, message=msg)
-    fwd = solve(N, P, **opts, max_iter=fwd_iters or 0, cost=cal.step("fwd", batch),
-                final_cost=cal.step("fwd_rec", batch), **kw)
-    bwd = solve(N, P, **opts, max_iter=bwd_iters, reverse=True, cost=cal.step("adj", batch),
-                final_cost=cal.step("adj_w", batch), **kw)
-    return {"time": fwd["time"] + bwd["time"] + extra, "forward": fwd["time"],
-            "backward": bwd["time"]}
+    o = cal.overhead
+    fwd = solve(N, P, **opts, max_iter=fwd_iters or 0, cost=cal.step("fwd", batch) + o,
+                final_cost=cal.step("fwd_rec", batch) + o, **kw)
+    bwd = solve(N, P, **opts, max_iter=bwd_iters, reverse=True, cost=cal.step("adj", batch) + o,
+                final_cost=cal.step("adj_w", batch) + o, **kw)
+    if fwd["levels"] > 1 and P > 1:
+        rest += cal.latency  # the coarse grids' weights, sent before the forward solve
+    return {"time": fwd["time"] + bwd["time"] + rest + extra, "forward": fwd["time"],
+            "backward": bwd["time"], "pass": rest}
 
 
 # ---- data x layer parallelism --------------------------------------------------

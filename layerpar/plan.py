@@ -134,14 +134,17 @@ def main(*, config_path, ranks, overrides=(), calibration=None, save=None, comm=
         source = f"calibration {calibration}"
     else:
         F, shape, dtype = state_setting(config)
-        cal = pm.calibrate(F, shape, dtype, comm=comm)
+        cal = pm.calibrate(F, shape, dtype, comm=comm, overhead=True)
         source = f"calibrated now: state {shape} {str(dtype).replace('torch.', '')}"
         if save and (comm is None or comm.Get_rank() == 0):
             cal.save(save)
     out(f"{source}; messages: {cal.info.get('messages', '?')} "
         f"(latency {cal.latency:.3g} s, bandwidth {cal.bandwidth:.3g} B/s)")
-    out(f"{N} layers, batch {config['data']['batch_size']}, up to {ranks} ranks; modelled "
-        "solves only (opening, closing, loss and optimiser not included)")
+    left_out = [name for name, v in (("the solver's own costs", cal.overhead + cal.solve_fixed),
+                                     ("opening, closing, loss", cal.ends),
+                                     ("optimiser", cal.optimizer)) if not v]
+    out(f"{N} layers, batch {config['data']['batch_size']}, up to {ranks} ranks; modelled: "
+        "the solves" + (f" (not included: {'; '.join(left_out)})" if left_out else ""))
     for line in report(predict(cal, config, ranks), ranks):
         out(line)
     return 0

@@ -142,19 +142,70 @@ def test_training_step_model_equals_the_calibrated_clock(mode, opts):
             if mode == "one-shot":
                 s.solve()  # a one-shot step solves warm
             clock += s.stats()["virtual_time"]
-    assert model["time"] == pytest.approx(clock, rel=1e-9)
+    assert model["forward"] + model["backward"] == pytest.approx(clock, rel=1e-9)
     # the final sweeps' own costs (recording, weight gradients) are what the
     # clock cannot express: the full model differs from it by them alone
     full_model = pm.training_step(_calibration(), N, P, mode, **opts)
     assert full_model["time"] > model["time"]
 
 
+@pytest.mark.parametrize("mode,opts", [("serial", {}), ("pipeline", dict(microbatches=4)),
+                                       ("layer-parallel", dict(max_levels=2, cfactor=4))])
+@pytest.mark.parametrize("ranks", [1, 4])
+def test_training_step_adds_the_pass_costs(mode, opts, ranks):
+    """The costs outside the solves: the solver's per-step overhead on every
+    solver step (none in the pipeline, which is not a solve), two passes'
+    fixed costs, three reductions, the ends, the optimiser on the busiest
+    rank's layers, and the coarse weights' message."""
+    N = 18
+    base = _calibration()
+    more = pm.Calibration.load_dict(dict(base.to_dict(), overhead=1e-3, solve_fixed=0.5,
+                                         ends=0.25, optimizer=0.125))
+    a = pm.training_step(base, N, ranks, mode, **opts)
+    b = pm.training_step(more, N, ranks, mode, **opts)
+    red = base.latency * 2 if ranks == 4 else 0.0
+    ghost = base.latency if ranks == 4 and mode == "layer-parallel" else 0.0
+    assert a["pass"] == pytest.approx(3 * red + ghost, rel=1e-12)
+    assert b["pass"] == pytest.approx(2 * 0.5 + 3 * red + 0.25 + 0.125 * -(-N // ranks)
+                                      + ghost, rel=1e-12)
+    assert b["time"] == pytest.approx(b["forward"] + b["backward"] + b["pass"], rel=1e-12)
+    if mode == "pipeline":
+        assert b["forward"] == a["forward"] and b["backward"] == a["backward"]
+    else:
+        assert b["forward"] > a["forward"] and b["backward"] > a["backward"]
+        if mode == "serial" and ranks == 1:  # N steps each way, each 1e-3 dearer
+            assert b["forward"] - a["forward"] == pytest.approx(N * 1e-3, rel=1e-9)
+            assert b["backward"] - a["backward"] == pytest.approx(N * 1e-3, rel=1e-9)
+
+
+def test_older_calibration_files_load():
+    """A calibration without the entries added later: the pipeline's kinds
+    cost what the final sweeps' do, the other costs count 0."""
+    d = _calibration().to_dict()
+    for k in ("pipe_fwd", "pipe_bwd"):
+        del d["costs"][k]
+    for k in ("overhead", "solve_fixed", "ends", "optimizer"):
+        d.pop(k)
+    cal = pm.Calibration.load_dict(d)
+    assert cal.costs["pipe_fwd"] == cal.costs["fwd_rec"]
+    assert cal.costs["pipe_bwd"] == cal.costs["adj_w"]
+    assert (cal.overhead, cal.solve_fixed, cal.ends, cal.optimizer) == (0.0, 0.0, 0.0, 0.0)
+
+
 def test_calibration_round_trip(tmp_path):
     F = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh())
-    cal = pm.calibrate(F, (16, 4), torch.float64, repeats=3, overhead=True)
+    x = torch.randn(16, 4, dtype=torch.float64)
+    head = torch.nn.Linear(4, 2).double()
+
+    def ends():
+        head(x).sum().backward()
+
+    cal = pm.calibrate(F, (16, 4), torch.float64, repeats=3, overhead=True, ends=ends,
+                       optimizer=lambda params: torch.optim.SGD(params, lr=0.1), clock="cpu")
     for k in pm.KINDS:
         assert cal.step(k) > 0
-    assert cal.overhead >= 0
+    assert cal.overhead >= 0 and cal.solve_fixed >= 0
+    assert cal.ends > 0 and cal.optimizer > 0 and cal.info["clock"] == "cpu"
     assert cal.info["messages"] == "default"
     path = tmp_path / "calibration.json"
     cal.save(path)
@@ -172,6 +223,12 @@ def test_bad_arguments_are_named():
         pm.training_step(_calibration(), 8, 1, "fast")
     with pytest.raises(ValueError, match="shape="):
         pm.calibrate(torch.nn.Linear(2, 2), ())
+    with pytest.raises(ValueError, match="clock="):
+        pm.calibrate(torch.nn.Linear(2, 2), (3, 2), clock="sundial")
+    with pytest.raises(TypeError, match="ends"):
+        pm.calibrate(torch.nn.Linear(2, 2), (3, 2), ends=1.0)
+    with pytest.raises(ValueError, match="solve_fixed="):
+        pm.Calibration.load_dict(dict(_calibration().to_dict(), solve_fixed=-1.0))
 
 
 def _plan_lines(cal, tmp_path, ranks, overrides=()):
@@ -213,3 +270,18 @@ def test_plan_command_parses_without_torch():
             "assert a.command == 'plan' and a.ranks == 4 and a.calibration == 'c.json'\n"
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_overhead_fit_recovers_the_costs():
+    """Excess seconds a*steps + b*passes are fitted back exactly; a negative
+    free minimum moves to the boundary, where the fit is the best one-term
+    least-squares fit."""
+    rows = [(16, 2, 16 * 3e-5 + 2 * 1e-3), (32, 2, 32 * 3e-5 + 2 * 1e-3),
+            (64, 2, 64 * 3e-5 + 2 * 1e-3), (128, 2, 128 * 3e-5 + 2 * 1e-3)]
+    a, b = pm.fit_overhead(rows)
+    assert a == pytest.approx(3e-5, rel=1e-9) and b == pytest.approx(1e-3, rel=1e-9)
+    # excess that falls with the steps: no per-step cost, the mean per pass
+    rows = [(16, 2, 4e-3), (128, 2, 1e-3)]
+    a, b = pm.fit_overhead(rows)
+    assert a == 0.0 and b == pytest.approx((4e-3 + 1e-3) / 4, rel=1e-12)
+    assert pm.fit_overhead([(16, 2, -1.0), (32, 2, -2.0)]) == (0.0, 0.0)
