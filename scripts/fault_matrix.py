@@ -29,7 +29,6 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 CALLBACKS = ["step", "init", "clone", "sum", "norm", "bufsize", "bufpack", "bufunpack",
              "access"]
 
@@ -303,7 +302,10 @@ def loss_worker(comm):
 def child_env():
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "MPI_", "MPIR_"))}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    # where this process imports layerpar from (the source tree, or an installed build)
+    import layerpar
+    imported = os.path.dirname(os.path.dirname(os.path.abspath(layerpar.__file__)))
+    env["PYTHONPATH"] = imported + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 

@@ -20,11 +20,13 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+import braid_ext
 from braid_ext import MGRITError, MGRITTimeoutError, Solver
 from braid_ext.examples.dahlquist import Dahlquist
 from conftest import clean_mpi_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMPORTED = os.path.dirname(os.path.dirname(os.path.abspath(braid_ext.__file__)))
 CHILD_LIMIT = 120  # seconds a child job may take before it counts as hung
 
 
@@ -66,7 +68,8 @@ class PureApp:
 
 def run_child(args, timeout=CHILD_LIMIT):
     env = clean_mpi_env()
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    # the braid_ext this process imports (the source tree, or an installed build)
+    env["PYTHONPATH"] = IMPORTED + os.pathsep + env.get("PYTHONPATH", "")
     try:
         return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env,
                               cwd=ROOT)
