@@ -64,14 +64,16 @@ class Level:
         from the last rank on every rank.  Counts the forward solve."""
         out = self.net(x)
         self.work["fwd"] += sum(self.body.last_forward["steps"])
+        loss = Fn.cross_entropy(out, y) if self.last else out.sum() * 0.0
+        return (loss,) + self._values(loss, out, y)
+
+    def _values(self, loss, out, y):
+        """(loss value, correct count) from the last rank, on every rank."""
         if self.last:
-            loss = Fn.cross_entropy(out, y)
-            correct = int((out.argmax(1) == y).sum())
-            value = float(loss.detach())
+            value, correct = float(loss.detach()), int((out.argmax(1) == y).sum())
         else:
-            loss, correct, value = out.sum() * 0.0, 0, 0.0
-        value, correct = self.comm.bcast((value, correct), root=self.size - 1)
-        return loss, value, correct
+            value, correct = 0.0, 0
+        return self.comm.bcast((value, correct), root=self.size - 1)
 
     def _penalty(self, add_grad):
         o = self.config["optim"]
@@ -83,9 +85,12 @@ class Level:
     def _evaluate_with_grad(self, x, y):
         """Objective value and correct count; the objective's gradient in .grad."""
         self.optimizer.zero_grad()
-        loss, value, correct = self.forward_loss(x, y)
-        loss.backward()
+        # forward and backward together (the pipeline's 1F1B schedule
+        # interleaves them); otherwise loss.backward() after the forward pass
+        loss, out = self.net.loss_and_backward(x, y, Fn.cross_entropy)
+        self.work["fwd"] += sum(self.body.last_forward["steps"])
         self.work["bwd"] += sum(self.body.last_backward["steps"])
+        value, correct = self._values(loss, out, y)
         value += self._penalty(add_grad=True)
         if self._linear:
             for p, v in self._linear.items():
