@@ -61,11 +61,15 @@ DEFAULTS = {
     },
     "mgrit": {
         "mode": "layer-parallel",  # serial, layer-parallel, one-shot
-        "max_levels": 3,
+        # 2 levels, cfactor 4, F-relaxation, skipped first down-cycle: the
+        # fastest measured setting on one rank, 1.3-1.6x the exact mode's
+        # time per step (benchmarks/bench_mgrit_settings.py --defaults; README,
+        # "Why these defaults")
+        "max_levels": 2,
         "cfactor": 4,
-        "relax": "FCF",
+        "relax": "F",
         "cycle": "V",
-        "skip": False,         # skip the first down-cycle's relaxation (cold solves)
+        "skip": True,          # skip the first down-cycle's relaxation (cold solves)
         "fwd_iters": 0,        # 0: the mode's default (layer-parallel 2, one-shot 1)
         "bwd_iters": 0,        # 0: the mode's default (1)
         "fwd_tol": 0.0,
