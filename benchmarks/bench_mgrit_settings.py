@@ -27,8 +27,9 @@ For every candidate: time per training step (forward, loss, backward) on one
 rank as a ratio to the exact mode on one rank (medians, best times beside),
 the time on two ranks as a ratio to the same candidate's on one rank (and
 the same ratio of the solver's virtual clock, the modelled parallel time,
-which load on the machine does not change), and the relative error of the gradient against the exact gradient.  While one
-rank runs a one-rank measurement the other sleeps (no busy wait).
+which load on the machine does not change), and the relative error of the
+gradient against the exact gradient.  While one rank runs a one-rank
+measurement the other sleeps (no busy wait).
 
     mpiexec -n 2 python benchmarks/bench_mgrit_settings.py --defaults [--reps 5]
 Writes benchmarks/results/mgrit_defaults.csv.
@@ -101,7 +102,7 @@ def candidate_name(c):
     return f"L{levels}-m{m}-{relax}{'-skip' if skip else ''}-{fi}/{bi}"
 
 
-def _idle_until(comm, req):
+def _idle_until(req):
     """Wait for a nonblocking collective without spinning a core."""
     while not req.Test():
         time.sleep(0.002)
@@ -150,7 +151,7 @@ def defaults_main(a):
                 step(one[c])
             if P == 1:  # rank 1 sleeps while rank 0 works alone
                 req = world.Ibarrier()
-                _idle_until(world, req)
+                _idle_until(req)
             else:
                 world.Barrier()
             return time.perf_counter() - t

@@ -263,7 +263,6 @@ class Pipeline:
         grad_u0 = torch.cat(grad_inputs) if rank == 0 else None
         return grad_u0, sums
 
-
     def train_1f1b(self, first, last, shape, dtype, device):
         """One training step's forward and backward passes in the 1F1B
         schedule.  ``first(i)`` (first rank): micro-batch i's input state,
@@ -347,6 +346,9 @@ class Pipeline:
         msgs.wait_sends()
         held.clear()
         clock_fwd, clock = _agree_clocks(comm, error, (clock_fwd, clock))
+        # the passes interleave: the forward's clock is the one at this
+        # rank's last forward (backwards before it included), the backward's
+        # the rest
         steps = [len(net.layer_indices)]
         net.last_forward = {"iterations": 1, "residual_norms": [], "steps": steps,
                             "virtual_time": clock_fwd}
