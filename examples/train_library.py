@@ -32,7 +32,8 @@ def main():
                   lambda n: DenseStep(8, "tanh"),  # F_n, layer n (built where it lives)
                   lambda: DenseClosing(8, 5),      # last rank
                   nlayers=args.nlayers, T=4.0, comm=comm,
-                  max_levels=3, cfactor=4, fwd_iters=2, bwd_iters=1).double()
+                  max_levels=2, cfactor=4, relax="F", skip=True,
+                  fwd_iters=2, bwd_iters=1).double()
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     for epoch in range(args.epochs):
         total = 0.0

@@ -19,6 +19,7 @@ except ImportError:  # Python < 3.11
 from layerpar.data import KNOWN_DATASETS
 from layerpar.datafiles import FILE_SUFFIXES
 from layerpar.optim import LINE_SEARCHES
+from layerpar.pipeline import SCHEDULES as PIPELINE_SCHEDULES
 from layerpar.steps import ACTIVATIONS, BIASES
 
 MODES = ("serial", "layer-parallel", "one-shot")
@@ -60,11 +61,15 @@ DEFAULTS = {
     },
     "mgrit": {
         "mode": "layer-parallel",  # serial, layer-parallel, one-shot
-        "max_levels": 3,
+        # 2 levels, cfactor 4, F-relaxation, skipped first down-cycle: the
+        # fastest measured setting on one rank, 1.3-1.6x the exact mode's
+        # time per step (benchmarks/bench_mgrit_settings.py --defaults; README,
+        # "Why these defaults")
+        "max_levels": 2,
         "cfactor": 4,
-        "relax": "FCF",
+        "relax": "F",
         "cycle": "V",
-        "skip": False,         # skip the first down-cycle's relaxation (cold solves)
+        "skip": True,          # skip the first down-cycle's relaxation (cold solves)
         "fwd_iters": 0,        # 0: the mode's default (layer-parallel 2, one-shot 1)
         "bwd_iters": 0,        # 0: the mode's default (1)
         "fwd_tol": 0.0,
@@ -78,6 +83,9 @@ DEFAULTS = {
         "microbatches": 1,     # > 1: serial propagation is the exact pipeline
                                # (the batch split into micro-batches that flow
                                # rank to rank, forward and backward)
+        "schedule": "gpipe",   # the pipeline's schedule: gpipe (all forwards, then
+                               # all backwards) or 1f1b (one forward, one
+                               # backward: at most P micro-batches held per rank)
     },
     "optim": {
         "name": "adam",        # sgd, adam, lbfgs
@@ -259,6 +267,8 @@ def check(config):
     need(g["max_iters"] >= max(g["fwd_iters"], g["bwd_iters"], 2), "mgrit.max_iters",
          "must be >= 2 and >= fwd_iters and bwd_iters")
     need(g["microbatches"] >= 1, "mgrit.microbatches", "the number of micro-batches must be >= 1")
+    need(g["schedule"] in PIPELINE_SCHEDULES, "mgrit.schedule",
+         f"choose one of {', '.join(PIPELINE_SCHEDULES)}")
     need(o["name"] in OPTIMIZERS, "optim.name", f"choose one of {', '.join(OPTIMIZERS)}")
     need(math.isfinite(o["lr"]) and o["lr"] > 0, "optim.lr", "the learning rate must be > 0")
     need(0 <= o["momentum"] < 1, "optim.momentum", "must be in [0, 1)")

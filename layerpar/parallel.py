@@ -31,7 +31,7 @@ from braid_ext import MGRITError, Solver, check_options
 from layerpar import partition
 from layerpar._collective import agree, from_root
 from layerpar.apps import AdjointApp, ForwardApp
-from layerpar.pipeline import Pipeline, PipelineFunction
+from layerpar.pipeline import SCHEDULES, Pipeline, PipelineFunction, split_sizes
 from layerpar.models import (call_module, is_stochastic, layer_rng, set_training_flags,
                              training_flags)
 from layerpar.steps import ResidualLayer
@@ -130,6 +130,12 @@ class LayerParallel(nn.Module):
                    (torch.tensor_split sizes; fewer when the batch is
                    smaller) that flow rank to rank, forward and backward
                    (GPipe schedule, layerpar.pipeline)
+      schedule     the pipeline's schedule: 'gpipe' (default) or '1f1b'
+                   (one forward, one backward: at most P micro-batches'
+                   graphs held per rank instead of all of them); 1F1B runs
+                   in ``Network.loss_and_backward``, which computes the loss
+                   and the gradients together; a forward pass alone, or
+                   backward through its result, runs GPipe
       solver_cache how many solver pairs (forward and adjoint) to keep, each
                    for one state shape/dtype/device and set of options
                    (default 4): a pass with another batch size or with
@@ -161,7 +167,7 @@ class LayerParallel(nn.Module):
                  bwd_iters=1, fwd_tol=0.0, bwd_tol=0.0, fwd_rel_tol=0.0,
                  bwd_rel_tol=0.0, bwd_max_levels=None, bwd_cfactor=None,
                  bwd_relax=None, bwd_cycle=None, warm_start=False, retain_graphs=False,
-                 seed=0, microbatches=1, solver_cache=4, timeout=None):
+                 seed=0, microbatches=1, schedule="gpipe", solver_cache=4, timeout=None):
         super().__init__()
         _check_comm(comm)
         if not callable(step_factory):
@@ -178,6 +184,9 @@ class LayerParallel(nn.Module):
             raise ValueError(f"microbatches={microbatches!r}: the number of micro-batches "
                              "must be an integer >= 1")
         self.microbatches = microbatches
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        self.schedule = schedule
         if not isinstance(solver_cache, int) or isinstance(solver_cache, bool) \
                 or solver_cache < 1:
             raise ValueError(f"solver_cache={solver_cache!r}: the number of solver pairs "
@@ -757,6 +766,64 @@ class Network(nn.Module):
             with layer_rng(self.body.seed, pass_index, layer, x.device):
                 return module(x)
         return module(x)
+
+    def loss_and_backward(self, x, y, loss_fn, *, reduction="mean"):
+        """Collective: the loss of the batch and its gradient, accumulated in
+        every parameter's ``.grad`` as ``self.loss(x, y, loss_fn).backward()``
+        does.  Returns (loss, class scores), both detached: on the last rank
+        the loss and the scores of the batch, elsewhere a zero and a
+        placeholder.  Only the first rank needs ``x`` and only the last ``y``.
+
+        With the pipeline (``microbatches`` > 1, one level) and
+        ``schedule='1f1b'`` the forward and backward passes of the
+        micro-batches interleave (``layerpar.pipeline``): the closing layer
+        and the loss run per micro-batch, so ``loss_fn`` must be a mean
+        (``reduction='mean'``, like ``cross_entropy``'s default: micro-batch
+        losses weighted by their share of the batch) or a sum
+        (``reduction='sum'``) over the samples."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction={reduction!r}: choose mean or sum")
+        body = self.body
+        if not (body.pipelined and body.schedule == "1f1b"):
+            out = self(x)
+            loss = loss_fn(out, y) if self.is_last else out.sum() * 0.0
+            loss.backward()
+            return loss.detach(), out.detach()
+        return self._train_1f1b(x, y, loss_fn, reduction)
+
+    def _train_1f1b(self, x, y, loss_fn, reduction):
+        body = self.body
+        p = body.passes  # the pass the body is about to run
+        parts, head = None, None
+        if self.is_first:
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"the input on rank {self.rank} must be a tensor, "
+                                f"not {type(x).__name__}")
+            parts = x.tensor_split(len(split_sizes(len(x), body.microbatches)))
+            head = self._call_end(self.opening, parts[0], p, -1)  # its state's shape
+            # a state of the batch's shape (no storage): what the body checks
+            probe = head.detach().new_zeros(()).expand((len(x),) + tuple(head.shape[1:]))
+        shape, dtype, device = body._prepare(probe if self.is_first else None)
+        body._record = True
+        body._pass_index, body.passes = p, p + 1
+        B = shape[0]
+        labels = y.tensor_split(len(split_sizes(B, body.microbatches))) if self.is_last else None
+        scores = []
+
+        def first(i):
+            return head if i == 0 else self._call_end(self.opening, parts[i], p, -1)
+
+        def last(i, u):
+            out = self._call_end(self.closing, u, p, -2)
+            scores.append(out.detach())
+            loss = loss_fn(out, labels[i])
+            return loss * (len(labels[i]) / B) if reduction == "mean" else loss
+
+        total = body._pipeline.train_1f1b(first, last, shape, dtype, device)
+        if self.is_last:
+            return total, torch.cat(scores)
+        return torch.zeros((), dtype=dtype, device=device), torch.zeros(0, dtype=dtype,
+                                                                         device=device)
 
     def loss(self, x, y, loss_fn):
         """The loss on the last rank; elsewhere a zero connected to the

@@ -1,4 +1,4 @@
-"""Exact pipelined layer-serial propagation (GPipe schedule).
+"""Exact pipelined layer-serial propagation: GPipe and 1F1B schedules.
 
 The batch is split along dimension 0 into micro-batches (``torch.tensor_split``
 sizes: the first ``B % M`` of them one sample larger).  Rank r holds the
@@ -15,6 +15,18 @@ are summed (round-off).  Layers whose output for one sample depends on other
 samples of the batch (batch normalisation in training mode) see micro-batches
 instead of the batch.
 
+GPipe runs every forward before every backward, so each rank holds the
+graphs of all M micro-batches between the two passes.  The 1F1B schedule
+(one forward, one backward: ``Pipeline.train_1f1b``) interleaves them within
+one training step: rank r runs P - r - 1 forwards (the warm-up), then
+alternates the forward of the next micro-batch with the backward of the
+oldest one it holds, then runs the remaining backwards; it holds at most
+P - r micro-batches' graphs at once (``peak_held``).  Its backward of
+micro-batch i needs the loss gradient of micro-batch i before the later
+micro-batches have run forward, so it computes the loss and the gradients
+together (``Network.loss_and_backward``), the closing layer and the loss
+applied per micro-batch on the last rank.
+
 Messages carry a header of two float64 words, [failed flag, sender's virtual
 clock], then the micro-batch's values.  A rank whose layer raised (or made
 NaN/Inf) sends the header alone from then on, so the schedule of messages
@@ -25,6 +37,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+SCHEDULES = ("gpipe", "1f1b")
 _HEADER = 2                      # float64 words: [failed flag, virtual clock]
 _HEADER_BYTES = 8 * _HEADER
 
@@ -83,6 +96,10 @@ class _Messages:
             body.view(x.shape).copy_(x.detach())
         self.sends.append((self.comm.Isend([buf, MPI.BYTE], dest=dest, tag=tag), buf))
 
+    def reap(self):
+        """Release the buffers of the sends that have completed."""
+        self.sends = [(req, buf) for req, buf in self.sends if not req.Test()]
+
     def wait_sends(self):
         MPI.Request.Waitall([req for req, _ in self.sends])
         self.sends.clear()
@@ -128,6 +145,7 @@ class Pipeline:
 
     def __init__(self, net):
         self.net = net
+        self.peak_held = 0  # most micro-batch graphs held at once in the last pass
 
     @property
     def comm(self):
@@ -136,11 +154,12 @@ class Pipeline:
         or the user's."""
         return self.net.communicator("pipeline")
 
-    def _block(self, x, record):
-        """This rank's layers on micro-batch x: (input leaf, output)."""
+    def _block(self, x, record, *, detach=True):
+        """This rank's layers on micro-batch x: (input leaf, output); with
+        ``detach=False`` x itself is the input (its graph continues)."""
         net = self.net
         with torch.set_grad_enabled(record):
-            x_in = x.detach().requires_grad_(record)
+            x_in = x.detach().requires_grad_(record) if detach else x
             y = x_in
             for n in net.layer_indices:
                 y = torch.add(y, net.layers[str(n)](y), alpha=net.h)
@@ -181,6 +200,7 @@ class Pipeline:
             elif not failed:
                 outputs.append(y.detach())
         msgs.wait_sends()
+        self.peak_held = len(kept)
         clock = _agree(comm, error, clock)
         net.last_forward = {"iterations": 1, "residual_norms": [],
                             "steps": [len(net.layer_indices)], "virtual_time": clock}
@@ -242,6 +262,106 @@ class Pipeline:
                              "steps": [len(net.layer_indices)], "virtual_time": clock}
         grad_u0 = torch.cat(grad_inputs) if rank == 0 else None
         return grad_u0, sums
+
+    def train_1f1b(self, first, last, shape, dtype, device):
+        """One training step's forward and backward passes in the 1F1B
+        schedule.  ``first(i)`` (first rank): micro-batch i's input state,
+        with its graph (the opening layer); ``last(i, u)`` (last rank): the
+        scalar loss of micro-batch i from its final state u, with its graph
+        (closing layer and loss), weighted as the step's loss needs.  The
+        gradients of every parameter on the graphs accumulate in ``.grad``.
+        Returns the sum of the micro-batches' losses (last rank, else None)."""
+        net, comm = self.net, self.comm
+        rank, size = comm.Get_rank(), comm.Get_size()
+        is_first, is_last = rank == 0, rank == size - 1
+        sizes = split_sizes(shape[0], net.microbatches)
+        m = len(sizes)
+        cost = len(net.layer_indices) / m  # full-batch layer steps
+        warm = min(size - rank - 1, m)
+        order = [("f", i) for i in range(warm)]
+        for i in range(m - warm):
+            order += [("f", warm + i), ("b", i)]
+        order += [("b", i) for i in range(m - warm, m)]
+        msgs = _Messages(comm, shape[1:], dtype, device)
+
+        # one receive posted ahead per direction: states from the previous
+        # rank (tag: micro-batch), adjoints from the next one (tag: m + micro-batch)
+        def post(direction, i):
+            if i >= m:
+                return None
+            if direction == "f":
+                return msgs.post_recv(rank - 1, i, sizes[i]) if not is_first else None
+            return msgs.post_recv(rank + 1, m + i, sizes[i]) if not is_last else None
+
+        posted = {"f": post("f", 0), "b": post("b", 0)}
+        held, self.peak_held = {}, 0
+        total, error, clock, clock_fwd = None, None, 0.0, 0.0
+        for kind, i in order:
+            failed = False
+            if posted[kind] is not None:
+                x, failed, sent_at = msgs.finish_recv(posted[kind])
+                posted[kind] = post(kind, i + 1)
+                clock = max(clock, sent_at)
+            if kind == "f":
+                out = None
+                if not failed and error is None:
+                    try:
+                        x_in = first(i) if is_first else x.detach().requires_grad_(True)
+                        _, out = self._block(x_in, True, detach=False)
+                        clock += cost
+                        if not torch.isfinite(out).all():
+                            raise FloatingPointError(_first_nonfinite(net, x_in.detach()))
+                        if is_last:  # the graph ends in micro-batch i's loss
+                            loss = last(i, out)
+                            total = loss.detach() if total is None else total + loss.detach()
+                            held[i] = (x_in, loss)
+                        else:
+                            held[i] = (x_in, out)
+                        self.peak_held = max(self.peak_held, len(held))
+                    except Exception as e:  # reported on every rank by _agree
+                        error, out = e, None
+                failed = failed or error is not None
+                clock_fwd = clock
+                if not is_last:
+                    # micro-batch i's block output, to the next rank
+                    msgs.send(rank + 1, i, out, failed, clock)
+            else:
+                gx = None
+                graph = held.pop(i, None)  # released after its backward
+                if not failed and error is None and graph is not None:
+                    try:
+                        x_in, out = graph
+                        torch.autograd.backward(out, None if is_last else x)
+                        clock += cost
+                        gx = None if is_first else x_in.grad
+                    except Exception as e:
+                        error = e
+                # no graph: micro-batch i failed forward, here or upstream
+                failed = failed or error is not None or graph is None
+                del graph
+                if not is_first:
+                    # the adjoint of micro-batch i's block input, to the previous rank
+                    msgs.send(rank - 1, m + i, gx, failed, clock)
+            msgs.reap()
+        msgs.wait_sends()
+        held.clear()
+        clock_fwd, clock = _agree_clocks(comm, error, (clock_fwd, clock))
+        # the passes interleave: the forward's clock is the one at this
+        # rank's last forward (backwards before it included), the backward's
+        # the rest
+        steps = [len(net.layer_indices)]
+        net.last_forward = {"iterations": 1, "residual_norms": [], "steps": steps,
+                            "virtual_time": clock_fwd}
+        net.last_backward = {"iterations": 1, "residual_norms": [], "steps": list(steps),
+                             "virtual_time": clock - clock_fwd}
+        return total if is_last else None
+
+
+def _agree_clocks(comm, error, clocks):
+    """_agree for a tuple of virtual clocks: each one's maximum over ranks."""
+    parts = comm.allgather(clocks)
+    _agree(comm, error, 0.0)
+    return tuple(max(p[k] for p in parts) for k in range(len(clocks)))
 
 
 class PipelineFunction(torch.autograd.Function):

@@ -32,7 +32,10 @@ def candidates(config, P):
     bwd = g["bwd_iters"] or 1
     base = dict(max_levels=g["max_levels"], cfactor=g["cfactor"], relax=g["relax"],
                 skip=g["skip"], cycle=g["cycle"], fwd_iters=fwd, bwd_iters=bwd)
-    mg = [base, dict(base, relax="F", skip=True), dict(base, max_levels=base["max_levels"] + 1),
+    # the other relaxation: F with the skipped down-cycle, or FCF without
+    other = dict(base, relax="FCF", skip=False) if (base["relax"], base["skip"]) == ("F", True) \
+        else dict(base, relax="F", skip=True)
+    mg = [base, other, dict(base, max_levels=base["max_levels"] + 1),
           dict(base, cfactor=2 if base["cfactor"] != 2 else 8)]
     ranks = sorted({P} | {2 ** k for k in range(int(math.log2(P)) + 1)})
     out = []

@@ -37,6 +37,7 @@ def test_file_and_overrides(tmp_path):
     ('mgrit.cycle="W"', "mgrit.cycle"),
     ("mgrit.microbatches=0", "mgrit.microbatches"),
     ("mgrit.microbatches=2.5", "mgrit.microbatches"),
+    ('mgrit.schedule="interleaved"', "mgrit.schedule"),
     ("model.nlayers=0", "model.nlayers"),
     ('optim.name="rmsprop"', "optim.name"),
     ("data.batch_size=0", "data.batch_size"),
@@ -69,8 +70,9 @@ def test_mgrit_options_reach_the_network():
     from layerpar.training import mgrit_options
     opts = mgrit_options(resolve(None, ["mgrit.skip=true", "mgrit.microbatches=4"]))
     assert opts["skip"] is True and opts["microbatches"] == 4
-    serial = mgrit_options(resolve(None, ['mgrit.mode="serial"', "mgrit.microbatches=4"]))
-    assert serial == {"max_levels": 1, "microbatches": 4}
+    serial = mgrit_options(resolve(None, ['mgrit.mode="serial"', "mgrit.microbatches=4",
+                                          'mgrit.schedule="1f1b"']))
+    assert serial == {"max_levels": 1, "microbatches": 4, "schedule": "1f1b"}
 
 
 def test_paper_peaks_configuration():

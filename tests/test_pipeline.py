@@ -222,3 +222,130 @@ def test_serial_mode_with_microbatches_trains_like_one_rank():
         shutil.rmtree(own, ignore_errors=True)
         if WORLD.rank == 0:
             shutil.rmtree(shared, ignore_errors=True)
+
+
+# ---- the 1F1B schedule ------------------------------------------------------
+
+def gathered_grads(net):
+    grads = {k: p.grad for k, p in net.named_parameters()}
+    return {k: v for part in WORLD.allgather(grads) for k, v in part.items()}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("microbatches", [1, 2, 3, 8])
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_1f1b_equals_serial_autograd(kind, microbatches):
+    """Loss, class scores and every gradient of a 1F1B step against the
+    serial network's loss.backward(), batch 10 (uneven micro-batches)."""
+    net = make_net(kind, microbatches=microbatches, schedule="1f1b")
+    x, y = batch(kind, 10)
+    loss, out = net.loss_and_backward(x, y, Fn.cross_entropy)
+    grads = gathered_grads(net)
+    loss, out = WORLD.bcast((loss, out) if net.is_last else None, root=net.body.last_rank)
+    held = WORLD.allgather(net.body._pipeline.peak_held)
+
+    seq = net.serial_equivalent()
+    ref = seq(x)
+    sloss = Fn.cross_entropy(ref, y)
+    sloss.backward()
+    assert rel_err(out, ref.detach()) <= TOL
+    assert abs(float(loss) - float(sloss)) <= TOL * abs(float(sloss))
+    sgrads = {serial_key(k, 8 if kind == "conv" else 12): p.grad for k, p in seq.named_parameters()}
+    assert grads.keys() == sgrads.keys()
+    worst = max(rel_err(grads[k], sgrads[k]) for k in grads)
+    assert worst <= TOL, worst
+    if net.body.pipelined:
+        # rank r holds at most P - r micro-batches' graphs (the warm-up plus one)
+        assert held == [min(WORLD.size - r, microbatches) for r in range(WORLD.size)]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("microbatches", [2, 3, 8])
+def test_1f1b_holds_at_most_P_microbatches_where_gpipe_holds_all(microbatches):
+    """The instrumented count of micro-batch graphs held at once: 1F1B at
+    most P per rank (P - rank), GPipe all of them; same gradients."""
+    P = WORLD.size
+    nets = {s: make_net("dense", microbatches=microbatches, schedule=s)
+            for s in ("gpipe", "1f1b")}
+    x, y = batch("dense", 16, seed=3)
+    held, grads = {}, {}
+    for s, net in nets.items():
+        net.loss_and_backward(x, y, Fn.cross_entropy)
+        held[s] = net.body._pipeline.peak_held
+        grads[s] = gathered_grads(net)
+    assert held["gpipe"] == microbatches
+    assert held["1f1b"] <= P and held["1f1b"] == min(P - WORLD.rank, microbatches)
+    for k in grads["gpipe"]:
+        assert rel_err(grads["1f1b"][k], grads["gpipe"][k]) <= TOL
+
+
+@pytest.mark.mpi
+def test_1f1b_sum_reduction_and_accumulation():
+    """reduction='sum' with a summed loss, and a second step without
+    zero_grad: the gradients add up as loss.backward() twice would."""
+    net = make_net("conv", microbatches=3, schedule="1f1b")
+    x, y = batch("conv", 7)
+    for _ in range(2):
+        net.loss_and_backward(x, y, lambda o, t: Fn.cross_entropy(o, t, reduction="sum"),
+                              reduction="sum")
+    grads = gathered_grads(net)
+    seq = net.serial_equivalent()
+    for _ in range(2):
+        Fn.cross_entropy(seq(x), y, reduction="sum").backward()
+    for k, p in seq.named_parameters():
+        assert rel_err(grads[serial_key(k, 8)], p.grad) <= TOL
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("how", ["raise", "nan"])
+def test_1f1b_failing_layer_raises_on_every_rank(how):
+    bad = 5
+    net = Network(lambda: torch.nn.Linear(2, 3).double(), lambda n: Failing(n, bad, how),
+                  lambda: torch.nn.Linear(3, 2).double(), nlayers=8, T=1.0, comm=WORLD,
+                  microbatches=3, schedule="1f1b")
+    x, y = torch.ones(6, 2, dtype=F64), torch.zeros(6, dtype=torch.long)
+    expected = (RuntimeError if how == "raise" else FloatingPointError)
+    with pytest.raises(expected) as info:
+        net.loss_and_backward(x, y, Fn.cross_entropy)
+    if how == "nan":
+        assert f"layer {bad}" in str(info.value)
+    elif bad not in net.body.layer_indices:
+        assert isinstance(info.value, PipelineFailure)
+    assert WORLD.allreduce(1) == WORLD.size
+
+
+@pytest.mark.parametrize("kw,name", [(dict(schedule="2f2b"), "schedule"),
+                                     (dict(schedule=None), "schedule")])
+def test_bad_schedule_raises_naming_the_argument(kw, name):
+    with pytest.raises(ValueError, match=name):
+        make_net("dense", comm=MPI.COMM_SELF, microbatches=2, **kw)
+    with pytest.raises(ValueError, match="reduction"):
+        make_net("dense", comm=MPI.COMM_SELF).loss_and_backward(
+            *batch("dense", 4), Fn.cross_entropy, reduction="none")
+
+
+@pytest.mark.mpi
+def test_serial_mode_with_1f1b_trains_like_gpipe():
+    """The command's serial mode with mgrit.schedule = "1f1b" gives the
+    metrics of the GPipe schedule (both exact)."""
+    def config(run_dir, schedule):
+        return resolve(None, ['mgrit.mode="serial"', "model.nlayers=8", "model.width=4",
+                              "optim.epochs=1", "data.batch_size=250", 'data.dtype="float64"',
+                              "run.plot=false", f'run.dir="{run_dir}"', "mgrit.microbatches=3",
+                              f'mgrit.schedule="{schedule}"', 'optim.name="sgd"', "optim.lr=0.05"])
+    dirs = [WORLD.bcast(tempfile.mkdtemp(prefix="lp-1f1b-") if WORLD.rank == 0 else None)
+            for _ in range(2)]
+    try:
+        runs = [Trainer(config(d, s), WORLD) for d, s in zip(dirs, ("gpipe", "1f1b"))]
+        assert runs[1].net.body.schedule == "1f1b"
+        for t in runs:
+            t.run()
+        rows = [WORLD.bcast(t.metrics.rows(), root=0) for t in runs]
+        for a, b in zip(*rows, strict=True):
+            for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
+                assert math.isclose(a[key], b[key], rel_tol=1e-10, abs_tol=1e-14), key
+    finally:
+        WORLD.Barrier()
+        if WORLD.rank == 0:
+            for d in dirs:
+                shutil.rmtree(d, ignore_errors=True)

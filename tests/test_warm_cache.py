@@ -112,8 +112,9 @@ def test_bad_solver_cache_is_refused():
 def _one_shot_trainer(run_dir):
     from layerpar.config import resolve
     from layerpar.training import Trainer
+    # FCF without the skipped down-cycle: every solve's history starts at r_0
     sets = ['mgrit.mode="one-shot"', "mgrit.max_levels=2", "mgrit.cfactor=2", "model.nlayers=8",
-            "model.width=4", "data.batch_size=50", 'data.dtype="float64"', "run.plot=false",
+            'mgrit.relax="FCF"', "mgrit.skip=false", "model.width=4", "data.batch_size=50", 'data.dtype="float64"', "run.plot=false",
             f'run.dir="{run_dir}"']
     return Trainer(resolve(None, sets), WORLD, metrics=False)
 

@@ -17,12 +17,14 @@ def mgrit_options(config):
     # micro-batches act wherever propagation is serial (serial mode, and the
     # monitor's fallback): the exact pipeline
     if g["mode"] == "serial":
-        return {"max_levels": 1, "microbatches": g["microbatches"]}
+        return {"max_levels": 1, "microbatches": g["microbatches"],
+                "schedule": g["schedule"]}
     fwd_iters, bwd_iters = mode_iterations(config)
     return dict(max_levels=g["max_levels"], cfactor=g["cfactor"], relax=g["relax"],
                 cycle=g["cycle"], skip=g["skip"], fwd_iters=fwd_iters, bwd_iters=bwd_iters,
                 fwd_tol=g["fwd_tol"], bwd_tol=g["bwd_tol"],
-                warm_start=g["mode"] == "one-shot", microbatches=g["microbatches"])
+                warm_start=g["mode"] == "one-shot", microbatches=g["microbatches"],
+                schedule=g["schedule"])
 
 
 def build_network(config, input_shape, num_classes, comm, *, nlayers=None):

@@ -98,14 +98,16 @@ class Level:
     def _share_forward_loss(self, x, y):
         out = self.net(x)
         self.work["fwd"] += sum(self.body.last_forward["steps"])
+        loss = Fn.cross_entropy(out, y) if self.last else out.sum() * 0.0
+        return (loss,) + self._values(loss, out, y)
+
+    def _values(self, loss, out, y):
+        """(loss value, correct count) from the last rank, on every rank."""
         if self.last:
-            loss = Fn.cross_entropy(out, y)
-            correct = int((out.argmax(1) == y).sum())
-            value = float(loss.detach())
+            value, correct = float(loss.detach()), int((out.argmax(1) == y).sum())
         else:
-            loss, correct, value = out.sum() * 0.0, 0, 0.0
-        value, correct = self.comm.bcast((value, correct), root=self.size - 1)
-        return loss, value, correct
+            value, correct = 0.0, 0
+        return self.comm.bcast((value, correct), root=self.size - 1)
 
     def _penalty(self, add_grad):
         o = self.config["optim"]
@@ -117,11 +119,21 @@ class Level:
     def _evaluate_with_grad(self, x, y, size=None):
         """Objective value and correct count; the objective's gradient in .grad."""
         self.optimizer.zero_grad()
-        loss, value, correct = self.forward_loss(x, y, size)
-        if loss is not None:
-            loss.backward()
+        if self.grid is not None and size is None:
+            raise ValueError("on a process grid the global batch size must be given")
+        if self.grid is None or self.grid.share_size(size) > 0:
+            # forward and backward together (the pipeline's 1F1B schedule
+            # interleaves them); otherwise loss.backward() after the forward pass
+            loss, out = self.net.loss_and_backward(x, y, Fn.cross_entropy)
+            self.work["fwd"] += sum(self.body.last_forward["steps"])
             self.work["bwd"] += sum(self.body.last_backward["steps"])
+            value, correct = self._values(loss, out, y)
+        else:  # no rows here: no solve (the pass is still counted for the random draws)
+            self.body.passes += 1
+            value, correct = 0.0, 0
         if self.grid is not None:
+            value, correct = self.grid.sum_values([self.grid.weight(size) * value, correct])
+            correct = int(correct)
             self.grid.average_gradients(self.net.parameters(), self.grid.weight(size))
         value += self._penalty(add_grad=True)
         if self._linear:
