@@ -337,7 +337,7 @@ def corrupt_copies(path, directory):
         for part in part_files(bad):
             with h5py.File(part, "r") as f:
                 if "layer.4" in f:
-                    offset = f["layer.4/params/weight"].id.get_offset()
+                    offset = f["layer.4/data"].id.get_offset()  # weight first
                     break
         data = bytearray(open(part, "rb").read())
         data[offset + at] ^= 0x10

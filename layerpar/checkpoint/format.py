@@ -3,10 +3,11 @@
 A *tree* is a nested dict (keys all str or all int), list or tuple whose
 leaves are torch tensors (any shape and dtype, bfloat16 included), numpy
 arrays and scalars, and the Python scalars bool, int, float, str and None.
-In HDF5 a container is a group with attribute ``container`` (dict,
-dict_int, list, tuple) and a leaf a dataset with attribute ``kind``
-(tensor with ``torch_dtype``, ndarray, npscalar, json); a tree read back has
-the same types, keys, key order, dtypes and bits.
+An *entry* of a part (:func:`write_entry`) is an HDF5 group holding a tree:
+the dataset ``tree`` is its structure as JSON (containers, keys, the Python
+scalars, and for each array leaf its kind, dtype, shape and byte offset),
+the dataset ``data`` the arrays' bytes; a tree read back has the same
+types, keys, key order, dtypes and bits.
 
 :func:`digest_tree` is a SHA-256 over a tree's content (types, keys,
 dtypes, shapes, bytes), the same for a tree and for the tree read back.
@@ -26,16 +27,19 @@ Version 2 (written now)
     ``rng`` (that rank's RNG state) and ``shared`` (the pieces of the
     opening, closing, optimizer and extra sections that this part holds);
     each entry group carries the :func:`digest_tree` of its content as
-    attribute ``sha256``.  The part's digest in the manifest is
-    :func:`table_digest` of those entry digests, so a reader verifies the
+    attribute ``sha256``.  The part's digest in the manifest is the
+    :class:`TableDigest` of those entry digests, so a reader verifies the
     part's table against the manifest and each entry it reads against the
     table, without reading the rest of the part.
 
 Version 1 (read only)
     One file with the same root attributes (no ``parts_dir``) and the whole
     state in groups ``layers/<n>``, ``opening``, ``closing``, ``optimizer``,
-    ``rng/<rank>``, ``extra``; ``sha256`` is :func:`scan` over all of it.
+    ``rng/<rank>``, ``extra`` (a container a group with attribute
+    ``container``, a leaf a dataset with attribute ``kind``); ``sha256`` is
+    :func:`scan` over all of it.
 """
+import gc
 import hashlib
 import io
 import json
@@ -162,37 +166,81 @@ def digest_tree(obj, where: str = "") -> str:
     return h.hexdigest()
 
 
-def write_tree(group: h5py.Group, name: str, obj, where: str):
-    """Store ``obj`` as ``group[name]``; returns the new group or dataset."""
-    if isinstance(obj, Mapping):
-        kind = _dict_kind(obj, where)
-        g = group.create_group(name, track_order=True)
-        g.attrs["container"] = kind
-        for k in obj:
-            write_tree(g, _check_key(k, where), obj[k], f"{where}/{k}")
-        return g
-    if isinstance(obj, (list, tuple)):
-        g = group.create_group(name, track_order=True)
-        g.attrs["container"] = "tuple" if isinstance(obj, tuple) else "list"
-        for i, v in enumerate(obj):
-            write_tree(g, str(i), v, f"{where}/{i}")
-        return g
-    if isinstance(obj, torch.Tensor):
-        dtype, arr = _tensor_bits(obj, where)
-        ds = group.create_dataset(name, data=arr)
-        ds.attrs["kind"] = "tensor"
-        ds.attrs["torch_dtype"] = dtype
-        return ds
-    if isinstance(obj, (np.ndarray, np.generic)):
-        ds = group.create_dataset(name, data=_numpy_ok(obj, where))
-        ds.attrs["kind"] = "ndarray" if isinstance(obj, np.ndarray) else "npscalar"
-        return ds
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        text = json.dumps(obj, allow_nan=True).encode("utf-8")
-        ds = group.create_dataset(name, data=np.frombuffer(text, dtype=np.uint8))
-        ds.attrs["kind"] = "json"
-        return ds
-    raise _unstorable(obj, where)
+def write_entry(parent: h5py.Group, name: str, obj, where: str) -> h5py.Group:
+    """Store the tree ``obj`` as the group ``parent[name]`` with two
+    datasets: ``tree``, its structure as JSON (containers, keys, the Python
+    scalars, and for each array leaf its kind, dtype, shape and place), and
+    ``data``, the bytes of its arrays one after the other (each at a multiple
+    of 16 bytes)."""
+    arrays = []  # [numpy array, offset]
+    end = 0
+
+    def encode(o, w):
+        nonlocal end
+        if isinstance(o, Mapping):
+            if _dict_kind(o, w) == "dict_int":
+                return {"di": [[int(k), encode(v, f"{w}/{k}")] for k, v in o.items()]}
+            return {"d": [[_check_key(k, w), encode(v, f"{w}/{k}")] for k, v in o.items()]}
+        if isinstance(o, (list, tuple)):
+            return {"t" if isinstance(o, tuple) else "l":
+                    [encode(v, f"{w}/{i}") for i, v in enumerate(o)]}
+        if isinstance(o, torch.Tensor):
+            dtype, arr = _tensor_bits(o, w)
+            node = {"T": dtype}
+        elif isinstance(o, (np.ndarray, np.generic)):
+            arr = _numpy_ok(o, w)
+            node = {"A" if isinstance(o, np.ndarray) else "S": 1}
+        elif o is None or isinstance(o, (bool, int, float, str)):
+            return {"j": o}
+        else:
+            raise _unstorable(o, w)
+        arr = np.require(arr, requirements="C")  # (ascontiguousarray makes 0-d arrays 1-d)
+        node.update(dtype=arr.dtype.str, shape=list(arr.shape), at=end)
+        arrays.append((arr, end))
+        end += -(-arr.nbytes // 16) * 16
+        return node
+
+    text = json.dumps(encode(obj, where), allow_nan=True).encode("utf-8")
+    g = parent.create_group(name)
+    g.create_dataset("tree", data=np.frombuffer(text, dtype=np.uint8))
+    blob = np.zeros(end, dtype=np.uint8)  # one entry's bytes: a layer's, not the model's
+    for arr, at in arrays:
+        blob[at:at + arr.nbytes] = arr.reshape(-1).view(np.uint8)
+    g.create_dataset("data", data=blob)
+    return g
+
+
+def read_entry(g: h5py.Group, where: str):
+    """The tree stored by :func:`write_entry`."""
+    blob = np.asarray(g["data"][()])
+
+    def array(node):
+        dtype = np.dtype(node["dtype"])
+        count = int(np.prod(node["shape"], dtype=np.int64))
+        at = int(node["at"])
+        raw = blob[at:at + count * dtype.itemsize]
+        return np.frombuffer(raw.tobytes(), dtype=dtype, count=count).reshape(tuple(node["shape"]))
+
+    def decode(node):
+        if "d" in node:
+            return {k: decode(v) for k, v in node["d"]}
+        if "di" in node:
+            return {int(k): decode(v) for k, v in node["di"]}
+        if "l" in node:
+            return [decode(v) for v in node["l"]]
+        if "t" in node:
+            return tuple(decode(v) for v in node["t"])
+        if "j" in node:
+            return node["j"]
+        if "T" in node:
+            return _decode_leaf("tensor", node["T"], array(node), where)
+        if "A" in node:
+            return np.array(array(node))
+        if "S" in node:
+            return array(node)[()]
+        raise CheckpointError(f"{where}: unknown entry node {sorted(node)}")
+
+    return decode(json.loads(bytes(np.asarray(g["tree"][()])).decode("utf-8")))
 
 
 def attr_value(v):
@@ -234,15 +282,6 @@ def _decode_leaf(kind, torch_dtype, arr: np.ndarray, path: str):
     if kind == "json":
         return json.loads(arr.tobytes().decode("utf-8"))
     raise CheckpointError(f"{path}: unknown leaf kind {kind!r}")
-
-
-def read_tree(obj, path: str):
-    """The tree stored in an HDF5 group or dataset."""
-    if isinstance(obj, h5py.Group):
-        children = [(k, read_tree(obj[k], f"{path}/{k}")) for k in obj.keys()]
-        return _build_container(obj.attrs.get("container", "dict"), children, path)
-    arr = np.asarray(obj[()])
-    return _decode_leaf(obj.attrs.get("kind"), obj.attrs.get("torch_dtype"), arr, path)
 
 
 # --------------------------------------------------------------------------
@@ -362,26 +401,34 @@ def layer_entry(n: int) -> str:
     return f"layer.{int(n)}"
 
 
-def table_digest(table: Mapping) -> str:
-    """A part's digest: SHA-256 over its entries' names and digests."""
-    h = hashlib.sha256(PART_FORMAT.encode() + b"\n")
-    for name in sorted(table):
-        h.update(f"{name}\0{table[name]}\n".encode())
-    return h.hexdigest()
+class TableDigest:
+    """A part's digest: SHA-256 over its entries' names and digests in the
+    order they were written (the order HDF5 lists them), kept as it goes."""
+
+    def __init__(self):
+        self._h = hashlib.sha256(PART_FORMAT.encode() + b"\n")
+
+    def add(self, name: str, digest: str) -> None:
+        self._h.update(f"{name}\0{digest}\n".encode())
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
 
 
 def write_part(target, entries) -> str:
     """Write a part to ``target`` (a file-like object); ``entries`` yields
     (name, tree, where) one at a time, so only one entry is in hand at once.
-    Returns the part's :func:`table_digest`."""
-    table = {}
+    Returns the part's digest (:class:`TableDigest`)."""
+    table = TableDigest()
     with h5open(target, "w", track_order=True) as f:
         f.attrs["format"] = PART_FORMAT
         for name, obj, where in entries:
             digest = digest_tree(obj, where)
-            write_tree(f, name, obj, where).attrs["sha256"] = digest
-            table[name] = digest
-    return table_digest(table)
+            write_entry(f, name, obj, where).attrs["sha256"] = digest
+            table.add(name, digest)
+            del obj
+            gc.collect(0)  # numpy views of torch tensors are in reference cycles
+    return table.hexdigest()
 
 
 class PartReader:
@@ -409,7 +456,10 @@ class PartReader:
             self.close()
             raise CheckpointError(f"{label} is unreadable (truncated or corrupted?): "
                                   f"{type(exc).__name__}: {one_line(exc)}") from exc
-        if table_digest(self.table) != expected:
+        table = TableDigest()
+        for name, digest in self.table.items():
+            table.add(name, digest)
+        if table.hexdigest() != expected:
             self.close()
             raise CheckpointError(f"{label} is corrupted: checksum mismatch of its table")
 
@@ -420,7 +470,7 @@ class PartReader:
         if name not in self.table:
             raise CheckpointError(f"{self.label} has no entry {name}")
         try:
-            obj = read_tree(self.f[name], name)
+            obj = read_entry(self.f[name], name)
         except CheckpointError as exc:
             raise CheckpointError(f"{self.label} is corrupted: {one_line(exc)}") from exc
         except Exception as exc:  # noqa: BLE001

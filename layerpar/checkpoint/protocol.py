@@ -135,23 +135,22 @@ class _Local:
             raise CheckpointError(f"config is not JSON-serialisable ({exc})") from exc
         n = self.head["num_layers"]
         self.layers = self._section(state, "layers")
+        # (the caller's dicts are used as they are: nothing per layer is copied)
         bad = [k for k in self.layers
                if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < n]
         if bad:
             raise CheckpointError(f"layer keys must be global indices 0..{n - 1}, got {bad[:5]}")
-        self.layers = {int(k): v for k, v in self.layers.items()}
         opt = self._section(state, "optimizer")
         self.opt_layers = None
         if "layers" in opt:
             if not isinstance(opt["layers"], Mapping):
                 raise CheckpointError("state['optimizer']['layers'] must be a dict")
-            self.opt_layers = {int(k) if isinstance(k, (int, np.integer)) else k: v
-                               for k, v in opt["layers"].items()}
+            self.opt_layers = opt["layers"]
             extra = [k for k in self.opt_layers if k not in self.layers]
             if extra:
                 raise CheckpointError(f"optimiser state for layers {extra[:5]} whose weights "
                                       "this rank does not give")
-        for k in sorted(self.layers):
+        for k in self.layers:
             check_tree(self._layer(k), f"layers/{k}")
         self.rng = state.get("rng")
         check_tree(self.rng, "rng")
@@ -196,11 +195,11 @@ class _Local:
     def summary(self) -> dict:
         return {"head": self.head,
                 "config": hashlib.sha256(self.config_json.encode()).hexdigest(),
-                "runs": intervals(self.layers), "shared": self.digests,
+                "runs": intervals(int(k) for k in self.layers), "shared": self.digests,
                 "rng": self.rng is not None}
 
     def layer_digests(self, wanted) -> dict:
-        return {n: digest_tree(self._layer(n), f"layers/{n}") for n in sorted(self.layers)
+        return {int(n): digest_tree(self._layer(n), f"layers/{n}") for n in self.layers
                 if _inside(n, wanted)}
 
     def write(self, file: str, owned_runs, shared_paths) -> str:
@@ -215,7 +214,7 @@ class _Local:
                 node[p[-1]] = {} if v is _Dict else v
 
         def entries():
-            for n in sorted(self.layers):
+            for n in self.layers:
                 if _inside(n, owned_runs):
                     yield layer_entry(n), self._layer(n), f"layers/{n}"
             if self.rng is not None:
