@@ -179,9 +179,15 @@ def test_temporary_files_of_dead_runs_are_removed(tmp_path, cli):
     run_dir.mkdir()
     stale = run_dir / ".checkpoint.h5.tmp.4242.0badf00d"
     stale.write_bytes(b"half a checkpoint")
+    stale_parts = run_dir / "checkpoint.parts" / ".tmp.20260101-000000-0badf00d"
+    stale_parts.mkdir(parents=True)
+    (stale_parts / "part-00000.h5").write_bytes(b"half a part")
     code, out, err = cli("train", "--run-dir", str(run_dir), *TINY)
     assert code == 0, out + err
-    assert not stale.exists()
+    assert not stale.exists() and not stale_parts.exists()
+    # the parts of the run's own checkpoint (and no others) are there
+    assert len(os.listdir(run_dir / "checkpoint.parts")) == len(
+        [p for p in ("checkpoint.h5", "checkpoint.prev.h5") if (run_dir / p).exists()])
 
 
 def test_resume_uses_the_run_configuration(tmp_path, cli):
