@@ -41,8 +41,8 @@ import numpy as np
 
 from . import atomic
 from .errors import CheckpointError, intervals, message, one_line, ranges
-from .format import (SCALARS, SECTIONS, SHARED_SECTIONS, check_tree, digest_tree, layer_entry,
-                     manifest_image, manifest_parts_dir, write_part)
+from .format import (SCALARS, SECTIONS, SHARED_SECTIONS, _check_key, _dict_kind, check_tree,
+                     digest_tree, layer_entry, manifest_image, manifest_parts_dir, write_part)
 
 __all__ = ["save_checkpoint"]
 
@@ -162,8 +162,8 @@ class _Local:
             if sec == "optimizer":
                 tree = {k: (_Dict if k == "layers" else v) for k, v in tree.items()}
             self._flatten(tree, (sec,))
-        self.digests = [(p, _MARK if v is _Dict or isinstance(v, Mapping) else digest_tree(v, "/".join(map(str, p))))
-                        for p, v in self.leaves]
+        self.digests = [(p, _MARK if v is _Dict or isinstance(v, Mapping)
+                         else digest_tree(v, "/".join(map(str, p)))) for p, v in self.leaves]
 
     @staticmethod
     def _section(state, sec):
@@ -176,7 +176,6 @@ class _Local:
 
     def _flatten(self, tree, prefix):
         where = "/".join(map(str, prefix))
-        from .format import _check_key, _dict_kind
         kind = _dict_kind(tree, where)
         for k, v in tree.items():
             _check_key(k, where)
