@@ -17,7 +17,8 @@ ranks, it reports per method:
 
 and prints, side by side, gather / parallel for each.  Run it as
     mpiexec -n 2 python benchmarks/bench_checkpoint.py
-Writes benchmarks/results/checkpoint_memory.csv.
+Writes benchmarks/results/checkpoint_memory.csv (the rows of this number of
+ranks; those of other numbers stay).
 """
 import argparse
 import csv
@@ -185,10 +186,14 @@ def main():
               f"{p['save_s']:>10} {g['save_s']:>7} {g['save_s'] / p['save_s']:>6.2f} | "
               f"{p['load_s']:>10} {g['load_s']:>7} {g['load_s'] / p['load_s']:>6.2f}")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    kept = []   # the rows of other rank counts stay
+    if os.path.exists(a.out):
+        with open(a.out, newline="") as fh:
+            kept = [r for r in csv.DictReader(fh) if int(r["ranks"]) != size]
     with open(a.out, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=FIELDS)
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(sorted(kept + rows, key=lambda r: int(r["ranks"])))
     print(f"wrote {a.out}")
     sys.stdout.flush()
 
