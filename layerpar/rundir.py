@@ -6,7 +6,8 @@ A fresh run never writes into a folder that holds results of another run
 resumes it or ``overwrite`` is given.  An exclusive lock (``flock`` on a file
 in the folder, held by rank 0 until the process ends) refuses a second live
 run in the same folder; temporary files of saves that died with their run
-are removed once the lock is held.
+(``.checkpoint.h5.tmp.*`` manifests, ``checkpoint.parts/.tmp.*`` part
+folders) are removed once the lock is held.
 
 Every function here is collective: rank 0 looks at the file system and
 every rank gets the same answer or raises the same :class:`RunDirError`.
@@ -15,12 +16,13 @@ import errno
 import fcntl
 import glob
 import os
+import shutil
 import socket
 
 __all__ = ["RunDirError", "RESULT_FILES", "prepare", "holds_results", "latest_numbered"]
 
 RESULT_FILES = ("checkpoint.h5", "checkpoint.prev.h5", "metrics.h5", "metrics.csv")
-_OVERWRITTEN = RESULT_FILES + ("curves.png", "config.toml")
+_OVERWRITTEN = RESULT_FILES + ("curves.png", "config.toml", "checkpoint.parts")
 LOCK_NAME = ".layerpar.lock"
 
 _held_locks = []  # open lock files: closing one releases its lock
@@ -96,13 +98,10 @@ def _lock(path):
 
 
 def _remove_stale(path):
-    """Temporary files of checkpoint saves whose run died (we hold the lock:
-    no live run writes here)."""
-    for p in glob.glob(os.path.join(glob.escape(path), ".*.tmp.*")):
-        try:
-            os.unlink(p)
-        except OSError:
-            pass
+    """Temporary files of checkpoint saves whose run died: manifests and
+    unfinished part folders (we hold the lock: no live run writes here)."""
+    from layerpar.checkpoint.atomic import remove_stale
+    remove_stale(path)
 
 
 def _prepare_rank0(run_dir, default, resume, overwrite):
@@ -120,10 +119,14 @@ def _prepare_rank0(run_dir, default, resume, overwrite):
                               "continue it with --resume, replace it with --overwrite, or "
                               "choose another --run-dir")
         for f in _OVERWRITTEN:
-            try:
-                os.unlink(os.path.join(run_dir, f))
-            except FileNotFoundError:
-                pass
+            p = os.path.join(run_dir, f)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
     _remove_stale(run_dir)
     return run_dir
 

@@ -18,6 +18,8 @@ from mpi4py import MPI
 import layerpar.checkpoint as ckpt
 from layerpar.checkpoint import (CheckpointError, find_latest_checkpoint, load_checkpoint,
                                  previous_path, rng_state, save_checkpoint, verify_checkpoint)
+from layerpar.checkpoint import atomic
+from layerpar.checkpoint.optimizer import _named_leaves
 from layerpar.metrics import MetricsWriter
 
 torch.set_num_threads(1)
@@ -78,6 +80,36 @@ def same_bits(a, b):
 def file_sha(path):
     with open(path, "rb") as fh:
         return hashlib.sha256(fh.read()).hexdigest()
+
+
+def listing(directory):
+    """Every file under ``directory`` (relative path -> SHA-256)."""
+    out = {}
+    for base, _, files in os.walk(directory):
+        for f in files:
+            p = os.path.join(base, f)
+            out[os.path.relpath(p, directory)] = file_sha(p)
+    return out
+
+
+def copy_checkpoint(src, directory, name=None):
+    """Copy a checkpoint (the manifest and its parts folder) into ``directory``."""
+    dst = os.path.join(directory, name or os.path.basename(src))
+    shutil.copy(src, dst)
+    with h5py.File(src, "r") as f:
+        rel = f.attrs.get("parts_dir")
+    if rel is not None and not os.path.samefile(os.path.dirname(src), directory):
+        shutil.copytree(os.path.join(os.path.dirname(src), rel), os.path.join(directory, rel),
+                        dirs_exist_ok=True)
+    return dst
+
+
+def part_files(path):
+    """The part files of a version-2 checkpoint, in rank order."""
+    with h5py.File(path, "r") as f:
+        rel = f.attrs["parts_dir"]
+    folder = os.path.join(os.path.dirname(path), rel)
+    return [os.path.join(folder, n) for n in sorted(os.listdir(folder))]
 
 
 @pytest.fixture
@@ -175,47 +207,74 @@ def test_atomic_save_keeps_previous_on_crash(tmp_path, monkeypatch):
     comm = MPI.COMM_SELF
     path = tmp_path / "latest.h5"
     save_checkpoint(path, comm, rank_state(range(N), first=True, last=True, epoch=1, step=10))
-    before = file_sha(path)
+    before = listing(tmp_path)
 
     def crash(tmp, final, keep_previous):
         assert os.path.getsize(tmp) > 0 and verify_checkpoint(tmp)["epoch"] == 2
         raise RuntimeError("node died")
-    monkeypatch.setattr(ckpt, "_install", crash)
+    monkeypatch.setattr(atomic, "install", crash)
     with pytest.raises(CheckpointError, match="node died"):
         save_checkpoint(path, comm, rank_state(range(N), first=True, last=True, epoch=2, step=20))
     monkeypatch.undo()
-    assert file_sha(path) == before and os.listdir(tmp_path) == ["latest.h5"]
+    assert listing(tmp_path) == before   # the new parts are gone too
     assert load_checkpoint(path, comm, num_layers=N)["epoch"] == 1
-    # A crash that killed the process leaves a stale temporary file: ignored.
+    # A crash that killed the process leaves stale temporary files: ignored,
+    # and removed by the run folder's cleanup.
     (tmp_path / ".latest.h5.tmp.123.abcd").write_bytes(b"\x89HDF half written")
+    (tmp_path / "latest.parts" / ".tmp.20260101-000000-abc").mkdir()
+    (tmp_path / "latest.parts" / ".tmp.20260101-000000-abc" / "part-00000.h5").write_bytes(b"x")
     assert find_latest_checkpoint(tmp_path, comm) == str(path)
+    atomic.remove_stale(str(tmp_path))
+    assert listing(tmp_path) == before
 
 
+@pytest.mark.parametrize("stage", ["part", "manifest"])
 @pytest.mark.parametrize("failure", ["disk-full", "interrupt"])
-def test_failed_write_is_one_error_and_leaves_nothing(tmp_path, monkeypatch, failure):
+def test_failed_write_is_one_error_and_leaves_nothing(tmp_path, monkeypatch, failure, stage):
     import errno
     comm = MPI.COMM_SELF
     path = tmp_path / "latest.h5"
     save_checkpoint(path, comm, rank_state(range(N), first=True, last=True, epoch=1, step=10))
-    before = file_sha(path)
+    before = listing(tmp_path)
 
-    def fail(tmp, data):
-        with open(tmp, "xb") as fh:
-            fh.write(bytes(data[:64]))  # part of the file, then the failure
+    def fail(*args):
         if failure == "disk-full":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         raise KeyboardInterrupt
-    monkeypatch.setattr(ckpt, "_write_bytes", fail)
+    if stage == "part":   # some of the part is written, then the disk is full
+        real, calls = atomic.write_at, []
+
+        def write_at(fd, data, offset):
+            calls.append(offset)
+            if len(calls) > 3:
+                fail()
+            real(fd, data, offset)
+        monkeypatch.setattr(atomic, "write_at", write_at)
+    else:
+        def write_bytes(p, data):
+            with open(p, "xb") as fh:
+                fh.write(bytes(data[:64]))  # part of the manifest, then the failure
+            fail()
+        monkeypatch.setattr(atomic, "write_bytes", write_bytes)
     state = rank_state(range(N), first=True, last=True, epoch=2, step=20)
     if failure == "disk-full":
         with pytest.raises(CheckpointError, match="disk full") as info:
             save_checkpoint(path, comm, state)
         assert "\n" not in str(info.value)
+        if stage == "part":
+            assert "part-00000.h5" in str(info.value)
     else:  # an interrupt passes through (after the other ranks are told)
         with pytest.raises(KeyboardInterrupt):
             save_checkpoint(path, comm, state)
     monkeypatch.undo()
-    assert file_sha(path) == before and os.listdir(tmp_path) == ["latest.h5"]
+    assert listing(tmp_path) == before
+    # and a first save that fails leaves nothing at all
+    monkeypatch.setattr(atomic, "write_at", lambda *a: fail())
+    other = tmp_path / "sub"
+    other.mkdir()
+    with pytest.raises((CheckpointError, KeyboardInterrupt)):
+        save_checkpoint(other / "c.h5", comm, state)
+    assert os.listdir(other) == []
 
 
 def test_previous_checkpoint_kept_and_found(tmp_path):
@@ -227,6 +286,8 @@ def test_previous_checkpoint_kept_and_found(tmp_path):
     prev = previous_path(path)
     assert prev == str(tmp_path / "latest.prev.h5")
     assert verify_checkpoint(path)["epoch"] == 3 and verify_checkpoint(prev)["epoch"] == 2
+    # the parts of the two checkpoints kept, no others
+    assert len(os.listdir(tmp_path / "latest.parts")) == 2
     assert find_latest_checkpoint(tmp_path, comm) == str(path)
     # Metrics files and other HDF5 files in the run directory are not checkpoints.
     MetricsWriter(tmp_path, comm).append({"epoch": 1, "loss": 0.5})
@@ -241,32 +302,54 @@ def test_corrupted_files_refused(tmp_path):
     comm = MPI.COMM_SELF
     path = tmp_path / "c.h5"
     save_checkpoint(path, comm, rank_state(range(N), first=True, last=True))
-    reasons = {"truncated": "unreadable", "flipped": "checksum mismatch",
-               "flipped_last": "checksum mismatch", "missing": "not found", "not_hdf5": "unreadable"}
-    for kind, bad in corrupt_copies(str(path), str(tmp_path)).items():
-        before = file_sha(bad) if os.path.exists(bad) else None
-        with pytest.raises(CheckpointError, match=reasons[kind]) as e:
+    for kind, (bad, reason, named) in corrupt_copies(str(path), str(tmp_path)).items():
+        before = listing(os.path.dirname(bad))
+        with pytest.raises(CheckpointError, match=reason) as e:
             load_checkpoint(bad, comm)
-        assert "\n" not in str(e.value) and os.path.basename(bad) in str(e.value)
-        assert (file_sha(bad) if os.path.exists(bad) else None) == before   # a load never writes
+        assert "\n" not in str(e.value) and named in str(e.value), kind
+        assert listing(os.path.dirname(bad)) == before   # a load never writes
+        with pytest.raises(CheckpointError, match=reason):
+            verify_checkpoint(bad)
 
 
 def corrupt_copies(path, directory):
-    """Damaged versions of a good checkpoint (rank 0's work in MPI tests)."""
+    """Damaged versions of a good checkpoint (rank 0's work in MPI tests):
+    {kind: (path, reason, name in the message)}."""
     raw = open(path, "rb").read()
     out = {}
-    out["truncated"] = os.path.join(directory, "truncated.h5")
-    open(out["truncated"], "wb").write(raw[: int(len(raw) * 0.7)])
-    with h5py.File(path, "r") as f:   # the byte offset of one dataset's data
-        offset = f["layers/4/weight"].id.get_offset()
-    for name, pos in (("flipped", offset + 5), ("flipped_last", offset + 3 * 3 * 4 - 1)):
-        flipped = bytearray(raw)
-        flipped[pos] ^= 0x10
-        out[name] = os.path.join(directory, name + ".h5")
-        open(out[name], "wb").write(flipped)
-    out["missing"] = os.path.join(directory, "missing.h5")
-    out["not_hdf5"] = os.path.join(directory, "text.h5")
-    open(out["not_hdf5"], "w").write("hello\n")
+    bad = os.path.join(directory, "truncated.h5")
+    open(bad, "wb").write(raw[: int(len(raw) * 0.7)])
+    out["truncated"] = (bad, "unreadable", "truncated.h5")
+    bad = os.path.join(directory, "text.h5")
+    open(bad, "w").write("hello\n")
+    out["not_hdf5"] = (bad, "unreadable", "text.h5")
+    out["missing"] = (os.path.join(directory, "missing.h5"), "not found", "missing.h5")
+    # the manifest's own header changed: its checksum no longer matches
+    bad = copy_checkpoint(path, directory, "header.h5")
+    with h5py.File(bad, "r+") as f:
+        f.attrs["epoch"] = 99
+    out["header"] = (bad, "checksum mismatch", "header.h5")
+    # a byte of layer 4's weights flipped in the part that holds it (first or last byte)
+    for name, at in (("flipped", 5), ("flipped_last", 3 * 3 * 4 - 1)):
+        folder = os.path.join(directory, name)
+        os.makedirs(folder, exist_ok=True)
+        bad = copy_checkpoint(path, folder)
+        for part in part_files(bad):
+            with h5py.File(part, "r") as f:
+                if "layer.4" in f:
+                    offset = f["layer.4/data"].id.get_offset()  # weight first
+                    break
+        data = bytearray(open(part, "rb").read())
+        data[offset + at] ^= 0x10
+        open(part, "wb").write(data)
+        out[name] = (bad, "checksum mismatch in layer.4", os.path.basename(part))
+    # a part file missing
+    folder = os.path.join(directory, "lost")
+    os.makedirs(folder, exist_ok=True)
+    bad = copy_checkpoint(path, folder)
+    part = part_files(bad)[-1]
+    os.unlink(part)
+    out["lost_part"] = (bad, "not found", os.path.basename(part))
     return out
 
 
@@ -318,8 +401,9 @@ def test_bad_checkpoints_refused_on_every_rank(shared_dir):
     save_checkpoint(path, comm, rank_state(mine, first=rank == 0, last=rank == size - 1))
     bad = corrupt_copies(path, shared_dir) if rank == 0 else None
     bad = comm.bcast(bad, root=0)
-    good_sha = comm.bcast(file_sha(path) if rank == 0 else None, root=0)
-    cases = [(bad[k], {}) for k in sorted(bad)]
+    good_sha = comm.bcast(listing(os.path.join(shared_dir, "good.parts")) if rank == 0 else None,
+                          root=0)
+    cases = [(bad[k][0], {}) for k in sorted(bad)]
     cases += [(path, {"num_layers": N + 1}),
               (path, {"config": {"model": {"act": "relu"}}}),
               (path, {"layer_indices": [N + rank]})]
@@ -335,7 +419,7 @@ def test_bad_checkpoints_refused_on_every_rank(shared_dir):
         assert "\n" not in msg
         assert comm.allgather(msg) == [msg] * size   # the same error on every rank
     # The good checkpoint is untouched by the failed loads and still loads.
-    assert file_sha(path) == good_sha
+    assert listing(os.path.join(shared_dir, "good.parts")) == good_sha
     assert sorted(load_checkpoint(path, comm, layer_indices=mine)["layers"]) == mine
 
 
@@ -345,7 +429,8 @@ def test_bad_saves_fail_on_every_rank(shared_dir):
     rank, size = comm.Get_rank(), comm.Get_size()
     path = os.path.join(shared_dir, "latest.h5")
     save_checkpoint(path, comm, rank_state(block(rank, size), first=rank == 0, last=rank == size - 1))
-    good_sha = comm.bcast(file_sha(path) if rank == 0 else None, root=0)
+    comm.Barrier()
+    good = comm.bcast(listing(shared_dir) if rank == 0 else None, root=0)
     mine = block(rank, size)
 
     def attempt(state):
@@ -369,9 +454,7 @@ def test_bad_saves_fail_on_every_rank(shared_dir):
         msg = attempt(rank_state(mine, first=rank == 0, last=rank == size - 1, epoch=rank))
         assert "disagree on epoch" in msg
     comm.Barrier()
-    assert file_sha(path) == good_sha
-    names = os.listdir(shared_dir)
-    assert not [n for n in names if ".tmp." in n]
+    assert listing(shared_dir) == good   # nothing changed, nothing left behind
 
 
 @pytest.mark.mpi
@@ -455,7 +538,7 @@ def make_params(layers, *, first, last):
 
 
 def leaves(params):
-    return list(ckpt._named_leaves(params))
+    return list(_named_leaves(params))
 
 
 def fake_step(opt, params, k):

@@ -4,6 +4,7 @@ one-line errors."""
 import csv
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,12 +192,16 @@ def test_damaged_checkpoint_falls_back_to_the_previous(tmp_path, mpiexec, damage
     path, prev = tmp_path / "checkpoint.h5", tmp_path / "checkpoint.prev.h5"
     prev_digest = hashlib.sha256(prev.read_bytes()).hexdigest()
     prev_step = ckpt.verify_checkpoint(str(prev))["step"]
-    data = bytearray(path.read_bytes())
-    if damage == "truncate":
-        data = data[: len(data) // 2]
-    else:
-        data[weight_offset(path)] ^= 0x01  # one bit of one stored weight
-    path.write_bytes(bytes(data))
+    if damage == "truncate":   # the manifest
+        data = bytearray(path.read_bytes())
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:   # one bit of one stored weight, in the first rank's part
+        import h5py
+        with h5py.File(path, "r") as f:
+            part = tmp_path / f.attrs["parts_dir"] / "part-00000.h5"
+        data = bytearray(part.read_bytes())
+        data[weight_offset(part)] ^= 0x01
+        part.write_bytes(bytes(data))
     r = layerpar(mpiexec, 1, "eval", "--checkpoint", str(path))
     assert r.returncode != 0
     assert "checkpoint.h5" in error_lines(r)
@@ -212,7 +217,8 @@ def test_damaged_checkpoint_falls_back_to_the_previous(tmp_path, mpiexec, damage
     # the good previous checkpoint also resumes explicitly, without repeating the settings
     other = tmp_path / "other"
     other.mkdir()
-    (other / "base.h5").write_bytes(prev.read_bytes())
+    (other / "base.h5").write_bytes(prev.read_bytes())   # with its parts
+    shutil.copytree(tmp_path / "checkpoint.parts", other / "checkpoint.parts")
     r = layerpar(mpiexec, 2, "train", "--resume-from", str(other / "base.h5"), "-q")
     assert r.returncode == 0, r.stdout + r.stderr
 

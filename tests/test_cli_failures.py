@@ -82,6 +82,7 @@ def test_signal_stops_every_rank_saves_and_resume_continues(tmp_path, mpiexec, u
     header = ckpt.verify_checkpoint(str(part / "checkpoint.h5"))
     assert header["epoch"] < 3, "the run finished before the signal"
     assert not glob.glob(str(part / ".*.tmp.*"))
+    assert not glob.glob(str(part / "checkpoint.parts" / ".tmp.*"))
 
     r = layerpar(mpiexec, 2, "train", "--run-dir", str(part), "--resume", "-q")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -178,9 +179,15 @@ def test_temporary_files_of_dead_runs_are_removed(tmp_path, cli):
     run_dir.mkdir()
     stale = run_dir / ".checkpoint.h5.tmp.4242.0badf00d"
     stale.write_bytes(b"half a checkpoint")
+    stale_parts = run_dir / "checkpoint.parts" / ".tmp.20260101-000000-0badf00d"
+    stale_parts.mkdir(parents=True)
+    (stale_parts / "part-00000.h5").write_bytes(b"half a part")
     code, out, err = cli("train", "--run-dir", str(run_dir), *TINY)
     assert code == 0, out + err
-    assert not stale.exists()
+    assert not stale.exists() and not stale_parts.exists()
+    # the parts of the run's own checkpoint (and no others) are there
+    assert len(os.listdir(run_dir / "checkpoint.parts")) == len(
+        [p for p in ("checkpoint.h5", "checkpoint.prev.h5") if (run_dir / p).exists()])
 
 
 def test_resume_uses_the_run_configuration(tmp_path, cli):
@@ -273,12 +280,15 @@ def test_full_disk_during_a_save_is_one_line_and_leaves_nothing(tmp_path, mpiexe
     run_dir = tmp_path / "run"
     script = (
         "import errno, os, sys\n"
-        "import layerpar.checkpoint as c\n"
-        "def full(path, data):\n"
-        "    with open(path, 'xb') as fh:\n"
-        "        fh.write(bytes(data[:100]))\n"
-        "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)\n"
-        "c._write_bytes = full\n"
+        "from mpi4py import MPI\n"
+        "import layerpar.checkpoint.atomic as c\n"
+        "real = c.write_at\n"
+        "def full(fd, data, offset):\n"
+        "    if offset > 2000:\n"
+        "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+        "    real(fd, data, offset)\n"
+        "if MPI.COMM_WORLD.Get_rank() == 1:  # the disk of one rank's part is full\n"
+        "    c.write_at = full\n"
         "from layerpar.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     cmd = [mpiexec, "-n", "2", sys.executable, "-c", script, "train", "--run-dir", str(run_dir),
@@ -288,6 +298,7 @@ def test_full_disk_during_a_save_is_one_line_and_leaves_nothing(tmp_path, mpiexe
     assert "disk full" in error_lines(r)
     assert not glob.glob(str(run_dir / ".*tmp*"))
     assert not (run_dir / "checkpoint.h5").exists()
+    assert not (run_dir / "checkpoint.parts").exists()
 
 
 def test_full_disk_while_writing_metrics_is_one_line_on_every_rank(tmp_path, mpiexec):

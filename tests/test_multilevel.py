@@ -237,6 +237,7 @@ def test_resume_on_another_number_of_ranks(method, sets, run_dirs):
     MultilevelTrainer(config(part, method, **first), WORLD).run()
     WORLD.Barrier()
     shutil.copy(f"{part}/checkpoint.h5", f"{own}/checkpoint.h5")
+    shutil.copytree(f"{part}/checkpoint.parts", f"{own}/checkpoint.parts")  # its parts
     shutil.copy(f"{part}/metrics.h5", f"{own}/metrics.h5")
     shutil.copy(f"{part}/metrics.csv", f"{own}/metrics.csv")
     resumed = MultilevelTrainer(config(own, method, **sets), MPI.COMM_SELF)

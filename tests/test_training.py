@@ -138,6 +138,7 @@ def test_resume_on_another_number_of_ranks(run_dirs):
     train(WORLD, part_dir, **dict(sets, **{"optim.epochs": 1}))
     WORLD.Barrier()
     shutil.copy(f"{part_dir}/checkpoint.h5", f"{own}/checkpoint.h5")
+    shutil.copytree(f"{part_dir}/checkpoint.parts", f"{own}/checkpoint.parts")  # its parts
     single = Trainer(small_config(own, **sets), MPI.COMM_SELF)
     assert single.resume()
     single.run()
