@@ -218,9 +218,9 @@ def test_resumed_one_shot_run_equals_the_uninterrupted_one(stop):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("data", [2, 4])
+@pytest.mark.parametrize("data", [2])
 def test_resumed_one_shot_run_on_a_grid_equals_the_uninterrupted_one(data):
-    # D groups of P/D ranks: each group's warm states (those of its share of
+    # D groups of P/D ranks (2 x 1 on 2 ranks, 2 x 2 on 4): each group's warm states (those of its share of
     # the batches) are in the checkpoint and restored in the same group
     P = WORLD.Get_size()
     if P % data:
