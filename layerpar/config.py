@@ -334,9 +334,6 @@ def _check_parallel(config, need):
     # a configuration written before the section existed: one group
     p = config.setdefault("parallel", copy.deepcopy(DEFAULTS["parallel"]))
     need(p["data"] >= 1, "parallel.data", "the number of data-parallel groups must be >= 1")
-    need(p["data"] == 1 or config["multilevel"]["method"] == "none", "parallel.data",
-         f"multilevel.method = {config['multilevel']['method']!r} trains on one "
-         "data-parallel group: use parallel.data = 1 (or --data-parallel 1)")
 
 
 def check_grid(config, size):

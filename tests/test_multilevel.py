@@ -172,7 +172,7 @@ def test_line_search_never_increases_the_fine_loss(levels, run_dirs):
 
 
 def rows_and_weights(trainer):
-    rows = trainer.comm.bcast(trainer.metrics.rows(), root=0)
+    rows = trainer.world.bcast(trainer.metrics.rows(), root=0)
     return rows, gathered(trainer.level, "data")
 
 
@@ -397,13 +397,18 @@ ONE_SHOT = {"mgrit.mode": '"one-shot"', "mgrit.max_levels": 2, "mgrit.cfactor": 
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("method,sets", METHODS[:2] + [("nested", dict(METHODS[0][1], **ONE_SHOT)),
-                                                       ("mgopt", dict(METHODS[1][1], **ONE_SHOT))])
+@pytest.mark.parametrize("method,sets", METHODS[:2] + [
+    ("nested", dict(METHODS[0][1], **ONE_SHOT)), ("mgopt", dict(METHODS[1][1], **ONE_SHOT)),
+    ("nested", dict(METHODS[0][1], **ONE_SHOT, **{"parallel.data": 2})),
+    ("mgopt", dict(METHODS[1][1], **ONE_SHOT, **{"parallel.data": 2}))])
 def test_stop_request_on_one_rank_stops_all_and_resumes(method, sets, run_dirs):
     # should_stop() true on the last rank only, after its third question:
     # every rank stops after the same step with a checkpoint, and the resumed
     # run ends where the uninterrupted one does (one-shot: every level's warm
-    # MGRIT states are in the checkpoint, or the resumed solves start cold)
+    # MGRIT states are in the checkpoint, or the resumed solves start cold;
+    # on a grid of several groups, every group's own states)
+    if WORLD.size % sets.get("parallel.data", 1):
+        pytest.skip("a grid of 2 groups needs an even number of ranks")
     asked = []
 
     def should_stop():
@@ -424,3 +429,41 @@ def test_stop_request_on_one_rank_stops_all_and_resumes(method, sets, run_dirs):
     assert_same_run(rows_and_weights(full), rows_and_weights(resumed), 1e-12)
     resumed.close()
     full.close()
+
+
+GRID_METHODS = [("nested", {"optim.name": '"adam"', "multilevel.epochs_per_level": "[1, 1]"}),
+                ("mgopt", {"optim.name": '"sgd"', "optim.lr": 0.5, "optim.epochs": 1})]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("data", [2, 4])
+@pytest.mark.parametrize("method,sets", GRID_METHODS)
+def test_grid_shapes_train_like_one_rank(method, sets, data, run_dirs):
+    # D groups of P/D layer-parallel ranks, each on its share of every batch,
+    # gradients averaged over the groups: the weights and the losses of the
+    # run on one rank (exact propagation)
+    P = WORLD.Get_size()
+    if P % data:
+        pytest.skip(f"a grid of {data} groups needs a multiple of {data} ranks")
+    sets = dict(sets, **{"parallel.data": data, "data.batch_size": 250})
+    grid = MultilevelTrainer(config(run_dirs(), method, **sets), WORLD)
+    assert grid.grid.shape == (data, P // data)
+    grid.run()
+    rows = WORLD.bcast(grid.metrics.rows(), root=0)
+    weights = gathered(grid.level, "data")
+    single = MultilevelTrainer(config(run_dirs(shared=False), method,
+                                      **dict(sets, **{"parallel.data": 1})), MPI.COMM_SELF)
+    single.run()
+    ref_rows, ref_weights = single.metrics.rows(), gathered(single.level, "data")
+    assert len(rows) == len(ref_rows) > 0
+    for r, ref in zip(rows, ref_rows):
+        assert r["nlayers"] == ref["nlayers"]
+        for key in ("train_loss", "val_loss", "train_acc", "val_acc", "accepted"):
+            assert math.isclose(r[key], ref[key], rel_tol=1e-10, abs_tol=1e-12), (key, r, ref)
+    assert weights.keys() == ref_weights.keys()
+    for k in weights:
+        assert torch.allclose(weights[k], ref_weights[k], rtol=1e-10, atol=1e-12), k
+    # every group holds the same weights
+    assert all(torch.equal(weights[k], w[k]) for w in WORLD.allgather(weights) for k in w)
+    grid.close()
+    single.close()

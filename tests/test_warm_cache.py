@@ -2,6 +2,9 @@
 other options or another batch size: LayerParallel keeps a bounded cache of
 solver pairs, so an exact evaluation pass between two training passes leaves
 the training solves exactly as without it.  Runs on 1, 2 and 4 ranks."""
+import os
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as Fn
@@ -169,7 +172,7 @@ def _shared_dir():
     return WORLD.bcast(tempfile.mkdtemp(prefix="lp-warm-") if WORLD.rank == 0 else None, root=0)
 
 
-def _one_shot_run(run_dir, stop_after=None, resume=False, epochs=2):
+def _one_shot_run(run_dir, stop_after=None, resume=False, epochs=2, data=1, cold=False):
     from layerpar.config import resolve
     from layerpar.training import Trainer
     # one iteration per solve throughout (no monitor): far from exact, so a
@@ -177,7 +180,7 @@ def _one_shot_run(run_dir, stop_after=None, resume=False, epochs=2):
     sets = ['mgrit.mode="one-shot"', "mgrit.max_levels=2", "mgrit.cfactor=2", "model.nlayers=16",
             "mgrit.monitor=false", "model.width=4", "data.batch_size=100",
             'data.dtype="float64"', "run.plot=false", f"optim.epochs={epochs}",
-            f'run.dir="{run_dir}"']
+            f'run.dir="{run_dir}"', f"parallel.data={data}"]
     steps = [0]
 
     def should_stop():
@@ -187,13 +190,15 @@ def _one_shot_run(run_dir, stop_after=None, resume=False, epochs=2):
     tr = Trainer(resolve(None, sets), WORLD, should_stop=should_stop)
     if resume:
         assert tr.resume()
+    if cold:
+        tr.body.load_warm_states([])  # the solves of the resumed run start cold
     tr.run()
     mine = {k: v.detach().clone() for k, v in tr.net.named_parameters()}
     out = {}
     for part in WORLD.allgather(mine):
         out.update(part)
     rows = WORLD.bcast(tr.metrics.rows(), root=0)
-    tr.level.close()
+    tr.close()
     return out, [(r["train_loss"], r["val_loss"]) for r in rows]
 
 
@@ -210,6 +215,30 @@ def test_resumed_one_shot_run_equals_the_uninterrupted_one(stop):
     for k in full[0]:
         assert torch.equal(full[0][k], resumed[0][k]), k  # bit for bit on the same ranks
     assert full[1] == resumed[1]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("data", [2])
+def test_resumed_one_shot_run_on_a_grid_equals_the_uninterrupted_one(data):
+    # D groups of P/D ranks (2 x 1 on 2 ranks, 2 x 2 on 4): each group's warm states (those of its share of
+    # the batches) are in the checkpoint and restored in the same group
+    P = WORLD.Get_size()
+    if P % data:
+        pytest.skip(f"a grid of {data} groups needs a multiple of {data} ranks")
+    full = _one_shot_run(_shared_dir(), epochs=1, data=data)
+    part = _shared_dir()
+    _one_shot_run(part, stop_after=4, epochs=1, data=data)
+    copy = os.path.join(_shared_dir(), "run")
+    if WORLD.rank == 0:
+        shutil.copytree(part, copy)
+    WORLD.Barrier()
+    resumed = _one_shot_run(part, resume=True, epochs=1, data=data)
+    for k in full[0]:
+        assert torch.allclose(full[0][k], resumed[0][k], rtol=0, atol=1e-12), k
+    assert sum(full[1], ()) == pytest.approx(sum(resumed[1], ()), rel=1e-12)
+    # not vacuous: a resume that starts the solves cold ends elsewhere
+    cold = _one_shot_run(copy, resume=True, epochs=1, data=data, cold=True)
+    assert any(not torch.allclose(full[0][k], cold[0][k], rtol=0, atol=1e-8) for k in full[0])
 
 
 @pytest.mark.mpi

@@ -20,8 +20,13 @@ On a process grid of D data-parallel groups x L layer-parallel ranks
 its L ranks and trains on its rows of the same global batches; gradients are
 averaged over the data axis before every optimiser step, so the groups keep
 the same weights and the run follows the global batches as on one group.
-Losses and accuracies are the global batch's.  Group 0 writes the
-checkpoints (its layer ranks, as on one group) and every group reads its
+Losses and accuracies are the global batch's.  Group 0's layer ranks write
+the model and the run's state to the checkpoint (as on one group), and every
+group's layer ranks its own solver states (one-shot warm states and the
+residual monitor's counts, those of its share of the batches): a run resumed
+on a grid of the same number of groups continues as the uninterrupted run;
+on another number of groups every group reads the layers and group 0's
+monitor counts, and its one-shot solves start cold.  Every group reads its
 layers on resume, on any grid shape; metrics, progress and the run folder's
 files come from world rank 0; a stop asked on any rank stops every rank.
 The work counters (metrics' ``*_work``) and MGRIT statistics are group 0's.
@@ -129,41 +134,47 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------
     def save(self):
-        """Collective: group 0 writes the checkpoint over its layer ranks;
-        every rank raises the same CheckpointError if that fails."""
-        error = original = None
-        if self.grid.data_rank == 0:
-            try:
-                ckpt.save_checkpoint(self.checkpoint_path(), self.grid.layer_comm,
-                                     self._state())
-            except BaseException as e:  # noqa: BLE001 - sent to the other groups below
-                error, original = str(e), e
-        if self.grid.data > 1:
-            # group 0's rank -> the ranks of its column: the outcome
-            error = self.grid.data_comm.bcast(error, root=0)
-        if original is not None:
-            raise original
-        if error is not None:
-            raise ckpt.CheckpointError(error)
+        """Collective over every rank of the grid: one checkpoint, in which
+        group 0's layer ranks give the model and the run's state and every
+        group's layer ranks give that group's solver states (one-shot warm
+        states and the residual monitor's counts, which belong to the
+        group's share of the batches).  Every rank writes its own part file;
+        every rank raises the same CheckpointError if the save fails."""
+        ckpt.save_checkpoint(self.checkpoint_path(), self.comm, self._state())
+
+    def _group_state(self):
+        """This group's solver states: {"warm": ..., "monitor": ...}."""
+        return {"warm": self.level.warm_state(),
+                "monitor": self.monitor.state() if self.monitor else {}}
 
     def _state(self):
-        """This rank's part of the checkpoint (collective over its group)."""
+        """This rank's part of the checkpoint (collective over the grid)."""
+        work = self.level.work_totals()  # collective over the group
+        head = {"num_layers": self.body.nlayers, "epoch": self.epoch, "step": self.step,
+                "config": self.config}
+        if self.grid.data > 1:
+            # every group: its own solver states, under its group index
+            groups = {"data_groups": self.grid.data,
+                      "groups": {self.grid.data_rank: self._group_state()}}
+        else:
+            groups = {}
+        if self.grid.data_rank != 0:
+            return dict(head, extra=groups)  # no layers, no RNG state: group 0 gives them
         params = self.level.params()
-        state = {"num_layers": self.body.nlayers, "epoch": self.epoch, "step": self.step,
-                 "config": self.config,
+        state = dict(head, **{
                  "layers": {n: {k: v.detach() for k, v in d.items()}
                             for n, d in params["layers"].items()},
                  "opening": {k: v.detach() for k, v in params["opening"].items()},
                  "closing": {k: v.detach() for k, v in params["closing"].items()},
                  "optimizer": ckpt.optimizer_state(self.optimizer, params),
                  "rng": ckpt.rng_state(),
-                 "extra": {"batch_in_epoch": self.batch_in_epoch, "passes": self.body.passes,
-                           "epoch_sums": dict(self.sums),
-                           "monitor": self.monitor.state() if self.monitor else {},
-                           "work": self.level.work_totals(),
-                           # on a grid of several groups each group's states are
-                           # those of its own share: a resumed run's solves start cold
-                           "warm": self.level.warm_state() if self.grid.data == 1 else {}}}
+                 "extra": dict(groups, **{
+                     "batch_in_epoch": self.batch_in_epoch, "passes": self.body.passes,
+                     "epoch_sums": dict(self.sums),
+                     "monitor": self.monitor.state() if self.monitor else {},
+                     "work": work,
+                     # on a grid of several groups the warm states are in "groups"
+                     "warm": self.level.warm_state() if self.grid.data == 1 else {}})})
         return state
 
     def checkpoint_path(self):
@@ -207,16 +218,29 @@ class Trainer:
         self.batch_in_epoch = extra.get("batch_in_epoch", 0)
         self.sums = dict(epoch_sums(), **extra.get("epoch_sums", {}))
         self.body.passes = extra.get("passes", 0)  # keys the layers' random draws
-        if self.monitor and extra.get("monitor"):
-            self.monitor.restore(extra["monitor"], self.body)
-        if extra.get("warm") and self.grid.data == 1:
-            self.level.restore_warm_state(extra["warm"])
+        mine = self._saved_group_state(extra)
+        monitor, warm = mine.get("monitor") or extra.get("monitor"), mine.get("warm")
+        if self.monitor and monitor:
+            self.monitor.restore(monitor, self.body)
+        if warm:
+            self.level.restore_warm_state(warm)
         self._restore_work(extra.get("work"))
         if self.metrics:
             self.metrics.truncate(self.epoch)  # rows of epochs finished before the save
         if self.log:
             self.log(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
         return True
+
+    def _saved_group_state(self, extra):
+        """This group's saved solver states ({} when the checkpoint was
+        written on a grid of another number of groups: the solves then
+        start cold, and every group takes group 0's monitor counts)."""
+        saved_groups = extra.get("data_groups", 1)
+        if saved_groups != self.grid.data:
+            return {}
+        if self.grid.data == 1:
+            return {"warm": extra.get("warm")}
+        return (extra.get("groups") or {}).get(self.grid.data_rank) or {}
 
     def _load(self, path, keys):
         """Collective: every group reads its layers of ``path`` over its

@@ -52,6 +52,17 @@ stored under global index offset_l + n (offset_l = the layers of the levels
 before it), its opening and closing parameters under ``level<l>.<name>``,
 its optimiser state alongside, and the method's counters in ``extra``; so
 a run resumes on any number of ranks.
+
+On a process grid of D data-parallel groups (``parallel.data``, as for
+``Trainer``) every level's network is layer-parallel on its group's ranks
+and the transfers between levels stay in the group; every evaluation takes
+the group's share of the batch, gradients are averaged over the data axis
+(``Level``), so losses, gradients, linear terms and line-search decisions
+are the global batch's and the groups keep the same weights.  Group 0's
+ranks write the levels to the checkpoint and every group's ranks its own
+solver states (warm states and monitor counts of every level); a resume on
+the same number of groups restores them, on another the solves start cold.
+The work counters are group 0's.
 """
 import os
 import time
@@ -59,9 +70,10 @@ import time
 import torch
 
 from layerpar import checkpoint as ckpt
-from layerpar._collective import any_rank
+from layerpar._collective import agree, any_rank
 from layerpar import transfer
-from layerpar.config import DEFAULTS, check_ranks, to_toml
+from layerpar.config import DEFAULTS, check_grid, check_ranks, to_toml
+from layerpar.grid import ProcessGrid
 from layerpar.metrics import MetricsWriter
 from layerpar.training.build import learning_rate, load_data, make_loaders
 from layerpar.training.level import Level
@@ -117,24 +129,37 @@ def _layout(level):
 class MultilevelTrainer:
     """Collective over ``comm``, with the interface of ``Trainer``:
     ``run()``, ``resume()``, ``save()``, ``evaluate(loader)``,
-    ``write_config()``, ``close()``.  ``log``, ``progress``, ``should_stop``
-    and ``metrics`` as for ``Trainer``."""
+    ``write_config()``, ``close()``.  ``log``, ``progress``, ``should_stop``,
+    ``metrics`` and ``grid`` as for ``Trainer``; ``comm`` is then this
+    group's layer ranks (a duplicate: the transfers' messages) and ``world``
+    every rank of the grid."""
 
     def __init__(self, config, comm, *, log=None, progress=None, should_stop=None,
-                 metrics=True):
+                 metrics=True, grid=None):
         ml = config["multilevel"]
         if ml["method"] not in ("nested", "mgopt"):
             raise ValueError(f"multilevel.method = {ml['method']!r}: MultilevelTrainer runs "
                              "'nested' or 'mgopt' (use Trainer for single-level training)")
-        check_ranks(config, comm.Get_size())
+        self._own_grid = grid is None
+        if grid is None:
+            check_grid(config, comm.Get_size())  # a ConfigError naming parallel.data
+        check_ranks(config, comm.Get_size() // (grid.data if grid else config["parallel"]["data"]))
+        if grid is None:
+            grid = ProcessGrid(comm, data=config["parallel"]["data"])
+        self.grid = grid
+        sharded = grid if grid.data > 1 else None
         self.config, self.method = config, ml["method"]
-        self.comm = comm.Dup()  # the transfers' messages never meet the networks'
+        self.world = comm
+        self.comm = grid.layer_comm.Dup()  # the transfers' messages never meet the networks'
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
-        self.first, self.last = self.rank == 0, self.rank == self.size - 1
+        # the place in this rank's group: the first needs inputs, the last labels
+        self.first, self.last = grid.layer_rank == 0, grid.layer_rank == grid.layers - 1
         self.log = log if self.rank == 0 else None
         self.progress = progress if self.rank == 0 else None
-        self.data = load_data(config, comm)
-        self.train_loader, self.val_loader = make_loaders(config, self.data, self.rank, self.size)
+        self.data = load_data(config, comm, first=self.first, last=self.last)
+        self.train_loader, self.val_loader = make_loaders(
+            config, self.data, grid.layer_rank, grid.layers, grid=sharded)
+        self._sharded = sharded
         self.depths = depths(config)
         self.run_dir = config["run"]["dir"]
         self.metrics = MetricsWriter(self.run_dir, comm) if metrics else None
@@ -144,14 +169,19 @@ class MultilevelTrainer:
         self.done_work = [{"fwd": 0, "bwd": 0} for _ in self.depths]
         if self.method == "nested":
             self.depth, self.depth_epoch, self.depth_done = 0, 0, False
-            self.levels = [Level(config, self.data, comm, nlayers=self.depths[0])]
+            self.levels = [self._new_level(self.depths[0])]
         else:  # finest first
-            self.levels = [Level(config, self.data, comm, nlayers=n) for n in self.depths[::-1]]
+            self.levels = [self._new_level(n) for n in self.depths[::-1]]
         self.last_cycle = {}
         # this epoch's steps so far (checkpointed)
         self.acc = epoch_sums(accepted=0, corrections=0)
 
     # ---- shared helpers ---------------------------------------------------------------
+    def _new_level(self, nlayers):
+        """A network of ``nlayers`` layers on this group's layer ranks."""
+        return Level(self.config, self.data, self.grid.layer_comm, nlayers=nlayers,
+                     grid=self._sharded)
+
     @property
     def level(self):
         """The network being trained: the current depth, or MG/OPT's finest."""
@@ -263,7 +293,7 @@ class MultilevelTrainer:
         next depth (collective)."""
         kind = self.config["multilevel"]["prolong"]
         old = self.level
-        new = Level(self.config, self.data, old.comm, nlayers=self.depths[self.depth + 1])
+        new = self._new_level(self.depths[self.depth + 1])
         src, dst = _layout(old), _layout(new)
         r = new.nlayers // old.nlayers
         # the residual layers' weights, prolonged in layer-time
@@ -318,15 +348,16 @@ class MultilevelTrainer:
                                           for k, v in st.items()}
 
     # ---- MG/OPT ---------------------------------------------------------------------------
-    def coarse_problem(self, l, x, y):
+    def coarse_problem(self, l, x, y, size=None):
         """Set up the coarse problem of level l+1 at the current weights of
         level l on the batch (x, y): restrict the weights into level l+1 and
         set its linear term v.  Returns (x_H0 layer dict, x_H0 ends, level l's
-        objective at x_h).  Collective."""
+        objective at x_h).  Collective (``size``: the global batch's size,
+        needed on a grid of several groups)."""
         ml = self.config["multilevel"]
         fine, coarse = self.levels[l], self.levels[l + 1]
         src, dst = _layout(fine), _layout(coarse)
-        f_h = fine.loss_and_grad(x, y)
+        f_h = fine.loss_and_grad(x, y, size)
         g_h = _values(_layers(fine), "grad")
         g_h_ends = {k: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
                     for k, p in fine.end_params().items()}
@@ -340,7 +371,7 @@ class MultilevelTrainer:
         ends_H0 = {k: p.detach().clone() for k, p in coarse.end_params().items()}
         # v = grad f_H(x_H0) - P^T grad f_h(x_h)
         coarse.set_linear_term(None)
-        coarse.loss_and_grad(x, y)
+        coarse.loss_and_grad(x, y, size)
         Pt_g = transfer.restrict_gradient(g_h, src, dst, self.comm, kind=ml["prolong"])
         v = {}
         for n, ps in _layers(coarse).items():
@@ -360,7 +391,7 @@ class MultilevelTrainer:
             out = lev.steps(ml["coarse_steps"], [(x, y, size)])
             return out[0] if out else None
         pre = lev.steps(ml["pre_steps"], [(x, y, size)])
-        x_H0, ends_H0, f0 = self.coarse_problem(l, x, y)
+        x_H0, ends_H0, f0 = self.coarse_problem(l, x, y, size)
         first = pre[0] if pre else None
         self._vcycle(l + 1, x, y, size)
         coarse = self.levels[l + 1]
@@ -370,7 +401,7 @@ class MultilevelTrainer:
                for n, ps in _layers(coarse).items()}
         e = transfer.prolong(e_H, _layout(coarse), _layout(lev), self.comm, kind=ml["prolong"])
         e_ends = {k: p.detach() - ends_H0[k] for k, p in coarse.end_params().items()}
-        alpha = self._line_search(lev, x, y, f0, e, e_ends)
+        alpha = self._line_search(lev, x, y, size, f0, e, e_ends)
         if l == 0:
             self.last_cycle = {"f_before": f0, "f_after": self._f_after, "alpha": alpha}
         post = lev.steps(ml["post_steps"], [(x, y, size)])
@@ -378,7 +409,7 @@ class MultilevelTrainer:
             first = post[0] if post else None
         return first
 
-    def _line_search(self, lev, x, y, f0, e, e_ends):
+    def _line_search(self, lev, x, y, size, f0, e, e_ends):
         """x <- x + alpha*e for the first alpha = 1, 1/2, ... that decreases
         the objective below f0; the weights unchanged if none does.  Returns
         alpha (0 when rejected).  Collective."""
@@ -393,7 +424,7 @@ class MultilevelTrainer:
                         p.copy_(x0[n][k] + alpha * e[n][k])
                 for key, p in ends.items():
                     p.copy_(x0_ends[key] + alpha * e_ends[key])
-            f = lev.loss(x, y)
+            f = lev.loss(x, y, size)
             if f < f0:
                 self._f_after = f
                 return alpha
@@ -457,7 +488,7 @@ class MultilevelTrainer:
 
     def _stop_agreed(self):
         """Collective: does any rank's should_stop() say stop?"""
-        return self.should_stop is not None and any_rank(self.comm, self.should_stop())
+        return self.should_stop is not None and any_rank(self.world, self.should_stop())
 
     def _stopped(self):
         return {"stopped": True, "epoch": self.epoch, "step": self.step}
@@ -476,11 +507,13 @@ class MultilevelTrainer:
         return summary
 
     def close(self):
-        """Collective: free the networks' solvers and this trainer's
-        communicator (the trainer is not used again)."""
+        """Collective: free the networks' solvers, this trainer's
+        communicator and its own grid's (the trainer is not used again)."""
         for lev in self.levels:
             lev.close()
         self.comm.Free()
+        if self._own_grid:
+            self.grid.close()
 
     def write_config(self):
         if self.rank == 0:
@@ -499,14 +532,32 @@ class MultilevelTrainer:
             off += lev.nlayers
         return out, off
 
+    def _group_state(self):
+        """This group's solver states: every level's warm states and
+        residual monitor counts."""
+        return {"warm": {i: lev.warm_state() for i, lev in enumerate(self.levels)},
+                "monitors": [lev.monitor.state() if lev.monitor else {} for lev in self.levels]}
+
     def save(self):
-        """Collective: every level's weights and optimiser state, and the
-        method's counters, in one checkpoint."""
+        """Collective over every rank of the grid: every level's weights and
+        optimiser state, and the method's counters, in one checkpoint (given
+        by group 0's ranks); on a grid of several groups every group's
+        solver states under its group index.  Every rank writes its own part
+        file and raises the same CheckpointError if the save fails."""
         offsets, total = self._offsets()
-        state = {"num_layers": total, "epoch": self.epoch, "step": self.step,
-                 "config": self.config, "layers": {}, "opening": {}, "closing": {},
+        levels_work = [lev.work_totals() for lev in self.levels]  # collective over the group
+        head = {"num_layers": total, "epoch": self.epoch, "step": self.step,
+                "config": self.config}
+        groups = {}
+        if self.grid.data > 1:
+            groups = {"data_groups": self.grid.data,
+                      "groups": {self.grid.data_rank: self._group_state()}}
+        if self.grid.data_rank != 0:  # the model and the counters: group 0's
+            ckpt.save_checkpoint(self.checkpoint_path(), self.world, dict(head, extra=groups))
+            return
+        state = dict(head, **{"layers": {}, "opening": {}, "closing": {},
                  "optimizer": {"layers": {}, "opening": {}, "closing": {}, "hyper": {}},
-                 "rng": ckpt.rng_state()}
+                 "rng": ckpt.rng_state()})
         for i, (lev, off) in enumerate(zip(self.levels, offsets)):
             params = lev.params()
             opt = ckpt.optimizer_state(lev.optimizer, params)
@@ -518,8 +569,7 @@ class MultilevelTrainer:
                     state[sec][f"level{i}.{k}"] = v.detach()
                     state["optimizer"][sec][f"level{i}.{k}"] = opt[sec][k]
             state["optimizer"]["hyper"][i] = opt["hyper"]
-        levels_work = [lev.work_totals() for lev in self.levels]
-        state["extra"] = {
+        state["extra"] = dict(groups, **{
             "method": self.method, "nlayers": [lev.nlayers for lev in self.levels],
             "cycle": self.cycle, "batch_in_epoch": self.batch_in_epoch, "acc": dict(self.acc),
             "depth": getattr(self, "depth", 0), "depth_epoch": getattr(self, "depth_epoch", 0),
@@ -527,14 +577,15 @@ class MultilevelTrainer:
             "done_work": [dict(w) for w in self.done_work], "work": levels_work,
             "monitors": [lev.monitor.state() if lev.monitor else {} for lev in self.levels],
             "passes": [lev.body.passes for lev in self.levels],
-            "warm": {i: lev.warm_state() for i, lev in enumerate(self.levels)}}
-        ckpt.save_checkpoint(self.checkpoint_path(), self.comm, state)
+            # on a grid of several groups the warm states are in "groups"
+            "warm": (self._group_state()["warm"] if self.grid.data == 1 else {})})
+        ckpt.save_checkpoint(self.checkpoint_path(), self.world, state)
 
     def resume(self, path=None):
         """Load ``path`` or the run directory's newest checkpoint (False if
         there is none); any number of ranks.  Collective."""
         if path is None:
-            path = ckpt.find_latest_checkpoint(self.run_dir, self.comm)
+            path = ckpt.find_latest_checkpoint(self.run_dir, self.world)
             if path is None:
                 return False
         ml = self.config["multilevel"]
@@ -542,8 +593,7 @@ class MultilevelTrainer:
                 "multilevel": {k: ml[k] for k in ("method", "levels", "factor")},
                 "data": {k: self.config["data"][k] for k in ("name", "dtype", "seed")},
                 "optim": {"name": self.config["optim"]["name"]}}
-        header = ckpt.load_checkpoint(path, self.comm, layer_indices=[], config=keys,
-                                      defaults=DEFAULTS)
+        header = self._load(path, layer_indices=[], config=keys, defaults=DEFAULTS)
         extra = header.get("extra") or {}
         if extra.get("method") != self.method:
             raise ckpt.CheckpointError(f"checkpoint {path} is not of a {self.method} run")
@@ -551,13 +601,13 @@ class MultilevelTrainer:
             self.depth = int(extra["depth"])
             if self.levels[0].nlayers != self.depths[self.depth]:
                 self.levels[0].close()
-                self.levels = [Level(self.config, self.data, self.levels[0].comm,
-                                     nlayers=self.depths[self.depth])]
+                self.levels = [self._new_level(self.depths[self.depth])]
         offsets, total = self._offsets()
         wanted = [off + n for lev, off in zip(self.levels, offsets)
                   for n in lev.body.layer_indices]
-        st = ckpt.load_checkpoint(path, self.comm, layer_indices=wanted, num_layers=total,
-                                  config=keys, defaults=DEFAULTS)
+        st = self._load(path, layer_indices=wanted, num_layers=total, config=keys,
+                        defaults=DEFAULTS)
+        mine = self._saved_group_state(extra)
         sopt = st["optimizer"]
         for i, (lev, off) in enumerate(zip(self.levels, offsets)):
             params = lev.params()
@@ -574,12 +624,12 @@ class MultilevelTrainer:
             ckpt.restore_optimizer_state(lev.optimizer, params, saved)
             # the saved totals continue on the first rank
             lev.work = dict(extra["work"][i]) if self.first else {"fwd": 0, "bwd": 0}
-            mon = extra["monitors"][i]
+            mon = (mine.get("monitors") or extra["monitors"])[i]
             if lev.monitor and mon:
                 lev.monitor.restore(mon, lev.body)
             if "passes" in extra:  # keys the layers' random draws
                 lev.body.passes = int(extra["passes"][i])
-            warm = (extra.get("warm") or {}).get(i)
+            warm = (mine.get("warm") or {}).get(i)
             if warm:
                 lev.restore_warm_state(warm)
         if st.get("rng"):
@@ -596,6 +646,33 @@ class MultilevelTrainer:
         if self.log:
             self.log(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
         return True
+
+
+    def _saved_group_state(self, extra):
+        """This group's saved solver states ({} when the checkpoint was
+        written on a grid of another number of groups: the solves then start
+        cold, and every group takes group 0's monitor counts)."""
+        if extra.get("data_groups", 1) != self.grid.data:
+            return {}
+        if self.grid.data == 1:
+            return {"warm": extra.get("warm")}
+        return (extra.get("groups") or {}).get(self.grid.data_rank) or {}
+
+    def _load(self, path, **kw):
+        """Collective: every group reads its part of ``path`` over its layer
+        ranks; a failure in any group raises on every rank."""
+        st = error = None
+        try:
+            st = ckpt.load_checkpoint(path, self.comm, **kw)
+        except ckpt.CheckpointError as e:
+            error = e
+        if self.grid.data > 1:
+            # every rank -> every rank: whether its group's load failed
+            agree(self.world, error, what="loading the checkpoint",
+                  error_type=ckpt.CheckpointError)
+        elif error is not None:
+            raise error
+        return st
 
 
 def make_trainer(config, comm, **kw):
