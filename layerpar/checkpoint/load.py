@@ -22,6 +22,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from layerpar._collective import agree
+
 from .errors import CheckpointError, message, one_line, ranges
 from .format import PartReader, layer_entry, read_manifest
 
@@ -75,10 +77,8 @@ def load_checkpoint(path, comm, *, layer_indices=None, num_layers: Optional[int]
         out = _read_parts(path, header, parts, parts_dir, request, rank)
     except Exception as exc:  # noqa: BLE001 - reported on every rank below
         error = message(exc, f"cannot load checkpoint {path}")
-    # Every rank -> every rank: what went wrong here, or None.
-    errors = [e for e in comm.allgather(error) if e is not None]
-    if errors:
-        raise CheckpointError(errors[0])
+    # every rank -> every rank: what went wrong here, or None (the lowest rank's is raised)
+    agree(comm, error, error_type=CheckpointError)
     return out
 
 
@@ -224,10 +224,8 @@ def verify_checkpoint(path, *, comm=None) -> dict:
             _verify_part(path, parts_dir, parts[i])
     except Exception as exc:  # noqa: BLE001 - reported on every rank below
         error = message(exc, f"cannot verify checkpoint {path}")
-    # Every rank -> every rank: what went wrong with its parts, or None.
-    errors = [e for e in comm.allgather(error) if e is not None]
-    if errors:
-        raise CheckpointError(errors[0])
+    # every rank -> every rank: what went wrong here, or None (the lowest rank's is raised)
+    agree(comm, error, error_type=CheckpointError)
     return header
 
 
