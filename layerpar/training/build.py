@@ -2,6 +2,9 @@
 optimiser, the residual monitor, the data loaders and the learning rate."""
 import torch
 
+from layerpar import checkpoint as ckpt
+from layerpar._collective import agree
+
 from layerpar.config import mode_iterations
 from layerpar.optim import LBFGS, schedule
 from layerpar.parallel import Network
@@ -104,3 +107,31 @@ def load_data(config, comm, *, first=None, last=None):
     first = rank == 0 if first is None else first
     last = rank == size - 1 if last is None else last
     return load_configured(config["data"], need_inputs=first, need_labels=last, comm=comm)
+
+
+def saved_group_state(extra, grid):
+    """This group's saved solver states from a checkpoint's ``extra`` ({}
+    when it was written on a grid of another number of groups: the solves
+    then start cold, and every group takes group 0's monitor counts)."""
+    if extra.get("data_groups", 1) != grid.data:
+        return {}
+    if grid.data == 1:
+        return {"warm": extra.get("warm")}
+    return (extra.get("groups") or {}).get(grid.data_rank) or {}
+
+
+def load_in_groups(path, grid, world, **kw):
+    """Collective over ``world``: every group reads its part of ``path``
+    over its layer ranks (``load_checkpoint`` keywords ``kw``); a failure in
+    any group raises on every rank."""
+    st = error = None
+    try:
+        st = ckpt.load_checkpoint(path, grid.layer_comm, **kw)
+    except ckpt.CheckpointError as e:
+        error = e
+    if grid.data > 1:
+        # every rank -> every rank: whether its group's load failed
+        agree(world, error, what="loading the checkpoint", error_type=ckpt.CheckpointError)
+    elif error is not None:
+        raise error
+    return st

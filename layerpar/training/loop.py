@@ -38,11 +38,12 @@ import time
 import torch
 
 from layerpar import checkpoint as ckpt
-from layerpar._collective import agree, any_rank
+from layerpar._collective import any_rank
 from layerpar.config import DEFAULTS, check_grid, to_toml
 from layerpar.grid import ProcessGrid
 from layerpar.metrics import MetricsWriter
-from layerpar.training.build import learning_rate, load_data, make_loaders
+from layerpar.training.build import (learning_rate, load_data, load_in_groups, make_loaders,
+                                     saved_group_state)
 from layerpar.training.level import Level
 from layerpar.training.report import (add_step, batch_len, epoch_sums, format_row,
                                       plot_metrics)
@@ -196,7 +197,9 @@ class Trainer:
         keys = {"model": self.config["model"], "data": {
             k: self.config["data"][k] for k in ("name", "dtype", "seed")}}
         try:
-            st = self._load(path, keys)
+            st = load_in_groups(path, self.grid, self.comm,
+                                layer_indices=self.body.layer_indices,
+                                num_layers=self.body.nlayers, config=keys, defaults=DEFAULTS)
         except ckpt.CheckpointError as e:
             prev = ckpt.previous_path(path)
             hint = f" (the previous checkpoint {prev} is kept: resume from it with " \
@@ -218,7 +221,7 @@ class Trainer:
         self.batch_in_epoch = extra.get("batch_in_epoch", 0)
         self.sums = dict(epoch_sums(), **extra.get("epoch_sums", {}))
         self.body.passes = extra.get("passes", 0)  # keys the layers' random draws
-        mine = self._saved_group_state(extra)
+        mine = saved_group_state(extra, self.grid)
         monitor, warm = mine.get("monitor") or extra.get("monitor"), mine.get("warm")
         if self.monitor and monitor:
             self.monitor.restore(monitor, self.body)
@@ -230,36 +233,6 @@ class Trainer:
         if self.log:
             self.log(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
         return True
-
-    def _saved_group_state(self, extra):
-        """This group's saved solver states ({} when the checkpoint was
-        written on a grid of another number of groups: the solves then
-        start cold, and every group takes group 0's monitor counts)."""
-        saved_groups = extra.get("data_groups", 1)
-        if saved_groups != self.grid.data:
-            return {}
-        if self.grid.data == 1:
-            return {"warm": extra.get("warm")}
-        return (extra.get("groups") or {}).get(self.grid.data_rank) or {}
-
-    def _load(self, path, keys):
-        """Collective: every group reads its layers of ``path`` over its
-        layer ranks; a failure in any group raises on every rank."""
-        st = error = None
-        try:
-            st = ckpt.load_checkpoint(path, self.grid.layer_comm,
-                                      layer_indices=self.body.layer_indices,
-                                      num_layers=self.body.nlayers, config=keys,
-                                      defaults=DEFAULTS)
-        except ckpt.CheckpointError as e:
-            error = e
-        if self.grid.data > 1:
-            # every rank -> every rank: whether its group's load failed
-            agree(self.comm, error, what="loading the checkpoint",
-                  error_type=ckpt.CheckpointError)
-        elif error is not None:
-            raise error
-        return st
 
     def _usable_checkpoint(self, path):
         """``path``, or its previous version when ``path`` is damaged; the

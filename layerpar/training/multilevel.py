@@ -70,12 +70,13 @@ import time
 import torch
 
 from layerpar import checkpoint as ckpt
-from layerpar._collective import agree, any_rank
+from layerpar._collective import any_rank
 from layerpar import transfer
 from layerpar.config import DEFAULTS, check_grid, check_ranks, to_toml
 from layerpar.grid import ProcessGrid
 from layerpar.metrics import MetricsWriter
-from layerpar.training.build import learning_rate, load_data, make_loaders
+from layerpar.training.build import (learning_rate, load_data, load_in_groups, make_loaders,
+                                     saved_group_state)
 from layerpar.training.level import Level
 from layerpar.training.report import (add_step, batch_len, epoch_sums, format_row,
                                       plot_metrics)
@@ -593,7 +594,8 @@ class MultilevelTrainer:
                 "multilevel": {k: ml[k] for k in ("method", "levels", "factor")},
                 "data": {k: self.config["data"][k] for k in ("name", "dtype", "seed")},
                 "optim": {"name": self.config["optim"]["name"]}}
-        header = self._load(path, layer_indices=[], config=keys, defaults=DEFAULTS)
+        header = load_in_groups(path, self.grid, self.world, layer_indices=[], config=keys,
+                                defaults=DEFAULTS)
         extra = header.get("extra") or {}
         if extra.get("method") != self.method:
             raise ckpt.CheckpointError(f"checkpoint {path} is not of a {self.method} run")
@@ -605,9 +607,10 @@ class MultilevelTrainer:
         offsets, total = self._offsets()
         wanted = [off + n for lev, off in zip(self.levels, offsets)
                   for n in lev.body.layer_indices]
-        st = self._load(path, layer_indices=wanted, num_layers=total, config=keys,
-                        defaults=DEFAULTS)
-        mine = self._saved_group_state(extra)
+        st = load_in_groups(path, self.grid, self.world, layer_indices=wanted,
+                            num_layers=total, config=keys,
+                            defaults=DEFAULTS)
+        mine = saved_group_state(extra, self.grid)
         sopt = st["optimizer"]
         for i, (lev, off) in enumerate(zip(self.levels, offsets)):
             params = lev.params()
@@ -646,33 +649,6 @@ class MultilevelTrainer:
         if self.log:
             self.log(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
         return True
-
-
-    def _saved_group_state(self, extra):
-        """This group's saved solver states ({} when the checkpoint was
-        written on a grid of another number of groups: the solves then start
-        cold, and every group takes group 0's monitor counts)."""
-        if extra.get("data_groups", 1) != self.grid.data:
-            return {}
-        if self.grid.data == 1:
-            return {"warm": extra.get("warm")}
-        return (extra.get("groups") or {}).get(self.grid.data_rank) or {}
-
-    def _load(self, path, **kw):
-        """Collective: every group reads its part of ``path`` over its layer
-        ranks; a failure in any group raises on every rank."""
-        st = error = None
-        try:
-            st = ckpt.load_checkpoint(path, self.comm, **kw)
-        except ckpt.CheckpointError as e:
-            error = e
-        if self.grid.data > 1:
-            # every rank -> every rank: whether its group's load failed
-            agree(self.world, error, what="loading the checkpoint",
-                  error_type=ckpt.CheckpointError)
-        elif error is not None:
-            raise error
-        return st
 
 
 def make_trainer(config, comm, **kw):
