@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 _WHERE = {"LayerParallel": "parallel", "Network": "parallel", "ConvClosing": "steps",
           "ConvOpening": "steps", "ConvStep": "steps", "DenseClosing": "steps",
           "DenseOpening": "steps", "DenseStep": "steps", "ResidualLayer": "steps",
-          "SmoothReLU": "steps", "ProcessGrid": "grid"}
+          "SmoothReLU": "steps", "ProcessGrid": "grid", "SilentRankError": "_watchdog",
+          "set_timeout": "_watchdog"}
 
 
 def __getattr__(name):
@@ -41,4 +42,6 @@ __all__ = [
     "ConvClosing",
     "ResidualLayer",
     "SmoothReLU",
+    "SilentRankError",
+    "set_timeout",
 ]

@@ -10,8 +10,15 @@ others an error that names the rank and what happened there.
         data = load_here()            # may raise on some ranks
 
     meta = from_root(comm, root, lambda: check_input(x))   # only root checks
+
+Each helper waits for the other ranks with the communicator's timeout
+(``layerpar._watchdog``: ``set_timeout``, $LAYERPAR_TIMEOUT): a rank that
+does not arrive within it makes the others raise ``SilentRankError`` naming
+it, which no helper turns into an agreement (that would wait again).
 """
 from contextlib import contextmanager
+
+from layerpar._watchdog import SilentRankError, guard
 
 
 class RemoteError(RuntimeError):
@@ -41,8 +48,13 @@ def agree(comm, error=None, *, what=None, error_type=None):
     the lowest failing rank's description, prefixed by "<what> failed on rank
     r: " when ``what`` is given.  A plain message with no ``what`` is raised
     as ``error_type`` (default ValueError) with that message alone, the same
-    text on every rank (for argument checks that any rank may make).
+    text on every rank (for argument checks that any rank may make).  A
+    SilentRankError (a wait that timed out) is raised at once, without
+    agreeing.
     """
+    if isinstance(error, SilentRankError):
+        raise error
+    guard(comm, what or "an agreement over the ranks")
     messages = comm.allgather(_describe(error))
     failed = [(r, m) for r, m in enumerate(messages) if m is not None]
     if not failed:
@@ -70,6 +82,8 @@ def collective(comm, what=None, *, error_type=None):
     error = None
     try:
         yield
+    except SilentRankError:
+        raise
     except Exception as exc:  # noqa: BLE001 - raised again below, on every rank
         error = exc
     agree(comm, error, what=what, error_type=error_type)
@@ -88,6 +102,7 @@ def from_root(comm, root, compute, *, error_type=None):
         except Exception as exc:  # noqa: BLE001 - raised again below, on every rank
             error = exc
             payload = (None, _describe(exc))
+    guard(comm, f"a broadcast from rank {root}")
     result, message = comm.bcast(payload, root=root)
     if message is None:
         return result
@@ -104,4 +119,5 @@ def any_rank(comm, flag):
     """Collective: whether ``flag`` is true on any rank (every rank sends
     its flag; all learn the maximum)."""
     from mpi4py import MPI
+    guard(comm, "an agreement over the ranks")
     return bool(comm.allreduce(int(bool(flag)), op=MPI.MAX))

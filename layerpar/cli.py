@@ -10,7 +10,10 @@ Rank 0 alone prints.  Errors in the configuration, the data, the run folder
 or a checkpoint end every rank with one line ``layerpar: error: ...`` on
 stderr (printed by rank 0) and a non-zero exit status (2 for a bad setting,
 1 otherwise).  SIGINT and SIGTERM stop training at the next step on every
-rank together, with a final checkpoint, and exit 130 and 143.
+rank together, with a final checkpoint, and exit 130 and 143.  With a
+timeout (``run.timeout`` or $LAYERPAR_TIMEOUT) a rank that stops answering
+is named in one line by the lowest rank still answering, and the job ends
+(``MPI_Abort``, exit status 1).
 """
 import argparse
 import errno
@@ -243,6 +246,8 @@ def _stored_config(comm, run_dir, resume_from):
         except Exception:  # noqa: BLE001 - the load reports a damaged checkpoint itself
             found = None
     # Rank 0 -> every rank: the stored configuration (or None).
+    from layerpar._watchdog import guard
+    guard(comm, "the stored configuration from rank 0")
     return comm.bcast(found, root=0)
 
 
@@ -276,6 +281,8 @@ def _train(args, comm, out, stop):
         args.set = [*args.set, f"parallel.data={args.data_parallel}"]
     notes = []
     config = resolve(args.config, args.set, notes=notes)
+    from layerpar.training.build import apply_timeout
+    apply_timeout(config, comm)  # from here on every wait for other ranks is bounded
     asked = args.run_dir or config["run"]["dir"]
     if not asked and args.resume_from:
         asked = os.path.dirname(os.path.abspath(args.resume_from))
@@ -287,6 +294,7 @@ def _train(args, comm, out, stop):
         stored = _stored_config(comm, run_dir, args.resume_from)
         if stored is not None:
             config, notes = _resumed_config(args, stored), []
+            apply_timeout(config, comm)
     config["run"]["dir"] = run_dir
     for note in notes:
         out(f"layerpar: {note}", 1)
@@ -395,8 +403,8 @@ def _out_of_memory(e):
 def _all_failed(exit_comm, grace=30.0):
     """Did every rank reach this point (every rank stopped with an error)?
     A barrier on a communicator used for nothing else, given ``grace``
-    seconds: ranks still at work elsewhere mean the error was this rank's
-    alone."""
+    seconds (the run's timeout when it has one): ranks still at work
+    elsewhere mean the error was this rank's alone."""
     req = exit_comm.Ibarrier()
     deadline = time.monotonic() + grace
     while not req.Test():
@@ -416,7 +424,7 @@ def main(argv=None):
     verbosity = 0 if getattr(args, "quiet", False) else 2 if getattr(args, "verbose", False) else 1
     out = Printer(comm.Get_rank(), verbosity)
 
-    from braid_ext import MGRITError
+    from braid_ext import MGRITError, MGRITTimeoutError
     from layerpar.checkpoint import CheckpointError
     from layerpar.config import ConfigError
     from layerpar.data import DatasetError
@@ -427,13 +435,15 @@ def main(argv=None):
                "info": lambda a, c, o, s: _info(c, o, a.data_parallel),
                "plan": _plan}[args.command]
         return run(args, comm, out, stop)
+    except MGRITTimeoutError as e:  # a rank stopped answering (in a solve or elsewhere)
+        _end_silent(comm, e)
     except known as e:
         if isinstance(e, RuntimeError) and not _out_of_memory(e):
             return _internal_error(comm)
         # 2: a setting to change; 1: anything else (data, checkpoint, disk, numbers)
         code = 2 if isinstance(e, ValueError) and not isinstance(
             e, (CheckpointError, DatasetError)) else 1
-        if _all_failed(exit_comm):
+        if _all_failed(exit_comm, _grace(comm)):
             # the usual case: collective checks raise on every rank; rank 0 says it
             out.error(f"layerpar: error: {_describe(e)}")
             return code
@@ -442,6 +452,34 @@ def main(argv=None):
         comm.Abort(code)
     except BaseException:
         return _internal_error(comm)
+
+
+def _grace(comm):
+    """Seconds to wait for the other ranks at an error: the timeout set on
+    ``comm`` (run.timeout, $LAYERPAR_TIMEOUT), else 30."""
+    from layerpar._watchdog import timeout_of
+    try:
+        return timeout_of(comm) or 30.0
+    except ValueError:  # a bad $LAYERPAR_TIMEOUT: the error being reported
+        return 30.0
+
+
+# seconds the other ranks give the reporting rank to print before they end the job
+REPORT_GRACE = 2.0
+
+
+def _end_silent(comm, e):
+    """A rank did not answer within the timeout: the lowest rank that is
+    not silent prints one line naming it and ends every rank; the others
+    end the job themselves if it has not after REPORT_GRACE seconds."""
+    silent = set(getattr(e, "silent", ()) or ([e.rank] if e.rank >= 0 else []))
+    rank = comm.Get_rank()
+    reporter = min([r for r in range(comm.Get_size()) if r not in silent] or [rank])
+    if rank != reporter:
+        time.sleep(REPORT_GRACE)
+    sys.stderr.write(f"layerpar: error: {e}; ending every rank\n")
+    sys.stderr.flush()
+    comm.Abort(1)
 
 
 def _internal_error(comm):

@@ -124,6 +124,8 @@ DEFAULTS = {
         "checkpoint_every": 0,  # steps between checkpoints; 0 = each epoch; -1 = only the last
         "log_every": 0,         # steps between progress lines; 0 = per epoch
         "plot": True,
+        "timeout": 0.0,         # seconds a rank may wait for the others before the job
+                                # ends naming the silent rank; 0: $LAYERPAR_TIMEOUT, else none
     },
 }
 
@@ -284,6 +286,8 @@ def check(config):
     need(o["line_search"] in LINE_SEARCHES, "optim.line_search",
          f"choose one of {', '.join(LINE_SEARCHES)}")
     need(r["log_every"] >= 0, "run.log_every", "must be >= 0")
+    need(math.isfinite(r["timeout"]) and r["timeout"] >= 0, "run.timeout",
+         "must be a number of seconds >= 0 (0: $LAYERPAR_TIMEOUT, else no limit)")
     if d["name"] in ("mnist", "fashion-mnist", "cifar10"):
         need(d["root"] != "", "data.root", f"data set {d['name']} needs its directory")
     _check_multilevel(config, need)

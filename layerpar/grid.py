@@ -31,12 +31,15 @@ of the global batch's mean loss:
             grid.average_gradients(net.parameters(), grid.weight(B))
 
 ``close()`` (collective) frees the two communicators; garbage collection
-never frees them.
+never frees them.  The timeout set on ``comm`` (``layerpar.set_timeout``,
+else $LAYERPAR_TIMEOUT) bounds every wait of the grid's sums: a rank that
+does not arrive makes the others raise ``layerpar.SilentRankError``.
 """
 import torch
 from mpi4py import MPI
 
 from layerpar._collective import agree
+from layerpar._watchdog import guard, inherit
 
 # gradients are sent in buckets of at most this many bytes (one allreduce each)
 BUCKET_BYTES = 1 << 22
@@ -76,6 +79,7 @@ class ProcessGrid:
         size = comm.Get_size()
         ok = isinstance(data, int) and not isinstance(data, bool)
         # every rank -> every rank: its value of data (they must agree)
+        guard(comm, "making the process grid")
         values = comm.allgather(data if ok else repr(data))
         msg = None
         bad = [v for v in values if not isinstance(v, int)]
@@ -97,6 +101,8 @@ class ProcessGrid:
         # groups: consecutive ranks; columns: the same position in every group
         self.layer_comm = comm.Split(self.data_rank, self.layer_rank)
         self.data_comm = comm.Split(self.layer_rank, self.data_rank)
+        for sub in (self.layer_comm, self.data_comm):
+            inherit(sub, comm)  # the timeout set on comm (layerpar.set_timeout)
 
     # ---- lifetime ------------------------------------------------------------
     def close(self):
@@ -166,6 +172,7 @@ class ProcessGrid:
         values = list(values)
         if self.data == 1:
             return values
+        guard(self.data_comm, "a sum over the data-parallel groups")
         parts = self.data_comm.allgather(values)
         out = list(parts[0])
         for p in parts[1:]:
@@ -188,6 +195,7 @@ class ProcessGrid:
         params = [p for p in params if p.requires_grad]
         if self.data == 1:
             return
+        guard(self.data_comm, "the gradient sum over the data-parallel groups")
         for bucket in _buckets(params, bucket_bytes):
             ref = bucket[0]
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p))

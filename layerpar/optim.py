@@ -34,6 +34,7 @@ import torch
 from mpi4py import MPI
 
 from layerpar._collective import agree, collective
+from layerpar._watchdog import guard
 
 __all__ = ["LBFGS", "LineSearchError", "regularize", "schedule", "scheduler", "SCHEDULES",
            "LINE_SEARCHES"]
@@ -67,6 +68,7 @@ def _allsum(comm, values):
     another backtracks would wait forever in the collective closure."""
     local = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
     parts = np.empty((comm.Get_size(), local.size), dtype=np.float64)
+    guard(comm, "a gather of vector parts")
     comm.Allgather(local, parts)
     total = parts[0].copy()
     for r in range(1, parts.shape[0]):
@@ -257,6 +259,7 @@ class LBFGS(torch.optim.Optimizer):
         g = self._flat_grad()
         # every rank -> every rank: its loss value (they must agree) and its
         # part of ||g||^2, added in rank order as in _allsum
+        guard(self.comm, "the L-BFGS objective and gradient norm")
         parts = self.comm.allgather((f, _dot(g, g)))
         values = [v for v, _ in parts]
         if any(v is None for v in values):
@@ -297,6 +300,7 @@ class LBFGS(torch.optim.Optimizer):
         if msg is None and len(ks) > 1:
             msg = f"the parameters of one rank have different numbers of history pairs {ks}"
         mine = ks.pop() if (ks and msg is None) else None
+        guard(self.comm, "an L-BFGS agreement")
         parts = self.comm.allgather((mine, msg))
         agree(self.comm, next((m for _, m in parts if m), None))
         known = {k for k, _ in parts if k is not None}
@@ -520,6 +524,7 @@ class LBFGS(torch.optim.Optimizer):
         """Collective: whether every rank's parameters are bitwise those of
         ``last`` (each rank sends its yes/no to every rank)."""
         mine = last is not None and torch.equal(self._flat_params(), last[0])
+        guard(self.comm, "an L-BFGS agreement")
         return all(self.comm.allgather(mine))
 
     def _iterate(self, closure, x0, f, g, gg, hist, group):

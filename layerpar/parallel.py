@@ -21,7 +21,6 @@ A network holds MPI communicators: close it (or use it in a ``with``
 block) on every rank when done; garbage collection never frees them.
 """
 import math
-import os
 
 import torch
 from mpi4py import MPI
@@ -30,6 +29,7 @@ from torch import nn
 from braid_ext import MGRITError, Solver, check_options
 from layerpar import partition
 from layerpar._collective import agree, from_root
+from layerpar._watchdog import check_timeout, guard, recv, set_timeout, timeout_of
 from layerpar.apps import AdjointApp, ForwardApp
 from layerpar.pipeline import SCHEDULES, Pipeline, PipelineFunction, split_sizes
 from layerpar.models import (call_module, is_stochastic, layer_rng, set_training_flags,
@@ -58,6 +58,7 @@ def _load(module, state, device=None):
 def _collect(comm, obj, root):
     """Collective: every rank's obj, on ``root`` (None = every rank); None
     on the other ranks."""
+    guard(comm, "collecting the layers")
     return comm.allgather(obj) if root is None else comm.gather(obj, root=root)
 
 
@@ -82,23 +83,12 @@ def _option_message(message, prefix):
     return message
 
 
-def _timeout(value):
-    """The solver timeout: the argument, else $LAYERPAR_TIMEOUT, else none."""
-    source = "timeout"
+def _timeout(value, comm):
+    """The timeout: the argument, else the limit set on ``comm``
+    (``layerpar.set_timeout``), else $LAYERPAR_TIMEOUT, else none."""
     if value is None:
-        env = os.environ.get("LAYERPAR_TIMEOUT", "").strip()
-        if not env:
-            return None
-        source = "LAYERPAR_TIMEOUT"
-        try:
-            value = float(env)
-        except ValueError:
-            raise ValueError(f"{source}={env!r}: must be a number of seconds") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not math.isfinite(value) or value < 0:
-        raise ValueError(f"{source}={value!r}: must be a finite number of seconds >= 0 "
-                         "(0: no limit)")
-    return float(value) or None
+        return timeout_of(comm)
+    return check_timeout(value)
 
 
 class LayerParallel(nn.Module):
@@ -141,11 +131,15 @@ class LayerParallel(nn.Module):
                    (default 4): a pass with another batch size or with
                    other options (an exact evaluation pass) and back returns
                    to the same solvers, warm states included
-      timeout      seconds any wait of a solve for other ranks may last
-                   (default: $LAYERPAR_TIMEOUT, else no limit); a rank that
-                   stops answering then makes the others raise
-                   ``braid_ext.MGRITTimeoutError`` naming it, after which
-                   the job should end (``comm.Abort``)
+      timeout      seconds any wait for other ranks may last, in the solves
+                   and in the module's other collectives and messages
+                   (default: the limit set on ``comm`` with
+                   ``layerpar.set_timeout``, else $LAYERPAR_TIMEOUT, else no
+                   limit; 0: no limit); a rank that stops answering then
+                   makes the others raise ``braid_ext.MGRITTimeoutError``
+                   (in a solve) or its subclass ``layerpar.SilentRankError``
+                   (elsewhere) naming it, after which the job should end
+                   (``comm.Abort``)
 
     Step modules may hold frozen parameters (no gradient), buffers and
     train/eval behaviour (dropout, batch norm): they run under the policy of
@@ -192,7 +186,7 @@ class LayerParallel(nn.Module):
             raise ValueError(f"solver_cache={solver_cache!r}: the number of solver pairs "
                              "to keep must be an integer >= 1")
         self.solver_cache = solver_cache
-        timeout = _timeout(timeout)
+        timeout = _timeout(timeout, comm)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"seed={seed!r}: must be an integer")
         for name, v in (("warm_start", warm_start), ("retain_graphs", retain_graphs)):
@@ -213,6 +207,8 @@ class LayerParallel(nn.Module):
             except ValueError as e:
                 raise ValueError(_option_message(str(e), prefix)) from None
         self.comm = comm.Dup()  # our own messages never meet the user's
+        # the limit of every wait on it and its duplicates, outside the solves too
+        set_timeout(self.comm, timeout or 0.0)
         self._comms = {}  # further duplicates by purpose (communicator())
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.nlayers, self.T, self.h = nlayers, float(T), float(T) / nlayers
@@ -507,7 +503,8 @@ class LayerParallel(nn.Module):
             state = {k: v.detach().cpu() for k, v in F.state_dict().items()}
             requests.append(self.comm.isend((state, training_flags(F)), dest=q, tag=n))
         for n in self._ghost_indices:
-            state, flags = self.comm.recv(source=self.layout.owner(n), tag=n)
+            state, flags = recv(self.comm, self.layout.owner(n), n,
+                                f"the coarse-grid weights of layer {n}")
             if n not in self._ghosts:
                 self._ghosts[n] = self._make_layer(n)
             ghost = _load(self._ghosts[n], state, self._state_meta[2]).requires_grad_(False)
@@ -591,6 +588,7 @@ class LayerParallel(nn.Module):
         """Collective: the 2-norm of a solve's given state (the input state,
         or the adjoint's final value), held on ``root``, on every rank."""
         # root -> every rank: one number
+        guard(self.comm, "the norm of a solve's given state")
         return self.comm.bcast(float(torch.linalg.vector_norm(v.detach()))
                                if self.rank == root else None, root=root)
 

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from layerpar._watchdog import guard, wait
+
 SCHEDULES = ("gpipe", "1f1b")
 _HEADER = 2                      # float64 words: [failed flag, virtual clock]
 _HEADER_BYTES = 8 * _HEADER
@@ -68,13 +70,13 @@ class _Messages:
 
     def post_recv(self, source, tag, rows):
         buf = np.empty(_HEADER_BYTES + rows * self.row_bytes, dtype=np.uint8)
-        return self.comm.Irecv([buf, MPI.BYTE], source=source, tag=tag), buf, rows
+        return self.comm.Irecv([buf, MPI.BYTE], source=source, tag=tag), buf, rows, source
 
     def finish_recv(self, posted):
-        """(tensor or None after a failure upstream, failed, sender's clock)."""
-        req, buf, rows = posted
-        status = MPI.Status()
-        req.Wait(status)
+        """(tensor or None after a failure upstream, failed, sender's clock);
+        the wait has the communicator's timeout (layerpar._watchdog)."""
+        req, buf, rows, source = posted
+        wait(self.comm, req, "a micro-batch from the neighbouring rank", source)
         failed, clock = np.frombuffer(buf, dtype=np.float64, count=_HEADER)
         if failed:
             return None, True, float(clock)
@@ -101,6 +103,8 @@ class _Messages:
         self.sends = [(req, buf) for req, buf in self.sends if not req.Test()]
 
     def wait_sends(self):
+        if self.sends:
+            guard(self.comm, "the end of a pipelined pass")  # every send's receiver is here
         MPI.Request.Waitall([req for req, _ in self.sends])
         self.sends.clear()
 
@@ -127,6 +131,7 @@ def _agree(comm, error, clock):
         info = ("error", f"{type(error).__name__}: {error}")
     else:
         info = None
+    guard(comm, "the agreement after a pipelined pass")
     parts = comm.allgather((info, clock))
     for rank, (other, _) in enumerate(parts):
         if other is None:
@@ -359,6 +364,7 @@ class Pipeline:
 
 def _agree_clocks(comm, error, clocks):
     """_agree for a tuple of virtual clocks: each one's maximum over ranks."""
+    guard(comm, "the agreement after a pipelined pass")
     parts = comm.allgather(clocks)
     _agree(comm, error, 0.0)
     return tuple(max(p[k] for p in parts) for k in range(len(clocks)))

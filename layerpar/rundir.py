@@ -19,6 +19,8 @@ import os
 import shutil
 import socket
 
+from layerpar._watchdog import guard
+
 __all__ = ["RunDirError", "RESULT_FILES", "prepare", "holds_results", "latest_numbered"]
 
 RESULT_FILES = ("checkpoint.h5", "checkpoint.prev.h5", "metrics.h5", "metrics.csv")
@@ -146,6 +148,7 @@ def prepare(comm, run_dir, *, default, resume=False, overwrite=False):
         except OSError as e:
             error = f"run.dir {run_dir!r}: {e.strerror or e}"
     # Rank 0 -> every rank: the folder, or why there is none.
+    guard(comm, "the run folder from rank 0")
     result, error = comm.bcast((result, error), root=0)
     if error is not None:
         raise RunDirError(error)

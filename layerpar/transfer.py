@@ -41,6 +41,7 @@ from mpi4py import MPI
 
 from braid_ext import Layout
 from layerpar._collective import agree as _agree
+from layerpar._watchdog import recv
 from layerpar.parallel import LayerParallel
 
 PROLONG_KINDS = ("constant", "linear")
@@ -184,7 +185,7 @@ def _transfer(local, src, dst, comm, op, kind, kinds, copy_scalars=False,
     # are made of.
     got = dict(local)
     for q, layers in recv_from.items():
-        got.update(comm.recv(source=q, tag=tag))
+        got.update(recv(comm, q, tag, f"the layers of rank {q} for a transfer"))
     MPI.Request.waitall(requests)
 
     msg, out = None, {}

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from layerpar._collective import agree
+from layerpar._watchdog import guard
 
 from .errors import CheckpointError, message, one_line, ranges
 from .format import PartReader, layer_entry, read_manifest
@@ -64,6 +65,7 @@ def load_checkpoint(path, comm, *, layer_indices=None, num_layers: Optional[int]
             manifest, status = None, message(exc, f"cannot load checkpoint {path}")
     # Rank 0 -> every rank: the manifest (header, parts table) if it is good
     # and fits this run, else the error.
+    guard(comm, "the checkpoint manifest from rank 0")
     manifest, status = comm.bcast((manifest, status), root=0)
     if status is not None:
         raise CheckpointError(status)
@@ -214,6 +216,7 @@ def verify_checkpoint(path, *, comm=None) -> dict:
         except Exception as exc:  # noqa: BLE001 - broadcast, raised everywhere
             status = message(exc, f"cannot verify checkpoint {path}")
     # Rank 0 -> every rank: the manifest (header, parts table) or the error.
+    guard(comm, "the checkpoint manifest from rank 0")
     manifest, status = comm.bcast((manifest, status), root=0)
     if status is not None:
         raise CheckpointError(status)
@@ -244,6 +247,7 @@ def find_latest_checkpoint(run_dir, comm, *, pattern_suffix: str = ".h5") -> Opt
         except Exception as exc:  # noqa: BLE001
             error = message(exc, f"cannot search {run_dir} for checkpoints")
     # Rank 0 -> every rank: the files to look at (or the error).
+    guard(comm, "the list of checkpoints from rank 0")
     names, error = comm.bcast((names, error), root=0)
     if error is not None:
         raise CheckpointError(error)
@@ -336,6 +340,7 @@ def _config_difference(saved, expected, prefix: str = "", defaults=None) -> Opti
 def _load_v1(path, comm, request, err):
     rank = comm.Get_rank()
     # Every rank -> rank 0: which layers it wants and its model's parameter shapes.
+    guard(comm, "the checkpoint load requests")
     requests = comm.gather((request, err), root=0)
     payloads, status, original = None, None, None
     if rank == 0:
@@ -349,10 +354,12 @@ def _load_v1(path, comm, request, err):
             original = exc
             status = message(exc, f"cannot load checkpoint {path}")
     # Rank 0 -> every rank: None if the file is good and fits, else the error.
+    guard(comm, "the checkpoint check on rank 0")
     status = comm.bcast(status, root=0)
     if status is not None:
         raise CheckpointError(status) from original
     # Rank 0 -> rank r: the part of the state rank r asked for.
+    guard(comm, "the checkpoint parts from rank 0")
     return comm.scatter(payloads, root=0)
 
 

@@ -39,6 +39,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from layerpar._watchdog import guard
+
 from . import atomic
 from .errors import CheckpointError, intervals, message, one_line, ranges
 from .format import (SCALARS, SECTIONS, SHARED_SECTIONS, _check_key, _dict_kind, check_tree,
@@ -70,6 +72,7 @@ def save_checkpoint(path, comm, state: dict, *, keep_previous: bool = True) -> N
         err = f"checkpoint {path}: rank {rank}: {one_line(exc)}"
     # Every rank -> every rank: its summary (header, layer runs, shared-leaf
     # digests) or why it has none.
+    guard(comm, "the checkpoint summaries")
     infos = comm.allgather((summary, err))
     try:
         plan = _Plan(infos, path)
@@ -96,6 +99,7 @@ def save_checkpoint(path, comm, state: dict, *, keep_previous: bool = True) -> N
             text = message(exc, f"cannot write checkpoint {path}: {where}")
         result = (None, text)
     # Every rank -> rank 0: its part's digest, or why it has none.
+    guard(comm, "the checkpoint parts written")
     results = comm.gather(result, root=0)
     status = None
     if rank == 0:
@@ -103,6 +107,7 @@ def save_checkpoint(path, comm, state: dict, *, keep_previous: bool = True) -> N
                               local.config_json)
         original = original or exc
     # Rank 0 -> every rank: None when the checkpoint is in place, else the error.
+    guard(comm, "the checkpoint commit on rank 0")
     status = comm.bcast(status, root=0)
     if original is not None and not isinstance(original, Exception):
         raise original
@@ -346,6 +351,7 @@ def _check_replicas(comm, local, plan, path):
     except Exception as exc:  # noqa: BLE001 - reported on every rank below
         err = f"checkpoint {path}: rank {comm.Get_rank()}: {one_line(exc)}"
     # Every rank -> every rank: its digests of the layers that several ranks give.
+    guard(comm, "the checkpoint layer digests")
     gathered = comm.allgather((digests, err))
     for d, e in gathered:
         if e is not None:

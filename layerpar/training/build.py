@@ -4,6 +4,7 @@ import torch
 
 from layerpar import checkpoint as ckpt
 from layerpar._collective import agree
+from layerpar._watchdog import env_timeout, set_timeout
 
 from layerpar.config import mode_iterations
 from layerpar.optim import LBFGS, schedule
@@ -41,6 +42,25 @@ def build_network(config, input_shape, num_classes, comm, *, nlayers=None):
     net = Network(opening, step, closing, nlayers=m["nlayers"] if nlayers is None else nlayers,
                   T=m["T"], comm=comm, seed=m["seed"], **mgrit_options(config))
     return net.to(DTYPES[config["data"]["dtype"]])
+
+
+def run_timeout(config):
+    """The run's limit on waits for other ranks: ``run.timeout`` when > 0,
+    else $LAYERPAR_TIMEOUT, else None."""
+    return config["run"]["timeout"] or env_timeout()
+
+
+def apply_timeout(config, comm, grid=None):
+    """Set the run's timeout (``run_timeout``) on ``comm`` and on the
+    grid's communicators: every wait of the run for other ranks (solves,
+    agreements, sums, checkpoints) then ends after it, naming the rank that
+    did not answer (``layerpar.SilentRankError``).  Nothing when there is
+    none."""
+    limit = run_timeout(config)
+    if limit is None:
+        return
+    for c in (comm,) + ((grid.layer_comm, grid.data_comm) if grid is not None else ()):
+        set_timeout(c, limit)
 
 
 def make_optimizer(config, net):

@@ -34,6 +34,7 @@ import json
 import torch
 import torch.nn.functional as Fn
 
+from layerpar._watchdog import guard
 from layerpar.optim import regularize
 from layerpar.training.build import build_network, make_monitor, make_optimizer
 from layerpar.training.report import batch_len
@@ -72,6 +73,7 @@ class Level:
             local = 0.0
         else:
             local = float(sum(torch.sum(v * p.detach()) for p, v in self._linear.items()))
+        guard(self.comm, "the sum of the linear term")
         return self.comm.allreduce(local)
 
     def forward_loss(self, x, y, size=None):
@@ -107,6 +109,7 @@ class Level:
             value, correct = float(loss.detach()), int((out.argmax(1) == y).sum())
         else:
             value, correct = 0.0, 0
+        guard(self.comm, "the loss and accuracy from the last rank")
         return self.comm.bcast((value, correct), root=self.size - 1)
 
     def _penalty(self, add_grad):
@@ -241,6 +244,7 @@ class Level:
         """{"fwd", "bwd"}: layer-step evaluations summed over the ranks.
         Collective."""
         # every rank -> every rank: its two counters
+        guard(self.comm, "the work counters")
         parts = self.comm.allgather((self.work["fwd"], self.work["bwd"]))
         return {"fwd": sum(f for f, _ in parts), "bwd": sum(b for _, b in parts)}
 

@@ -39,11 +39,12 @@ import torch
 
 from layerpar import checkpoint as ckpt
 from layerpar._collective import any_rank
+from layerpar._watchdog import guard
 from layerpar.config import DEFAULTS, check_grid, to_toml
 from layerpar.grid import ProcessGrid
 from layerpar.metrics import MetricsWriter
-from layerpar.training.build import (learning_rate, load_data, load_in_groups, make_loaders,
-                                     saved_group_state)
+from layerpar.training.build import (apply_timeout, learning_rate, load_data,
+                                     load_in_groups, make_loaders, saved_group_state)
 from layerpar.training.level import Level
 from layerpar.training.report import (add_step, batch_len, epoch_sums, format_row,
                                       plot_metrics)
@@ -62,6 +63,12 @@ class Trainer:
 
     ``grid``: a ``layerpar.grid.ProcessGrid`` over ``comm`` (default: one
     made from ``parallel.data``, freed by ``close()``).
+
+    ``run.timeout`` (else $LAYERPAR_TIMEOUT) is set on ``comm`` and the
+    grid's communicators (``layerpar.set_timeout``): a rank that does not
+    answer within it makes every other rank raise
+    ``braid_ext.MGRITTimeoutError`` (in a solve) or its subclass
+    ``layerpar.SilentRankError`` naming it; the job should then end.
     """
 
     def __init__(self, config, comm, *, log=None, progress=None, should_stop=None,
@@ -70,6 +77,7 @@ class Trainer:
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self._own_grid = grid is None
+        apply_timeout(config, comm, grid)  # a grid made below inherits it
         if grid is None:
             check_grid(config, self.size)  # a ConfigError naming parallel.data, everywhere
             grid = ProcessGrid(comm, data=config["parallel"]["data"])
@@ -187,6 +195,7 @@ class Trainer:
         previous one, checkpoint.prev.h5, is left as it is)."""
         if path is None:
             path = self.checkpoint_path()
+            guard(self.comm, "the checkpoint lookup on rank 0")
             exists = self.comm.bcast(os.path.exists(path) if self.rank == 0 else None, root=0)
             if not exists:  # a save interrupted between its renames leaves only .prev
                 path = ckpt.find_latest_checkpoint(self.run_dir, self.comm)
@@ -254,6 +263,7 @@ class Trainer:
                     msg = (prev, f"{e}; resuming from the previous checkpoint {prev} "
                                  f"(the damaged file is kept as {aside})")
         # Rank 0 -> every rank: the checkpoint to load instead, and why.
+        guard(self.comm, "the checkpoint check on rank 0")
         msg = self.comm.bcast(msg, root=0)
         if msg is None:
             return path
@@ -374,6 +384,7 @@ class Trainer:
             except OSError as e:
                 err = (e.errno, e.strerror or str(e), e.filename)
         # Rank 0 -> every rank: whether its file work failed.
+        guard(self.comm, "the file work on rank 0")
         err = self.comm.bcast(err, root=0)
         if err is not None:
             raise OSError(*err)

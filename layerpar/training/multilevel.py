@@ -75,8 +75,8 @@ from layerpar import transfer
 from layerpar.config import DEFAULTS, check_grid, check_ranks, to_toml
 from layerpar.grid import ProcessGrid
 from layerpar.metrics import MetricsWriter
-from layerpar.training.build import (learning_rate, load_data, load_in_groups, make_loaders,
-                                     saved_group_state)
+from layerpar.training.build import (apply_timeout, learning_rate, load_data,
+                                     load_in_groups, make_loaders, saved_group_state)
 from layerpar.training.level import Level
 from layerpar.training.report import (add_step, batch_len, epoch_sums, format_row,
                                       plot_metrics)
@@ -142,6 +142,7 @@ class MultilevelTrainer:
             raise ValueError(f"multilevel.method = {ml['method']!r}: MultilevelTrainer runs "
                              "'nested' or 'mgopt' (use Trainer for single-level training)")
         self._own_grid = grid is None
+        apply_timeout(config, comm, grid)  # a grid made below inherits it
         if grid is None:
             check_grid(config, comm.Get_size())  # a ConfigError naming parallel.data
         check_ranks(config, comm.Get_size() // (grid.data if grid else config["parallel"]["data"]))
