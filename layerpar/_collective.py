@@ -89,11 +89,11 @@ def collective(comm, what=None, *, error_type=None):
     agree(comm, error, what=what, error_type=error_type)
 
 
-def from_root(comm, root, compute, *, error_type=None):
+def from_root(comm, root, compute, *, error_type=None, what=None):
     """Collective: ``compute()`` on ``root`` only, its result broadcast to
     every rank.  If it raises, the root raises its exception and every other
     rank ``error_type`` (default RemoteError) naming the root; one broadcast
-    either way."""
+    either way.  ``what`` names the broadcast in a timeout's message."""
     payload = None
     error = None
     if comm.Get_rank() == root:
@@ -102,7 +102,7 @@ def from_root(comm, root, compute, *, error_type=None):
         except Exception as exc:  # noqa: BLE001 - raised again below, on every rank
             error = exc
             payload = (None, _describe(exc))
-    guard(comm, f"a broadcast from rank {root}")
+    guard(comm, what or "a broadcast from one rank")
     result, message = comm.bcast(payload, root=root)
     if message is None:
         return result
@@ -115,9 +115,10 @@ def from_root(comm, root, compute, *, error_type=None):
     raise cls(text)
 
 
-def any_rank(comm, flag):
+def any_rank(comm, flag, *, what=None):
     """Collective: whether ``flag`` is true on any rank (every rank sends
-    its flag; all learn the maximum)."""
+    its flag; all learn the maximum).  ``what`` names the agreement in a
+    timeout's message."""
     from mpi4py import MPI
-    guard(comm, "an agreement over the ranks")
+    guard(comm, what or "an agreement over the ranks")
     return bool(comm.allreduce(int(bool(flag)), op=MPI.MAX))

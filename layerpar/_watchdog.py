@@ -139,6 +139,8 @@ def guard(comm, what):
     _check_failed(comm, what)
     request = comm.Ibarrier()
     _poll(comm, request.Test, what, limit, None)
+    # a rank that gave up entered the barrier too: its notice, if any, is here
+    _serve(comm, what, limit)
 
 
 def wait(comm, request, what, peer, status=None):
@@ -176,7 +178,8 @@ def _poll(comm, done, what, limit, peer):
     while not done():
         _serve(comm, what, limit)
         if time.monotonic() > deadline:
-            _timed_out(comm, what, limit, peer)
+            _timed_out(comm, done, what, limit, peer)
+            return
         time.sleep(nap)
         nap = min(2 * nap, _LONGEST_NAP)
 
@@ -206,10 +209,11 @@ def _serve(comm, what, limit):
         _fail(comm, silent, what, limit, f"as rank {_world(comm, source)} found")
 
 
-def _timed_out(comm, what, limit, peer):
+def _timed_out(comm, done, what, limit, peer):
     """The deadline has passed: ask every other rank whether it is alive,
     name the ranks that do not answer within the grace period, tell every
-    other rank, and raise."""
+    other rank, and raise.  Returns instead when the wait completes within
+    the grace period after all (a late rank has arrived)."""
     ping, answer, notice = _tags(comm)
     me, size = comm.Get_rank(), comm.Get_size()
     others = [r for r in range(size) if r != me]
@@ -220,15 +224,20 @@ def _timed_out(comm, what, limit, peer):
         comm.Isend([_ONE, MPI.INT], dest=r, tag=ping).Free()
         pending[r] = comm.Irecv([answers[r], MPI.INT], source=r, tag=answer)
     end = time.monotonic() + min(1.0, limit)
+    arrived = False
     try:
-        while pending and time.monotonic() < end:
+        while pending and time.monotonic() < end and not arrived:
             pending = {r: q for r, q in pending.items() if not q.Test()}
             _serve(comm, what, limit)
+            arrived = done()
             time.sleep(_LONGEST_NAP)
+        arrived = arrived or done()
     finally:
         for q in pending.values():
             q.Cancel()
             q.Wait()
+    if arrived:
+        return
     silent = sorted(pending) or ([peer] if peer is not None else [])
     # to every other rank: the verdict (silent flags, then the limit); the
     # buffer is kept, as a silent rank may never receive it
@@ -236,8 +245,15 @@ def _timed_out(comm, what, limit, peer):
     flags[silent] = 1.0
     flags[-1] = limit
     _kept.append(flags)
-    for r in others:
-        comm.Isend([flags, MPI.DOUBLE], dest=r, tag=notice).Free()
+    sends = [comm.Isend([flags, MPI.DOUBLE], dest=r, tag=notice) for r in others]
+    # drive the notices out (a rank that sleeps after raising moves no
+    # message); those to a silent rank may never complete
+    end = time.monotonic() + min(1.0, limit)
+    while not MPI.Request.Testall(sends) and time.monotonic() < end:
+        time.sleep(_LONGEST_NAP)
+    for q in sends:
+        if q != MPI.REQUEST_NULL:
+            q.Free()
     _fail(comm, silent, what, limit, None)
 
 

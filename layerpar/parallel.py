@@ -574,7 +574,8 @@ class LayerParallel(nn.Module):
                                 f"not {type(u0).__name__}")
             return (tuple(u0.shape), u0.dtype, str(u0.device))
 
-        meta = from_root(self.comm, self.first_rank, meta_of_input, error_type=TypeError)
+        meta = from_root(self.comm, self.first_rank, meta_of_input, error_type=TypeError,
+                         what="the input state's shape from the first rank")
         shape, dtype, device = meta[0], meta[1], torch.device(meta[2])
         if meta != self._state_meta:
             self._check_shapes(shape, dtype, device)
@@ -850,7 +851,8 @@ class Network(nn.Module):
             return float(value)
 
         self.body._check_open()
-        return from_root(self.comm, self.body.last_rank, number, error_type=TypeError)
+        return from_root(self.comm, self.body.last_rank, number, error_type=TypeError,
+                         what="a value from the last rank")
 
     def close(self):
         """Collective: free the layer-parallel body's solvers and

@@ -66,7 +66,7 @@ class _Messages:
         self.dtype, self.device = dtype, device
         self.itemsize = torch.empty((), dtype=dtype).element_size()
         self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.itemsize
-        self.sends = []  # (request, buffer): a buffer lives until its send completes
+        self.sends = []  # (request, buffer, dest): a buffer lives until its send completes
 
     def post_recv(self, source, tag, rows):
         buf = np.empty(_HEADER_BYTES + rows * self.row_bytes, dtype=np.uint8)
@@ -96,16 +96,16 @@ class _Messages:
             # one copy into the message (from the GPU when x lives there)
             body = torch.frombuffer(memoryview(buf)[_HEADER_BYTES:], dtype=self.dtype)
             body.view(x.shape).copy_(x.detach())
-        self.sends.append((self.comm.Isend([buf, MPI.BYTE], dest=dest, tag=tag), buf))
+        self.sends.append((self.comm.Isend([buf, MPI.BYTE], dest=dest, tag=tag), buf, dest))
 
     def reap(self):
         """Release the buffers of the sends that have completed."""
-        self.sends = [(req, buf) for req, buf in self.sends if not req.Test()]
+        self.sends = [(req, buf, dest) for req, buf, dest in self.sends if not req.Test()]
 
     def wait_sends(self):
-        if self.sends:
-            guard(self.comm, "the end of a pipelined pass")  # every send's receiver is here
-        MPI.Request.Waitall([req for req, _ in self.sends])
+        """Wait for every send (each with the communicator's timeout)."""
+        for req, _, dest in self.sends:
+            wait(self.comm, req, "a micro-batch sent to the neighbouring rank", dest)
         self.sends.clear()
 
 

@@ -273,7 +273,9 @@ class Trainer:
 
     def _stop_agreed(self):
         """Collective: does any rank's should_stop() say stop?"""
-        return self.should_stop is not None and any_rank(self.comm, self.should_stop())
+        if self.should_stop is None:
+            return False
+        return any_rank(self.comm, self.should_stop(), what="the agreement on stopping")
 
     # ---- the loop ------------------------------------------------------------
     def run(self):

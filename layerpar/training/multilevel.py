@@ -490,7 +490,9 @@ class MultilevelTrainer:
 
     def _stop_agreed(self):
         """Collective: does any rank's should_stop() say stop?"""
-        return self.should_stop is not None and any_rank(self.world, self.should_stop())
+        if self.should_stop is None:
+            return False
+        return any_rank(self.world, self.should_stop(), what="the agreement on stopping")
 
     def _stopped(self):
         return {"stopped": True, "epoch": self.epoch, "step": self.step}
