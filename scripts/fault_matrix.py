@@ -15,9 +15,9 @@ not finish within --job-timeout seconds counts its remaining cases as hung.
 Writes one CSV row per case (ranks, target, kind, fail_rank, at, passed,
 max_exit_s, detail) and prints the counts: cases, passed, max exit time.
 A "loss" case (the loss raises on the last rank only, outside any solve, so
-the other ranks wait in the backward solve) runs in a job of its own with
-the solver timeout (LAYERPAR_TIMEOUT) and passes when every rank ends with a
-clear error and the job ends; its second attempt is not possible (the job
+the other ranks wait for it, before or in the backward solve) runs in a job
+of its own with a timeout (LAYERPAR_TIMEOUT) and passes when every rank
+ends with a clear error and the job ends; its second attempt is not possible (the job
 aborts, as it must after a timeout).
 """
 import argparse
@@ -263,10 +263,12 @@ def worker(args):
 
 
 def loss_worker(comm):
-    """The loss raises on the last rank only: the others wait for it in the
-    backward solve until the timeout names it; every rank then ends the job."""
+    """The loss raises on the last rank only: the others wait for it (before
+    or in the backward solve) until the timeout names it; every rank then
+    ends the job."""
     import torch
     from torch import nn
+    from braid_ext import MGRITTimeoutError
     from layerpar import Network
     last = comm.size - 1
 
@@ -282,10 +284,13 @@ def loss_worker(comm):
         loss = net.loss(x, torch.tensor([0, 1, 0, 1]), loss_fn)
         loss.backward()
         kind, text = "ok", ""
+        timed_out = False
     except Exception as e:  # noqa: BLE001
         kind, text = type(e).__name__, str(e)
+        # in a solve (MGRITTimeoutError) or before one (its subclass SilentRankError)
+        timed_out = isinstance(e, MGRITTimeoutError)
     good = (kind == "Injected") if comm.rank == last else \
-        (kind == "MGRITTimeoutError" and f"rank {last}" in text)
+        (timed_out and f"rank {last}" in text)
     print("LOSS " + json.dumps(dict(rank=comm.rank, kind=kind, good=good,
                                     exit_s=round(time.perf_counter() - t0, 3),
                                     text=text[:200])), flush=True)
