@@ -165,6 +165,19 @@ def recv(comm, source, tag, what):
     return comm.recv(source=source, tag=tag)
 
 
+def sendrecv(comm, obj, dest, source, tag, what):
+    """``comm.sendrecv(obj, dest=dest, sendtag=tag, source=source,
+    recvtag=tag)`` (pickled objects; MPI.PROC_NULL for no partner), with
+    the limit of ``comm``."""
+    if timeout_of(comm) is None:
+        return comm.sendrecv(obj, dest=dest, sendtag=tag, source=source, recvtag=tag)
+    request = comm.isend(obj, dest=dest, tag=tag) if dest != MPI.PROC_NULL else None
+    got = recv(comm, source, tag, what) if source != MPI.PROC_NULL else None
+    if request is not None:
+        wait(comm, request, what, dest)
+    return got
+
+
 def _check_failed(comm, what):
     if _failure is not None:
         raise SilentRankError(str(_failure), _failure.rank, silent=_failure.silent,

@@ -34,7 +34,7 @@ import torch
 from mpi4py import MPI
 
 from layerpar._collective import agree, collective
-from layerpar._watchdog import guard
+from layerpar._watchdog import guard, sendrecv
 
 __all__ = ["LBFGS", "LineSearchError", "regularize", "schedule", "scheduler", "SCHEDULES",
            "LINE_SEARCHES"]
@@ -807,10 +807,11 @@ def _smoothness(body, comm, gamma, h, add):
 
     # our last layer -> right neighbour (theta_{n-1} of its first layer n);
     # the left neighbour's last layer <- left (theta_{first-1} of ours)
-    from_left = comm.sendrecv(packed(last), dest=right, sendtag=1, source=left, recvtag=1)
+    from_left = sendrecv(comm, packed(last), right, left, 1, "a layer from the left neighbour")
     # our first layer -> left neighbour (its last layer's right-hand term
     # needs theta_{n+1}); the right neighbour's first layer <- right
-    from_right = comm.sendrecv(packed(first), dest=left, sendtag=2, source=right, recvtag=2)
+    from_right = sendrecv(comm, packed(first), left, right, 2,
+                          "a layer from the right neighbour")
 
     theta = dict(mine)
     if from_left is not None:
