@@ -357,3 +357,12 @@ def test_the_command_ends_the_job_naming_a_silent_rank(mpiexec, tmp_path, ranks,
         assert what in line
     assert "Traceback" not in proc.stderr
     assert proc.returncode != 0
+
+
+def test_a_bad_timeout_in_the_environment_is_one_line_naming_it(tmp_path):
+    serial_only()
+    proc = run_child([sys.executable, "-m", "layerpar", "train", "--run-dir",
+                      str(tmp_path / "run"), "-q"], env={"LAYERPAR_TIMEOUT": "soon"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "layerpar: error: LAYERPAR_TIMEOUT='soon': must be a number of seconds"]
