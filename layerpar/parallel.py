@@ -162,6 +162,8 @@ class LayerParallel(nn.Module):
     module duplicated; ``with LayerParallel(...) as body:`` closes at the end.
     """
 
+    _store = "C"  # the solvers' storage (see _new_solver)
+
     def __init__(self, step_factory, nlayers, T, comm, *, max_levels=1, cfactor=4,
                  relax="FCF", cycle="V", min_coarse=2, skip=False, fwd_iters=2,
                  bwd_iters=1, fwd_tol=0.0, bwd_tol=0.0, fwd_rel_tol=0.0,
@@ -307,10 +309,16 @@ class LayerParallel(nn.Module):
         return F
 
     def _new_solver(self, app, opts, reverse):
-        # opts holds exactly the Solver options the user may choose
+        # opts holds exactly the Solver options the user may choose.  Between
+        # sweeps the solvers keep only the points read later (store='C'): the
+        # C-points (a warm start's F-relaxation recomputes the F-points from
+        # them), the last point (u_N, or the adjoint's dloss/du_0) and on one
+        # level the two ends.  The forward F-points the adjoint needs live in
+        # the layers' graphs (their inputs) until backward frees them, and an
+        # adjoint point is only read by the next step.
         t0, t1 = (self.T, 0.0) if reverse else (0.0, self.T)
         return Solver(app, self.comm, t0, t1, self.nlayers, **opts, reverse=reverse,
-                      store="all", final_sweep=True)
+                      store=self._store, final_sweep=True)
 
     def _plan_ghosts(self):
         """Which layer weights go where before each forward solve: the layers
@@ -468,11 +476,15 @@ class LayerParallel(nn.Module):
             key = self._pair_key(meta, fwd, bwd)
             self._key_options[key] = (fwd, bwd)
             for name, solver in zip(("fwd", "bwd"), pair):
+                lo, hi = solver.local_range(0)
                 for i, u in held[name].items():
                     try:
                         solver.set(int(i), u.detach().clone())
-                    except ValueError:  # not a stored point of this rank
-                        if not owned_only:
+                    except ValueError:
+                        # an F-point of this rank (saved by a solver that kept
+                        # every point; the warm start recomputes it), or with
+                        # owned_only another rank's point
+                        if not (owned_only or lo <= int(i) <= hi):
                             raise
         if pair is None:  # nothing saved: a fresh pair for the current options
             pair = (self._new_solver(self._fwd_app, self.fwd_options, reverse=False),

@@ -44,7 +44,7 @@ static int cycle(mg_Core core, int l, int first, int shape, int interp) {
   if (l == core->nlevels - 1) return mg_Sweep(core, l, 0, 0);
   if (!first) {
     MG_CHK(mg_Relax(core, l));
-    MG_CHK(mg_Residual(core, l, NULL, NULL));
+    MG_CHK(mg_Residual(core, l, NULL, NULL, 0));
   }
   MG_CHK(mg_Restrict(core, l, first));
   int again = shape == MG_CYCLE_F && l + 1 < core->nlevels - 1;
@@ -56,10 +56,13 @@ static int cycle(mg_Core core, int l, int first, int shape, int interp) {
 
 /* Initial values on level 0: the initial condition always (it may have
  * changed since the last Drive), the other stored points unless a previous
- * solution is kept. */
+ * solution is kept or nothing reads them: a one-level solve overwrites
+ * them, and so does a cold solve with the skipped first down-cycle (its
+ * coarsest solve steps from point 0 alone, its corrections and
+ * interpolations write every other point before any sweep reads it). */
 static void initial_values(mg_Core core) {
   mg_Level *f = &core->levels[0];
-  int only_first = core->nlevels == 1; /* sequential: overwritten anyway */
+  int only_first = core->nlevels == 1 || (core->skip && !core->have_solution);
   for (int64_t j = f->lo; j <= f->hi; j++) {
     mg_Vector *slot = &f->u[j - f->lo];
     if (j == 0) {
@@ -75,13 +78,14 @@ static void initial_values(mg_Core core) {
 
 static int final_access(mg_Core core) {
   mg_Level *f = &core->levels[0];
-  if (core->store_all || core->nlevels == 1) {
+  if (core->store_all) {
     for (int64_t j = f->lo; j <= f->hi; j++)
       mg_CallAccess(core, f->u[j - f->lo], j, 1);
     return MG_OK;
   }
-  /* F-points are not kept: one more F-sweep shows them */
-  return mg_Sweep(core, 0, f->cfactor, MG_SW_ACCESS);
+  /* F-points are not kept: one more F-sweep shows them (on one level the
+   * whole sequential sweep once more) */
+  return mg_Sweep(core, 0, core->nlevels == 1 ? 0 : f->cfactor, MG_SW_ACCESS);
 }
 
 /* Every fine step once more at the final state: F-points are recomputed
@@ -160,8 +164,11 @@ static int iterate(mg_Core core) {
        * once, at the state the solve returns) serves as the final sweep. */
       int last = core->iter >= core->max_iter;
       if (!last) MG_CHK(mg_Relax(core, 0));
+      else mg_FreeCoarse(core); /* no cycle follows: the final sweep runs without them */
       core->in_final = core->final_sweep && last;
-      int rc = mg_Residual(core, 0, &local, &bad);
+      /* the last sweep measures each residual as it goes and drops the
+       * work values at once: no restriction reads them */
+      int rc = mg_Residual(core, 0, &local, &bad, last);
       core->final_done = core->in_final;
       core->in_final = 0;
       MG_CHK(rc);
@@ -274,6 +281,7 @@ int mg_Drive(mg_Core core) {
     core->iter = 1;
   } else {
     MG_CHK(iterate(core));
+    mg_FreeCoarse(core); /* read no more: not held during a final sweep */
   }
   {
     int64_t bad = unchecked_nonfinite(core), bad_global = -1;
@@ -292,6 +300,10 @@ int mg_Drive(mg_Core core) {
   }
 
   core->have_solution = !core->failed && core->nonfinite < 0;
+  /* Nothing reads the coarse levels, the right-hand sides or the work
+   * values after a solve (the next Drive rebuilds them from the fine
+   * solution): only the stored fine points stay held between solves. */
+  mg_FreeHierarchy(core, 1);
   core->stats.iterations = core->iter;
   core->stats.nlevels = core->nlevels;
   core->stats.virtual_time = core->clock;
