@@ -126,8 +126,10 @@ enum {
   MG_SW_NORHS = 4,   /* leave g out of the C-point values                  */
   MG_SW_ASSIGN = 8,  /* u <- w at C-points after the sweep (C-relaxation)  */
   MG_SW_ACCESS = 16, /* call access at every point                         */
-  MG_SW_NORM = 32    /* with MG_SW_C: measure |w_j - u_j| at once and drop
+  MG_SW_NORM = 32,   /* with MG_SW_C: measure |w_j - u_j| at once and drop
                         w_j (kept at the last point)                        */
+  MG_SW_FAS = 64     /* with MG_SW_C on level l+1 (l the level below):
+                        g_j <- w^l_{j*m} - w_j at once, both dropped       */
 };
 int mg_Sweep(mg_Core core, int level, int64_t m, int flags);
 int mg_Relax(mg_Core core, int level);

@@ -76,17 +76,9 @@ int mg_Restrict(mg_Core core, int level, int inject_only) {
   }
   if (inject_only) return MG_OK;
 
-  /* g^c_j = w_i - Phi_c(v_{j-1}) */
-  MG_CHK(mg_Sweep(core, level + 1, 1, MG_SW_C | MG_SW_NORHS));
-  for (int64_t j = c->lo; j <= c->hi; j++) {
-    if (j == 0) continue;
-    int64_t k = j - c->lo;
-    c->g[k] = f->w[FINE(j)];
-    f->w[FINE(j)] = NULL;
-    mg_CallSum(core, -1.0, c->w[k], 1.0, c->g[k]);
-    mg_CallFree(core, &c->w[k]);
-  }
-  return MG_OK;
+  /* g^c_j = w_i - Phi_c(v_{j-1}), formed in the sweep as soon as each
+   * Phi_c(v_{j-1}) exists: one coarse work value at a time, not all */
+  return mg_Sweep(core, level + 1, 1, MG_SW_C | MG_SW_NORHS | MG_SW_FAS);
 }
 
 /* C-points of level l take the coarse solution (injection's transpose). */
