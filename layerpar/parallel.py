@@ -312,8 +312,10 @@ class LayerParallel(nn.Module):
         # opts holds exactly the Solver options the user may choose.  Between
         # sweeps the solvers keep only the points read later (store='C'): the
         # C-points (a warm start's F-relaxation recomputes the F-points from
-        # them), the last point (u_N, or the adjoint's dloss/du_0) and on one
-        # level the two ends.  The forward F-points the adjoint needs live in
+        # them), the last point (u_N, or the adjoint's dloss/du_0) and each
+        # rank's last point (so that every rank holds a warm state when it
+        # has one; on one level these and point 0 only).  The forward
+        # F-points the adjoint needs live in
         # the layers' graphs (their inputs) until backward frees them, and an
         # adjoint point is only read by the next step.
         t0, t1 = (self.T, 0.0) if reverse else (0.0, self.T)
@@ -431,7 +433,9 @@ class LayerParallel(nn.Module):
     def warm_states(self):
         """This rank's solver states, for a checkpoint: a list of (state meta,
         forward options, backward options, {"fwd": {index: tensor}, "bwd":
-        {index: tensor}}), one per solver pair holding a solution, the cached
+        {index: tensor}} at each solver's stored points: the C-points, the
+        last point and this rank's last point), one per solver pair holding a
+        solution, the cached
         pairs from the least recently used, the pair in use last.  Local;
         ``load_warm_states`` on the same number of ranks restores them."""
         self._check_open()
@@ -459,7 +463,9 @@ class LayerParallel(nn.Module):
         the same number of ranks) with their states, the last one in use;
         the pairs held so far are closed.  The options stay as they are.
         ``owned_only``: the states may hold other ranks' points too (merged
-        from every rank); only this rank's stored points are installed."""
+        from every rank); only this rank's stored points are installed.
+        States that hold F-points too (saved by solvers that kept every
+        point) load alike: the warm start recomputes the F-points."""
         self._check_open()
         old = list(self._pairs.values()) + [(self._fwd_solver, self._bwd_solver)]
         self._pairs = {}

@@ -1,9 +1,11 @@
 """What the solvers keep: only the points read later.
 
-LayerParallel's solvers store C-points only (store='C'; one level: the two
-end points), the core frees its coarse levels once no cycle follows, the
-last sweep measures each residual as it goes and a cold solve with the
-skipped down-cycle asks for no initial values it never reads.  None of it
+LayerParallel's solvers store the C-points, the last point and each rank's
+last point only (store='C'; one level: point 0 and each rank's last), the
+core frees its coarse levels once no cycle follows, the last sweep measures
+each residual as it goes, restriction forms each coarse right-hand side as
+soon as its coarse step exists, and a cold solve with the skipped
+down-cycle asks for no initial values it never reads.  None of it
 changes a result: outputs, gradients and residual histories are compared
 bit for bit with solvers that keep every point, and the last residual
 measured in the sweep with the same residual measured after it.  The
@@ -103,10 +105,10 @@ def test_solvers_hold_the_C_points_only(name, monkeypatch):
     for (s_all, p, peak_all), (s_c, p_c, peak_c) in zip(counts["all"], counts["C"]):
         assert p == p_c and s_all == p
         if name == "serial":
-            assert s_c <= 2  # one level: the ends 0 and N only
-            assert peak_c <= 2 < p <= peak_all  # O(1) during the solve, not O(points)
+            assert s_c <= 2  # one level: point 0 and the rank's last point only
+            assert peak_c <= 3 < p <= peak_all  # O(1) during the solve, not O(points)
         else:
-            assert s_c <= p // m + 2  # C-points (and N)
+            assert s_c <= p // m + 2  # C-points and the rank's last point
             # the F-points are not held during the solve either: at most the
             # walk's own vector (a stored point with store='all') is extra
             assert peak_c <= peak_all - (p - s_c) + 1
@@ -167,3 +169,32 @@ def test_cold_skipped_solve_asks_for_no_unread_initial_values(skip):
     with Solver(Dahlquist(-1.0), comm, 0.0, 1.0, nsteps, max_levels=3, cfactor=2, relax="F",
                 skip=skip, abs_tol=0.0, max_iter=3, store="C") as ref:
         assert (ref.solve() == norms) == skip  # zero initial guesses: the same only with skip
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("nlayers", [32, 8])
+def test_warm_states_saved_with_every_point_load_into_C_point_solvers(nlayers, monkeypatch):
+    # a one-shot run's warm states saved by solvers that kept every point
+    # (checkpoints written so) continue a run of C-point solvers bit for bit:
+    # the warm start recomputes the F-points before anything reads them.
+    # With 8 layers on 4 ranks a rank owns no C-point (points 5 and 6): it
+    # keeps its last point, so that it holds a warm state as the others do
+    opts = SETTINGS["one-shot"]
+    with dense_net("all", monkeypatch, nlayers=nlayers, **opts) as net:
+        train(net, passes=2)
+        states = net.body.warm_states()
+        weights = [p.detach().clone() for p in net.parameters()]
+        ref = train(net, passes=2)
+    with dense_net("C", monkeypatch, nlayers=nlayers, **opts) as net:
+        with torch.no_grad():
+            for p, w in zip(net.parameters(), weights):
+                p.copy_(w)
+        net.body.load_warm_states(states)
+        fwd = net.body._fwd_solver
+        held = states[-1][3]["fwd"]
+        assert any(not fwd.is_stored(i) for i in held)  # F-points were saved
+        assert all(fwd.is_stored(i) for i in held if i % opts["cfactor"] == 0)
+        out = train(net, passes=2)
+    for (la, ga, fa, ba), (lc, gc, fc, bc) in zip(ref, out):
+        assert la == lc and fa == fc and ba == bc
+        assert all(torch.equal(a, c) for a, c in zip(ga, gc))

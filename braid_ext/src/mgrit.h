@@ -207,7 +207,8 @@ int mg_GetVector(mg_Core core, int64_t index, mg_Vector *u_out);
  * Drive; the core holds a solution once every stored point it owns has one.
  * Local. */
 int mg_SetVector(mg_Core core, int64_t index, mg_Vector u);
-/* is the fine point stored after Drive (C-points, the last point, or all
+/* is the fine point stored after Drive (C-points, the last point and each
+ * rank's last point; on one level the first point and each rank's last; all
  * points with store_all)? */
 int mg_IsStored(mg_Core core, int64_t index, int *stored_out);
 /* statistics of the last Drive; reduce = 1 is collective */
