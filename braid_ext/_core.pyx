@@ -596,10 +596,11 @@ cdef class Solver:
                    iterations)
       max_iter     maximum number of MGRIT iterations per solve
       tnorm        'l2' or 'inf': norm of the residual over C-points
-      store        'all' keeps every fine point; 'C' the C-points, the last
-                   point and each rank's last point (one level: the first
-                   point and each rank's last; a NaN or Inf is then
-                   reported at the last point of the rank where it arose)
+      store        'all' keeps every fine point; 'C' C-points and the last
+                   (one level: the first and the last point; a NaN or Inf
+                   is then reported at the last point).  A rank may then
+                   keep no point; a solve starts warm only where every rank
+                   that keeps one holds a solution
       reverse      the last rank holds t_start (solves backward in time)
       warm_start   a new solve starts from the last solution
       step_cost, latency   virtual clock: cost of one step (per level) and of

@@ -312,10 +312,8 @@ class LayerParallel(nn.Module):
         # opts holds exactly the Solver options the user may choose.  Between
         # sweeps the solvers keep only the points read later (store='C'): the
         # C-points (a warm start's F-relaxation recomputes the F-points from
-        # them), the last point (u_N, or the adjoint's dloss/du_0) and each
-        # rank's last point (so that every rank holds a warm state when it
-        # has one; on one level these and point 0 only).  The forward
-        # F-points the adjoint needs live in
+        # them), the last point (u_N, or the adjoint's dloss/du_0) and on one
+        # level the two ends.  The forward F-points the adjoint needs live in
         # the layers' graphs (their inputs) until backward frees them, and an
         # adjoint point is only read by the next step.
         t0, t1 = (self.T, 0.0) if reverse else (0.0, self.T)
@@ -433,11 +431,12 @@ class LayerParallel(nn.Module):
     def warm_states(self):
         """This rank's solver states, for a checkpoint: a list of (state meta,
         forward options, backward options, {"fwd": {index: tensor}, "bwd":
-        {index: tensor}} at each solver's stored points: the C-points, the
-        last point and this rank's last point), one per solver pair holding a
-        solution, the cached
-        pairs from the least recently used, the pair in use last.  Local;
-        ``load_warm_states`` on the same number of ranks restores them."""
+        {index: tensor}} at each solver's stored points, the C-points and the
+        last point), one per solver pair used for a state shape, the cached
+        pairs from the least recently used, the pair in use last; the same
+        pairs on every rank, with no points where a solver holds no solution
+        or keeps no point on this rank.  Local; ``load_warm_states`` on the
+        same number of ranks restores them."""
         self._check_open()
         out = []
         pairs = list(self._pairs.items()) + \
@@ -453,9 +452,10 @@ class LayerParallel(nn.Module):
                                   for i in range(lo, hi + 1) if solver.is_stored(i)}
                 except ValueError:  # no solution held (e.g. no adjoint solve yet)
                     held[name] = {}
-            if held["fwd"] or held["bwd"]:
-                out.append((key[0], dict(self._key_options[key][0]),
-                            dict(self._key_options[key][1]), held))
+            # listed even without points: a rank that keeps no point (store
+            # 'C') lists the pairs the others list
+            out.append((key[0], dict(self._key_options[key][0]),
+                        dict(self._key_options[key][1]), held))
         return out
 
     def load_warm_states(self, states, *, owned_only=False):

@@ -1,8 +1,7 @@
 """What the solvers keep: only the points read later.
 
-LayerParallel's solvers store the C-points, the last point and each rank's
-last point only (store='C'; one level: point 0 and each rank's last), the
-core frees its coarse levels once no cycle follows, the last sweep measures
+LayerParallel's solvers store the C-points and the last point only
+(store='C'; one level: the two end points), the core frees its coarse levels once no cycle follows, the last sweep measures
 each residual as it goes, restriction forms each coarse right-hand side as
 soon as its coarse step exists, and a cold solve with the skipped
 down-cycle asks for no initial values it never reads.  None of it
@@ -105,10 +104,10 @@ def test_solvers_hold_the_C_points_only(name, monkeypatch):
     for (s_all, p, peak_all), (s_c, p_c, peak_c) in zip(counts["all"], counts["C"]):
         assert p == p_c and s_all == p
         if name == "serial":
-            assert s_c <= 2  # one level: point 0 and the rank's last point only
-            assert peak_c <= 3 < p <= peak_all  # O(1) during the solve, not O(points)
+            assert s_c <= 2  # one level: the ends 0 and N only
+            assert peak_c <= 2 < p <= peak_all  # O(1) during the solve, not O(points)
         else:
-            assert s_c <= p // m + 2  # C-points and the rank's last point
+            assert s_c <= p // m + 2  # C-points (and N)
             # the F-points are not held during the solve either: at most the
             # walk's own vector (a stored point with store='all') is extra
             assert peak_c <= peak_all - (p - s_c) + 1
@@ -178,7 +177,7 @@ def test_warm_states_saved_with_every_point_load_into_C_point_solvers(nlayers, m
     # (checkpoints written so) continue a run of C-point solvers bit for bit:
     # the warm start recomputes the F-points before anything reads them.
     # With 8 layers on 4 ranks a rank owns no C-point (points 5 and 6): it
-    # keeps its last point, so that it holds a warm state as the others do
+    # keeps no point, lists the same pairs and starts warm with the others
     opts = SETTINGS["one-shot"]
     with dense_net("all", monkeypatch, nlayers=nlayers, **opts) as net:
         train(net, passes=2)

@@ -62,13 +62,14 @@ static int cycle(mg_Core core, int l, int first, int shape, int interp) {
  * interpolations write every other point before any sweep reads it). */
 static void initial_values(mg_Core core) {
   mg_Level *f = &core->levels[0];
-  int only_first = core->nlevels == 1 || (core->skip && !core->have_solution);
+  int only_first = core->nlevels == 1 || (core->skip && !core->warm_now);
   for (int64_t j = f->lo; j <= f->hi; j++) {
     mg_Vector *slot = &f->u[j - f->lo];
     if (j == 0) {
       mg_CallFree(core, slot);
       *slot = mg_CallInit(core, 0, 0);
-    } else if (!only_first && mg_FineStored(core, j) && !*slot) {
+    } else if (!only_first && mg_FineStored(core, j) && (!*slot || !core->warm_now)) {
+      mg_CallFree(core, slot); /* a cold start from a kept solution: from init */
       *slot = mg_CallInit(core, 0, j);
     } else if (!mg_FineStored(core, j)) {
       mg_CallFree(core, slot); /* left over from other storage options */
@@ -152,7 +153,7 @@ static void take_last_step(mg_Core core) {
 }
 
 static int iterate(mg_Core core) {
-  int warm = core->have_solution;
+  int warm = core->warm_now;
   for (core->iter = 0;; core->iter++) {
     int first = core->iter == 0 && core->skip && !warm;
     if (!first) {
@@ -196,11 +197,12 @@ static int iterate(mg_Core core) {
  * code of a rank that failed so far, or 0], maximised; the maximum names the
  * lowest failing rank.  Returns MG_OK, or the failure (MG_ERR_REMOTE where
  * it happened elsewhere). */
-static int agree_start(mg_Core core, uint64_t value, uint64_t *max_value) {
-  uint64_t mine[2] = {value, 0}, most[2] = {0, 0};
+static int agree_start(mg_Core core, uint64_t value, uint64_t *max_value,
+                       uint64_t flag, uint64_t *max_flag) {
+  uint64_t mine[3] = {value, 0, flag}, most[3] = {0, 0, 0};
   if (core->failed)
     mine[1] = (uint64_t)(core->size - core->rank) * 16 + (uint64_t)core->failed;
-  MG_CHK(mg_Allreduce(core, mine, most, 2, MPI_UINT64_T, MPI_MAX));
+  MG_CHK(mg_Allreduce(core, mine, most, 3, MPI_UINT64_T, MPI_MAX));
   if (most[1]) {
     core->fail_rank = core->size - (int)(most[1] / 16);
     core->fail_code = (int)(most[1] % 16);
@@ -209,7 +211,20 @@ static int agree_start(mg_Core core, uint64_t value, uint64_t *max_value) {
     return core->failed;
   }
   if (max_value) *max_value = most[0];
+  if (max_flag) *max_flag = most[2];
   return MG_OK;
+}
+
+/* Whether this rank can start warm: it holds a solution, or it keeps no
+ * point (store C: a block without a C-point, or the middle of a one-level
+ * solve), so that nothing is missing here.  A solution installed point by
+ * point (mg_SetVector) reaches only the ranks that keep points. */
+static int ready_warm(mg_Core core) {
+  if (core->have_solution) return 1;
+  const mg_Level *f = &core->levels[0];
+  for (int64_t j = f->lo; j <= f->hi; j++)
+    if (mg_FineStored(core, j)) return 0;
+  return 1;
 }
 
 /*
@@ -234,9 +249,12 @@ static int start(mg_Core core) {
   }
   if (rc != MG_OK) mg_FailLocal(core, rc);
   /* Every rank sizes its receive buffer alike: ranks that report different
-   * upper bounds all use the largest. */
-  uint64_t most = 0;
-  MG_CHK(agree_start(core, bytes, &most));
+   * upper bounds all use the largest.  And all start warm or all cold (a
+   * rank not ready makes every rank start cold). */
+  uint64_t most = 0, cold = 0;
+  int ready = rc == MG_OK && ready_warm(core);
+  MG_CHK(agree_start(core, bytes, &most, (uint64_t)!ready, &cold));
+  core->warm_now = !cold;
   core->bufsize = (size_t)most;
   core->msgsize = 2 * sizeof(double) + core->bufsize;
   /* The receive buffer grows to the agreed size: msgsize and rbufcap are
@@ -247,7 +265,7 @@ static int start(mg_Core core) {
   core->rbuf = malloc(core->msgsize);
   core->rbufcap = core->rbuf ? core->msgsize : 0;
   if (!core->rbuf) mg_FailLocal(core, MG_ERR_MEMORY);
-  return agree_start(core, 0, NULL);
+  return agree_start(core, 0, NULL, 0, NULL);
 }
 
 int mg_Drive(mg_Core core) {

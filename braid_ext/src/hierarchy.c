@@ -98,16 +98,15 @@ double mg_TimeOf(mg_Core core, int64_t i) {
   return core->t0 + (core->t1 - core->t0) * ((double)i / (double)core->nsteps);
 }
 
-/* is fine point j kept between sweeps?  Without store_all: the C-points,
- * the last point and each rank's last point; a one-level solve (whose only
- * C-point is 0) keeps point 0 and each rank's last point, stepping the
- * others in place.  So every rank keeps at least one point, and a solution
- * installed point by point (mg_SetVector) reaches every rank. */
+/* is fine point j kept between sweeps?  Without store_all: the C-points and
+ * the last point; a one-level solve (whose only C-point is 0) keeps its two
+ * end points, stepping the others in place.  A rank may then keep no point
+ * (see the agreement on warm starts in drive.c). */
 int mg_FineStored(mg_Core core, int64_t j) {
   const mg_Level *f = &core->levels[0];
-  if (core->store_all || j == f->n || j == f->hi) return 1;
-  if (core->nlevels == 1) return j == 0;
-  return j % f->cfactor == 0;
+  if (core->store_all) return 1;
+  if (core->nlevels == 1) return j == 0 || j == f->n;
+  return j % f->cfactor == 0 || j == f->n;
 }
 
 static void free_vectors(mg_Core core, mg_Vector *v, int64_t n) {

@@ -51,6 +51,7 @@ struct mg_Core_s {
   int nlevels;
   mg_Level levels[MG_MAX_LEVELS];
   int have_solution; /* level-0 u holds the last converged state          */
+  int warm_now;      /* this Drive starts from the held solution (agreed)  */
   int built_reverse; /* distribution the hierarchy was built with          */
 
   /* communication */
