@@ -55,11 +55,12 @@ static int cycle(mg_Core core, int l, int first, int shape, int interp) {
 }
 
 /* Initial values on level 0: the initial condition always (it may have
- * changed since the last Drive), the other stored points unless a previous
- * solution is kept or nothing reads them: a one-level solve overwrites
- * them, and so does a cold solve with the skipped first down-cycle (its
- * coarsest solve steps from point 0 alone, its corrections and
- * interpolations write every other point before any sweep reads it). */
+ * changed since the last Drive), the other stored points unless the solve
+ * starts warm from a kept solution (warm_now, agreed over the ranks) or
+ * nothing reads them: a one-level solve overwrites them, and so does a cold
+ * solve with the skipped first down-cycle (its coarsest solve steps from
+ * point 0 alone, its corrections and interpolations write every other point
+ * before any sweep reads it). */
 static void initial_values(mg_Core core) {
   mg_Level *f = &core->levels[0];
   int only_first = core->nlevels == 1 || (core->skip && !core->warm_now);
@@ -194,9 +195,9 @@ static int iterate(mg_Core core) {
 }
 
 /* The agreements before the first message: [value, (P - rank) * 16 + error
- * code of a rank that failed so far, or 0], maximised; the maximum names the
- * lowest failing rank.  Returns MG_OK, or the failure (MG_ERR_REMOTE where
- * it happened elsewhere). */
+ * code of a rank that failed so far, or 0, flag], maximised; the maximum
+ * names the lowest failing rank.  Returns MG_OK, or the failure
+ * (MG_ERR_REMOTE where it happened elsewhere). */
 static int agree_start(mg_Core core, uint64_t value, uint64_t *max_value,
                        uint64_t flag, uint64_t *max_flag) {
   uint64_t mine[3] = {value, 0, flag}, most[3] = {0, 0, 0};
