@@ -3,6 +3,7 @@ allows and modelled (layerpar.perfmodel, calibrated here) to 256 ranks, and
 the peak memory per rank; CSV and PNG under benchmarks/results/.
 
     python benchmarks/scaling.py [--ranks 1,2,4] [--max-ranks 256] [--mpiexec srun]
+    python benchmarks/scaling.py --memory-only      (memory.csv alone)
 
 Network (benchmarks/_netbench.py): conv, 1-channel 8x8 images, 4 channels,
 batch 32, float32, one torch thread per rank; a training step is opening,
@@ -232,6 +233,18 @@ def memory_all(a, tmp):
                  ratio_to_sequential_1=f"{r['peak'] / seq:.3f}") for r in out]
 
 
+def write_memory(a, memory):
+    with open(os.path.join(a.results, "memory.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, MEM_FIELDS)
+        w.writeheader()
+        w.writerows(memory)
+    print("memory (peak per rank, N = %d):" % a.layers)
+    for m in memory:
+        print(f"  {m['setting']:<24} P={m['ranks']}: {m['peak_MiB_per_rank']} MiB, "
+              f"x{m['ratio_to_serial_1']} of serial on 1 rank, x{m['ratio_to_sequential_1']} "
+              "of nn.Sequential")
+
+
 def model_rows(a, cal):
     from layerpar import perfmodel as pm
     c = pm.Calibration.load_dict(cal)
@@ -327,6 +340,8 @@ def main():
     p.add_argument("--ranks", default="1,2,4", help="measured rank counts (must include 1)")
     p.add_argument("--max-ranks", type=int, default=256)
     p.add_argument("--memory-ranks", type=int, default=4)
+    p.add_argument("--memory-only", action="store_true",
+                   help="measure the memory only (memory.csv; no timing, model or plots)")
     p.add_argument("--layers", type=int, default=1024, help="N of the strong study")
     p.add_argument("--per-rank", type=int, default=16, help="N / P of the weak study")
     p.add_argument("--width", type=int, default=4)
@@ -349,6 +364,12 @@ def main():
     a.ranks = [int(r) for r in a.ranks.split(",")]
     os.makedirs(a.results, exist_ok=True)
     t0 = time.perf_counter()
+    if a.memory_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            memory = memory_all(a, tmp)
+        write_memory(a, memory)
+        print(f"wrote memory.csv ({time.perf_counter() - t0:.0f} s)")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         measured, cal = measure_all(a, tmp)
         print("memory", flush=True)
@@ -361,10 +382,7 @@ def main():
         w = csv.DictWriter(fh, FIELDS)
         w.writeheader()
         w.writerows(rows)
-    with open(os.path.join(a.results, "memory.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, MEM_FIELDS)
-        w.writeheader()
-        w.writerows(memory)
+    write_memory(a, memory)
     for study in ("strong", "weak"):
         plot(rows, study, os.path.join(a.results, f"scaling_{study}.png"), a)
     print(f"{'study':<7}{'setting':<24}{'P':>4} {'measured wall':>13} {'measured CPU':>12} "
@@ -379,11 +397,6 @@ def main():
             return v
         print(f"{r['study']:<7}{r['setting']:<24}{r['ranks']:>4} {get('measured', 'wall'):>13} "
               f"{get('measured', 'cpu'):>12} {r['seconds']:>8}")
-    print("memory (peak per rank, N = %d):" % a.layers)
-    for m in memory:
-        print(f"  {m['setting']:<24} P={m['ranks']}: {m['peak_MiB_per_rank']} MiB, "
-              f"x{m['ratio_to_serial_1']} of serial on 1 rank, x{m['ratio_to_sequential_1']} "
-              "of nn.Sequential")
     print(f"wrote {path} and the PNG, memory.csv next to it "
           f"({time.perf_counter() - t0:.0f} s)")
 

@@ -38,6 +38,8 @@ class _Stats(TypedDict):
     app_time: float           # seconds inside the app's methods
     total_time: float         # seconds inside the solve
     virtual_time: float       # modelled parallel time (virtual clock)
+    vectors_held: int         # vectors the solver holds now (this rank)
+    vectors_peak: int         # the most it held at once in the last solve (this rank)
 
 
 class MGRITError(RuntimeError):

@@ -165,6 +165,8 @@ cdef class _Bridge:
     cdef AccessStatus access_status
     cdef object error
     cdef double app_time
+    cdef int64_t held       # vectors the core holds now (boxes not yet freed)
+    cdef int64_t held_peak  # the most it held at once since the last solve began
     cdef mg_Ops ops
 
     def __cinit__(self, app):
@@ -190,6 +192,7 @@ cdef class _Bridge:
         self.access_status = AccessStatus.__new__(AccessStatus)
         self.error = None
         self.app_time = 0.0
+        self.held = self.held_peak = 0
         memset(&self.ops, 0, sizeof(mg_Ops))
         self.ops.step = _step
         self.ops.init = _init
@@ -207,6 +210,12 @@ cdef class _Bridge:
         if self.error is None:
             self.error = exc
         return 1
+
+    cdef inline void took(self) noexcept:
+        # the core took one more vector (a new box)
+        self.held += 1
+        if self.held > self.held_peak:
+            self.held_peak = self.held
 
     cdef object take_error(self):
         e, self.error = self.error, None
@@ -280,6 +289,7 @@ cdef int _init(mg_App app, double t, int64_t index, mg_Vector *out) noexcept wit
         if v is None:
             raise TypeError(f"{type(b.app).__name__}.init returned None")
         out[0] = box_new(v)
+        b.took()
         return 0
     except BaseException as e:
         return b.fail(e)
@@ -290,12 +300,14 @@ cdef int _clone(mg_App app, mg_Vector u, mg_Vector *out) noexcept with gil:
     try:
         if b.pure_step:
             out[0] = box_share(u)
+            b.took()
             return 0
         try:
             v = b.f_clone(box_get(u))
         finally:
             b.app_time += MPI_Wtime() - t0
         out[0] = box_new(v)
+        b.took()
         return 0
     except BaseException as e:
         return b.fail(e)
@@ -318,6 +330,7 @@ cdef int _free(mg_App app, mg_Vector u) noexcept with gil:
         box_unlink(bx)
         Py_DECREF(<object>bx.obj)
         free(bx)
+        b.held -= 1
 
 cdef int _sum(mg_App app, double a, mg_Vector x, double c, mg_Vector y) noexcept with gil:
     cdef _Bridge b = <_Bridge><void*>app
@@ -385,6 +398,7 @@ cdef int _bufunpack(mg_App app, const void *buf, size_t size, mg_Vector *out) no
             b.app_time += MPI_Wtime() - t0
             mv.release()
         out[0] = box_new(v)
+        b.took()
         return 0
     except BaseException as e:
         return b.fail(e)
@@ -583,6 +597,10 @@ cdef class Solver:
       max_iter     maximum number of MGRIT iterations per solve
       tnorm        'l2' or 'inf': norm of the residual over C-points
       store        'all' keeps every fine point; 'C' C-points and the last
+                   (one level: the first and the last point; a NaN or Inf
+                   is then reported at the last point).  A rank may then
+                   keep no point; a solve starts warm only where every rank
+                   that keeps one holds a solution
       reverse      the last rank holds t_start (solves backward in time)
       warm_start   a new solve starts from the last solution
       step_cost, latency   virtual clock: cost of one step (per level) and of
@@ -711,6 +729,7 @@ cdef class Solver:
         rank raise: the original exception here, MGRITError elsewhere."""
         self._alive()
         self.bridge.app_time = 0.0
+        self.bridge.held_peak = self.bridge.held
         cdef int rc
         cdef int fail_rank = -1, fail_code = 0
         cdef int64_t index = -1
@@ -847,12 +866,18 @@ cdef class Solver:
             Py_DECREF(<object>(<Box*>v).obj)  # not taken: a new box, in no ring
             free(<Box*>v)
             raise ValueError(f"index={index}: not a stored point owned by rank {self.rank}")
+        self.bridge.took()
 
     def stats(self, bint reduce=False):
         """Statistics of the last solve on this rank, or over all ranks
         (``reduce=True``, collective: counts summed, times maximised).
         ``app_time`` is the time inside the app's methods, ``callback_time``
-        that time plus the binding's own work around each call."""
+        that time plus the binding's own work around each call.
+        ``vectors_held``: the vectors the solver holds now (between solves:
+        its stored points, the warm start of the next solve);
+        ``vectors_peak``: the most it held at once during the last solve
+        (a lazy clone counts as a vector; local on this rank even with
+        ``reduce``)."""
         self._alive()
         cdef mg_Stats st
         CHKERR(mg_GetStats(self.core, int(reduce), &st))
@@ -863,7 +888,8 @@ cdef class Solver:
                     steps=[st.steps[l] for l in range(st.nlevels)],
                     calls=st.calls, messages=st.messages, bytes=st.bytes,
                     callback_time=st.callback_time, app_time=app_time,
-                    total_time=st.total_time, virtual_time=st.virtual_time)
+                    total_time=st.total_time, virtual_time=st.virtual_time,
+                    vectors_held=self.bridge.held, vectors_peak=self.bridge.held_peak)
 
 
 cdef extern from *:

@@ -156,6 +156,8 @@ class LayerParallel(nn.Module):
     module duplicated; ``with LayerParallel(...) as body:`` closes at the end.
     """
 
+    _store = "C"  # the solvers' storage (see _new_solver)
+
     def __init__(self, step_factory, nlayers, T, comm, *, max_levels=1, cfactor=4,
                  relax="FCF", cycle="V", min_coarse=2, skip=False, fwd_iters=2,
                  bwd_iters=1, fwd_tol=0.0, bwd_tol=0.0, fwd_rel_tol=0.0,
@@ -303,10 +305,16 @@ class LayerParallel(nn.Module):
         return F
 
     def _new_solver(self, app, opts, reverse):
-        # opts holds exactly the Solver options the user may choose
+        # opts holds exactly the Solver options the user may choose.  Between
+        # sweeps the solvers keep only the points read later (store='C'): the
+        # C-points (a warm start's F-relaxation recomputes the F-points from
+        # them), the last point (u_N, or the adjoint's dloss/du_0) and on one
+        # level the two ends.  The forward F-points the adjoint needs live in
+        # the layers' graphs (their inputs) until backward frees them, and an
+        # adjoint point is only read by the next step.
         t0, t1 = (self.T, 0.0) if reverse else (0.0, self.T)
         return Solver(app, self.comm, t0, t1, self.nlayers, **opts, reverse=reverse,
-                      store="all", final_sweep=True)
+                      store=self._store, final_sweep=True)
 
     def _plan_ghosts(self):
         """Which layer weights go where before each forward solve: the layers
@@ -419,9 +427,12 @@ class LayerParallel(nn.Module):
     def warm_states(self):
         """This rank's solver states, for a checkpoint: a list of (state meta,
         forward options, backward options, {"fwd": {index: tensor}, "bwd":
-        {index: tensor}}), one per solver pair holding a solution, the cached
-        pairs from the least recently used, the pair in use last.  Local;
-        ``load_warm_states`` on the same number of ranks restores them."""
+        {index: tensor}} at each solver's stored points, the C-points and the
+        last point), one per solver pair used for a state shape, the cached
+        pairs from the least recently used, the pair in use last; the same
+        pairs on every rank, with no points where a solver holds no solution
+        or keeps no point on this rank.  Local; ``load_warm_states`` on the
+        same number of ranks restores them."""
         self._check_open()
         out = []
         pairs = list(self._pairs.items()) + \
@@ -437,9 +448,10 @@ class LayerParallel(nn.Module):
                                   for i in range(lo, hi + 1) if solver.is_stored(i)}
                 except ValueError:  # no solution held (e.g. no adjoint solve yet)
                     held[name] = {}
-            if held["fwd"] or held["bwd"]:
-                out.append((key[0], dict(self._key_options[key][0]),
-                            dict(self._key_options[key][1]), held))
+            # listed even without points: a rank that keeps no point (store
+            # 'C') lists the pairs the others list
+            out.append((key[0], dict(self._key_options[key][0]),
+                        dict(self._key_options[key][1]), held))
         return out
 
     def load_warm_states(self, states, *, owned_only=False):
@@ -447,7 +459,9 @@ class LayerParallel(nn.Module):
         the same number of ranks) with their states, the last one in use;
         the pairs held so far are closed.  The options stay as they are.
         ``owned_only``: the states may hold other ranks' points too (merged
-        from every rank); only this rank's stored points are installed."""
+        from every rank); only this rank's stored points are installed.
+        States that hold F-points too (saved by solvers that kept every
+        point) load alike: the warm start recomputes the F-points."""
         self._check_open()
         old = list(self._pairs.values()) + [(self._fwd_solver, self._bwd_solver)]
         self._pairs = {}
@@ -464,11 +478,15 @@ class LayerParallel(nn.Module):
             key = self._pair_key(meta, fwd, bwd)
             self._key_options[key] = (fwd, bwd)
             for name, solver in zip(("fwd", "bwd"), pair):
+                lo, hi = solver.local_range(0)
                 for i, u in held[name].items():
                     try:
                         solver.set(int(i), u.detach().clone())
-                    except ValueError:  # not a stored point of this rank
-                        if not owned_only:
+                    except ValueError:
+                        # an F-point of this rank (saved by a solver that kept
+                        # every point; the warm start recomputes it), or with
+                        # owned_only another rank's point
+                        if not (owned_only or lo <= int(i) <= hi):
                             raise
         if pair is None:  # nothing saved: a fresh pair for the current options
             pair = (self._new_solver(self._fwd_app, self.fwd_options, reverse=False),

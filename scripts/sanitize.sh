@@ -2,8 +2,10 @@
 # The MGRIT core under AddressSanitizer (with LeakSanitizer) and
 # UndefinedBehaviorSanitizer: the C driver (braid_ext/examples/c/scalar_driver.c)
 # built with -fsanitize=address,undefined, run under mpiexec on 1, 2 and 4
-# ranks with several hierarchies, cycles and the timeout (polling) path.  Any
-# report (leak, invalid access, undefined behaviour) or a wrong result fails.
+# ranks with several hierarchies, cycles, the skipped down-cycle, both
+# storage options, repeated warm-started solves ending at max_iter, and the
+# timeout (polling) path.  Any report (leak, invalid access, undefined
+# behaviour) or a wrong result fails.
 # (valgrind is not used: it reports the MPI library's own start-up and takes
 # minutes per case.)
 #
@@ -45,6 +47,9 @@ cases=(
   "-n 513 -levels 2 -cf 8 -nrelax 2 -forward -lambda -4"
   "-n 64 -levels 1"
   "-n 1000 -levels 3 -cf 4 -nrelax 1 -timeout 30"
+  "-n 1000 -levels 3 -cf 4 -nrelax 0 -skip -final -maxiter 3 -drives 8"
+  "-n 777 -levels 4 -cf 2 -nrelax 1 -cycle F -skip -storeall -final -maxiter 2 -drives 12"
+  "-n 64 -levels 1 -final -drives 2"
 )
 for np in 1 2 4; do
   for c in "${cases[@]}"; do

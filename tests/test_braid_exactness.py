@@ -49,9 +49,11 @@ def max_rel_error(solver, ref, comm):
 
 def stored_points(nsteps, cfactor, store, nlevels):
     """How many fine points a solve keeps: all of them, or the C-points and
-    the last point (one level: always all)."""
-    if store == "all" or nlevels == 1:
+    the last point (one level: the first and the last)."""
+    if store == "all":
         return nsteps + 1
+    if nlevels == 1:
+        return 2
     return nsteps // cfactor + 1 + (nsteps % cfactor != 0)
 
 

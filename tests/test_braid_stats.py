@@ -334,8 +334,9 @@ def test_final_sweep_takes_every_owned_fine_step_once(max_levels, store):
         solver.solve()
         lo, hi = solver.local_range(0)
         ref = app.sequential(0.0, 1.0, nsteps)
-        err = max(abs(float(solver.get(i)[0]) - ref[i]) / ref[i]
-                  for i in range(lo, hi + 1) if solver.is_stored(i))
+        # (store C on one level: a middle rank keeps no point)
+        err = max((abs(float(solver.get(i)[0]) - ref[i]) / ref[i]
+                   for i in range(lo, hi + 1) if solver.is_stored(i)), default=0.0)
     owned_steps = list(range(max(lo, 1) - 1, hi))  # step i -> i+1 for i+1 owned
     problems = []
     if sorted(f[0] for f in finals) != owned_steps:

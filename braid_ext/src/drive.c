@@ -44,7 +44,7 @@ static int cycle(mg_Core core, int l, int first, int shape, int interp) {
   if (l == core->nlevels - 1) return mg_Sweep(core, l, 0, 0);
   if (!first) {
     MG_CHK(mg_Relax(core, l));
-    MG_CHK(mg_Residual(core, l, NULL, NULL));
+    MG_CHK(mg_Residual(core, l, NULL, NULL, 0));
   }
   MG_CHK(mg_Restrict(core, l, first));
   int again = shape == MG_CYCLE_F && l + 1 < core->nlevels - 1;
@@ -55,17 +55,22 @@ static int cycle(mg_Core core, int l, int first, int shape, int interp) {
 }
 
 /* Initial values on level 0: the initial condition always (it may have
- * changed since the last Drive), the other stored points unless a previous
- * solution is kept. */
+ * changed since the last Drive), the other stored points unless the solve
+ * starts warm from a kept solution (warm_now, agreed over the ranks) or
+ * nothing reads them: a one-level solve overwrites them, and so does a cold
+ * solve with the skipped first down-cycle (its coarsest solve steps from
+ * point 0 alone, its corrections and interpolations write every other point
+ * before any sweep reads it). */
 static void initial_values(mg_Core core) {
   mg_Level *f = &core->levels[0];
-  int only_first = core->nlevels == 1; /* sequential: overwritten anyway */
+  int only_first = core->nlevels == 1 || (core->skip && !core->warm_now);
   for (int64_t j = f->lo; j <= f->hi; j++) {
     mg_Vector *slot = &f->u[j - f->lo];
     if (j == 0) {
       mg_CallFree(core, slot);
       *slot = mg_CallInit(core, 0, 0);
-    } else if (!only_first && mg_FineStored(core, j) && !*slot) {
+    } else if (!only_first && mg_FineStored(core, j) && (!*slot || !core->warm_now)) {
+      mg_CallFree(core, slot); /* a cold start from a kept solution: from init */
       *slot = mg_CallInit(core, 0, j);
     } else if (!mg_FineStored(core, j)) {
       mg_CallFree(core, slot); /* left over from other storage options */
@@ -75,13 +80,14 @@ static void initial_values(mg_Core core) {
 
 static int final_access(mg_Core core) {
   mg_Level *f = &core->levels[0];
-  if (core->store_all || core->nlevels == 1) {
+  if (core->store_all) {
     for (int64_t j = f->lo; j <= f->hi; j++)
       mg_CallAccess(core, f->u[j - f->lo], j, 1);
     return MG_OK;
   }
-  /* F-points are not kept: one more F-sweep shows them */
-  return mg_Sweep(core, 0, f->cfactor, MG_SW_ACCESS);
+  /* F-points are not kept: one more F-sweep shows them (on one level the
+   * whole sequential sweep once more) */
+  return mg_Sweep(core, 0, core->nlevels == 1 ? 0 : f->cfactor, MG_SW_ACCESS);
 }
 
 /* Every fine step once more at the final state: F-points are recomputed
@@ -148,7 +154,7 @@ static void take_last_step(mg_Core core) {
 }
 
 static int iterate(mg_Core core) {
-  int warm = core->have_solution;
+  int warm = core->warm_now;
   for (core->iter = 0;; core->iter++) {
     int first = core->iter == 0 && core->skip && !warm;
     if (!first) {
@@ -160,8 +166,11 @@ static int iterate(mg_Core core) {
        * once, at the state the solve returns) serves as the final sweep. */
       int last = core->iter >= core->max_iter;
       if (!last) MG_CHK(mg_Relax(core, 0));
+      else mg_FreeCoarse(core); /* no cycle follows: the final sweep runs without them */
       core->in_final = core->final_sweep && last;
-      int rc = mg_Residual(core, 0, &local, &bad);
+      /* the last sweep measures each residual as it goes and drops the
+       * work values at once: no restriction reads them */
+      int rc = mg_Residual(core, 0, &local, &bad, last);
       core->final_done = core->in_final;
       core->in_final = 0;
       MG_CHK(rc);
@@ -186,14 +195,15 @@ static int iterate(mg_Core core) {
 }
 
 /* The agreements before the first message: [value, (P - rank) * 16 + error
- * code of a rank that failed so far, or 0], maximised; the maximum names the
- * lowest failing rank.  Returns MG_OK, or the failure (MG_ERR_REMOTE where
- * it happened elsewhere). */
-static int agree_start(mg_Core core, uint64_t value, uint64_t *max_value) {
-  uint64_t mine[2] = {value, 0}, most[2] = {0, 0};
+ * code of a rank that failed so far, or 0, flag], maximised; the maximum
+ * names the lowest failing rank.  Returns MG_OK, or the failure
+ * (MG_ERR_REMOTE where it happened elsewhere). */
+static int agree_start(mg_Core core, uint64_t value, uint64_t *max_value,
+                       uint64_t flag, uint64_t *max_flag) {
+  uint64_t mine[3] = {value, 0, flag}, most[3] = {0, 0, 0};
   if (core->failed)
     mine[1] = (uint64_t)(core->size - core->rank) * 16 + (uint64_t)core->failed;
-  MG_CHK(mg_Allreduce(core, mine, most, 2, MPI_UINT64_T, MPI_MAX));
+  MG_CHK(mg_Allreduce(core, mine, most, 3, MPI_UINT64_T, MPI_MAX));
   if (most[1]) {
     core->fail_rank = core->size - (int)(most[1] / 16);
     core->fail_code = (int)(most[1] % 16);
@@ -202,7 +212,20 @@ static int agree_start(mg_Core core, uint64_t value, uint64_t *max_value) {
     return core->failed;
   }
   if (max_value) *max_value = most[0];
+  if (max_flag) *max_flag = most[2];
   return MG_OK;
+}
+
+/* Whether this rank can start warm: it holds a solution, or it keeps no
+ * point (store C: a block without a C-point, or the middle of a one-level
+ * solve), so that nothing is missing here.  A solution installed point by
+ * point (mg_SetVector) reaches only the ranks that keep points. */
+static int ready_warm(mg_Core core) {
+  if (core->have_solution) return 1;
+  const mg_Level *f = &core->levels[0];
+  for (int64_t j = f->lo; j <= f->hi; j++)
+    if (mg_FineStored(core, j)) return 0;
+  return 1;
 }
 
 /*
@@ -227,9 +250,12 @@ static int start(mg_Core core) {
   }
   if (rc != MG_OK) mg_FailLocal(core, rc);
   /* Every rank sizes its receive buffer alike: ranks that report different
-   * upper bounds all use the largest. */
-  uint64_t most = 0;
-  MG_CHK(agree_start(core, bytes, &most));
+   * upper bounds all use the largest.  And all start warm or all cold (a
+   * rank not ready makes every rank start cold). */
+  uint64_t most = 0, cold = 0;
+  int ready = rc == MG_OK && ready_warm(core);
+  MG_CHK(agree_start(core, bytes, &most, (uint64_t)!ready, &cold));
+  core->warm_now = !cold;
   core->bufsize = (size_t)most;
   core->msgsize = 2 * sizeof(double) + core->bufsize;
   /* The receive buffer grows to the agreed size: msgsize and rbufcap are
@@ -240,7 +266,7 @@ static int start(mg_Core core) {
   core->rbuf = malloc(core->msgsize);
   core->rbufcap = core->rbuf ? core->msgsize : 0;
   if (!core->rbuf) mg_FailLocal(core, MG_ERR_MEMORY);
-  return agree_start(core, 0, NULL);
+  return agree_start(core, 0, NULL, 0, NULL);
 }
 
 int mg_Drive(mg_Core core) {
@@ -274,6 +300,7 @@ int mg_Drive(mg_Core core) {
     core->iter = 1;
   } else {
     MG_CHK(iterate(core));
+    mg_FreeCoarse(core); /* read no more: not held during a final sweep */
   }
   {
     int64_t bad = unchecked_nonfinite(core), bad_global = -1;
@@ -292,6 +319,10 @@ int mg_Drive(mg_Core core) {
   }
 
   core->have_solution = !core->failed && core->nonfinite < 0;
+  /* Nothing reads the coarse levels, the right-hand sides or the work
+   * values after a solve (the next Drive rebuilds them from the fine
+   * solution): only the stored fine points stay held between solves. */
+  mg_FreeHierarchy(core, 1);
   core->stats.iterations = core->iter;
   core->stats.nlevels = core->nlevels;
   core->stats.virtual_time = core->clock;

@@ -98,16 +98,32 @@ double mg_TimeOf(mg_Core core, int64_t i) {
   return core->t0 + (core->t1 - core->t0) * ((double)i / (double)core->nsteps);
 }
 
-/* is fine point j kept between sweeps? */
+/* is fine point j kept between sweeps?  Without store_all: the C-points and
+ * the last point; a one-level solve (whose only C-point is 0) keeps its two
+ * end points, stepping the others in place.  A rank may then keep no point
+ * (see the agreement on warm starts in drive.c). */
 int mg_FineStored(mg_Core core, int64_t j) {
   const mg_Level *f = &core->levels[0];
-  if (core->store_all || core->nlevels == 1) return 1;
+  if (core->store_all) return 1;
+  if (core->nlevels == 1) return j == 0 || j == f->n;
   return j % f->cfactor == 0 || j == f->n;
 }
 
 static void free_vectors(mg_Core core, mg_Vector *v, int64_t n) {
   if (!v) return;
   for (int64_t k = 0; k < n; k++) mg_CallFree(core, &v[k]);
+}
+
+/* Free the vectors of the coarse levels (the arrays stay): once no coarse
+ * cycle follows, nothing reads them. */
+void mg_FreeCoarse(mg_Core core) {
+  for (int l = 1; l < core->nlevels; l++) {
+    mg_Level *lev = &core->levels[l];
+    int64_t n = lev->hi >= lev->lo ? lev->hi - lev->lo + 1 : 0;
+    free_vectors(core, lev->u, n);
+    free_vectors(core, lev->g, n);
+    free_vectors(core, lev->w, n);
+  }
 }
 
 /* Free the hierarchy; with keep_fine the level-0 solution is kept. */
@@ -124,7 +140,9 @@ void mg_FreeHierarchy(mg_Core core, int keep_fine) {
     free_vectors(core, lev->w, n);
     free(lev->g);
     free(lev->w);
+    free(lev->rn);
     lev->g = lev->w = NULL;
+    lev->rn = NULL;
   }
   if (!keep_fine) core->nlevels = 0;
 }
@@ -171,7 +189,8 @@ int mg_BuildHierarchy(mg_Core core) {
     lev->u = (l == 0 && fine_u) ? fine_u : calloc(1, bytes);
     lev->g = calloc(1, bytes);
     lev->w = calloc(1, bytes);
-    if (!lev->u || !lev->g || !lev->w) return MG_ERR_MEMORY;
+    lev->rn = calloc((size_t)(cnt > 0 ? cnt : 1), sizeof(double));
+    if (!lev->u || !lev->g || !lev->w || !lev->rn) return MG_ERR_MEMORY;
   }
   return MG_OK;
 }

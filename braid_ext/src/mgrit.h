@@ -205,10 +205,11 @@ int mg_GetVector(mg_Core core, int64_t index, mg_Vector *u_out);
 /* install u (taken over: the core frees it) as the solution at fine point
  * index (owned here and stored), the initial guess of the next warm-started
  * Drive; the core holds a solution once every stored point it owns has one.
- * Local. */
+ * Local; a Drive starts warm only where every rank that owns a stored point
+ * holds a solution (a rank that owns none agrees). */
 int mg_SetVector(mg_Core core, int64_t index, mg_Vector u);
-/* is the fine point stored after Drive (C-points, the last point, or all
- * points with store_all)? */
+/* is the fine point stored after Drive (C-points and the last point; on one
+ * level the first and the last point; all points with store_all)? */
 int mg_IsStored(mg_Core core, int64_t index, int *stored_out);
 /* statistics of the last Drive; reduce = 1 is collective */
 int mg_GetStats(mg_Core core, int reduce, mg_Stats *stats_out);

@@ -17,6 +17,8 @@ typedef struct {
   mg_Vector *u;     /* u[j-lo]: solution (NULL where not stored)            */
   mg_Vector *g;     /* g[j-lo]: FAS right-hand side (NULL on level 0)       */
   mg_Vector *w;     /* w[j-lo]: sweep work values at C-points               */
+  double *rn;       /* rn[j-lo]: residual norm at the fine C-point of coarse
+                       point j, measured during the sweep (MG_SW_NORM)      */
 } mg_Level;
 
 /* A posted receive or send. */
@@ -49,6 +51,7 @@ struct mg_Core_s {
   int nlevels;
   mg_Level levels[MG_MAX_LEVELS];
   int have_solution; /* level-0 u holds the last converged state          */
+  int warm_now;      /* this Drive starts from the held solution (agreed)  */
   int built_reverse; /* distribution the hierarchy was built with          */
 
   /* communication */
@@ -86,6 +89,7 @@ struct mg_Core_s {
 /* hierarchy.c */
 int mg_BuildHierarchy(mg_Core core);
 void mg_FreeHierarchy(mg_Core core, int keep_fine);
+void mg_FreeCoarse(mg_Core core);
 int mg_Owner(mg_Core core, int level, int64_t j);
 double mg_TimeOf(mg_Core core, int64_t fine_index);
 int mg_FineStored(mg_Core core, int64_t j);
@@ -122,13 +126,17 @@ enum {
   MG_SW_C = 2,       /* compute w = Phi(u_{j-1}) [+ g] at C-points j >= 1  */
   MG_SW_NORHS = 4,   /* leave g out of the C-point values                  */
   MG_SW_ASSIGN = 8,  /* u <- w at C-points after the sweep (C-relaxation)  */
-  MG_SW_ACCESS = 16  /* call access at every point                         */
+  MG_SW_ACCESS = 16, /* call access at every point                         */
+  MG_SW_NORM = 32,   /* with MG_SW_C: measure |w_j - u_j| at once and drop
+                        w_j (kept at the last point)                        */
+  MG_SW_FAS = 64     /* with MG_SW_C on level l+1 (l the level below):
+                        g_j <- w^l_{j*m} - w_j at once, both dropped       */
 };
 int mg_Sweep(mg_Core core, int level, int64_t m, int flags);
 int mg_Relax(mg_Core core, int level);
 
 /* restrict.c */
-int mg_Residual(mg_Core core, int level, double *rnorm, int64_t *bad);
+int mg_Residual(mg_Core core, int level, double *rnorm, int64_t *bad, int drop_w);
 int mg_Restrict(mg_Core core, int level, int inject_only);
 int mg_Correct(mg_Core core, int level);
 

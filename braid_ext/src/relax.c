@@ -66,6 +66,44 @@ static void walk_f(const Sweep *s, int64_t first, int64_t last, mg_Vector *prev,
   }
 }
 
+/* The residual r_c = w_c - u_c of the C-point c, measured as soon as w_c
+ * exists (the same operations mg_Residual would do after the sweep); w_c is
+ * dropped then, except at the last point, whose w the end of a solve may
+ * take. */
+static void norm_now(const Sweep *s, int64_t c) {
+  mg_Core core = s->core;
+  mg_Level *lev = s->lev;
+  mg_Level *cl = &core->levels[s->level + 1];
+  mg_Vector *w = &lev->w[c - lev->lo];
+  mg_Vector r;
+  if (c == lev->n) {
+    r = mg_CallClone(core, *w);
+  } else {
+    r = *w;
+    *w = NULL;
+  }
+  mg_CallSum(core, -1.0, lev->u[c - lev->lo], 1.0, r);
+  cl->rn[c / lev->cfactor - cl->lo] = mg_CallNorm(core, r);
+  mg_CallFree(core, &r);
+}
+
+/* The FAS right-hand side of coarse point c, formed as soon as w_c =
+ * Phi_c(v_{c-1}) exists (the operations mg_Restrict would do after the
+ * sweep): g_c = w^f_i - w_c, i the fine C-point of c, whose w^f the residual
+ * sweep of the level below left; both work values are dropped. */
+static void fas_now(const Sweep *s, int64_t c) {
+  mg_Core core = s->core;
+  mg_Level *lev = s->lev;
+  mg_Level *f = &core->levels[s->level - 1];
+  int64_t k = c - lev->lo;
+  mg_Vector *wf = &f->w[c * f->cfactor - f->lo];
+  mg_CallFree(core, &lev->g[k]);
+  lev->g[k] = *wf;
+  *wf = NULL;
+  mg_CallSum(core, -1.0, lev->w[k], 1.0, lev->g[k]);
+  mg_CallFree(core, &lev->w[k]);
+}
+
 /* w_c <- Phi(prev) [+ g_c] for the C-point c that follows prev. */
 static void c_value(const Sweep *s, int64_t c, mg_Vector *prev, int *owned) {
   mg_Core core = s->core;
@@ -77,6 +115,8 @@ static void c_value(const Sweep *s, int64_t c, mg_Vector *prev, int *owned) {
   mg_CallStep(core, s->level, c - 1, v, g);
   mg_CallFree(core, &lev->w[c - lev->lo]);
   lev->w[c - lev->lo] = v;
+  if (s->flags & MG_SW_NORM) norm_now(s, c);
+  if (s->flags & MG_SW_FAS) fas_now(s, c);
 }
 
 static void release(const Sweep *s, mg_Vector *prev, int *owned) {

@@ -30,20 +30,26 @@
  * residual norm over the C-points i >= 1 is returned in *rnorm and the first
  * fine index with a non-finite residual in *bad (-1 if none).
  */
-int mg_Residual(mg_Core core, int level, double *rnorm, int64_t *bad) {
+int mg_Residual(mg_Core core, int level, double *rnorm, int64_t *bad, int drop_w) {
   mg_Level *f = &core->levels[level];
   mg_Level *c = &core->levels[level + 1];
-  MG_CHK(mg_Sweep(core, level, f->cfactor, MG_SW_C));
+  drop_w = drop_w && rnorm;
+  MG_CHK(mg_Sweep(core, level, f->cfactor, MG_SW_C | (drop_w ? MG_SW_NORM : 0)));
   if (!rnorm) return MG_OK;
   double acc = 0.0;
   *bad = -1;
   for (int64_t j = c->lo; j <= c->hi; j++) {
     if (j == 0) continue;
-    /* r_i = w_i - u_i */
-    mg_Vector r = mg_CallClone(core, f->w[FINE(j)]);
-    mg_CallSum(core, -1.0, f->u[FINE(j)], 1.0, r);
-    double nr = mg_CallNorm(core, r);
-    mg_CallFree(core, &r);
+    double nr;
+    if (drop_w) {
+      nr = c->rn[j - c->lo]; /* measured in the sweep */
+    } else {
+      /* r_i = w_i - u_i */
+      mg_Vector r = mg_CallClone(core, f->w[FINE(j)]);
+      mg_CallSum(core, -1.0, f->u[FINE(j)], 1.0, r);
+      nr = mg_CallNorm(core, r);
+      mg_CallFree(core, &r);
+    }
     if (!isfinite(nr)) {
       if (*bad < 0) *bad = j * c->stride;
       nr = INFINITY;
@@ -70,17 +76,9 @@ int mg_Restrict(mg_Core core, int level, int inject_only) {
   }
   if (inject_only) return MG_OK;
 
-  /* g^c_j = w_i - Phi_c(v_{j-1}) */
-  MG_CHK(mg_Sweep(core, level + 1, 1, MG_SW_C | MG_SW_NORHS));
-  for (int64_t j = c->lo; j <= c->hi; j++) {
-    if (j == 0) continue;
-    int64_t k = j - c->lo;
-    c->g[k] = f->w[FINE(j)];
-    f->w[FINE(j)] = NULL;
-    mg_CallSum(core, -1.0, c->w[k], 1.0, c->g[k]);
-    mg_CallFree(core, &c->w[k]);
-  }
-  return MG_OK;
+  /* g^c_j = w_i - Phi_c(v_{j-1}), formed in the sweep as soon as each
+   * Phi_c(v_{j-1}) exists: one coarse work value at a time, not all */
+  return mg_Sweep(core, level + 1, 1, MG_SW_C | MG_SW_NORHS | MG_SW_FAS);
 }
 
 /* C-points of level l take the coarse solution (injection's transpose). */

@@ -8,6 +8,11 @@
  *
  *   mpiexec -n 4 scalar_driver -n 4096 -levels 3 -cf 4 -nrelax 1 -cycle V
  *       -tol 1e-12 -maxiter 50 -lambda -1 -tstop 1 -latency 0 -timeout 0 -quiet
+ *       [-skip] [-storeall] [-final] [-drives K]
+ *
+ * -skip skips the first down-cycle, -storeall keeps every fine point, -final
+ * asks for the final fine sweep, and -drives K solves K times, each solve
+ * warm-started from the last (the error is that of the last solve).
  *
  * Output (rank 0): "rnorm <k> <norm>" per iteration, then
  *   "summary iters <k> levels <L> error <e> vtime <v> seqtime <s> speedup <x>"
@@ -95,6 +100,7 @@ int main(int argc, char **argv) {
 
   long long n = 4096;
   int levels = 3, cf = 4, nrelax = 1, maxiter = 50, quiet = 0, fcycle = 0;
+  int skip = 0, storeall = 0, final = 0, drives = 1;
   double tol = 1e-12, lambda = -1.0, tstop = 1.0, latency = 0.0, timeout = 0.0;
   struct mg_App_s app = {-1.0, 1};
   for (int k = 1; k < argc; k++) {
@@ -112,6 +118,10 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "-cycle")) { fcycle = !strcmp(v, "F"); k++; }
     else if (!strcmp(a, "-forward")) { app.backward = 0; }
     else if (!strcmp(a, "-quiet")) { quiet = 1; }
+    else if (!strcmp(a, "-skip")) { skip = 1; }
+    else if (!strcmp(a, "-storeall")) { storeall = 1; }
+    else if (!strcmp(a, "-final")) { final = 1; }
+    else if (!strcmp(a, "-drives")) { drives = atoi(v); k++; }
     else {
       if (rank == 0) fprintf(stderr, "scalar_driver: unknown option %s\n", a);
       MPI_Finalize();
@@ -134,7 +144,10 @@ int main(int argc, char **argv) {
   TRY(mg_SetMaxIter(core, maxiter));
   TRY(mg_SetLatency(core, latency));
   TRY(mg_SetTimeout(core, timeout));
-  TRY(mg_Drive(core));
+  TRY(mg_SetSkip(core, skip));
+  TRY(mg_SetStoreAll(core, storeall));
+  TRY(mg_SetFinalSweep(core, final));
+  for (int d = 0; d < drives; d++) TRY(mg_Drive(core));
 
   int iters, nl, nr;
   double rn[1024];
