@@ -143,20 +143,16 @@ class Level:
         if not self.reusing:
             return None
         params = [p.detach() for p in self.net.parameters()]
-        found = -1
-        for i, m in enumerate(self._memo):
-            if (m["size"] == size and m["linear"] is self._linear and _same(x, m["x"])
-                    and _same(y, m["y"])
-                    and all(torch.equal(p, w) for p, w in zip(params, m["weights"]))):
-                found = i
-                break
-        # every rank -> every rank of the grid: which kept evaluation matches
-        # here (-1: none); a hit only where all ranks found the same one
+        here = [m["size"] == size and m["linear"] is self._linear and _same(x, m["x"])
+                and _same(y, m["y"])
+                and all(torch.equal(p, w) for p, w in zip(params, m["weights"]))
+                for m in self._memo]
+        # every rank -> every rank of the grid: which kept evaluations match
+        # its part; a hit is one that matches on all ranks (every rank keeps
+        # the same evaluations in the same order)
         comm = self.grid.comm if self.grid is not None else self.comm
-        found_all = comm.allgather(found)
-        if found < 0 or any(f != found for f in found_all):
-            return None
-        return self._memo[found]
+        everywhere = [all(col) for col in zip(*comm.allgather(here))]
+        return self._memo[everywhere.index(True)] if any(everywhere) else None
 
     def _keep(self, x, y, size, value, correct):
         if self.reusing:
