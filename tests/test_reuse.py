@@ -131,7 +131,8 @@ def test_no_reuse_where_inexact(run_dir):
 
 
 CASES = [{"multilevel.pre_steps": 0, "multilevel.post_steps": 1},
-         {"multilevel.pre_steps": 1, "multilevel.post_steps": 1, "multilevel.levels": 3},
+         {"multilevel.pre_steps": 1, "multilevel.post_steps": 1, "multilevel.levels": 3,
+          "model.nlayers": 16},
          {"multilevel.pre_steps": 0, "multilevel.post_steps": 0, "multilevel.coarse_steps": 4},
          {"optim.name": '"lbfgs"', "optim.lr": 1.0, "multilevel.post_steps": 2},
          {"optim.name": '"adam"', "optim.lr": 0.01, "data.batch_size": 1000}]
