@@ -39,6 +39,11 @@ MG/OPT (``multilevel.method = "mgopt"``)
     transfers (same rank, same weights).  Each level has its own optimiser
     of the configured kind (SGD, Adam or L-BFGS), kept from cycle to cycle;
     the linear term is added to that level's gradients before each step.
+    With ``multilevel.reuse`` every level keeps its last evaluations
+    (``Level``, where that is exact) and the line search's first trial also
+    evaluates the gradient, which the next evaluation at the accepted point
+    (a post-smoothing step, or with one batch per epoch the next cycle's
+    fine gradient) takes instead of solving again.
 
 Work: each Level counts its layer-step evaluations (forward and adjoint,
 every solve, line-search evaluations included; see ``layerpar.training.
