@@ -114,6 +114,9 @@ DEFAULTS = {
                                  #   depth, coarsest first); [] = optim.epochs at each
         "target_accuracy": 0.0,  # nested: leave a depth at this validation accuracy; 0 = off
         "line_search_steps": 4,  # MG/OPT: step lengths 1, 1/2, ... tried on the correction
+        "reuse": False,         # reuse an evaluation at unchanged weights and batch (where
+                                #   exact); MG/OPT: the line search's first trial then
+                                #   also gives the gradient for the step after it
     },
     "parallel": {
         "data": 1,              # data-parallel groups D: the P ranks form D groups of

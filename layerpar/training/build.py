@@ -99,13 +99,16 @@ def learning_rate(config, epoch, *, epochs=None):
 
 
 def make_loaders(config, data, rank, size, *, grid=None):
-    """(train loader, validation loader): full-batch training for L-BFGS;
+    """(train loader, validation loader): full-batch training (unshuffled)
+    for L-BFGS or a batch size of at least the training split's;
     the first rank (of ``size``, this one ``rank``) draws inputs, the last
     labels.  On a process grid (``rank``, ``size``: in the group) each
     group's loaders give its rows of the same global batches."""
     d, o = config["data"], config["optim"]
     first, last = rank == 0, rank == size - 1
-    full_batch = o["name"] == "lbfgs"
+    # one batch of the whole training split in a fixed order: for L-BFGS, and
+    # for any optimiser given a batch size of at least the split's size
+    full_batch = o["name"] == "lbfgs" or d["batch_size"] >= len(data.train)
     batch = len(data.train) if full_batch else d["batch_size"]
     opts = dict(need_inputs=first, need_labels=last)
     val_batch = max(d["batch_size"], 1000)

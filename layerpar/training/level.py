@@ -19,6 +19,16 @@ module), so one step is one fine-layer-equivalent step evaluation; an exact
 forward pass of a network of N layers costs N.  Validation passes are not
 counted.  ``work_totals()`` sums the counters over the ranks.
 
+Reuse (``reuse=True``, where it is exact): the last two evaluations of the
+objective and its gradient are kept, and a later request at the same weights (equal
+values on every rank), on the same batch (equal values) and with the same
+linear term returns it instead of solving again, uncounted.  Exact only
+when an evaluation is a function of the weights and the batch alone, so it
+is switched off when the solves are warm-started (one-shot), when a layer
+draws random numbers (dropout) and when the network has buffers (running
+statistics that every forward pass updates); ``reusing`` says whether it is
+on.  Whether a request hits is agreed over every rank (of the grid).
+
 On a process grid (``grid``: a ``layerpar.grid.ProcessGrid``; ``comm`` is
 then ``grid.layer_comm``) the batches given are this group's shares of the
 global batches, and ``size`` the global batch's size: the loss of each group
@@ -34,17 +44,22 @@ import json
 import torch
 import torch.nn.functional as Fn
 
+from layerpar._collective import any_rank
 from layerpar._watchdog import guard
+from layerpar.models import is_stochastic
 from layerpar.optim import regularize
 from layerpar.training.build import build_network, make_monitor, make_optimizer
 from layerpar.training.report import batch_len
+
+
+KEPT = 2  # evaluations kept for reuse: e.g. MG/OPT's at x_h and at its first trial point
 
 
 class Level:
     """Collective over ``comm``: every rank builds the same levels and calls
     the same methods in the same order."""
 
-    def __init__(self, config, data, comm, *, nlayers=None, grid=None):
+    def __init__(self, config, data, comm, *, nlayers=None, grid=None, reuse=False):
         self.config = config
         self.comm = comm
         if grid is not None and grid.data == 1:
@@ -61,6 +76,11 @@ class Level:
         self.lbfgs = config["optim"]["name"] == "lbfgs"
         self.work = {"fwd": 0, "bwd": 0}
         self._linear = None  # {parameter: tensor v}: the objective gets -<v, x>
+        self.reusing = bool(reuse) and not (self.body.fwd_options["warm_start"]
+                                            or is_stochastic(self.net)
+                                            or any(True for _ in self.net.buffers()))
+        self._memo = []  # the last KEPT evaluations with their gradients, newest first
+        self._reused = False  # did the last evaluation come from the memo
 
     # ---- the objective ---------------------------------------------------------
     def set_linear_term(self, v):
@@ -119,8 +139,46 @@ class Level:
         return regularize(self.net, tikhonov=o["tikhonov"], smoothness=o["smoothness"],
                           ends=o["tikhonov_ends"], add_grad=add_grad)
 
+    # ---- reuse of an evaluation ------------------------------------------------------
+    def _memo_hit(self, x, y, size):
+        """Collective: the kept evaluation at the current weights, on this
+        batch, with this linear term, on every rank (of the grid), or None."""
+        if not self.reusing:
+            return None
+        params = [p.detach() for p in self.net.parameters()]
+        here = [m["size"] == size and m["linear"] is self._linear and _same(x, m["x"])
+                and _same(y, m["y"])
+                and all(torch.equal(p, w) for p, w in zip(params, m["weights"]))
+                for m in self._memo]
+        # every rank -> every rank of the grid: which kept evaluations match
+        # its part; a hit is one that matches on all ranks (every rank keeps
+        # the same evaluations in the same order)
+        comm = self.grid.comm if self.grid is not None else self.comm
+        everywhere = [all(col) for col in zip(*comm.allgather(here))]
+        return self._memo[everywhere.index(True)] if any(everywhere) else None
+
+    def _keep(self, x, y, size, value, correct):
+        if self.reusing:
+            params = list(self.net.parameters())
+            m = {"x": x, "y": y, "size": size, "linear": self._linear,
+                 "weights": [p.detach().clone() for p in params],
+                 "grads": [None if p.grad is None else p.grad.detach().clone() for p in params],
+                 "value": value, "correct": correct}
+            self._memo = [m] + self._memo[:KEPT - 1]
+
     def _evaluate_with_grad(self, x, y, size=None):
         """Objective value and correct count; the objective's gradient in .grad."""
+        m = self._memo_hit(x, y, size)
+        self._reused = m is not None
+        if self._reused:
+            for p, g in zip(self.net.parameters(), m["grads"]):
+                p.grad = None if g is None else g.clone()
+            return m["value"], m["correct"]
+        value, correct = self._solve_with_grad(x, y, size)
+        self._keep(x, y, size, value, correct)
+        return value, correct
+
+    def _solve_with_grad(self, x, y, size=None):
         self.optimizer.zero_grad()
         if self.grid is not None and size is None:
             raise ValueError("on a process grid the global batch size must be given")
@@ -154,8 +212,11 @@ class Level:
         return self._evaluate_with_grad(x, y, size)[0]
 
     def loss(self, x, y, size=None):
-        """The objective at the current weights (a forward solve only).
-        Collective."""
+        """The objective at the current weights (a forward solve only, or
+        the kept evaluation's value where reuse applies).  Collective."""
+        m = self._memo_hit(x, y, size)
+        if m is not None:
+            return m["value"]
         with torch.no_grad():
             _, value, _ = self.forward_loss(x, y, size)
             value += self._penalty(add_grad=False)
@@ -170,11 +231,14 @@ class Level:
         (the objective before the step, the correct count, MGRIT iterations
         and residuals, virtual time, and ``change``: what the monitor did)."""
         stats = {}
-        solves = dict(fwd_iters=0, bwd_iters=0, vtime=0.0)
+        solves = dict(fwd_iters=0, bwd_iters=0, vtime=0.0, solved=0)
 
         def closure():
             value, correct = self._evaluate_with_grad(x, y, size)
             stats.update(loss=value, correct=correct)
+            if self._reused:  # no solve ran: nothing to count or monitor
+                return value
+            solves["solved"] += 1
             # every solve of the step counts (L-BFGS evaluates several times)
             f, b = self.body.last_forward, self.body.last_backward
             solves["fwd_iters"] += f["iterations"]
@@ -191,7 +255,7 @@ class Level:
             self.optimizer.step()
         f, b = self.body.last_forward, self.body.last_backward
         change = None
-        if self.monitor:
+        if self.monitor and solves["solved"]:
             change = self.monitor.update(self.body)
             status = getattr(self.optimizer, "last_step", {}).get("status")
             if change is None and status == "failed":
@@ -293,6 +357,13 @@ class Level:
         """{("opening"|"closing", name): parameter} of this rank."""
         p = self.params()
         return {(sec, k): v for sec in ("opening", "closing") for k, v in p[sec].items()}
+
+
+def _same(a, b):
+    """Equal batches: both absent, or tensors of equal shape, type and values."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
 
 
 def _tensors(module):

@@ -39,6 +39,11 @@ MG/OPT (``multilevel.method = "mgopt"``)
     transfers (same rank, same weights).  Each level has its own optimiser
     of the configured kind (SGD, Adam or L-BFGS), kept from cycle to cycle;
     the linear term is added to that level's gradients before each step.
+    With ``multilevel.reuse`` every level keeps its last evaluations
+    (``Level``, where that is exact) and the line search's first trial also
+    evaluates the gradient, which the next evaluation at the accepted point
+    (a post-smoothing step, or with one batch per epoch the next cycle's
+    fine gradient) takes instead of solving again.
 
 Work: each Level counts its layer-step evaluations (forward and adjoint,
 every solve, line-search evaluations included; see ``layerpar.training.
@@ -182,7 +187,7 @@ class MultilevelTrainer:
     def _new_level(self, nlayers):
         """A network of ``nlayers`` layers on this group's layer ranks."""
         return Level(self.config, self.data, self.grid.layer_comm, nlayers=nlayers,
-                     grid=self._sharded)
+                     grid=self._sharded, reuse=self.config["multilevel"]["reuse"])
 
     @property
     def level(self):
@@ -403,7 +408,12 @@ class MultilevelTrainer:
                for n, ps in _layers(coarse).items()}
         e = transfer.prolong(e_H, _layout(coarse), _layout(lev), self.comm, kind=ml["prolong"])
         e_ends = {k: p.detach() - ends_H0[k] for k, p in coarse.end_params().items()}
-        alpha = self._line_search(lev, x, y, size, f0, e, e_ends)
+        # with reuse, the first trial's gradient serves the next evaluation at
+        # the accepted point: a post-smoothing step, or (one batch per epoch:
+        # the same batch again) the next cycle's first fine evaluation
+        grad_first = lev.reusing and (ml["post_steps"] > 0
+                                      or (l == 0 and len(self.train_loader) == 1))
+        alpha = self._line_search(lev, x, y, size, f0, e, e_ends, grad_first)
         if l == 0:
             self.last_cycle = {"f_before": f0, "f_after": self._f_after, "alpha": alpha}
         post = lev.steps(ml["post_steps"], [(x, y, size)])
@@ -411,22 +421,23 @@ class MultilevelTrainer:
             first = post[0] if post else None
         return first
 
-    def _line_search(self, lev, x, y, size, f0, e, e_ends):
+    def _line_search(self, lev, x, y, size, f0, e, e_ends, grad_first=False):
         """x <- x + alpha*e for the first alpha = 1, 1/2, ... that decreases
         the objective below f0; the weights unchanged if none does.  Returns
-        alpha (0 when rejected).  Collective."""
+        alpha (0 when rejected).  ``grad_first``: the trial alpha = 1 also
+        evaluates the gradient (kept for reuse).  Collective."""
         layers, ends = _layers(lev), lev.end_params()
         x0 = _values(layers)
         x0_ends = {k: p.detach().clone() for k, p in ends.items()}
         alpha = 1.0
-        for _ in range(self.config["multilevel"]["line_search_steps"]):
+        for i in range(self.config["multilevel"]["line_search_steps"]):
             with torch.no_grad():
                 for n, ps in layers.items():
                     for k, p in ps.items():
                         p.copy_(x0[n][k] + alpha * e[n][k])
                 for key, p in ends.items():
                     p.copy_(x0_ends[key] + alpha * e_ends[key])
-            f = lev.loss(x, y, size)
+            f = lev.loss_and_grad(x, y, size) if grad_first and i == 0 else lev.loss(x, y, size)
             if f < f0:
                 self._f_after = f
                 return alpha
