@@ -44,7 +44,6 @@ import json
 import torch
 import torch.nn.functional as Fn
 
-from layerpar._collective import any_rank
 from layerpar._watchdog import guard
 from layerpar.models import is_stochastic
 from layerpar.optim import regularize
@@ -154,6 +153,7 @@ class Level:
         # its part; a hit is one that matches on all ranks (every rank keeps
         # the same evaluations in the same order)
         comm = self.grid.comm if self.grid is not None else self.comm
+        guard(comm, "the match of kept evaluations")
         everywhere = [all(col) for col in zip(*comm.allgather(here))]
         return self._memo[everywhere.index(True)] if any(everywhere) else None
 
