@@ -20,19 +20,11 @@ SIGNALLED = [*STEPS, "--set", "optim.epochs=3", "--set", "run.checkpoint_every=1
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, mpiexec_path):
+def uninterrupted(tmp_path_factory, mpiexec):
     run_dir = tmp_path_factory.mktemp("full")
-    r = layerpar(mpiexec_path, 2, "train", "--run-dir", str(run_dir), *SIGNALLED)
+    r = layerpar(mpiexec, 2, "train", "--run-dir", str(run_dir), *SIGNALLED)
     assert r.returncode == 0, r.stdout + r.stderr
     return run_dir
-
-
-@pytest.fixture(scope="module")
-def mpiexec_path():
-    path = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    if not os.path.exists(path):
-        pytest.skip("no mpiexec beside this Python")
-    return path
 
 
 def start(mpiexec, n, *args):
