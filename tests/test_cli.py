@@ -45,6 +45,7 @@ def _self():
     return MPI.COMM_SELF
 
 
+@pytest.mark.timeout(1800)  # beyond the child's own limit, so that it is what ends a hang
 def test_peaks_default_on_two_ranks(tmp_path, mpiexec):
     # the README's main job: the default configuration (peaks, dense N=32,
     # layer-parallel, Adam, 40 epochs) on 2 ranks
