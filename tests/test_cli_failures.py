@@ -15,6 +15,10 @@ from conftest import clean_mpi_env
 from layerpar import checkpoint as ckpt
 from test_cli import SMALL, error_lines, final_weights, last_row, layerpar
 
+# Each test runs child jobs, each under its own time limit (a hang ends as that
+# test's failure); pytest's limit, which ends the whole session, lies beyond them.
+pytestmark = pytest.mark.timeout(1200)
+
 STEPS = [*SMALL, "--set", "data.batch_size=100", "-q"]  # 50 steps per epoch
 SIGNALLED = [*STEPS, "--set", "optim.epochs=3", "--set", "run.checkpoint_every=10"]
 
