@@ -49,12 +49,14 @@ RESTRICT_KINDS = ("injection", "full-weighting")
 
 # Our messages use the top tags of the communicator (below MPI.TAG_UB), one
 # per operation, so they never meet the layer-indexed tags of LayerParallel's
-# ghost exchange on the same communicator.
+# ghost exchange on the same communicator.  MPI.TAG_UB is read on COMM_WORLD,
+# where the standard puts it: Open MPI does not copy it to split
+# communicators (Get_attr gives None there), and the bound is the same for all.
 _TAG_OFFSET = {"prolong": 1, "restrict": 2, "restrict_gradient": 3}
 
 
 def _tag(comm, op):
-    return comm.Get_attr(MPI.TAG_UB) - _TAG_OFFSET[op]
+    return MPI.COMM_WORLD.Get_attr(MPI.TAG_UB) - _TAG_OFFSET[op]
 
 
 # ---- stencils: target layer -> ((source layer, coefficient), ...) -----------

@@ -25,9 +25,11 @@ def clean_mpi_env():
     return env
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def mpiexec():
-    """Path of the mpiexec beside this Python (the MPICH wheel's), or skip."""
+    """Path of the mpiexec beside this Python (the MPICH wheel's), else the
+    one on PATH (a system MPI that this Python's mpi4py was built against),
+    or skip."""
     path = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     if not os.path.exists(path):
         path = shutil.which("mpiexec")

@@ -17,8 +17,8 @@ from layerpar.checkpoint import (CheckpointError, find_latest_checkpoint, load_c
                                  previous_path, save_checkpoint, verify_checkpoint)
 from layerpar.checkpoint import atomic
 from layerpar.checkpoint import load as load_module
-from tests.test_checkpoint import (CONFIG, N, block, layer_opt, layer_params, listing,
-                                   part_files, rank_state, same_bits, shared_dir)  # noqa: F401
+from test_checkpoint import (CONFIG, N, block, layer_opt, layer_params, listing,
+                             part_files, rank_state, same_bits, shared_dir)  # noqa: F401
 
 WORLD = MPI.COMM_WORLD
 V1_FIXTURE = os.path.join(os.path.dirname(__file__), "data", "checkpoint_v1.h5")

@@ -16,6 +16,10 @@ import torch
 from conftest import clean_mpi_env
 from layerpar import checkpoint as ckpt
 
+# Each test runs child jobs, each under its own time limit (a hang ends as that
+# test's failure); pytest's limit, which ends the whole session, lies beyond them.
+pytestmark = pytest.mark.timeout(1200)
+
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "layerpar", "configs")
 SMALL = ["--set", "model.nlayers=8", "--set", "model.width=4", "--set", "run.plot=false",
          "--set", 'mgrit.mode="serial"', "--set", "data.batch_size=500"]
@@ -45,6 +49,7 @@ def _self():
     return MPI.COMM_SELF
 
 
+@pytest.mark.timeout(1800)
 def test_peaks_default_on_two_ranks(tmp_path, mpiexec):
     # the README's main job: the default configuration (peaks, dense N=32,
     # layer-parallel, Adam, 40 epochs) on 2 ranks

@@ -3,6 +3,7 @@ counters of real solves (exact integers), and the modelled time equals the
 core's virtual clock (deterministic: no wall time is asserted), for the
 Solver and for LayerParallel's forward and backward solves and pipeline."""
 import json
+import os
 
 import pytest
 import torch
@@ -236,7 +237,8 @@ def _plan_lines(cal, tmp_path, ranks, overrides=()):
     path = tmp_path / "cal.json"
     cal.save(path)
     lines = []
-    assert main(config_path="layerpar/configs/digits-conv.toml", ranks=ranks,
+    config = os.path.join(os.path.dirname(pm.__file__), "configs", "digits-conv.toml")
+    assert main(config_path=config, ranks=ranks,
                 overrides=list(overrides), calibration=str(path), out=lines.append) == 0
     return lines
 
