@@ -202,7 +202,8 @@ def _poll(comm, done, what, limit, peer):
 
 
 def _tags(comm):
-    top = comm.Get_attr(MPI.TAG_UB)
+    # the bound lives on COMM_WORLD (Open MPI leaves it off split communicators)
+    top = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
     return top, top - 1, top - 2  # ping, answer, notice
 
 

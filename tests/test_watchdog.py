@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -40,8 +41,10 @@ def run_child(args, timeout=CHILD_LIMIT, env=None):
     # the layerpar this process imports (the source tree, or an installed build)
     env["PYTHONPATH"] = IMPORTED + os.pathsep + env.get("PYTHONPATH", "")
     try:
+        # run outside the source tree: `python -m layerpar` puts its working
+        # directory first on sys.path, where an unbuilt source tree would shadow it
         return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env,
-                              cwd=ROOT)
+                              cwd=tempfile.gettempdir())
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"the child job hung (no exit within {timeout} s): {e.stdout} {e.stderr}")
 
