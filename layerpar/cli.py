@@ -448,8 +448,7 @@ def main(argv=None):
             out.error(f"layerpar: error: {_describe(e)}")
             return code
         sys.stderr.write(f"layerpar: error on rank {comm.Get_rank()}: {_describe(e)}\n")
-        sys.stderr.flush()
-        comm.Abort(code)
+        _abort(comm, code)
     except BaseException:
         return _internal_error(comm)
 
@@ -466,6 +465,18 @@ def _grace(comm):
 
 # seconds the other ranks give the reporting rank to print before they end the job
 REPORT_GRACE = 2.0
+# seconds a rank waits between writing its last line and ending the job: a
+# launcher tears the job down at the abort, and may drop output not yet forwarded
+FORWARD_GRACE = 1.0
+
+
+def _abort(comm, code):
+    """End every rank with ``code``, after giving the launcher time to pass
+    on what this rank has written."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(FORWARD_GRACE)
+    comm.Abort(code)
 
 
 def _end_silent(comm, e):
@@ -478,8 +489,7 @@ def _end_silent(comm, e):
     if rank != reporter:
         time.sleep(REPORT_GRACE)
     sys.stderr.write(f"layerpar: error: {e}; ending every rank\n")
-    sys.stderr.flush()
-    comm.Abort(1)
+    _abort(comm, 1)
 
 
 def _internal_error(comm):
@@ -487,8 +497,7 @@ def _internal_error(comm):
     import traceback
     traceback.print_exc()
     sys.stderr.write(f"layerpar: internal error on rank {comm.Get_rank()}; aborting all ranks\n")
-    sys.stderr.flush()
-    comm.Abort(1)
+    _abort(comm, 1)
 
 
 if __name__ == "__main__":
