@@ -31,7 +31,6 @@ from layerpar.config import ConfigError, resolve
 from layerpar.grid import ProcessGrid
 from layerpar.training.build import apply_timeout
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMPORTED = os.path.dirname(os.path.dirname(os.path.abspath(layerpar.__file__)))
 CHILD_LIMIT = 120  # seconds a child job may take before it counts as hung
 
@@ -193,6 +192,22 @@ def test_the_error_is_a_solver_timeout_too():
 # ---------------------------------------------------------------------------
 # a silent rank, in child jobs
 
+
+# put before a child job's script: ``record(call)`` runs the call and
+# writes this rank's outcome whole to ``report``.<rank> (a rename, so that
+# nothing half-written is read even when the job is torn down at the abort)
+RECORD = textwrap.dedent("""
+    def record(call):
+        try:
+            call()
+            text = "no error"
+        except MGRITTimeoutError as e:
+            text = f"TIMEOUT rank={e.rank}: {e}"
+        with open(f"{report}-partial.{comm.rank}", "w") as f:
+            f.write(f"RANK {comm.rank} {text}\\n")
+        os.replace(f"{report}-partial.{comm.rank}", f"{report}.{comm.rank}")
+""")
+
 COLLECTIVE = textwrap.dedent("""
     import os, sys, time
     from mpi4py import MPI
@@ -205,19 +220,12 @@ COLLECTIVE = textwrap.dedent("""
     _collective.agree(comm, None)  # every rank has started
     if comm.rank == silent:
         time.sleep(8 if late else 600)  # stops answering (for a while when late)
-    try:
-        if helper in ("agree", "late"):
-            _collective.agree(comm, None, what="checking the input")
-        elif helper == "from_root":
-            _collective.from_root(comm, 0, lambda: 42)
-        else:
-            _collective.any_rank(comm, False)
-        text = "no error"
-    except MGRITTimeoutError as e:
-        text = f"TIMEOUT rank={e.rank}: {e}"
-    with open(f"{report}-partial.{comm.rank}", "w") as f:
-        f.write(f"RANK {comm.rank} {text}\\n")
-    os.replace(f"{report}-partial.{comm.rank}", f"{report}.{comm.rank}")
+    if helper in ("agree", "late"):
+        record(lambda: _collective.agree(comm, None, what="checking the input"))
+    elif helper == "from_root":
+        record(lambda: _collective.from_root(comm, 0, lambda: 42))
+    else:
+        record(lambda: _collective.any_rank(comm, False))
     if late and comm.rank != silent:
         time.sleep(20)  # the silent rank wakes up meanwhile
     comm.Abort(3)
@@ -230,7 +238,7 @@ def test_a_rank_silent_before_an_agreement_is_named_by_the_others(mpiexec, tmp_p
                                                                   silent, helper):
     serial_only()
     script = tmp_path / "collective.py"
-    script.write_text(COLLECTIVE)
+    script.write_text(RECORD + COLLECTIVE)
     proc = run_child([mpiexec, "-n", str(ranks), sys.executable, str(script), str(silent),
                       helper, str(tmp_path / "report")], env={"LAYERPAR_TIMEOUT": "2"})
     got = reports(tmp_path, "report")
@@ -247,7 +255,7 @@ def test_a_silent_rank_that_wakes_up_raises_instead_of_waiting(mpiexec, tmp_path
     wait, naming itself, instead of entering a collective they have left."""
     serial_only()
     script = tmp_path / "collective.py"
-    script.write_text(COLLECTIVE)
+    script.write_text(RECORD + COLLECTIVE)
     proc = run_child([mpiexec, "-n", "2", sys.executable, str(script), "1", "late",
                       str(tmp_path / "report")], env={"LAYERPAR_TIMEOUT": "2"})
     got = reports(tmp_path, "report")
@@ -285,14 +293,7 @@ PIPELINE = textwrap.dedent("""
     x = torch.randn(4, 2, dtype=torch.float64)
     net(x)  # a whole pass first
     stall[0] = True
-    try:
-        net(x)
-        text = "no error"
-    except MGRITTimeoutError as e:
-        text = f"TIMEOUT rank={e.rank}: {e}"
-    with open(f"{report}-partial.{comm.rank}", "w") as f:
-        f.write(f"RANK {comm.rank} {text}\\n")
-    os.replace(f"{report}-partial.{comm.rank}", f"{report}.{comm.rank}")
+    record(lambda: net(x))
     comm.Abort(3)
 """)
 
@@ -302,7 +303,7 @@ def test_a_rank_silent_in_a_pipelined_pass_is_named_by_its_neighbours(mpiexec, t
     (a point-to-point wait), rank 0 at the end of the pass; both name it."""
     serial_only()
     script = tmp_path / "pipeline.py"
-    script.write_text(PIPELINE)
+    script.write_text(RECORD + PIPELINE)
     proc = run_child([mpiexec, "-n", "3", sys.executable, str(script), "1",
                       str(tmp_path / "report")], env={"LAYERPAR_TIMEOUT": "2"})
     got = reports(tmp_path, "report")
