@@ -197,25 +197,29 @@ def _initialised(factory, scale):
 # Module state under layer-parallel propagation (the policy above)
 # --------------------------------------------------------------------------
 
-def layer_seed(seed, pass_index, layer):
+def layer_seed(seed, pass_index, layer, part=None):
     """The RNG seed of ``layer`` (-1 opening, -2 closing) in forward pass
-    ``pass_index`` of a network seeded with ``seed``."""
-    words = np.random.SeedSequence([int(seed), int(pass_index), int(layer) + 2,
-                                    0x6C61796572]).generate_state(2, np.uint32)  # "layer"
+    ``pass_index`` of a network seeded with ``seed``; ``part``: micro-batch
+    ``part`` of a pipelined pass with more than one (each draws its own)."""
+    key = [int(seed), int(pass_index), int(layer) + 2, 0x6C61796572]  # "layer"
+    if part is not None:
+        key.append(int(part))
+    words = np.random.SeedSequence(key).generate_state(2, np.uint32)
     return (int(words[0]) << 31) ^ int(words[1])
 
 
 @contextlib.contextmanager
-def layer_rng(seed, pass_index, layer, device=None):
+def layer_rng(seed, pass_index, layer, device=None, part=None):
     """Run the body under the torch RNG seeded for ``layer`` in pass
-    ``pass_index`` (of ``device`` too when it is a CUDA device), restoring the
-    global RNG state afterwards.  A serial check reproduces the masks of a
-    layer-parallel pass by calling each layer inside this context."""
+    ``pass_index`` (of ``device`` too when it is a CUDA device; ``part``: a
+    micro-batch, see ``layer_seed``), restoring the global RNG state
+    afterwards.  A serial check reproduces the masks of a layer-parallel pass
+    by calling each layer inside this context."""
     devices = []
     if device is not None and torch.device(device).type == "cuda":
         devices = [torch.device(device).index or torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
-        s = layer_seed(seed, pass_index, layer)
+        s = layer_seed(seed, pass_index, layer, part)
         torch.random.default_generator.manual_seed(s)
         for d in devices:
             torch.cuda.default_generators[d].manual_seed(s)
@@ -244,7 +248,7 @@ def set_training_flags(module, flags):
 
 def call_module(module, x, *, rng=None, keep_buffers=False):
     """``module(x)`` under the policy: ``rng`` is None or the arguments of
-    :func:`layer_rng` (seed, pass_index, layer, device) when the module is
+    :func:`layer_rng` (seed, pass_index, layer, device[, part]) when the module is
     random and in training mode; ``keep_buffers`` restores its buffers after
     the call (a call outside the final sweep)."""
     saved = None

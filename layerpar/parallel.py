@@ -99,8 +99,10 @@ class LayerParallel(nn.Module):
     seeded per layer so the weights do not depend on the number of ranks.
 
     Keyword-only MGRIT options, for both solves unless prefixed:
-      max_levels   1 = exact layer-serial propagation across ranks (default);
-                   more levels = layer-parallel
+      max_levels   1 = exact layer-serial propagation across ranks (default:
+                   each rank runs its block of layers as one autograd graph,
+                   forward and back, layerpar.pipeline); more levels =
+                   layer-parallel (MGRIT)
       cfactor, relax ('F', 'FCF', ...), cycle ('V', 'F'), min_coarse
       skip         no relaxation on the first down-cycle of a cold solve; the
                    residual history (last_forward["residual_norms"]) then
@@ -114,12 +116,12 @@ class LayerParallel(nn.Module):
       retain_graphs  keep the layers' autograd graphs after backward, so that
                    backward may run again for the same forward (gradcheck)
       seed         seed of the layer initialisation
-      microbatches with max_levels=1 (both solves) and microbatches > 1: the
-                   exact pipeline instead of the one-level solve; the batch
-                   (dimension 0) is split into this many micro-batches
-                   (torch.tensor_split sizes; fewer when the batch is
-                   smaller) that flow rank to rank, forward and backward
-                   (GPipe schedule, layerpar.pipeline)
+      microbatches with max_levels=1 (both solves): the batch (dimension 0)
+                   is split into this many micro-batches (torch.tensor_split
+                   sizes; fewer when the batch is smaller) that flow rank to
+                   rank, forward and backward, so that the ranks work at
+                   once (the exact pipeline, GPipe schedule; default 1: the
+                   whole batch, layer-serial)
       schedule     the pipeline's schedule: 'gpipe' (default) or '1f1b'
                    (one forward, one backward: at most P micro-batches'
                    graphs held per rank instead of all of them); 1F1B runs
@@ -238,6 +240,7 @@ class LayerParallel(nn.Module):
         self.layers = nn.ModuleDict()
         for n in self.layer_indices:
             self.layers[str(n)] = self._make_layer(n)
+        self._layer_modules = None  # (n, its submodules) of the local layers, at first use
         self._ghosts = {}
         self._plan_ghosts()
         self._pipeline = Pipeline(self)
@@ -496,6 +499,30 @@ class LayerParallel(nn.Module):
         self._fwd_solver, self._bwd_solver = pair
         self._pair_in_use = key
 
+    def _local_params(self):
+        """The parameters of the local layers in ``parameters()`` order,
+        layer by layer, read from each submodule's own table: the layers'
+        module structure is fixed at construction (a parameter replaced on
+        a submodule is seen), so the walk through the module tree is done
+        once, not at every pass."""
+        if self._layer_modules is None:
+            mods = []
+            for n in self.layer_indices:
+                F = self.layers[str(n)]
+                subs = tuple(F.modules())
+                # a parameter shared by two submodules: parameters() lists it once
+                shared = len(tuple(F.parameters())) != sum(
+                    p is not None for m in subs for p in m._parameters.values())
+                mods.append((F, subs, shared))
+            self._layer_modules = mods
+        out = []
+        for F, subs, shared in self._layer_modules:
+            if shared:
+                out.extend(F.parameters())
+            else:
+                out.extend(p for m in subs for p in m._parameters.values() if p is not None)
+        return tuple(out)
+
     def _step_module(self, n):
         key = str(n)
         if key in self.layers:
@@ -534,24 +561,36 @@ class LayerParallel(nn.Module):
         """For this pass: which step modules draw random numbers (random and
         in training mode) and which must keep their buffers outside the final
         sweep (buffers and in training mode; ghosts' buffers are replaced
-        before every solve)."""
+        before every solve).  Modules that do neither are left out."""
+        self._local_params()  # the local layers' submodules
         plan = {}
-        for n, F, own in [(n, self.layers[str(n)], True) for n in self.layer_indices] + \
-                [(n, F, False) for n, F in self._ghosts.items()]:
-            if n not in self._kinds:  # (random, has buffers): fixed by the module's build
-                self._kinds[n] = (is_stochastic(F), next(F.buffers(), None) is not None)
-            training = any(training_flags(F))
-            plan[n] = (training and self._kinds[n][0], own and training and self._kinds[n][1])
+        for n, (F, subs, _) in zip(self.layer_indices, self._layer_modules):
+            kind = self._kind(n, F)
+            if kind[0] or kind[1]:
+                training = any(m.training for m in subs)
+                plan[n] = (training and kind[0], training and kind[1])
+        for n, F in self._ghosts.items():
+            kind = self._kind(n, F)
+            if kind[0]:
+                plan[n] = (any(training_flags(F)), False)
         self._call_plan = plan
 
-    def _call_step(self, n, F, u, final):
+    def _kind(self, n, F):
+        """(random, has buffers) of step module n: fixed by its build."""
+        kind = self._kinds.get(n)
+        if kind is None:
+            kind = self._kinds[n] = (is_stochastic(F), next(F.buffers(), None) is not None)
+        return kind
+
+    def _call_step(self, n, F, u, final, part=None):
         """F_n(u) under the module-state policy: random draws seeded by
-        (seed, pass, n); buffers restored after a call outside the final
+        (seed, pass, n) (and the micro-batch ``part`` of a pipelined pass
+        with several); buffers restored after a call outside the final
         sweep."""
         stochastic, buffered = self._call_plan.get(n, (False, False))
         if not stochastic and not (buffered and not final):
             return F(u)
-        rng = (self.seed, self._pass_index, n, u.device) if stochastic else None
+        rng = (self.seed, self._pass_index, n, u.device, part) if stochastic else None
         return call_module(F, u, rng=rng, keep_buffers=buffered and not final)
 
     # ---- checks at the first call and when the state shape changes -------
@@ -625,7 +664,7 @@ class LayerParallel(nn.Module):
         # without autograd (evaluation) no layer graphs are kept
         self._record = torch.is_grad_enabled()
         self._pass_index, self.passes = self.passes, self.passes + 1
-        params = tuple(p for F in self.layers.values() for p in F.parameters())
+        params = self._local_params()
         if self.pipelined:
             return PipelineFunction.apply(self, (shape, dtype, device), self._anchor, u0,
                                           *params)
@@ -633,10 +672,11 @@ class LayerParallel(nn.Module):
 
     @property
     def pipelined(self):
-        """Whether passes run as the exact pipeline (one level both ways
-        and more than one micro-batch)."""
-        return (self.microbatches > 1 and self.fwd_options["max_levels"] == 1
-                and self.bwd_options["max_levels"] == 1)
+        """Whether passes are exact, layer-serial across the ranks
+        (``layerpar.pipeline``, with ``microbatches`` micro-batches): one
+        level both ways.  Each rank then runs its layers as one block, one
+        autograd graph per micro-batch, instead of through the solvers."""
+        return self.fwd_options["max_levels"] == 1 and self.bwd_options["max_levels"] == 1
 
     def _forward_solve(self, u0, shape, dtype, device):
         """u_N (last rank) or a placeholder, and the layers' graphs of this

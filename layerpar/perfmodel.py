@@ -58,7 +58,8 @@ K = max_iter iterations, nu CF sweeps per relaxation, with tolerances 0:
       level L-1: one sequential sweep (n_{L-1} steps across the ranks)
     iteration K: the residual C-sweep on level 0, which is the final sweep
                (steps recorded: fwd_rec / adj_w), and an agreement
-    one level (serial mode): one sequential sweep of N final steps.
+    one level: one sequential sweep of N final steps (``LayerParallel`` runs
+    one level as the pipeline instead, below).
 
 So with two levels the per-iteration counts are (nu + 1) N fine steps and
 2 N/m coarse steps (N/m without skip's first iteration), plus the final N,
@@ -78,7 +79,9 @@ order; with even blocks and sizes the pass takes (P + m - 1) N/(P m) step
 costs of a micro-batch plus (P - 1) messages: a bubble of (P - 1)/(P + m - 1).
 
 A training step is modelled as forward solve + backward solve (the solvers'
-steps costing the step kind's cost + ``overhead`` each) + the pass costs:
+steps costing the step kind's cost + ``overhead`` each; in serial mode, one
+level, the pipeline's two passes with one micro-batch, as ``LayerParallel``
+runs them) + the pass costs:
 2 ``solve_fixed`` and three reductions (the input's broadcast, the two input
 norms; the pipeline: the broadcast and two agreements), one latency for the
 coarse grids' weights (more than one level on more than one rank), ``ends``
@@ -328,10 +331,12 @@ def _solver_overhead(cal, F, shape, dtype, repeats, comm, clock):
             def step():
                 net(u0).sum().backward()
             t = _block_time(step, repeats, comm, clock=clock)
-            steps = sum(net.last_forward["steps"]) + sum(net.last_backward["steps"])
-        mode = "serial" if opts["max_levels"] == 1 else "layer-parallel"
-        kw = {} if mode == "serial" else opts
-        model = training_step(cal, N, 1, mode, **kw)
+            serial = net.pipelined
+            # solver steps (serial passes run no solver: only the pass costs)
+            steps = 0 if serial else \
+                sum(net.last_forward["steps"]) + sum(net.last_backward["steps"])
+        kw = {} if serial else opts
+        model = training_step(cal, N, 1, "serial" if serial else "layer-parallel", **kw)
         rows.append((steps, 2.0, t - model["forward"] - model["backward"]))
     return fit_overhead(rows)
 
@@ -614,20 +619,18 @@ def training_step(cal, N, P, mode, *, max_levels=2, cfactor=4, min_coarse=2, rel
     msg = cal.message(batch)
     most_layers = -(-N // P)  # the optimiser steps every rank's layers at once
     rest = 2 * cal.solve_fixed + 3 * cal.reduction(P) + cal.ends + cal.optimizer * most_layers
-    if mode == "pipeline" and microbatches > 1:
+    if mode in ("serial", "pipeline"):
+        # one level: each rank's block of layers per micro-batch (serial: one)
         from layerpar.pipeline import split_sizes
-        sizes = split_sizes(batch, microbatches)
+        sizes = split_sizes(batch, microbatches if mode == "pipeline" else 1)
         fwd = pipeline(N, P, sizes, lambda b: cal.step("pipe_fwd", b), cal.message)
         bwd = pipeline(N, P, sizes[::-1], lambda b: cal.step("pipe_bwd", b), cal.message)
         return {"time": fwd + bwd + rest + extra, "forward": fwd, "backward": bwd,
                 "pass": rest}
-    if mode in ("serial", "pipeline"):
-        opts = dict(max_levels=1)
-    else:
-        if fwd_iters is None:
-            fwd_iters = 1 if mode == "one-shot" else 2
-        opts = dict(max_levels=max_levels, cfactor=cfactor, min_coarse=min_coarse, relax=relax,
-                    cycle=cycle, skip=skip, warm=mode == "one-shot")
+    if fwd_iters is None:
+        fwd_iters = 1 if mode == "one-shot" else 2
+    opts = dict(max_levels=max_levels, cfactor=cfactor, min_coarse=min_coarse, relax=relax,
+                cycle=cycle, skip=skip, warm=mode == "one-shot")
     kw = dict(latency=cal.latency, message=msg)
     o = cal.overhead
     fwd = solve(N, P, **opts, max_iter=fwd_iters or 0, cost=cal.step("fwd", batch) + o,

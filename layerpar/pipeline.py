@@ -1,4 +1,8 @@
-"""Exact pipelined layer-serial propagation: GPipe and 1F1B schedules.
+"""Exact layer-serial propagation across ranks, pipelined: GPipe and 1F1B
+schedules.  It is what ``LayerParallel`` runs with one level (``max_levels=1``,
+the exact mode): with one micro-batch (the default) the whole batch goes
+through rank 0's block of layers, then rank 1's, ...; with several the ranks
+work on different micro-batches at once.
 
 The batch is split along dimension 0 into micro-batches (``torch.tensor_split``
 sizes: the first ``B % M`` of them one sample larger).  Rank r holds the
@@ -109,31 +113,38 @@ class _Messages:
         self.sends.clear()
 
 
-def _first_nonfinite(net, x):
-    """Where a block's output turned NaN/Inf: re-run its layers on x."""
+def _first_nonfinite(net, x, part=None):
+    """Where a block's output turned NaN/Inf: re-run its layers on x (with
+    the pass's random draws, buffers left as they are)."""
     if not torch.isfinite(x).all():
         return f"the input of layer {net.layer_indices[0]} is NaN or Inf"
     with torch.no_grad():
         for n in net.layer_indices:
-            x = torch.add(x, net.layers[str(n)](x), alpha=net.h)
+            x = torch.add(x, net._call_step(n, net.layers[str(n)], x, final=False, part=part),
+                          alpha=net.h)
             if not torch.isfinite(x).all():
                 return f"layer {n} produced NaN or Inf"
     return f"layer {net.layer_indices[-1]} produced NaN or Inf"
 
 
-def _agree(comm, error, clock):
-    """Collective: the virtual clock's maximum, and every rank raises when a
+def _agree(comm, error, clock, norm=None):
+    """Collective: (the virtual clock's maximum, the one ``norm`` given, by
+    the rank holding the pass's given state), and every rank raises when a
     rank failed (the original exception there, PipelineFailure elsewhere;
-    NaN/Inf as FloatingPointError everywhere, naming the layer)."""
+    NaN/Inf as FloatingPointError everywhere, naming the layer).  On one
+    rank there is nothing to agree on: no message."""
     if isinstance(error, FloatingPointError):
         info = ("nonfinite", str(error))
     elif error is not None:
         info = ("error", f"{type(error).__name__}: {error}")
     else:
         info = None
-    guard(comm, "the agreement after a pipelined pass")
-    parts = comm.allgather((info, clock))
-    for rank, (other, _) in enumerate(parts):
+    if comm.Get_size() == 1:
+        parts = [(info, clock, norm)]
+    else:
+        guard(comm, "the agreement after a pipelined pass")
+        parts = comm.allgather((info, clock, norm))
+    for rank, (other, _, _) in enumerate(parts):
         if other is None:
             continue
         if error is not None and not isinstance(error, FloatingPointError):
@@ -141,7 +152,7 @@ def _agree(comm, error, clock):
         if other[0] == "nonfinite":
             raise FloatingPointError(other[1])
         raise PipelineFailure(f"pipelined pass: rank {rank} failed: {other[1]}")
-    return max(c for _, c in parts)
+    return max(c for _, c, _ in parts), next((v for _, _, v in parts if v is not None), 0.0)
 
 
 class Pipeline:
@@ -159,15 +170,18 @@ class Pipeline:
         or the user's."""
         return self.net.communicator("pipeline")
 
-    def _block(self, x, record, *, detach=True):
-        """This rank's layers on micro-batch x: (input leaf, output); with
-        ``detach=False`` x itself is the input (its graph continues)."""
+    def _block(self, x, record, *, detach=True, part=None):
+        """This rank's layers on micro-batch x (number ``part`` of several;
+        None: the whole batch): (input leaf, output); with ``detach=False``
+        x itself is the input (its graph continues).  The layers run under
+        the module-state policy of the final sweep (``_call_step``)."""
         net = self.net
+        call, h = net._call_step, net.h
         with torch.set_grad_enabled(record):
             x_in = x.detach().requires_grad_(record) if detach else x
             y = x_in
-            for n in net.layer_indices:
-                y = torch.add(y, net.layers[str(n)](y), alpha=net.h)
+            for n, (F, _, _) in zip(net.layer_indices, net._layer_modules):
+                y = torch.add(y, call(n, F, y, True, part), alpha=h)
         return x_in, y
 
     def forward(self, u0, shape, dtype, device, record):
@@ -177,6 +191,8 @@ class Pipeline:
         rank, size = comm.Get_rank(), comm.Get_size()
         sizes = split_sizes(shape[0], net.microbatches)
         cost = len(net.layer_indices) / len(sizes)  # full-batch layer steps
+        net._plan_calls()
+        several = len(sizes) > 1
         msgs = _Messages(comm, shape[1:], dtype, device)
         # receives from the previous rank, posted at once (tag: micro-batch)
         recvs = [msgs.post_recv(rank - 1, i, b) for i, b in enumerate(sizes)] if rank > 0 else []
@@ -191,10 +207,11 @@ class Pipeline:
             y = None
             if not failed and error is None:
                 try:
-                    x_in, y = self._block(x, record)
+                    part = i if several else None
+                    x_in, y = self._block(x, record, part=part)
                     clock += cost
                     if not torch.isfinite(y).all():
-                        error = FloatingPointError(_first_nonfinite(net, x))
+                        error = FloatingPointError(_first_nonfinite(net, x, part))
                     kept.append((x_in, y))
                 except Exception as e:  # reported on every rank by _agree
                     error = e
@@ -206,22 +223,23 @@ class Pipeline:
                 outputs.append(y.detach())
         msgs.wait_sends()
         self.peak_held = len(kept)
-        clock = _agree(comm, error, clock)
+        norm = float(torch.linalg.vector_norm(u0.detach())) if rank == 0 else None
+        clock, norm = _agree(comm, error, clock, norm)
         net.last_forward = {"iterations": 1, "residual_norms": [],
-                            "steps": [len(net.layer_indices)], "virtual_time": clock}
+                            "steps": [len(net.layer_indices)], "virtual_time": clock,
+                            "input_norm": norm}
         if rank == size - 1:
             return torch.cat(outputs) if len(outputs) > 1 else outputs[0].clone(), kept
         return torch.zeros(0, dtype=dtype, device=device), kept
 
-    def backward(self, kept, grad_out, shape, dtype, device):
-        """(dloss/du_0 on the first rank or None, gradients of the local
-        layers' parameters in LayerParallel.forward's order)."""
+    def backward(self, kept, grad_out, shape, dtype, device, params):
+        """(dloss/du_0 on the first rank or None, gradients of ``params``,
+        the local layers' parameters that the forward pass was given)."""
         net, comm = self.net, self.comm
         rank, size = comm.Get_rank(), comm.Get_size()
         sizes = split_sizes(shape[0], net.microbatches)
         m = len(sizes)
         cost = len(net.layer_indices) / m
-        params = tuple(p for F in net.layers.values() for p in F.parameters())
         msgs = _Messages(comm, shape[1:], dtype, device)
         # adjoints from the next rank, in reverse order (tag: m + micro-batch)
         recvs = {i: msgs.post_recv(rank + 1, m + i, sizes[i]) for i in reversed(range(m))} \
@@ -231,6 +249,9 @@ class Pipeline:
                 grad_out = torch.zeros(shape, dtype=dtype, device=device)
             seeds = grad_out.tensor_split(m)
         sums = [None] * len(params)
+        # frozen parameters (requires_grad False) get no gradient: None
+        trainable = [k for k, p in enumerate(params) if p.requires_grad]
+        wrt = tuple(params[k] for k in trainable)
         grad_inputs = [None] * m
         error, clock = None, 0.0
         for i in reversed(range(m)):
@@ -243,12 +264,12 @@ class Pipeline:
             if not failed and error is None:
                 try:
                     x_in, y = kept[i]
-                    grads = torch.autograd.grad(y, (x_in,) + params, grad_outputs=g,
+                    grads = torch.autograd.grad(y, (x_in,) + wrt, grad_outputs=g,
                                                 allow_unused=True,
                                                 retain_graph=net.retain_graphs)
                     clock += cost
                     gx = grads[0]
-                    for k, gp in enumerate(grads[1:]):
+                    for k, gp in zip(trainable, grads[1:]):
                         if gp is not None:
                             sums[k] = gp if sums[k] is None else sums[k].add_(gp)
                 except Exception as e:
@@ -262,9 +283,11 @@ class Pipeline:
         msgs.wait_sends()
         if not net.retain_graphs:
             kept.clear()
-        clock = _agree(comm, error, clock)
+        norm = float(torch.linalg.vector_norm(grad_out.detach())) if rank == size - 1 else None
+        clock, norm = _agree(comm, error, clock, norm)
         net.last_backward = {"iterations": 1, "residual_norms": [],
-                             "steps": [len(net.layer_indices)], "virtual_time": clock}
+                             "steps": [len(net.layer_indices)], "virtual_time": clock,
+                             "input_norm": norm}
         grad_u0 = torch.cat(grad_inputs) if rank == 0 else None
         return grad_u0, sums
 
@@ -288,6 +311,8 @@ class Pipeline:
             order += [("f", warm + i), ("b", i)]
         order += [("b", i) for i in range(m - warm, m)]
         msgs = _Messages(comm, shape[1:], dtype, device)
+        net._plan_calls()
+        several = m > 1
 
         # one receive posted ahead per direction: states from the previous
         # rank (tag: micro-batch), adjoints from the next one (tag: m + micro-batch)
@@ -312,10 +337,11 @@ class Pipeline:
                 if not failed and error is None:
                     try:
                         x_in = first(i) if is_first else x.detach().requires_grad_(True)
-                        _, out = self._block(x_in, True, detach=False)
+                        part = i if several else None
+                        _, out = self._block(x_in, True, detach=False, part=part)
                         clock += cost
                         if not torch.isfinite(out).all():
-                            raise FloatingPointError(_first_nonfinite(net, x_in.detach()))
+                            raise FloatingPointError(_first_nonfinite(net, x_in.detach(), part))
                         if is_last:  # the graph ends in micro-batch i's loss
                             loss = last(i, out)
                             total = loss.detach() if total is None else total + loss.detach()
@@ -364,8 +390,11 @@ class Pipeline:
 
 def _agree_clocks(comm, error, clocks):
     """_agree for a tuple of virtual clocks: each one's maximum over ranks."""
-    guard(comm, "the agreement after a pipelined pass")
-    parts = comm.allgather(clocks)
+    if comm.Get_size() == 1:
+        parts = [clocks]
+    else:
+        guard(comm, "the agreement after a pipelined pass")
+        parts = comm.allgather(clocks)
     _agree(comm, error, 0.0)
     return tuple(max(p[k] for p in parts) for k in range(len(clocks)))
 
@@ -380,12 +409,12 @@ class PipelineFunction(torch.autograd.Function):
         pipe = net._pipeline
         # autograd is off inside forward: net._record says whether it was on
         out, ctx.kept = pipe.forward(u0, *meta, record=net._record)
-        ctx.net, ctx.meta = net, meta
+        ctx.net, ctx.meta, ctx.params = net, meta, params
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_u0, grads = ctx.net._pipeline.backward(ctx.kept, grad_out, *ctx.meta)
+        grad_u0, grads = ctx.net._pipeline.backward(ctx.kept, grad_out, *ctx.meta, ctx.params)
         if grad_u0 is None or not ctx.needs_input_grad[3]:
             grad_u0 = None
         return (None, None, None, grad_u0, *grads)

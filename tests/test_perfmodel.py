@@ -155,9 +155,9 @@ def test_training_step_model_equals_the_calibrated_clock(mode, opts):
 @pytest.mark.parametrize("ranks", [1, 4])
 def test_training_step_adds_the_pass_costs(mode, opts, ranks):
     """The costs outside the solves: the solver's per-step overhead on every
-    solver step (none in the pipeline, which is not a solve), two passes'
-    fixed costs, three reductions, the ends, the optimiser on the busiest
-    rank's layers, and the coarse weights' message."""
+    solver step (none with one level, serial or pipelined: the pipeline is
+    not a solve), two passes' fixed costs, three reductions, the ends, the
+    optimiser on the busiest rank's layers, and the coarse weights' message."""
     N = 18
     base = _calibration()
     more = pm.Calibration.load_dict(dict(base.to_dict(), overhead=1e-3, solve_fixed=0.5,
@@ -170,13 +170,10 @@ def test_training_step_adds_the_pass_costs(mode, opts, ranks):
     assert b["pass"] == pytest.approx(2 * 0.5 + 3 * red + 0.25 + 0.125 * -(-N // ranks)
                                       + ghost, rel=1e-12)
     assert b["time"] == pytest.approx(b["forward"] + b["backward"] + b["pass"], rel=1e-12)
-    if mode == "pipeline":
+    if mode in ("serial", "pipeline"):
         assert b["forward"] == a["forward"] and b["backward"] == a["backward"]
     else:
         assert b["forward"] > a["forward"] and b["backward"] > a["backward"]
-        if mode == "serial" and ranks == 1:  # N steps each way, each 1e-3 dearer
-            assert b["forward"] - a["forward"] == pytest.approx(N * 1e-3, rel=1e-9)
-            assert b["backward"] - a["backward"] == pytest.approx(N * 1e-3, rel=1e-9)
 
 
 def test_older_calibration_files_load():

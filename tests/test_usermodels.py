@@ -85,6 +85,37 @@ def test_frozen_parameters_and_dropout_gradients_equal_serial(opts):
 
 
 @pytest.mark.mpi
+def test_pipelined_micro_batches_draw_their_own_masks_on_any_number_of_ranks():
+    # the exact pipeline with 3 micro-batches (sizes 4, 3, 3), dropout and
+    # frozen parameters: micro-batch i of layer n draws from
+    # layer_rng(SEED, pass, n, part=i) on any number of ranks, so the loss and
+    # gradients equal the serial network's run micro-batch by micro-batch
+    m = net(WORLD, microbatches=3)
+    x, y = batch()
+    seq = m.serial_equivalent()
+    p = m.body.passes
+    loss = m.loss(x, y, Fn.cross_entropy)
+    loss.backward()
+    outs = []
+    for i, xi in enumerate(x.tensor_split(3)):
+        u = seq[0](xi)
+        for n in range(N):
+            with layer_rng(SEED, p, n, part=i):
+                u = seq[n + 1](u)
+        outs.append(seq[-1](u))
+    ref = Fn.cross_entropy(torch.cat(outs), y)
+    ref.backward()
+    assert abs(m.reduce(loss) - float(ref.detach())) <= 1e-13 * float(ref.detach())
+    assert all(q.grad is None for q in m.parameters() if not q.requires_grad)
+    grads = gathered(WORLD, ((k, q.grad) for k, q in m.named_parameters() if q.requires_grad))
+    names = serial_names(seq)
+    sgrads = {names[k]: q.grad for k, q in seq.named_parameters() if q.requires_grad}
+    assert grads.keys() == sgrads.keys() and len(grads) == 2 * N + 4
+    for k, g in grads.items():
+        assert torch.allclose(g, sgrads[k], rtol=1e-12, atol=1e-15), k
+
+
+@pytest.mark.mpi
 def test_frozen_parameters_stay_fixed_in_training():
     m = net(WORLD, **INEXACT)
     before = {k: q.detach().clone() for k, q in m.named_parameters()}
