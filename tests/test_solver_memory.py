@@ -25,8 +25,9 @@ from layerpar import DenseClosing, DenseOpening, DenseStep, LayerParallel, Netwo
 WORLD = MPI.COMM_WORLD
 F64 = torch.float64
 
+# LayerParallel's solver settings (one level runs as the pipeline, no solver:
+# the one-level solver is checked on its own below)
 SETTINGS = {
-    "serial": dict(max_levels=1),
     "F-skip": dict(max_levels=3, cfactor=4, relax="F", skip=True, fwd_iters=2, bwd_iters=1),
     "FCF": dict(max_levels=3, cfactor=2, relax="FCF", fwd_iters=2, bwd_iters=2),
     "one-shot": dict(max_levels=3, cfactor=4, relax="F", skip=True, fwd_iters=1, bwd_iters=1,
@@ -75,8 +76,7 @@ def test_keeping_C_points_only_changes_no_bit(name, monkeypatch):
     for (la, ga, fa, ba), (lc, gc, fc, bc) in zip(*runs):
         assert la == lc and fa == fc and ba == bc
         assert all(torch.equal(a, c) for a, c in zip(ga, gc))
-    if name != "serial":
-        assert all(len(r[2]) > 0 for r in runs[1])  # the histories are not empty
+    assert all(len(r[2]) > 0 for r in runs[1])  # the histories are not empty
 
 
 def held_points(solver):
@@ -103,17 +103,40 @@ def test_solvers_hold_the_C_points_only(name, monkeypatch):
                 counts[store].append((stored, points, st["vectors_peak"]))
     for (s_all, p, peak_all), (s_c, p_c, peak_c) in zip(counts["all"], counts["C"]):
         assert p == p_c and s_all == p
-        if name == "serial":
-            assert s_c <= 2  # one level: the ends 0 and N only
-            assert peak_c <= 2 < p <= peak_all  # O(1) during the solve, not O(points)
-        else:
-            assert s_c <= p // m + 2  # C-points (and N)
-            # the F-points are not held during the solve either: at most the
-            # walk's own vector (a stored point with store='all') is extra
-            assert peak_c <= peak_all - (p - s_c) + 1
-            # O(points / cfactor): the C-points and their work values, and on
-            # each coarse level its points, right-hand sides and work values
-            assert peak_c <= 5 * (p // m + 2) + 8
+        assert s_c <= p // m + 2  # C-points (and N)
+        # the F-points are not held during the solve either: at most the
+        # walk's own vector (a stored point with store='all') is extra
+        assert peak_c <= peak_all - (p - s_c) + 1
+        # O(points / cfactor): the C-points and their work values, and on
+        # each coarse level its points, right-hand sides and work values
+        assert peak_c <= 5 * (p // m + 2) + 8
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_one_level_solver_holds_its_two_ends_only(reverse):
+    """One level (sequential stepping across the ranks): with store='C' the
+    solver holds the ends 0 and N only, between solves and during them,
+    and its u_N is the one of a solver that keeps every point, bit for bit."""
+    N = 64
+    held, final = {}, {}
+    for store in ("all", "C"):
+        with Solver(DampedRotation(), WORLD, 0.0, 4.0, N, max_levels=1, abs_tol=0.0,
+                    max_iter=1, store=store, final_sweep=True, reverse=reverse) as s:
+            for _ in range(2):
+                s.solve()
+            st = s.stats()
+            stored, points = held_points(s)
+            assert st["vectors_held"] == stored
+            held[store] = (stored, points, st["vectors_peak"])
+            lo, hi = s.local_range(0)
+            final[store] = np.array(s.get(N)) if lo <= N <= hi else None
+    (s_all, p, peak_all), (s_c, p_c, peak_c) = held["all"], held["C"]
+    assert p == p_c and s_all == p
+    # O(1), not O(points): the two ends and the value being stepped
+    assert s_c <= 2 and peak_c <= 3 < p <= peak_all
+    if final["C"] is not None:
+        assert np.array_equal(final["C"], final["all"])
 
 
 @pytest.mark.mpi
