@@ -113,7 +113,7 @@ class _Messages:
         self.sends.clear()
 
 
-def _first_nonfinite(net, x, part=None):
+def first_nonfinite(net, x, part=None):
     """Where a block's output turned NaN/Inf: re-run its layers on x (with
     the pass's random draws, buffers left as they are)."""
     if not torch.isfinite(x).all():
@@ -211,7 +211,7 @@ class Pipeline:
                     x_in, y = self._block(x, record, part=part)
                     clock += cost
                     if not torch.isfinite(y).all():
-                        error = FloatingPointError(_first_nonfinite(net, x, part))
+                        error = FloatingPointError(first_nonfinite(net, x, part))
                     kept.append((x_in, y))
                 except Exception as e:  # reported on every rank by _agree
                     error = e
@@ -341,7 +341,7 @@ class Pipeline:
                         _, out = self._block(x_in, True, detach=False, part=part)
                         clock += cost
                         if not torch.isfinite(out).all():
-                            raise FloatingPointError(_first_nonfinite(net, x_in.detach(), part))
+                            raise FloatingPointError(first_nonfinite(net, x_in.detach(), part))
                         if is_last:  # the graph ends in micro-batch i's loss
                             loss = last(i, out)
                             total = loss.detach() if total is None else total + loss.detach()
