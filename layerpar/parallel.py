@@ -241,7 +241,7 @@ class LayerParallel(nn.Module):
         self.layers = nn.ModuleDict()
         for n in self.layer_indices:
             self.layers[str(n)] = self._make_layer(n)
-        self._layer_modules = None  # (n, its submodules) of the local layers, at first use
+        self._layer_modules = None  # per local layer (module, submodules, shares a parameter)
         self._ghosts = {}
         self._plan_ghosts()
         self._pipeline = Pipeline(self)
