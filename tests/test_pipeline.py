@@ -1,5 +1,5 @@
-"""The exact pipeline (max_levels=1, microbatches > 1) against the serial
-PyTorch network with the same weights: outputs, input and weight gradients
+"""The exact pipeline (max_levels=1: exact mode; one micro-batch, the
+default, or several) against the serial PyTorch network with the same weights: outputs, input and weight gradients
 (float64, to 1e-12: only the order of the micro-batches' weight-gradient sums
 differs), training, failures and option checks.  MPI tests run on
 COMM_WORLD (1, 2 and 4 ranks)."""
