@@ -90,13 +90,7 @@ def exact_against_sequential(preset, layers, device, reps, timed):
 def mgrit_iterations(layers, device, reps, timed):
     make, shape = PRESETS["conv"]
     x = torch.randn(shape, device=device)
-    seq = LayerParallel(lambda n: make(), layers, 1.0, MPI.COMM_SELF).to(device)
-    serial = seq.serial_equivalent().to(device)
-
-    def sweep():
-        with torch.no_grad():
-            serial(x)
-    variants, solvers = {"serial_sweep": sweep}, {}
+    variants, solvers = {}, {}
     for levels in (2, 3):
         for iters in (1, 3):
             net = LayerParallel(lambda n: make(), layers, 1.0, MPI.COMM_SELF, max_levels=levels,
@@ -107,13 +101,19 @@ def mgrit_iterations(layers, device, reps, timed):
                 with torch.no_grad():
                     net(x)
             variants[f"L{levels}_it{iters}"] = fwd
+    serial = net.serial_equivalent().to(device)  # the same weights (seeded per layer)
+
+    def sweep():
+        with torch.no_grad():
+            serial(x)
+    variants["serial_sweep"] = sweep
     med, _ = run_variants(variants, reps, timed)
     out = {}
     for levels in (2, 3):
         per_iter = (med[f"L{levels}_it3"] - med[f"L{levels}_it1"]) / 2
         out[levels] = (per_iter, per_iter / med["serial_sweep"],
                        solvers[levels, 3].last_forward["steps"])
-    for net in list(solvers.values()) + [seq]:
+    for net in solvers.values():
         net.close()
     return med["serial_sweep"], out
 

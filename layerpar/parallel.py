@@ -31,8 +31,7 @@ from layerpar import partition
 from layerpar._collective import agree, from_root
 from layerpar._watchdog import check_timeout, guard, recv, set_timeout, timeout_of
 from layerpar.apps import AdjointApp, ForwardApp
-from layerpar.pipeline import (SCHEDULES, Pipeline, PipelineFunction, first_nonfinite,
-                               split_sizes)
+from layerpar.pipeline import SCHEDULES, Pipeline, PipelineFunction, split_sizes
 from layerpar.models import (call_module, is_stochastic, layer_rng, set_training_flags,
                              training_flags)
 from layerpar.steps import ResidualLayer
@@ -667,38 +666,14 @@ class LayerParallel(nn.Module):
         self._pass_index, self.passes = self.passes, self.passes + 1
         if self.pipelined and self.size == 1 and self.microbatches == 1 \
                 and not self.retain_graphs:
-            return self._forward_alone(u0)
+            # nothing to send: the layers go on the caller's graph (backward
+            # twice then needs retain_graph=True, hence not with retain_graphs)
+            return self._pipeline.on_graph(u0)
         params = self._local_params()
         if self.pipelined:
             return PipelineFunction.apply(self, (shape, dtype, device), self._anchor, u0,
                                           *params)
         return _MGRITFunction.apply(self, (shape, dtype, device), self._anchor, u0, *params)
-
-    def _forward_alone(self, u0):
-        """The exact pass on one rank, whole batch: the layers recorded on
-        the caller's autograd graph as nn.Sequential records them (no
-        autograd function of ours, no second backward engine call), so that
-        backward is ordinary back-propagation; the backward pass's record is
-        written by a hook on the output's gradient."""
-        self._plan_calls()
-        call, h = self._call_step, self.h
-        x = u0
-        for n, (F, _, _) in zip(self.layer_indices, self._layer_modules):
-            x = torch.add(x, call(n, F, x, True), alpha=h)
-        if not torch.isfinite(x).all():
-            raise FloatingPointError(first_nonfinite(self, u0.detach()))
-        self._pipeline.peak_held = 1 if x.requires_grad else 0
-        steps = len(self.layer_indices)
-        self.last_forward = {"iterations": 1, "residual_norms": [], "steps": [steps],
-                             "virtual_time": float(steps),
-                             "input_norm": float(torch.linalg.vector_norm(u0.detach()))}
-        if x.requires_grad:
-            def record(grad):
-                self.last_backward = {"iterations": 1, "residual_norms": [], "steps": [steps],
-                                      "virtual_time": float(steps),
-                                      "input_norm": float(torch.linalg.vector_norm(grad))}
-            x.register_hook(record)
-        return x
 
     @property
     def pipelined(self):

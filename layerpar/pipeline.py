@@ -113,7 +113,7 @@ class _Messages:
         self.sends.clear()
 
 
-def first_nonfinite(net, x, part=None):
+def _first_nonfinite(net, x, part=None):
     """Where a block's output turned NaN/Inf: re-run its layers on x (with
     the pass's random draws, buffers left as they are)."""
     if not torch.isfinite(x).all():
@@ -127,12 +127,13 @@ def first_nonfinite(net, x, part=None):
     return f"layer {net.layer_indices[-1]} produced NaN or Inf"
 
 
-def _agree(comm, error, clock, norm=None):
-    """Collective: (the virtual clock's maximum, the one ``norm`` given, by
-    the rank holding the pass's given state), and every rank raises when a
-    rank failed (the original exception there, PipelineFailure elsewhere;
-    NaN/Inf as FloatingPointError everywhere, naming the layer).  On one
-    rank there is nothing to agree on: no message."""
+def _agree(comm, error, clocks, norm=None):
+    """Collective: (each of the virtual ``clocks``' maxima over the ranks,
+    the one ``norm`` given, by the rank holding the pass's given state), and
+    every rank raises when a rank failed (the original exception there,
+    PipelineFailure elsewhere; NaN/Inf as FloatingPointError everywhere,
+    naming the layer).  On one rank there is nothing to agree on: no
+    message."""
     if isinstance(error, FloatingPointError):
         info = ("nonfinite", str(error))
     elif error is not None:
@@ -140,10 +141,10 @@ def _agree(comm, error, clock, norm=None):
     else:
         info = None
     if comm.Get_size() == 1:
-        parts = [(info, clock, norm)]
+        parts = [(info, clocks, norm)]
     else:
         guard(comm, "the agreement after a pipelined pass")
-        parts = comm.allgather((info, clock, norm))
+        parts = comm.allgather((info, clocks, norm))
     for rank, (other, _, _) in enumerate(parts):
         if other is None:
             continue
@@ -152,7 +153,18 @@ def _agree(comm, error, clock, norm=None):
         if other[0] == "nonfinite":
             raise FloatingPointError(other[1])
         raise PipelineFailure(f"pipelined pass: rank {rank} failed: {other[1]}")
-    return max(c for _, c, _ in parts), next((v for _, _, v in parts if v is not None), 0.0)
+    maxima = tuple(max(c[k] for _, c, _ in parts) for k in range(len(clocks)))
+    return maxima, next((v for _, _, v in parts if v is not None), 0.0)
+
+
+def _record(steps, clock, norm=None):
+    """``last_forward``/``last_backward`` of a pass that ran ``steps`` layer
+    steps on this rank, ``clock`` on the virtual clock; ``norm``: the 2-norm
+    of the state the pass was given (None: not measured)."""
+    out = {"iterations": 1, "residual_norms": [], "steps": [steps], "virtual_time": clock}
+    if norm is not None:
+        out["input_norm"] = norm
+    return out
 
 
 class Pipeline:
@@ -184,6 +196,28 @@ class Pipeline:
                 y = torch.add(y, call(n, F, y, True, part), alpha=h)
         return x_in, y
 
+    def on_graph(self, u0):
+        """The exact pass on one rank with the whole batch: the block
+        recorded on the caller's autograd graph, as nn.Sequential records
+        it, so that backward is ordinary back-propagation (no autograd
+        function of ours, no second engine call); a hook on the output's
+        gradient writes the backward pass's record."""
+        net = self.net
+        net._plan_calls()
+        _, y = self._block(u0, torch.is_grad_enabled(), detach=False)
+        if not torch.isfinite(y).all():
+            raise FloatingPointError(_first_nonfinite(net, u0.detach()))
+        steps = len(net.layer_indices)
+        self.peak_held = int(y.requires_grad)
+        norm = float(torch.linalg.vector_norm(u0.detach()))
+        net.last_forward = _record(steps, float(steps), norm)
+        if y.requires_grad:
+            def record(grad):
+                net.last_backward = _record(steps, float(steps),
+                                            float(torch.linalg.vector_norm(grad)))
+            y.register_hook(record)
+        return y
+
     def forward(self, u0, shape, dtype, device, record):
         """u_N on the last rank (a placeholder elsewhere) and the kept
         (input, output) graph of every micro-batch's block."""
@@ -211,7 +245,7 @@ class Pipeline:
                     x_in, y = self._block(x, record, part=part)
                     clock += cost
                     if not torch.isfinite(y).all():
-                        error = FloatingPointError(first_nonfinite(net, x, part))
+                        error = FloatingPointError(_first_nonfinite(net, x, part))
                     kept.append((x_in, y))
                 except Exception as e:  # reported on every rank by _agree
                     error = e
@@ -224,10 +258,8 @@ class Pipeline:
         msgs.wait_sends()
         self.peak_held = len(kept)
         norm = float(torch.linalg.vector_norm(u0.detach())) if rank == 0 else None
-        clock, norm = _agree(comm, error, clock, norm)
-        net.last_forward = {"iterations": 1, "residual_norms": [],
-                            "steps": [len(net.layer_indices)], "virtual_time": clock,
-                            "input_norm": norm}
+        (clock,), norm = _agree(comm, error, (clock,), norm)
+        net.last_forward = _record(len(net.layer_indices), clock, norm)
         if rank == size - 1:
             return torch.cat(outputs) if len(outputs) > 1 else outputs[0].clone(), kept
         return torch.zeros(0, dtype=dtype, device=device), kept
@@ -284,10 +316,8 @@ class Pipeline:
         if not net.retain_graphs:
             kept.clear()
         norm = float(torch.linalg.vector_norm(grad_out.detach())) if rank == size - 1 else None
-        clock, norm = _agree(comm, error, clock, norm)
-        net.last_backward = {"iterations": 1, "residual_norms": [],
-                             "steps": [len(net.layer_indices)], "virtual_time": clock,
-                             "input_norm": norm}
+        (clock,), norm = _agree(comm, error, (clock,), norm)
+        net.last_backward = _record(len(net.layer_indices), clock, norm)
         grad_u0 = torch.cat(grad_inputs) if rank == 0 else None
         return grad_u0, sums
 
@@ -341,7 +371,7 @@ class Pipeline:
                         _, out = self._block(x_in, True, detach=False, part=part)
                         clock += cost
                         if not torch.isfinite(out).all():
-                            raise FloatingPointError(first_nonfinite(net, x_in.detach(), part))
+                            raise FloatingPointError(_first_nonfinite(net, x_in.detach(), part))
                         if is_last:  # the graph ends in micro-batch i's loss
                             loss = last(i, out)
                             total = loss.detach() if total is None else total + loss.detach()
@@ -376,27 +406,13 @@ class Pipeline:
             msgs.reap()
         msgs.wait_sends()
         held.clear()
-        clock_fwd, clock = _agree_clocks(comm, error, (clock_fwd, clock))
+        (clock_fwd, clock), _ = _agree(comm, error, (clock_fwd, clock))
         # the passes interleave: the forward's clock is the one at this
         # rank's last forward (backwards before it included), the backward's
         # the rest
-        steps = [len(net.layer_indices)]
-        net.last_forward = {"iterations": 1, "residual_norms": [], "steps": steps,
-                            "virtual_time": clock_fwd}
-        net.last_backward = {"iterations": 1, "residual_norms": [], "steps": list(steps),
-                             "virtual_time": clock - clock_fwd}
+        net.last_forward = _record(len(net.layer_indices), clock_fwd)
+        net.last_backward = _record(len(net.layer_indices), clock - clock_fwd)
         return total if is_last else None
-
-
-def _agree_clocks(comm, error, clocks):
-    """_agree for a tuple of virtual clocks: each one's maximum over ranks."""
-    if comm.Get_size() == 1:
-        parts = [clocks]
-    else:
-        guard(comm, "the agreement after a pipelined pass")
-        parts = comm.allgather(clocks)
-    _agree(comm, error, 0.0)
-    return tuple(max(p[k] for p in parts) for k in range(len(clocks)))
 
 
 class PipelineFunction(torch.autograd.Function):
