@@ -712,7 +712,7 @@ def _penalty_comm(body):
 
 
 def _layer_params(body, n):
-    return dict(body.layers[str(n)].named_parameters())
+    return dict(body.layer(n).named_parameters())
 
 
 def _structure_error(a, b, na, nb):
@@ -773,7 +773,7 @@ def regularize(net, *, tikhonov=0.0, smoothness=0.0, ends=False, add_grad=True):
 
     with torch.no_grad():
         if beta:
-            groups = [body.layers[str(n)] for n in indices]
+            groups = [body.layer(n) for n in indices]
             if ends:
                 groups += [m for m in (net.opening, net.closing) if m is not None]
             for module in groups:

@@ -523,6 +523,45 @@ class LayerParallel(nn.Module):
                 out.extend(p for m in subs for p in m._parameters.values() if p is not None)
         return tuple(out)
 
+    # ---- the local layers by global index ----------------------------------
+    def layer(self, n):
+        """The module of local layer ``n`` (a global index this rank holds)."""
+        try:
+            return self.layers[str(n)]
+        except KeyError:
+            raise KeyError(f"layer {n} is not held by rank {self.rank} (it holds "
+                           f"{self.layer_indices.start}..{self.layer_indices.stop - 1})") from None
+
+    def params_by_layer(self, *, buffers=False):
+        """{global layer index: {name: tensor}} of the local layers'
+        parameters themselves (for optimisers and gradients), and with
+        ``buffers`` their buffers too (running statistics)."""
+        out = {}
+        for n in self.layer_indices:
+            F = self.layers[str(n)]
+            d = dict(F.named_parameters())
+            if buffers:
+                d.update(F.named_buffers())
+            out[n] = d
+        return out
+
+    def state_by_layer(self):
+        """{global layer index: state dict} of the local layers (detached
+        parameters and persistent buffers): what a checkpoint or a transfer
+        between depths moves."""
+        return {n: self.layers[str(n)].state_dict() for n in self.layer_indices}
+
+    def load_state_by_layer(self, states):
+        """Load {global layer index: state dict} into the local layers: every
+        local layer must be given (other layers are ignored)."""
+        missing = [n for n in self.layer_indices if n not in states]
+        if missing:
+            raise KeyError(f"load_state_by_layer: no state for local layers {missing} on "
+                           f"rank {self.rank}")
+        with torch.no_grad():
+            for n in self.layer_indices:
+                self.layers[str(n)].load_state_dict(states[n])
+
     def _step_module(self, n):
         key = str(n)
         if key in self.layers:

@@ -265,7 +265,7 @@ def layer_params(net):
     """The local layer dict of the parameters of ``net``'s residual layers
     (the parameters themselves, not copies)."""
     body = _body(net, "net")
-    return {n: dict(body.layers[str(n)].named_parameters()) for n in body.layer_indices}
+    return body.params_by_layer()
 
 
 def layer_grads(net):
@@ -298,12 +298,11 @@ def _ends(net):
 
 def _move_network(src_net, dst_net, op, kind, names):
     a, b = _pair(src_net, dst_net, names)
-    states = {n: a.layers[str(n)].state_dict() for n in a.layer_indices}
+    states = a.state_by_layer()
     kinds = PROLONG_KINDS if op == "prolong" else RESTRICT_KINDS
     new = _transfer(states, a.layout, b.layout, b.comm, op, kind, kinds, names=names)
     with torch.no_grad():
-        for n, state in new.items():
-            b.layers[str(n)].load_state_dict(state)
+        b.load_state_by_layer(new)
         # opening (first rank) and closing (last rank) stay where they are
         for m_src, m_dst in zip(_ends(src_net), _ends(dst_net)):
             if m_src is not None and m_dst is not None:
@@ -357,8 +356,7 @@ def move_optimizer_state(src_opt, src_net, dst_opt, dst_net, *, op, kind):
         raise ValueError(f"op={op!r}: expected one of 'prolong', 'restrict'")
     names = ("src_net", "dst_net")
     a, b = _pair(src_net, dst_net, names)
-    local = {n: _param_state(src_opt, dict(a.layers[str(n)].named_parameters()))
-             for n in a.layer_indices}
+    local = {n: _param_state(src_opt, params) for n, params in a.params_by_layer().items()}
     kinds = PROLONG_KINDS if op == "prolong" else RESTRICT_KINDS
     new = _transfer(local, a.layout, b.layout, b.comm, op, kind, kinds, copy_scalars=True,
                     names=names)
@@ -368,7 +366,8 @@ def move_optimizer_state(src_opt, src_net, dst_opt, dst_net, *, op, kind):
             state = {name: (v.clone() if isinstance(v, torch.Tensor) else v)
                      for name, v in _param_state(src_opt, dict(m_src.named_parameters())).items()}
             ends.append((dict(m_dst.named_parameters()), state))
-    updates = [(dict(b.layers[str(n)].named_parameters()), entry) for n, entry in new.items()]
+    dst_params = b.params_by_layer()
+    updates = [(dst_params[n], entry) for n, entry in new.items()]
     updates += ends
     # a parameter that receives state must be one that dst_opt optimises
     msg = None

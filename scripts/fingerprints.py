@@ -148,7 +148,7 @@ def _network(comm, step="dense", **opts):
 def _params(net):
     """{n: {name: tensor}} of the local layers and the ends (-1 opening, -2 closing)."""
     body = net.body
-    out = {n: dict(body.layers[str(n)].state_dict(keep_vars=True)) for n in body.layer_indices}
+    out = {n: dict(body.layer(n).state_dict(keep_vars=True)) for n in body.layer_indices}
     if net.is_first:
         out[-1] = dict(net.opening.state_dict(keep_vars=True))
     if net.is_last:

@@ -151,7 +151,7 @@ def _local_pairs(level, seq):
     if level.net.is_first:
         pairs += list(zip(level.net.opening.parameters(), seq[0].parameters()))
     for n in body.layer_indices:
-        pairs += list(zip(body.layers[str(n)].parameters(), seq[1 + n].F.parameters()))
+        pairs += list(zip(body.layer(n).parameters(), seq[1 + n].F.parameters()))
     if level.net.is_last:
         pairs += list(zip(level.net.closing.parameters(), seq[-1].parameters()))
     return pairs

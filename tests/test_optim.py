@@ -641,7 +641,7 @@ def test_network_history_resumes_on_one_rank():
 
 def layout(net):
     """This rank's parameters in layerpar.checkpoint's layout."""
-    return {"layers": {n: dict(net.body.layers[str(n)].named_parameters())
+    return {"layers": {n: dict(net.body.layer(n).named_parameters())
                        for n in net.body.layer_indices},
             "opening": dict(net.opening.named_parameters()) if net.is_first else {},
             "closing": dict(net.closing.named_parameters()) if net.is_last else {}}

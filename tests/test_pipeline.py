@@ -100,7 +100,7 @@ def test_input_gradient_of_the_body(size, microbatches):
     uN = body(x if body.rank == 0 else None)
     loss = (torch.tanh(uN) * w).sum() if body.rank == body.last_rank else uN.sum() * 0.0
     loss.backward()
-    grads = {n: [p.grad for p in body.layers[str(n)].parameters()] for n in body.layer_indices}
+    grads = {n: [p.grad for p in body.layer(n).parameters()] for n in body.layer_indices}
     grads = {n: v for part in WORLD.allgather(grads) for n, v in part.items()}
     gx = WORLD.bcast(x.grad if body.rank == 0 else None, root=0)
 

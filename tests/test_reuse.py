@@ -92,7 +92,7 @@ def test_kept_evaluation_is_a_fresh_solve(run_dir):
     # one weight changed on the last rank only: every rank solves again
     last = comm.rank == comm.Get_size() - 1
     if last:
-        w = next(fine.body.layers[str(max(fine.body.layer_indices))].parameters()).view(-1)
+        w = next(fine.body.layer(max(fine.body.layer_indices)).parameters()).view(-1)
         before = w[0].clone()
         with torch.no_grad():
             w[0] += 1e-3

@@ -120,7 +120,7 @@ def test_user_block_trains_from_the_command_line_and_evaluates_on_any_ranks(tmp_
     cfg = resolve(None, [*USER, f'data.path="{npz}"'])
     init = build_network(cfg, (4,), data.num_classes, MPI.COMM_SELF)
     for n in range(N):
-        for k, p in init.body.layers[str(n)].named_parameters():
+        for k, p in init.body.layer(n).named_parameters():
             assert torch.equal(st["layers"][n][k], p.detach()) != p.requires_grad, (n, k)
 
     script = tmp_path / "eval_outputs.py"

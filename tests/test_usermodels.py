@@ -250,7 +250,7 @@ def test_eval_outputs_identical_on_sub_communicators():
             m.opening.load_state_dict(_part(state, "0.")) if m.is_first else None
             m.closing.load_state_dict(_part(state, f"{N + 1}.")) if m.is_last else None
             for n in m.body.layer_indices:
-                m.body.layers[str(n)].load_state_dict(_part(state, f"{n + 1}.F."))
+                m.body.layer(n).load_state_dict(_part(state, f"{n + 1}.F."))
             m.eval()
             with torch.no_grad():
                 out = m(x)

@@ -50,8 +50,7 @@ ranks).  Missing sections come back as empty dicts.
 
 In a training loop with a ``layerpar.Network`` ``net`` and optimiser ``opt``::
 
-    params = {"layers": {n: dict(net.body.layers[str(n)].named_parameters())
-                         for n in net.body.layer_indices},
+    params = {"layers": net.body.params_by_layer(),
               "opening": dict(net.opening.named_parameters()) if net.is_first else {},
               "closing": dict(net.closing.named_parameters()) if net.is_last else {}}
     state = {"num_layers": N, "epoch": e, "step": s, "config": cfg,

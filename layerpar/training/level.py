@@ -316,8 +316,7 @@ class Level:
         """This rank's parameters and buffers (running statistics) in the
         checkpoint layout: {"layers": {n: {name: tensor}}, "opening": {...},
         "closing": {...}}."""
-        return {"layers": {n: _tensors(self.body.layers[str(n)])
-                           for n in self.body.layer_indices},
+        return {"layers": self.body.params_by_layer(buffers=True),
                 "opening": _tensors(self.net.opening) if self.first else {},
                 "closing": _tensors(self.net.closing) if self.last else {}}
 

@@ -103,7 +103,7 @@ def epoch_budgets(config):
 # ---- parameters as local layer dicts ----------------------------------------------
 def _layers(level):
     """{n: {name: parameter}} of this rank's residual layers."""
-    return {n: dict(level.body.layers[str(n)].named_parameters()) for n in level.body.layer_indices}
+    return level.body.params_by_layer()
 
 
 def _values(d, what="data"):
