@@ -11,14 +11,26 @@ others an error that names the rank and what happened there.
 
     meta = from_root(comm, root, lambda: check_input(x))   # only root checks
 
+    found = on_root(comm, lambda: look_at_files(path), what="reading the files")
+
 Each helper waits for the other ranks with the communicator's timeout
 (``layerpar._watchdog``: ``set_timeout``, $LAYERPAR_TIMEOUT): a rank that
 does not arrive within it makes the others raise ``SilentRankError`` naming
 it, which no helper turns into an agreement (that would wait again).
 """
+import pickle
 from contextlib import contextmanager
 
+from mpi4py import MPI
+
 from layerpar._watchdog import SilentRankError, guard
+
+
+def check_comm(comm, name="comm"):
+    """TypeError naming ``name`` unless ``comm`` is an mpi4py
+    intracommunicator (not COMM_NULL)."""
+    if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
+        raise TypeError(f"{name} must be an mpi4py intracommunicator, not {comm!r}")
 
 
 class RemoteError(RuntimeError):
@@ -115,10 +127,45 @@ def from_root(comm, root, compute, *, error_type=None, what=None):
     raise cls(text)
 
 
+def _portable(exc):
+    """``exc`` as it can travel to another rank: the exception itself when
+    it survives pickling (same type, same arguments there), else None."""
+    try:
+        return pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - a type that cannot travel: described instead
+        return None
+
+
+def on_root(comm, compute, *, root=0, what=None):
+    """Collective: ``compute()`` on ``root`` only (file-system work, say),
+    its result on every rank.  If it raises, every rank raises the same
+    exception: the root its own, the others a copy of the same type and
+    arguments (an ``OSError`` keeps its errno), or ``RemoteError`` naming
+    the root when the exception cannot be copied.  One broadcast either
+    way; ``what`` names it in a timeout's message."""
+    payload = None
+    error = None
+    if comm.Get_rank() == root:
+        try:
+            payload = (compute(), None, None)
+        except Exception as exc:  # noqa: BLE001 - raised again below, on every rank
+            error = exc
+            payload = (None, _portable(exc), _describe(exc))
+    guard(comm, what or "a result from one rank")
+    # root -> every rank: (result, the exception or None, its description)
+    result, copied, message = comm.bcast(payload, root=root)
+    if message is None:
+        return result
+    if error is not None:
+        raise error
+    if copied is not None:
+        raise copied
+    raise RemoteError(f"{what or 'a computation'} failed on rank {root}: {message}", root)
+
+
 def any_rank(comm, flag, *, what=None):
     """Collective: whether ``flag`` is true on any rank (every rank sends
     its flag; all learn the maximum).  ``what`` names the agreement in a
     timeout's message."""
-    from mpi4py import MPI
     guard(comm, what or "an agreement over the ranks")
     return bool(comm.allreduce(int(bool(flag)), op=MPI.MAX))

@@ -38,16 +38,11 @@ does not arrive makes the others raise ``layerpar.SilentRankError``.
 import torch
 from mpi4py import MPI
 
-from layerpar._collective import agree
+from layerpar._collective import agree, check_comm
 from layerpar._watchdog import guard, inherit
 
 # gradients are sent in buckets of at most this many bytes (one allreduce each)
 BUCKET_BYTES = 1 << 22
-
-
-def _check_comm(comm):
-    if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
-        raise TypeError(f"comm must be an mpi4py intracommunicator, not {comm!r}")
 
 
 def share_bounds(batch_size, parts, index):
@@ -75,7 +70,7 @@ class ProcessGrid:
     """
 
     def __init__(self, comm, *, data=1):
-        _check_comm(comm)
+        check_comm(comm)
         size = comm.Get_size()
         ok = isinstance(data, int) and not isinstance(data, bool)
         # every rank -> every rank: its value of data (they must agree)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from layerpar._collective import agree, collective
+from layerpar._collective import agree, check_comm, collective
 from layerpar._watchdog import guard, sendrecv
 
 __all__ = ["LBFGS", "LineSearchError", "regularize", "schedule", "scheduler", "SCHEDULES",
@@ -50,11 +50,6 @@ class LineSearchError(RuntimeError):
     """No step length satisfied the line search's sufficient-decrease
     (Armijo) condition, not even along the steepest-descent direction.
     Raised on every rank at once."""
-
-
-def _check_comm(comm):
-    if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
-        raise TypeError(f"comm must be an mpi4py intracommunicator, not {comm!r}")
 
 
 def _allsum(comm, values):
@@ -177,7 +172,7 @@ class LBFGS(torch.optim.Optimizer):
     def __init__(self, params, comm, *, lr=1.0, history=10, max_iter=1, max_backtracks=20,
                  c1=1e-4, shrink=0.5, grad_tol=0.0, curvature_eps=1e-10, on_failure="reset",
                  line_search="armijo", c2=0.9, max_line_evals=25, reuse_evaluation=False):
-        _check_comm(comm)
+        check_comm(comm)
         _check_options(lr=lr, history=history, max_iter=max_iter,
                        max_backtracks=max_backtracks, c1=c1, shrink=shrink, grad_tol=grad_tol,
                        curvature_eps=curvature_eps, on_failure=on_failure,

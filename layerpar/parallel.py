@@ -28,7 +28,7 @@ from torch import nn
 
 from braid_ext import MGRITError, Solver, check_options
 from layerpar import partition
-from layerpar._collective import agree, from_root
+from layerpar._collective import agree, check_comm, from_root
 from layerpar._watchdog import check_timeout, guard, recv, set_timeout, timeout_of
 from layerpar.apps import AdjointApp, ForwardApp
 from layerpar.pipeline import SCHEDULES, Pipeline, PipelineFunction, split_sizes
@@ -60,11 +60,6 @@ def _collect(comm, obj, root):
     on the other ranks."""
     guard(comm, "collecting the layers")
     return comm.allgather(obj) if root is None else comm.gather(obj, root=root)
-
-
-def _check_comm(comm):
-    if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
-        raise TypeError(f"comm must be an mpi4py intracommunicator, not {comm!r}")
 
 
 # the Solver's option names -> this module's names, per solve
@@ -167,7 +162,7 @@ class LayerParallel(nn.Module):
                  bwd_relax=None, bwd_cycle=None, warm_start=False, retain_graphs=False,
                  seed=0, microbatches=1, schedule="gpipe", solver_cache=4, timeout=None):
         super().__init__()
-        _check_comm(comm)
+        check_comm(comm)
         if not callable(step_factory):
             raise TypeError("step_factory must be callable: step_factory(n) -> nn.Module")
         if not isinstance(nlayers, int) or isinstance(nlayers, bool) or nlayers < 1:

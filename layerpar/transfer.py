@@ -40,7 +40,7 @@ import torch
 from mpi4py import MPI
 
 from braid_ext import Layout
-from layerpar._collective import agree as _agree
+from layerpar._collective import agree as _agree, check_comm
 from layerpar._watchdog import recv
 from layerpar.parallel import LayerParallel
 
@@ -126,9 +126,6 @@ def _plan(op, kind, src, dst, rank):
 
 
 # ---- validation (collective: a failure on one rank raises on every rank) -----
-def _check_comm(comm):
-    if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
-        raise TypeError(f"comm must be an mpi4py intracommunicator, not {comm!r}")
 
 
 def _problem(local, src, dst, comm, op, kind, kinds, names):
@@ -166,7 +163,7 @@ def _transfer(local, src, dst, comm, op, kind, kinds, copy_scalars=False,
     that are not tensors of at least one dimension (an optimiser's step
     count) are copied from the nearest source layer instead of combined.
     ``names`` are the names of src and dst in error messages."""
-    _check_comm(comm)
+    check_comm(comm)
     msg = None
     try:
         msg = _problem(local, src, dst, comm, op, kind, kinds, names)

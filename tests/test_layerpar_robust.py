@@ -12,7 +12,7 @@ from mpi4py import MPI
 from torch import nn
 
 from layerpar import LayerParallel, Network
-from layerpar._collective import RemoteError, agree, collective, from_root
+from layerpar._collective import RemoteError, agree, check_comm, collective, from_root, on_root
 from layerpar.optim import regularize
 
 
@@ -79,6 +79,53 @@ def test_from_root_broadcasts_or_raises_everywhere():
     for r, (kind, text) in enumerate(got):
         assert kind == ("ZeroDivisionError" if r == root else "RemoteError")
     assert issubclass(RemoteError, RuntimeError)
+
+
+class _Unpicklable(Exception):
+    def __init__(self, message, extra):
+        super().__init__(message)
+        self.extra = extra
+
+    def __reduce__(self):
+        raise TypeError("cannot travel")
+
+
+@pytest.mark.mpi
+def test_on_root_shares_the_result_or_the_same_exception_everywhere():
+    comm = MPI.COMM_WORLD
+    root = comm.size - 1
+    calls = []
+    assert on_root(comm, lambda: calls.append(1) or comm.rank * 10, root=root) == root * 10
+    assert len(calls) == (1 if comm.rank == root else 0)
+
+    def fails():
+        raise FileNotFoundError(2, "No such file or directory", "/nowhere")
+
+    caught = None
+    try:
+        on_root(comm, fails, root=root)
+    except OSError as e:
+        caught = (type(e).__name__, e.errno, e.filename)
+    assert comm.allgather(caught) == [("FileNotFoundError", 2, "/nowhere")] * comm.size
+
+    def odd():
+        raise _Unpicklable("no copy", 1)
+
+    got = comm.allgather(outcome(lambda: on_root(comm, odd, root=root, what="looking")))
+    for r, (kind, text) in enumerate(got):
+        if r == root:
+            assert kind == "_Unpicklable"
+        else:
+            assert (kind, text) == ("RemoteError", f"looking failed on rank {root}: "
+                                                   "_Unpicklable: no copy")
+
+
+def test_check_comm_names_the_argument():
+    check_comm(MPI.COMM_SELF)
+    with pytest.raises(TypeError, match="^grid_comm must be an mpi4py intracommunicator"):
+        check_comm(None, "grid_comm")
+    with pytest.raises(TypeError, match="^comm must be"):
+        check_comm(MPI.COMM_NULL)
 
 
 # ---------------------------------------------------------------------------
