@@ -14,7 +14,7 @@ _WHERE = {"LayerParallel": "parallel", "Network": "parallel", "ConvClosing": "st
           "ConvOpening": "steps", "ConvStep": "steps", "DenseClosing": "steps",
           "DenseOpening": "steps", "DenseStep": "steps", "ResidualLayer": "steps",
           "SmoothReLU": "steps", "ProcessGrid": "grid", "SilentRankError": "_watchdog",
-          "set_timeout": "_watchdog"}
+          "set_timeout": "_watchdog", "layer_rng": "engine.policy"}
 
 
 def __getattr__(name):
@@ -44,4 +44,5 @@ __all__ = [
     "SmoothReLU",
     "SilentRankError",
     "set_timeout",
+    "layer_rng",
 ]

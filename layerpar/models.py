@@ -1,6 +1,5 @@
 """The configured modules of a network: built-in kinds or the user's own
-classes by import path, and how layer-parallel propagation runs modules with
-state (buffers, train/eval behaviour, random draws).
+classes by import path.
 
 Import paths
 ------------
@@ -17,54 +16,21 @@ empty spec takes the built-in module of ``kind`` (dense or conv) and
 paired with must produce the state it expects.  Errors
 (:class:`ModelSpecError`) name the configuration key.
 
-Policy for module state in layer-parallel propagation
------------------------------------------------------
-MGRIT calls a layer's module many times per forward pass (relaxation sweeps
-on the fine grid, coarse-grid steps, and a final fine sweep that takes every
-layer once and records the graph the backward pass uses), on the rank that
-owns the layer or, on coarse grids, on a ghost copy held by another rank.
-For the result to be that of the serial network:
-
-* **Train/eval mode.**  Every call runs in the owner's mode: ghost copies
-  receive the owner's per-submodule ``training`` flags with its weights
-  before each forward solve.  ``model.eval()`` therefore gives deterministic
-  propagation on any number of ranks.
-* **Random draws** (dropout).  Each call of layer ``n`` in forward pass ``p``
-  runs under the torch RNG seeded by ``layer_seed(seed, p, n)`` (the opening
-  is layer -1, the closing -2), leaving the global RNG untouched.  All calls
-  of one layer in one pass (fine or coarse, owner or ghost) draw the same
-  masks, so MGRIT iterates on one fixed network and converges to the serial
-  network with those masks; exact mode (``max_levels=1``, one sweep) equals
-  it.  The masks depend only on the seed, the pass count and the layer, not
-  on the number of ranks.  A module counts as random when it contains a
-  torch dropout layer or has an attribute ``stochastic = True``.
-* **Buffers** (batch-norm running statistics).  Buffers are updated only in
-  the final fine sweep of the forward solve, once per forward pass as in the
-  serial network: a call outside that sweep restores the module's buffers
-  afterwards.  Batch statistics themselves are those of the batch, in every
-  call.  Ghost copies receive the owner's buffers before each solve.
-* **Frozen parameters** (``requires_grad=False``) get no gradient (None);
-  the adjoint asks only for the gradients of trainable parameters.
-
-The backward (adjoint) solve calls no module: it differentiates the graphs
-recorded in the final forward sweep, i.e. the training-mode computation with
-the batch statistics and masks of that sweep.
+The module-state policy under which layer-parallel propagation runs these
+modules (train/eval mode, random draws, buffers) is ``layerpar.engine.policy``.
 """
-import contextlib
 import importlib
 import inspect
 import math
 import os
 import sys
 
-import numpy as np
 import torch
 from torch import nn
 
 from layerpar.steps import ConvClosing, ConvOpening, ConvStep, DenseClosing, DenseOpening, DenseStep
 
-__all__ = ["ModelSpecError", "resolve", "factories", "layer_seed", "layer_rng",
-           "is_stochastic", "training_flags", "set_training_flags", "call_module"]
+__all__ = ["ModelSpecError", "resolve", "factories"]
 
 _ROLES = ("opening", "step", "closing")
 
@@ -191,76 +157,3 @@ def _initialised(factory, scale):
                 p.copy_(torch.rand_like(p) * scale)
         return module
     return make
-
-
-# --------------------------------------------------------------------------
-# Module state under layer-parallel propagation (the policy above)
-# --------------------------------------------------------------------------
-
-def layer_seed(seed, pass_index, layer, part=None):
-    """The RNG seed of ``layer`` (-1 opening, -2 closing) in forward pass
-    ``pass_index`` of a network seeded with ``seed``; ``part``: micro-batch
-    ``part`` of a pipelined pass with more than one (each draws its own)."""
-    key = [int(seed), int(pass_index), int(layer) + 2, 0x6C61796572]  # "layer"
-    if part is not None:
-        key.append(int(part))
-    words = np.random.SeedSequence(key).generate_state(2, np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
-
-
-@contextlib.contextmanager
-def layer_rng(seed, pass_index, layer, device=None, part=None):
-    """Run the body under the torch RNG seeded for ``layer`` in pass
-    ``pass_index`` (of ``device`` too when it is a CUDA device; ``part``: a
-    micro-batch, see ``layer_seed``), restoring the global RNG state
-    afterwards.  A serial check reproduces the masks of a layer-parallel pass
-    by calling each layer inside this context."""
-    devices = []
-    if device is not None and torch.device(device).type == "cuda":
-        devices = [torch.device(device).index or torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        s = layer_seed(seed, pass_index, layer, part)
-        torch.random.default_generator.manual_seed(s)
-        for d in devices:
-            torch.cuda.default_generators[d].manual_seed(s)
-        yield
-
-
-def is_stochastic(module):
-    """Does ``module`` draw random numbers in training mode (a torch dropout
-    layer inside, or ``stochastic = True`` on it or a submodule)?"""
-    return any(isinstance(m, nn.modules.dropout._DropoutNd)
-               or m.__dict__.get("stochastic", getattr(type(m), "stochastic", False))
-               for m in module.modules())
-
-
-def training_flags(module):
-    """The ``training`` flag of every submodule, in ``modules()`` order."""
-    return [m.training for m in module.modules()]
-
-
-def set_training_flags(module, flags):
-    """Set the submodules' ``training`` flags from :func:`training_flags`."""
-    for m, f in zip(module.modules(), flags):
-        m.training = bool(f)
-    return module
-
-
-def call_module(module, x, *, rng=None, keep_buffers=False):
-    """``module(x)`` under the policy: ``rng`` is None or the arguments of
-    :func:`layer_rng` (seed, pass_index, layer, device[, part]) when the module is
-    random and in training mode; ``keep_buffers`` restores its buffers after
-    the call (a call outside the final sweep)."""
-    saved = None
-    if keep_buffers:
-        saved = [b.detach().clone() for b in module.buffers()]
-    try:
-        if rng is None:
-            return module(x)
-        with layer_rng(*rng):
-            return module(x)
-    finally:
-        if saved:
-            with torch.no_grad():
-                for b, s in zip(module.buffers(), saved):
-                    b.copy_(s)

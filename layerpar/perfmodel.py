@@ -69,7 +69,7 @@ virtual clock when every step of a level costs the same and messages cost
 ``latency``; the model's time additionally charges bytes/bandwidth per
 message and the final sweep's own step cost.
 
-Exact pipeline (GPipe, layerpar.pipeline), m micro-batches of sizes
+Exact pipeline (GPipe, layerpar.engine.pipeline), m micro-batches of sizes
 b_i, rank q holding n_q layers: micro-batch i leaves rank q at
 
     F[q][i] = max(F[q][i-1], F[q-1][i] + msg(b_i)) + n_q * c(b_i),
@@ -621,7 +621,7 @@ def training_step(cal, N, P, mode, *, max_levels=2, cfactor=4, min_coarse=2, rel
     rest = 2 * cal.solve_fixed + 3 * cal.reduction(P) + cal.ends + cal.optimizer * most_layers
     if mode in ("serial", "pipeline"):
         # one level: each rank's block of layers per micro-batch (serial: one)
-        from layerpar.pipeline import split_sizes
+        from layerpar.engine.pipeline import split_sizes
         sizes = split_sizes(batch, microbatches if mode == "pipeline" else 1)
         fwd = pipeline(N, P, sizes, lambda b: cal.step("pipe_fwd", b), cal.message)
         bwd = pipeline(N, P, sizes[::-1], lambda b: cal.step("pipe_bwd", b), cal.message)

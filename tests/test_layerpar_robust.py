@@ -237,7 +237,7 @@ def test_timeout_from_the_environment(monkeypatch):
     monkeypatch.setenv("LAYERPAR_TIMEOUT", "12.5")
     with tiny_body(comm) as body:
         assert body.fwd_options["timeout"] == 12.5 and body.bwd_options["timeout"] == 12.5
-        assert body._fwd_solver.options["timeout"] == 12.5
+        assert body.solvers.fwd.options["timeout"] == 12.5
     with tiny_body(comm, timeout=3) as body:  # the argument wins
         assert body.fwd_options["timeout"] == 3.0
     monkeypatch.setenv("LAYERPAR_TIMEOUT", "soon")

@@ -15,7 +15,7 @@ from mpi4py import MPI
 from layerpar import (ConvClosing, ConvOpening, ConvStep, DenseClosing, DenseOpening,
                       DenseStep, LayerParallel, Network)
 from layerpar.config import resolve
-from layerpar.pipeline import PipelineFailure, split_sizes
+from layerpar.engine.pipeline import PipelineFailure, split_sizes
 from layerpar.training import Trainer
 
 F64 = torch.float64
@@ -242,7 +242,7 @@ def test_1f1b_equals_serial_autograd(kind, microbatches):
     loss, out = net.loss_and_backward(x, y, Fn.cross_entropy)
     grads = gathered_grads(net)
     loss, out = WORLD.bcast((loss, out) if net.is_last else None, root=net.body.last_rank)
-    held = WORLD.allgather(net.body._pipeline.peak_held)
+    held = WORLD.allgather(net.body.pipeline.peak_held)
 
     seq = net.serial_equivalent()
     ref = seq(x)
@@ -271,7 +271,7 @@ def test_1f1b_holds_at_most_P_microbatches_where_gpipe_holds_all(microbatches):
     held, grads = {}, {}
     for s, net in nets.items():
         net.loss_and_backward(x, y, Fn.cross_entropy)
-        held[s] = net.body._pipeline.peak_held
+        held[s] = net.body.pipeline.peak_held
         grads[s] = gathered_grads(net)
     assert held["gpipe"] == microbatches
     assert held["1f1b"] <= P and held["1f1b"] == min(P - WORLD.rank, microbatches)

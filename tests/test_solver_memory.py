@@ -95,7 +95,7 @@ def test_solvers_hold_the_C_points_only(name, monkeypatch):
             train(net, passes=2)
             body = net.body
             counts[store] = []
-            for solver in (body._fwd_solver, body._bwd_solver):
+            for solver in (body.solvers.fwd, body.solvers.bwd):
                 st = solver.stats()
                 stored, points = held_points(solver)
                 # between solves the solver holds its stored points and nothing else
@@ -212,7 +212,7 @@ def test_warm_states_saved_with_every_point_load_into_C_point_solvers(nlayers, m
             for p, w in zip(net.parameters(), weights):
                 p.copy_(w)
         net.body.load_warm_states(states)
-        fwd = net.body._fwd_solver
+        fwd = net.body.solvers.fwd
         held = states[-1][3]["fwd"]
         assert any(not fwd.is_stored(i) for i in held)  # F-points were saved
         assert all(fwd.is_stored(i) for i in held if i % opts["cfactor"] == 0)

@@ -8,7 +8,7 @@ import torch.nn.functional as Fn
 from mpi4py import MPI
 
 from layerpar import DenseClosing, DenseOpening, Network
-from layerpar.models import layer_rng
+from layerpar.engine.policy import layer_rng
 from userblocks import Block, NormBlock
 
 F64 = torch.float64

@@ -102,8 +102,8 @@ def test_cache_is_bounded_and_closed():
         for size in (2, 3, 4):
             with torch.no_grad():
                 net(batch(size, 9)[0])
-            assert len(body._pairs) <= 1  # the pair in use and one more
-        kept = list(body._pairs.values()) + [(body._fwd_solver, body._bwd_solver)]
+            assert len(body.solvers.cached()) <= 1  # the pair in use and one more
+        kept = body.solvers.cached() + [(body.solvers.fwd, body.solvers.bwd)]
     assert all(s.closed for pair in kept for s in pair)
 
 
@@ -164,7 +164,7 @@ def test_saved_warm_states_restore_the_solves_bit_for_bit():
         assert [train_pass(b, x1, y1), train_pass(b, x2, y2)] == expected
         assert train_pass(cold, x1, y1)[0] != expected[0][0]  # not vacuous: cold differs
         with pytest.raises(ValueError, match="index=-1"):
-            b.body._fwd_solver.set(-1, x1)
+            b.body.solvers.fwd.set(-1, x1)
 
 
 def _shared_dir():

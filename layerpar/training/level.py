@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as Fn
 
 from layerpar._watchdog import guard
-from layerpar.models import is_stochastic
+from layerpar.engine.policy import is_stochastic
 from layerpar.optim import regularize
 from layerpar.training.build import build_network, make_monitor, make_optimizer
 from layerpar.training.report import batch_len
