@@ -27,7 +27,8 @@ import zipfile
 
 import numpy as np
 
-from layerpar.data import DatasetError, _int_labels
+from layerpar.data.containers import DatasetError
+from layerpar.data.prepare import int_labels
 
 __all__ = ["FILE_SUFFIXES", "read_arrays"]
 
@@ -57,7 +58,7 @@ def read_arrays(path, *, inputs="x", labels="y", need_inputs=True):
     if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
             or dtype == np.bool_):
         raise DatasetError(f"{path}: {what_x} have dtype {dtype}; expected real numbers")
-    y = _int_labels(y, f"{path}, array {labels!r}")
+    y = int_labels(y, f"{path}, array {labels!r}")
     if shape[0] != len(y):
         raise DatasetError(f"{path}: {what_x} have {shape[0]} samples but labels "
                            f"{labels!r} have {len(y)}")
