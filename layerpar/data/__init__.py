@@ -24,7 +24,9 @@ Public names
     The user's own data: an ``.npz``, HDF5 or CSV file with named input and
     label arrays (``read_arrays``; ``FILE_SUFFIXES``); validation from
     ``val_path`` or ``val_fraction`` of the file.  ``[data] name = "files"``
-    with ``data.path`` in a configuration.
+    with ``data.path`` in a configuration.  Inputs holding NaN or Inf are
+    refused at load (as ``from_arrays`` and ``from_torch_dataset`` refuse
+    them), naming the file and the array.
 ``from_arrays(inputs, labels, ...)``, ``from_torch_dataset(dataset, ...)``
     The same :class:`Dataset` from arrays or from any map-style
     ``torch.utils.data.Dataset`` whose items are ``(input, label)``.  In a
@@ -47,8 +49,8 @@ Public names
     The file readers, public for tests and for user tools.
 ``DatasetError``
     A ``ValueError`` for an unknown name, a missing or malformed directory or
-    file; the message names the directory and the files expected there, or
-    the file and the array.
+    file, or inputs that are not finite; the message names the directory and
+    the files expected there, or the file and the array.
 
 Known sets (``KNOWN_DATASETS``)
 -------------------------------
@@ -73,7 +75,7 @@ Known sets (``KNOWN_DATASETS``)
 Modules (each imports only those above it in this list)
 -------------------------------------------------------
 ``containers``  ``Dataset``, ``Split``, ``BatchLoader``, ``DatasetError``
-``prepare``     labels, the seeded split, normalisation;
+``prepare``     labels, finite inputs, the seeded split, normalisation;
                 arrays -> ``Dataset``
 ``readers``     one format each, files in, numpy arrays out: ``generated``
                 (peaks, digits), ``idx`` (mnist, fashion-mnist), ``cifar``,

@@ -2,7 +2,8 @@
 (:func:`from_arrays`) and map-style ``torch.utils.data.Dataset`` s of
 ``(input, label)`` items (:func:`from_torch_dataset`).
 
-Both split and normalise like every other source (``prepare.assemble``).
+Both check their inputs for NaN and Inf and refuse them naming the argument,
+then split and normalise like every other source (``prepare.assemble``).
 Neither talks to another rank: every rank that is given the same arrays
 builds the same splits.
 """
@@ -12,21 +13,31 @@ import numpy as np
 import torch
 
 from layerpar.data.containers import Dataset, DatasetError
-from layerpar.data.prepare import assemble
+from layerpar.data.prepare import as_numpy, assemble, refuse_non_finite
 
 __all__ = ["from_arrays", "from_torch_dataset"]
+
+_SOURCE = "inputs/labels"  # from_arrays' default name of the arrays in its messages
+
 
 def from_arrays(inputs, labels, *, val_inputs=None, val_labels=None, input_shape=None,
                 num_classes: Optional[int] = None, seed: int = 0,
                 val_fraction: Optional[float] = None, dtype=torch.float32,
                 normalize: bool = True, need_labels: bool = True, name: str = "arrays",
-                source: str = "inputs/labels", val_source: Optional[str] = None) -> Dataset:
+                source: str = _SOURCE, val_source: Optional[str] = None) -> Dataset:
     """A :class:`Dataset` from arrays (numpy or torch): ``inputs`` of shape
     ``(n, features)`` or ``(n, C, H, W)`` (None where the inputs are not
     needed: then give ``input_shape``) and integer ``labels`` ``(n,)`` in
     0..K-1.  Validation: ``val_inputs``/``val_labels``, or ``val_fraction``
     (default 0.2) of the samples chosen by ``seed``.  ``num_classes`` None
-    takes the largest label + 1.  Errors name ``source`` (``val_source``)."""
+    takes the largest label + 1.  Inputs holding NaN or Inf raise
+    DatasetError naming the argument (``inputs`` or ``val_inputs``).  Errors
+    name ``source`` (``val_source``)."""
+    for arg, value, where in (("inputs", inputs, source),
+                              ("val_inputs", val_inputs, val_source or source)):
+        if value is not None:
+            what = arg if where == _SOURCE else f"{where}: {arg}"
+            refuse_non_finite(as_numpy(value), what)
     return assemble(inputs, labels, val_inputs=val_inputs, val_labels=val_labels,
                     input_shape=input_shape, num_classes=num_classes, seed=seed,
                     val_fraction=val_fraction, dtype=dtype, normalize=normalize,
@@ -44,11 +55,15 @@ def from_torch_dataset(dataset, *, val_dataset=None, val_fraction: Optional[floa
     drops the inputs after reading.  Validation: ``val_dataset`` or
     ``val_fraction`` (default 0.2) of ``dataset`` chosen by ``seed``.
     ``normalize`` is off by default (a torch data set usually brings its own
-    transforms)."""
+    transforms).  Inputs holding NaN or Inf raise DatasetError naming
+    ``dataset`` or ``val_dataset`` and the item, wherever they are read
+    (before ``need_inputs`` drops them)."""
     x, y = _stack_items(dataset, "dataset")
+    refuse_non_finite(x, "dataset: inputs", unit="item")
     xv = yv = None
     if val_dataset is not None:
         xv, yv = _stack_items(val_dataset, "val_dataset")
+        refuse_non_finite(xv, "val_dataset: inputs", unit="item")
     return assemble(x if need_inputs else None, y, input_shape=tuple(x.shape[1:]),
                     val_inputs=xv if need_inputs else None, val_labels=yv,
                     num_classes=num_classes, seed=seed, val_fraction=val_fraction,

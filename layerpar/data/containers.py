@@ -19,7 +19,8 @@ __all__ = ["DatasetError", "Split", "Dataset", "BatchLoader"]
 
 
 class DatasetError(ValueError):
-    """An unknown data set, or a data directory/file that is missing or malformed."""
+    """An unknown data set, a data directory or file that is missing or malformed,
+    or inputs holding NaN or Inf."""
 
 
 @dataclass(frozen=True)

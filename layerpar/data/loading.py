@@ -6,7 +6,7 @@ Which rank reads what: every rank reads the labels (they give the split and
 the number of classes); only a rank that asks for the inputs
 (``need_inputs``; the first rank of a layer-parallel group) reads them, the
 others learn only their shape from the files' headers.  So a problem in the
-inputs (a truncated image file, say) is found on the
+inputs (a truncated image file, NaN in a user's array) is found on the
 reading rank alone: with ``comm`` given, every load ends in one agreement
 (``layerpar._collective``) and a failure on any rank raises DatasetError on
 every rank, the failing rank its own one-line message and the others that
@@ -75,7 +75,9 @@ def load_files(path, *, val_path=None, inputs: str = "x", labels: str = "y",
     The inputs are read only where ``need_inputs`` (their shape is read from
     the file's metadata elsewhere); the labels are read on every rank (they
     give the split and the number of classes) and kept where
-    ``need_labels``.  Other arguments as for :func:`load_dataset`.
+    ``need_labels``.  Inputs holding NaN or Inf are refused where they are
+    read, naming the file and the array.  Other arguments as for
+    :func:`load_dataset`.
     """
     def load():
         x, y, shape = read_arrays(path, inputs=inputs, labels=labels, need_inputs=need_inputs)
@@ -86,6 +88,7 @@ def load_files(path, *, val_path=None, inputs: str = "x", labels: str = "y",
             if vshape != shape:
                 raise DatasetError(f"{os.fspath(val_path)}: inputs of shape {vshape} but "
                                    f"{os.fspath(path)} has inputs of shape {shape}")
+        # read_arrays has checked the inputs for NaN and Inf, naming the file
         return assemble(x, y, val_inputs=xv, val_labels=yv, input_shape=shape,
                         num_classes=num_classes, seed=seed, val_fraction=val_fraction,
                         dtype=dtype, normalize=normalize, need_labels=need_labels,

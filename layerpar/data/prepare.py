@@ -1,7 +1,7 @@
-"""How arrays become a :class:`Dataset`: the label checks every source
-shares, the seeded train/validation split, the
-normalisation statistics, and :func:`assemble` and
-:func:`assemble_known`, which turn checked arrays into splits.
+"""How arrays become a :class:`Dataset`: the checks every source shares
+(labels, finite inputs), the seeded train/validation split, the
+normalisation statistics, and :func:`assemble` and :func:`assemble_known`,
+which turn checked arrays into splits.
 
 Every function here works on arrays this rank already holds; none reads a
 file or talks to another rank.  The readers, the adapters and the loading
@@ -15,7 +15,7 @@ import torch
 
 from layerpar.data.containers import Dataset, DatasetError, Split
 
-__all__ = ["as_numpy", "int_labels", "split_indices",
+__all__ = ["as_numpy", "int_labels", "non_finite", "refuse_non_finite", "split_indices",
            "stats", "standardize_inplace", "assemble", "assemble_known"]
 
 
@@ -46,6 +46,53 @@ def int_labels(labels, source):
         raise DatasetError(f"{source}: negative label {int(y[i])} at index {i}; labels must be "
                            "0..K-1")
     return y
+
+
+# --------------------------------------------------------------------------
+# NaN and Inf in the inputs
+# --------------------------------------------------------------------------
+
+def non_finite(x):
+    """None when every entry of ``x`` is finite (integer and boolean arrays
+    always are), else ``(count, kinds, sample, entry)``: how many entries are
+    NaN or Inf, which of the two occur ("NaN", "Inf" or "NaN and Inf"), the
+    first sample (index along axis 0) holding one, and that entry's index
+    within the sample (flattened)."""
+    if x is None or not np.issubdtype(x.dtype, np.floating) or x.size == 0:
+        return None
+    # A NaN or an Inf makes the float64 sum NaN or Inf, so a finite sum
+    # clears the array without a full-size mask; a sum that overflows on
+    # finite values falls through to the exact look below.
+    if np.isfinite(x.sum(dtype=np.float64)):
+        return None
+    bad = ~np.isfinite(x.reshape(len(x), -1))
+    count = int(np.count_nonzero(bad))
+    if count == 0:
+        return None
+    sample = int(np.argmax(bad.any(axis=1)))
+    entry = int(np.argmax(bad[sample]))
+    nan = bool(np.isnan(x).any())
+    inf = bool(np.isinf(x).any())
+    kinds = "NaN and Inf" if nan and inf else "NaN" if nan else "Inf"
+    return count, kinds, sample, entry
+
+
+def refuse_non_finite(x, what, *, unit="sample", columns=None):
+    """DatasetError when ``x`` holds NaN or Inf, one line: ``what`` (the file
+    and array, or the argument) with the kinds, the count and the first
+    ``unit`` (sample, item) holding one.  ``columns`` names the features of
+    a 2-D ``x`` (a CSV file's header): the message then names the column of
+    the first such entry instead of ``what``'s array."""
+    found = non_finite(x)
+    if found is None:
+        return
+    count, kinds, sample, entry = found
+    where = f"in {unit} {sample}" if count == 1 else \
+        f"{count} values, the first in {unit} {sample}"
+    if columns is not None:
+        raise DatasetError(f"{what}: input column {columns[entry]!r} holds {kinds} ({where}); "
+                           "inputs must be finite numbers")
+    raise DatasetError(f"{what} hold {kinds} ({where}); inputs must be finite numbers")
 
 
 # --------------------------------------------------------------------------
@@ -89,8 +136,8 @@ def assemble(inputs, labels, *, val_inputs=None, val_labels=None, input_shape=No
              val_fraction: Optional[float] = None, dtype=torch.float32,
              normalize: bool = True, need_labels: bool = True, name: str = "arrays",
              source: str = "inputs/labels", val_source: Optional[str] = None) -> Dataset:
-    """The :class:`Dataset` of arrays (arguments as for
-    ``layerpar.data.from_arrays``): labels and
+    """The :class:`Dataset` of arrays whose inputs are already known to be
+    finite (arguments as for ``layerpar.data.from_arrays``): labels and
     shapes checked, split (``val_labels`` or ``val_fraction`` from ``seed``),
     converted to ``dtype`` and normalised with the training split's
     statistics.  Errors name ``source`` (``val_source``)."""
