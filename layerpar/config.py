@@ -17,7 +17,7 @@ except ImportError:  # Python < 3.11
     import tomli as tomllib
 
 from layerpar.data import KNOWN_DATASETS
-from layerpar.datafiles import FILE_SUFFIXES
+from layerpar.data import FILE_SUFFIXES
 from layerpar.optim import LINE_SEARCHES
 from layerpar.engine.pipeline import SCHEDULES as PIPELINE_SCHEDULES
 from layerpar.steps import ACTIVATIONS, BIASES

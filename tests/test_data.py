@@ -391,3 +391,46 @@ def test_collective_load_fails_on_every_rank(tmp_path):
         make_mnist(tmp_path)
     ds = load_dataset("mnist", root=tmp_path, comm=comm)
     assert comm.allgather(len(ds.train)) == [50] * size
+
+
+# ------------------------------------------------------------- the package
+
+def test_package_keeps_its_names_and_its_modules_form_no_import_cycle():
+    # every name importable from the former single module still is, and no
+    # module of layerpar.data imports one that imports it back
+    import ast
+    import importlib
+    import pathlib
+
+    import layerpar.data as data
+    for name in data.__all__ + ["MNIST_FILES", "CIFAR10_DIRNAME", "CIFAR10_TRAIN_FILES",
+                                "CIFAR10_TEST_FILE", "PEAKS_THRESHOLDS", "PEAKS_DEFAULT_SAMPLES"]:
+        assert hasattr(data, name), name
+    with pytest.raises(ImportError):
+        importlib.import_module("layerpar.datafiles")
+    root = pathlib.Path(data.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        name = ".".join(("layerpar", "data") + parts[:-1 if parts[-1] == "__init__" else None])
+        modules[name] = path
+    imports = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in modules:
+                found.add(node.module)  # the package or module imported from
+                found.update(f"{node.module}.{a.name}" for a in node.names
+                             if f"{node.module}.{a.name}" in modules)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name in modules)
+        imports[name] = found - {name}
+    if "layerpar.data" in imports:  # the package's __init__ re-exports; nothing imports it
+        assert not any("layerpar.data" in deps for n, deps in imports.items()
+                       if n != "layerpar.data"), imports
+
+    def reaches(start, target, seen=()):
+        return any(m == target or (m not in seen and reaches(m, target, seen + (m,)))
+                   for m in imports.get(start, ()))
+    cycles = [n for n in imports if reaches(n, n)]
+    assert not cycles, {n: sorted(imports[n]) for n in cycles}

@@ -1,12 +1,17 @@
 """The user's own data: .npz, HDF5 and CSV files written here, their one-line
 errors, arrays and torch data sets, the [data] and [model] configuration of
 user data and user modules, and import paths."""
+import os
+import subprocess
+import sys
+
 import h5py
 import numpy as np
 import pytest
 import torch
 from mpi4py import MPI
 
+from conftest import clean_mpi_env
 from layerpar import DenseClosing, DenseOpening, Network
 from layerpar.config import ConfigError, resolve, to_toml
 from layerpar.data import DatasetError, from_arrays, from_torch_dataset, load_files
@@ -232,6 +237,154 @@ def test_h5_and_csv_errors(tmp_path):
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     assert "empty CSV" in _error(path=str(empty), labels="label")
+
+
+# --------------------------------------------------------------------------
+# NaN and Inf in the inputs: refused at load, naming the file and the array
+# --------------------------------------------------------------------------
+
+def with_non_finite(x, *where):
+    """A copy of ``x`` with NaN, Inf or -Inf (by turns) at the given
+    (sample, feature) places."""
+    x = x.copy()
+    flat = x.reshape(len(x), -1)
+    for k, (i, j) in enumerate(where):
+        flat[i, j] = (np.nan, np.inf, -np.inf)[k % 3]
+    return x
+
+
+def test_non_finite_inputs_in_a_file_are_refused_naming_file_and_array(tmp_path):
+    x, y = samples(12)
+    nan = write_npz(tmp_path / "nan.npz", with_non_finite(x, (5, 2)), y)
+    m = _error(path=nan)
+    assert nan in m and "inputs 'x'" in m and "NaN" in m and "Inf" not in m and "sample 5" in m
+    # float32 images in an HDF5 group; NaN and both infinities, the first in sample 3
+    xi, yi = samples(10, shape=(1, 2, 2))
+    bad = with_non_finite(xi, (7, 0), (3, 1), (9, 3)).astype(np.float32)
+    h5 = write_h5(tmp_path / "d.h5", bad, yi, xname="g/images")
+    m = _error(path=h5, inputs="g/images")
+    assert h5 in m and "'g/images'" in m and "NaN and Inf" in m
+    assert "3 values" in m and "sample 3" in m
+    csv_path = write_csv(tmp_path / "d.csv", with_non_finite(x, (4, 1)), y, label_col=0)
+    m = _error(path=csv_path, labels="label")
+    assert csv_path in m and "column 'f1'" in m and "NaN" in m and "sample 4" in m
+    # the validation file too; the training file named nowhere
+    good = write_npz(tmp_path / "good.npz", x, y)
+    val = write_npz(tmp_path / "val.npz", with_non_finite(x[:4], (0, 0), (2, 1)), y[:4])
+    m = _error(path=good, val_path=val)
+    assert val in m and "'x'" in m and good not in m and "NaN and Inf" in m
+    # a rank that does not read the inputs cannot see them: it loads
+    assert load_files(nan, need_inputs=False).train.inputs is None
+    # labels hold no NaN either (the message names the labels' array)
+    m = _error(path=write_npz(tmp_path / "ynan.npz", x, np.where(y == 1, np.nan, y)))
+    assert "'y'" in m and "not integers" in m and "nan" in m
+
+
+def test_from_arrays_and_torch_datasets_refuse_non_finite_inputs():
+    x, y = samples(10)
+    inf = x.copy()
+    inf[2, 1] = -np.inf
+    with pytest.raises(DatasetError, match=r"^inputs hold Inf \(in sample 2\)") as info:
+        from_arrays(inf, y)
+    assert "\n" not in str(info.value)
+    with pytest.raises(DatasetError, match=r"^inputs hold NaN"):
+        from_arrays(torch.from_numpy(with_non_finite(x, (0, 0))).float(), y)
+    with pytest.raises(DatasetError, match=r"^val_inputs hold NaN \(in sample 1\)"):
+        from_arrays(x, y, val_inputs=with_non_finite(x[:3], (1, 2)), val_labels=y[:3])
+    with pytest.raises(DatasetError, match=r"^mine\.npy: inputs hold"):
+        from_arrays(with_non_finite(x, (9, 2)), y, source="mine.npy")
+    xi, yi = samples(6, shape=(1, 2, 2))
+    with pytest.raises(DatasetError, match=r"^dataset: inputs hold NaN \(in item 4\)"):
+        from_torch_dataset(PairsDataset(with_non_finite(xi, (4, 3)), yi))
+    with pytest.raises(DatasetError, match=r"^val_dataset: inputs hold Inf"):  # dropped, but seen
+        from_torch_dataset(PairsDataset(xi, yi), need_inputs=False,
+                           val_dataset=PairsDataset(with_non_finite(xi, (0, 0), (1, 1))[1:], yi[1:]))
+    # finite inputs, integer inputs and large finite values still load
+    assert from_arrays(np.full((4, 2), 3e38, dtype=np.float32), y[:4]).train.inputs is not None
+    assert from_arrays(np.arange(8).reshape(4, 2), y[:4]).num_classes == K
+
+
+def _shared_path(name):
+    """A path in a folder that every rank of WORLD sees (rank 0 makes it)."""
+    import tempfile
+    d = tempfile.mkdtemp(prefix="lp-data-") if WORLD.rank == 0 else None
+    return os.path.join(WORLD.bcast(d, root=0), name)
+
+
+def _outcome(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - compared below, on every rank
+        return type(e).__name__, str(e)
+    return "none", ""
+
+
+@pytest.mark.mpi
+def test_non_finite_inputs_refused_on_every_rank():
+    # only the first rank reads the inputs; every rank raises DatasetError
+    # naming the file and the array, none waits
+    comm, rank, size = WORLD, WORLD.rank, WORLD.size
+    x, y = samples(20)
+    path = _shared_path("nan.npz")
+    val = os.path.join(os.path.dirname(path), "val.npz")
+    good = os.path.join(os.path.dirname(path), "good.npz")
+    try:
+        if rank == 0:
+            write_npz(path, with_non_finite(x, (6, 1)), y)
+            write_npz(good, x, y)
+            write_npz(val, with_non_finite(x[:5], (2, 2)), y[:5])
+        comm.Barrier()
+        roles = dict(need_inputs=rank == 0, need_labels=rank == size - 1, comm=comm)
+        got = comm.allgather([_outcome(lambda: load_files(path, **roles)),
+                              _outcome(lambda: load_files(good, val_path=val, **roles)),
+                              _outcome(lambda: load_files(good, **roles))])
+        for train_nan, val_nan, fine in got:
+            assert train_nan[0] == "DatasetError" and path in train_nan[1]
+            assert "inputs 'x' hold NaN (in sample 6)" in train_nan[1]
+            assert val_nan[0] == "DatasetError" and val in val_nan[1] and "'x'" in val_nan[1]
+            assert "\n" not in train_nan[1] + val_nan[1]
+            assert fine == ("none", "")
+        # from_arrays is not collective: every rank that holds the inputs refuses them
+        mine = with_non_finite(x, (rank % len(x), 0))
+        got = comm.allgather(_outcome(lambda: from_arrays(mine, y)))
+        assert got == [("DatasetError", f"inputs hold NaN (in sample {r % len(x)}); inputs "
+                        "must be finite numbers") for r in range(size)]
+    finally:
+        comm.Barrier()
+        if rank == 0:
+            import shutil
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("case", ["training npz, layer-parallel", "validation csv"])
+def test_command_refuses_a_data_file_with_nan_in_one_line(tmp_path, mpiexec, case):
+    # `layerpar train` on 2 ranks: the job ends at load with one line naming
+    # the file and the array, status 1, no traceback (not deep in a solve)
+    x, y = samples(40, shape=(3,))
+    sets = ['data.name="files"', "model.nlayers=4", "model.width=4", "optim.epochs=1",
+            "data.batch_size=10", "run.plot=false"]
+    if case.startswith("training"):
+        bad = write_npz(tmp_path / "nan.npz", with_non_finite(x, (7, 1)), y)
+        sets += [f'data.path="{bad}"', 'mgrit.mode="layer-parallel"', "mgrit.cfactor=2"]
+        named = [f"{bad}: inputs 'x' hold NaN (in sample 7)"]
+    else:
+        good = write_csv(tmp_path / "train.csv", x, y)
+        inf = x[:10].copy()
+        inf[3, 2] = np.inf
+        bad = write_csv(tmp_path / "val.csv", inf, y[:10])
+        sets += [f'data.path="{good}"', f'data.val_path="{bad}"', 'data.labels="label"']
+        named = [bad, "column 'f2' holds Inf (in sample 3)"]
+    cmd = [mpiexec, "-n", "2", sys.executable, "-m", "layerpar", "train", "-q",
+           "--run-dir", str(tmp_path / "run"), *[a for s in sets for a in ("--set", s)]]
+    r = subprocess.run(cmd, env=clean_mpi_env(), capture_output=True, text=True, timeout=240,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    text = r.stdout + r.stderr
+    assert r.returncode == 1, text
+    assert "Traceback" not in text and "internal error" not in text, text
+    lines = [ln for ln in text.splitlines() if ln.startswith("layerpar: error")]
+    assert len(lines) == 1 and lines[0].startswith("layerpar: error: "), text
+    assert all(part in lines[0] for part in named), lines[0]
 
 
 # --------------------------------------------------------------------------

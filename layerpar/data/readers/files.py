@@ -19,7 +19,9 @@ column named ``labels`` holds the labels and every other column is an input
 feature (``inputs`` is not used).  Every problem raises ``DatasetError``
 with one line that names the file and the array: a missing file or array, a
 file of another format, inputs that are not 2-D or 4-D, labels that are not
-1-D or not integers, a different number of inputs and labels.
+1-D or not integers, a different number of inputs and labels, inputs that
+hold NaN or Inf (checked where the inputs are read; a CSV file's message
+names the column).
 """
 import csv
 import os
@@ -27,7 +29,8 @@ import zipfile
 
 import numpy as np
 
-from layerpar.data import DatasetError, _int_labels
+from layerpar.data.containers import DatasetError
+from layerpar.data.prepare import int_labels, refuse_non_finite
 
 __all__ = ["FILE_SUFFIXES", "read_arrays"]
 
@@ -43,10 +46,11 @@ def read_arrays(path, *, inputs="x", labels="y", need_inputs=True):
                            f"known: {', '.join(FILE_SUFFIXES)}")
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: file not found")
+    columns = None  # a CSV file's input columns, by name
     if suffix == ".npz":
         x, y, shape, dtype = _read_npz(path, inputs, labels, need_inputs)
     elif suffix == ".csv":
-        x, y, shape, dtype = _read_csv(path, labels, need_inputs)
+        x, y, shape, dtype, columns = _read_csv(path, labels, need_inputs)
         inputs = "the columns other than " + repr(labels)
     else:
         x, y, shape, dtype = _read_h5(path, inputs, labels, need_inputs)
@@ -57,10 +61,14 @@ def read_arrays(path, *, inputs="x", labels="y", need_inputs=True):
     if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
             or dtype == np.bool_):
         raise DatasetError(f"{path}: {what_x} have dtype {dtype}; expected real numbers")
-    y = _int_labels(y, f"{path}, array {labels!r}")
+    y = int_labels(y, f"{path}, array {labels!r}")
     if shape[0] != len(y):
         raise DatasetError(f"{path}: {what_x} have {shape[0]} samples but labels "
                            f"{labels!r} have {len(y)}")
+    if columns is not None:
+        refuse_non_finite(x, path, columns=columns)
+    else:
+        refuse_non_finite(x, f"{path}: {what_x}")
     return x, y, tuple(int(s) for s in shape[1:])
 
 
@@ -173,4 +181,4 @@ def _read_csv(path, labels, need_inputs):
         raise DatasetError(f"{path}: malformed CSV data ({detail})") from None
     y = table[:, 0]
     x = np.ascontiguousarray(table[:, 1:]) if need_inputs else None
-    return x, y, (len(y), len(cols)), np.dtype(np.float64)
+    return x, y, (len(y), len(cols)), np.dtype(np.float64), [names[i] for i in cols]
