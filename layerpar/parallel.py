@@ -105,10 +105,12 @@ class LayerParallel(nn.Module):
                    rank, forward and backward, so that the ranks work at
                    once (the exact pipeline, GPipe schedule; default 1: the
                    whole batch, layer-serial)
-      schedule     the pipeline's schedule: 'gpipe' (default) or '1f1b'
+      schedule     the pipeline's schedule: 'gpipe' (default), '1f1b'
                    (one forward, one backward: at most P micro-batches'
-                   graphs held per rank instead of all of them); 1F1B runs
-                   in ``Network.loss_and_backward``, which computes the loss
+                   graphs held per rank instead of all of them) or one
+                   added with ``layerpar.engine.pipeline.register_schedule``;
+                   schedules other than GPipe run in
+                   ``Network.loss_and_backward``, which computes the loss
                    and the gradients together; a forward pass alone, or
                    backward through its result, runs GPipe
       solver_cache how many solver pairs (forward and adjoint) to keep, each
@@ -540,25 +542,26 @@ class Network(nn.Module):
         the loss and the scores of the batch, elsewhere a zero and a
         placeholder.  Only the first rank needs ``x`` and only the last ``y``.
 
-        With the pipeline (``microbatches`` > 1, one level) and
-        ``schedule='1f1b'`` the forward and backward passes of the
-        micro-batches interleave (``layerpar.engine.pipeline``): the closing
-        layer and the loss run per micro-batch, so ``loss_fn`` must be a mean
+        With the pipeline (one level) and a schedule other than GPipe
+        (``schedule='1f1b'``, or one of ``register_schedule``) the forward
+        and backward passes of the micro-batches interleave in one step
+        (``layerpar.engine.pipeline``): the closing layer and the loss run
+        per micro-batch, so ``loss_fn`` must be a mean
         (``reduction='mean'``, like ``cross_entropy``'s default: micro-batch
         losses weighted by their share of the batch) or a sum
         (``reduction='sum'``) over the samples."""
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction={reduction!r}: choose mean or sum")
         body = self.body
-        if not (body.pipelined and body.schedule == "1f1b"):
+        if not (body.pipelined and body.schedule != "gpipe"):
             out, loss = self._run(x, lambda out: loss_fn(out, y))
             if not self.is_last:
                 loss = out.sum() * 0.0
             loss.backward()
             return loss.detach(), out.detach()
-        return self._train_1f1b(x, y, loss_fn, reduction)
+        return self._train_step(x, y, loss_fn, reduction)
 
-    def _train_1f1b(self, x, y, loss_fn, reduction):
+    def _train_step(self, x, y, loss_fn, reduction):
         body = self.body
         p = body.passes  # the pass the body is about to run
         parts = head = probe = failure = None

@@ -15,7 +15,11 @@ from mpi4py import MPI
 from layerpar import (ConvClosing, ConvOpening, ConvStep, DenseClosing, DenseOpening,
                       DenseStep, LayerParallel, Network)
 from layerpar.config import resolve
-from layerpar.engine.pipeline import PipelineFailure, split_sizes
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from layerpar.engine.pipeline import (SCHEDULES, Action, PipelineFailure, check_schedule,
+                                     gpipe_step, one_f_one_b, register_schedule, split_sizes)
 from layerpar.training import Trainer
 
 F64 = torch.float64
@@ -349,3 +353,83 @@ def test_serial_mode_with_1f1b_trains_like_gpipe():
         if WORLD.rank == 0:
             for d in dirs:
                 shutil.rmtree(d, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# schedules as data: generators of actions, one interpreter
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(1, 8), m=st.integers(1, 12))
+def test_built_in_schedules_are_complete_and_never_deadlock(size, m):
+    for generate in (gpipe_step, one_f_one_b):
+        assert check_schedule(generate, size, m) is None
+    # 1F1B: rank r holds at most P - r micro-batches' graphs at once
+    for r in range(size):
+        held = peak = 0
+        for a in one_f_one_b(r, size, m):
+            held += 1 if a.kind == "F" else -1
+            peak = max(peak, held)
+        assert peak == min(size - r, m)
+
+
+def test_check_schedule_finds_bad_orders():
+    def missing(rank, size, m):
+        return [Action("F", i) for i in range(m)] + [Action("B", i) for i in range(m - 1)]
+
+    def backward_first(rank, size, m):
+        return [Action("B", 0), Action("F", 0)]
+
+    def crossed(rank, size, m):
+        # rank 0 waits for a backward that rank 1 runs only after a forward
+        # rank 0 has not sent yet
+        if rank == 0:
+            return [Action("F", 0), Action("B", 0), Action("F", 1), Action("B", 1)]
+        return [Action("F", 1), Action("F", 0), Action("B", 0), Action("B", 1)]
+
+    assert "B actions for micro-batches [0, 1]" in check_schedule(missing, 1, 3)
+    assert "backward before forward" in check_schedule(backward_first, 1, 1)
+    assert "wait for each other" in check_schedule(crossed, 2, 2)
+    with pytest.raises(ValueError, match="lookahead"):
+        register_schedule("x", gpipe_step, lookahead=0)
+    with pytest.raises(TypeError, match="generate must be callable"):
+        register_schedule("x", None)
+
+
+def _interleaved_reverse(rank, size, m):
+    """A schedule only this test knows: warm-up forwards as 1F1B, then the
+    backwards of the held micro-batches newest first."""
+    warm = min(size - rank, m)
+    order = [Action("F", i) for i in range(warm)]
+    for i in range(warm, m):
+        order += [Action("B", i - warm), Action("F", i)]
+    order += [Action("B", i) for i in range(m - warm, m)]
+    return order
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("name,generate,lookahead", [("gpipe-step", gpipe_step, None),
+                                                      ("test-interleaved", _interleaved_reverse, 2)])
+def test_a_registered_schedule_trains_through_the_one_interpreter(name, generate, lookahead):
+    """A new schedule is a generator of actions: registered, it runs in
+    loss_and_backward through the same interpreter as 1F1B, and its loss,
+    scores and gradients are the serial network's (float64, 1e-12)."""
+    assert check_schedule(generate, WORLD.size, 3) is None
+    register_schedule(name, generate, lookahead=lookahead)
+    try:
+        net = make_net("dense", microbatches=3, schedule=name)
+        x, y = batch("dense", 10)
+        loss, out = net.loss_and_backward(x, y, Fn.cross_entropy)
+        grads = gathered_grads(net)
+        loss, out = WORLD.bcast((loss, out) if net.is_last else None, root=net.body.last_rank)
+        seq = net.serial_equivalent()
+        ref = seq(x)
+        sloss = Fn.cross_entropy(ref, y)
+        sloss.backward()
+        assert rel_err(out, ref.detach()) <= TOL
+        assert abs(float(loss) - float(sloss)) <= TOL * abs(float(sloss))
+        sgrads = {serial_key(k, 12): p.grad for k, p in seq.named_parameters()}
+        assert grads.keys() == sgrads.keys()
+        assert max(rel_err(grads[k], sgrads[k]) for k in grads) <= TOL
+        net.close()
+    finally:
+        del SCHEDULES[name]

@@ -18,6 +18,8 @@ actions:
 
 * GPipe: every forward, then (in the backward pass) every backward in
   reverse order; each rank holds all M micro-batches' graphs in between.
+  A forward pass alone runs GPipe's forward; the backward pass through its
+  result (autograd) runs GPipe's backward.
 * 1F1B (one forward, one backward), within one training step: rank r runs
   P - r - 1 forwards (the warm-up), then alternates the forward of the next
   micro-batch with the backward of the oldest one it holds, then runs the
@@ -26,6 +28,9 @@ actions:
   before later micro-batches have run forward, so the loss and the
   gradients are computed together (``Network.loss_and_backward``), the
   closing layer and the loss applied per micro-batch on the last rank.
+
+``register_schedule(name, generate)`` adds a schedule; ``check_schedule``
+tells whether a generator's orders are complete and cannot deadlock.
 
 Every layer sees exactly the operations of the serial network on its
 micro-batch, so outputs equal the serial network's and the gradients do up to
@@ -97,8 +102,67 @@ def one_f_one_b(rank, size, m):
     return order
 
 
-# a training step's schedule: (generator of one step's actions, receives posted ahead)
-SCHEDULES = {"gpipe": None, "1f1b": (one_f_one_b, 1)}
+def gpipe_step(rank, size, m):
+    """GPipe as one training step: every forward, then every backward."""
+    return gpipe_forward(rank, size, m) + gpipe_backward(rank, size, m)
+
+
+# the schedules by name: (generator of one training step's actions (rank, ranks,
+# micro-batches) -> [Action], receives posted ahead per direction (None: all))
+SCHEDULES = {"gpipe": (gpipe_step, None), "1f1b": (one_f_one_b, 1)}
+
+
+def register_schedule(name, generate, *, lookahead=None):
+    """Make ``generate(rank, size, m)`` -> [Action] a schedule named
+    ``name`` (``LayerParallel(schedule=name)``, ``mgrit.schedule``): each
+    rank's actions, every micro-batch forward once and backward once, a
+    backward after its forward, in an order the neighbours' orders can
+    serve (``check_schedule`` tells).  ``lookahead``: receives posted ahead
+    per direction (None: all at once)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name={name!r}: a schedule needs a name")
+    if not callable(generate):
+        raise TypeError("generate must be callable: generate(rank, size, m) -> [Action]")
+    if lookahead is not None and (not isinstance(lookahead, int) or lookahead < 1):
+        raise ValueError(f"lookahead={lookahead!r}: must be None or an integer >= 1")
+    SCHEDULES[name] = (generate, lookahead)
+
+
+def check_schedule(generate, size, m):
+    """The first thing wrong with the schedule ``generate`` on ``size`` ranks
+    with ``m`` micro-batches, or None: every rank runs each micro-batch
+    forward once and backward once, the backward after the forward, and the
+    ranks' orders complete when each action waits for its message (a
+    forward for the previous rank's forward of the same micro-batch, a
+    backward for the next rank's backward)."""
+    orders = [list(generate(r, size, m)) for r in range(size)]
+    for r, order in enumerate(orders):
+        for kind in ("F", "B"):
+            got = sorted(a.micro for a in order if a.kind == kind)
+            if got != list(range(m)):
+                return f"rank {r}: {kind} actions for micro-batches {got}, not 0..{m - 1}"
+        if any(a.kind not in ("F", "B") for a in order):
+            return f"rank {r}: an action of unknown kind"
+        place = {(a.kind, a.micro): k for k, a in enumerate(order)}
+        late = [i for i in range(m) if place[("B", i)] < place[("F", i)]]
+        if late:
+            return f"rank {r}: micro-batch {late[0]} runs backward before forward"
+    done, nxt = set(), [0] * size
+    while any(nxt[r] < len(orders[r]) for r in range(size)):
+        moved = False
+        for r in range(size):
+            while nxt[r] < len(orders[r]):
+                a = orders[r][nxt[r]]
+                peer = r - 1 if a.kind == "F" else r + 1
+                if 0 <= peer < size and (peer, a.kind, a.micro) not in done:
+                    break
+                done.add((r, a.kind, a.micro))
+                nxt[r] += 1
+                moved = True
+        if not moved:
+            stuck = {r: orders[r][nxt[r]] for r in range(size) if nxt[r] < len(orders[r])}
+            return f"the ranks wait for each other: next actions {stuck}"
+    return None
 
 
 # ---- messages ----------------------------------------------------------------------
@@ -415,7 +479,7 @@ class Pipeline:
 
     def train(self, ctx, first, last, schedule):
         """One training step's forward and backward passes in ``schedule``
-        (a name of ``SCHEDULES`` with a generator).  ``first(i)`` (first
+        (a name of ``SCHEDULES``).  ``first(i)`` (first
         rank): micro-batch i's input state, with its graph (the opening
         layer); ``last(i, u)`` (last rank): the scalar loss of micro-batch i
         from its final state u, with its graph (closing layer and loss),
