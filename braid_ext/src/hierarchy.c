@@ -93,11 +93,6 @@ int mg_Owner(mg_Core core, int level, int64_t j) {
   return owner_fine(core, j * core->levels[level].stride);
 }
 
-double mg_TimeOf(mg_Core core, int64_t i) {
-  if (i == core->nsteps) return core->t1;
-  return core->t0 + (core->t1 - core->t0) * ((double)i / (double)core->nsteps);
-}
-
 /* is fine point j kept between sweeps?  Without store_all: the C-points and
  * the last point; a one-level solve (whose only C-point is 0) keeps its two
  * end points, stepping the others in place.  A rank may then keep no point
