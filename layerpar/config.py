@@ -16,6 +16,8 @@ try:
 except ImportError:  # Python < 3.11
     import tomli as tomllib
 
+from braid_ext import OptionError
+from braid_ext.options import check_option
 from layerpar.data import KNOWN_DATASETS
 from layerpar.datafiles import FILE_SUFFIXES
 from layerpar.optim import LINE_SEARCHES
@@ -138,6 +140,10 @@ DEFAULTS = {
 # decaying schedule would only shorten them.
 OPTIMIZER_DEFAULTS = {"lbfgs": {"lr": 1.0, "schedule": "constant"}}
 GENERATED_DATASETS = ("peaks", "digits")  # need no files: data.root does not apply
+# the MGRIT solves' min_coarse: LayerParallel's default, which the command uses
+MIN_COARSE = 2
+# mgrit keys that are Solver options of the same name: braid_ext checks them
+SOLVER_KEYS = ("max_levels", "cfactor", "relax", "cycle")
 
 
 class ConfigError(ValueError):
@@ -255,12 +261,11 @@ def check(config):
     need(math.isfinite(m["init_scale"]) and m["init_scale"] >= 0, "model.init_scale",
          "must be >= 0 (0: PyTorch's initialisation)")
     need(g["mode"] in MODES, "mgrit.mode", f"choose one of {', '.join(MODES)}")
-    need(g["max_levels"] >= 1, "mgrit.max_levels", "must be >= 1")
-    need(g["cfactor"] >= 2, "mgrit.cfactor", "the coarsening factor must be >= 2")
-    relax = g["relax"]
-    need(relax.startswith("F") and relax[1:] == "CF" * ((len(relax) - 1) // 2)
-         and len(relax) % 2 == 1, "mgrit.relax", "must be F, FCF, FCFCF, ...")
-    need(g["cycle"] in ("V", "F"), "mgrit.cycle", "must be V or F")
+    for key in SOLVER_KEYS:  # the solver's own checks and grammar
+        try:
+            check_option(key, g[key])
+        except OptionError as e:
+            raise ConfigError(f"mgrit.{key} = {g[key]!r}: {e.reason}") from None
     need(g["fwd_iters"] >= 0, "mgrit.fwd_iters", "must be >= 1 (or 0 for the mode's default)")
     need(g["bwd_iters"] >= 0, "mgrit.bwd_iters", "must be >= 1 (or 0 for the mode's default)")
     need(g["fwd_tol"] >= 0, "mgrit.fwd_tol", "must be >= 0")

@@ -38,7 +38,9 @@ sees that share where the median of single calls would not.  Optionally:
 Schedule of one MGRIT solve, as the core runs it (drive.c, relax.c,
 restrict.c).  Fine points 1..N are split into P contiguous blocks; a level-l
 point j is fine point j*stride_l on the rank holding that fine point; the
-hierarchy coarsens while n_l / cfactor >= min_coarse and l + 1 < max_levels.
+hierarchy is the core's (``braid_ext.hierarchy``: it coarsens while
+n_l / cfactor >= min_coarse and l + 1 < max_levels), and so are the blocks
+(``braid_ext.Layout``) and the relaxation grammar (``braid_ext.relax_sweeps``).
 A sweep on level l with C-spacing m (0: one sequential segment) steps each
 local F-point once and, with C-values, each local C-point >= 1 once; rank q
 first runs the segment from its last C-point (sending its end value to the
@@ -101,6 +103,8 @@ import itertools
 import json
 import math
 import time
+
+from braid_ext import Layout, hierarchy, relax_sweeps
 
 # message latency (s) and bandwidth (bytes/s) used without two ranks to measure
 DEFAULT_LATENCY = 5e-6
@@ -419,35 +423,13 @@ def calibrate(step_module, shape, dtype=None, *, comm=None, repeats=20, small_ba
 
 
 # ---- the MGRIT schedule -------------------------------------------------------
-def _fwd_block(N, P, q):
-    return (0 if q == 0 else 1 + q * N // P), (q + 1) * N // P
-
-
 def block(N, P, q, reverse=False):
-    """Fine points (lo, hi) of time-ordered rank q (the core's layout)."""
+    """Fine points (lo, hi) of time-ordered rank q: the core's layout
+    (``braid_ext.Layout``), mirrored in a reversed solve (hierarchy.c)."""
     if not reverse:
-        return _fwd_block(N, P, q)
-    lo, hi = _fwd_block(N, P, P - 1 - q)
+        return Layout(N, P).block(q)
+    lo, hi = Layout(N, P).block(P - 1 - q)
     return (0 if q == 0 else N + 1 - hi), N + 1 - max(lo, 1)
-
-
-def hierarchy(N, max_levels, cfactor, min_coarse=2):
-    """[(points n_l, stride_l, cfactor_l or 0 on the coarsest)] per level."""
-    out, n, stride = [], N, 1
-    while True:
-        coarsen = len(out) + 1 < max_levels and n // cfactor >= min_coarse
-        out.append((n, stride, cfactor if coarsen else 0))
-        if not coarsen:
-            return out
-        n //= cfactor
-        stride *= cfactor
-
-
-def relax_sweeps(relax):
-    if not (isinstance(relax, str) and len(relax) % 2 == 1
-            and relax == "F" + "CF" * (len(relax) // 2)):
-        raise ValueError(f"relax={relax!r}: must be 'F', 'FCF', 'FCFCF', ...")
-    return len(relax) // 2
 
 
 class _Solve:
@@ -572,7 +554,7 @@ def solve(N, P, *, max_levels=1, cfactor=4, min_coarse=2, relax="FCF", cycle="V"
         raise ValueError(f"cycle={cycle!r}: must be 'V' or 'F'")
     if not (isinstance(max_iter, int) and max_iter >= 0):
         raise ValueError(f"max_iter={max_iter!r}: must be an integer >= 0")
-    levels = hierarchy(N, max_levels, cfactor, min_coarse)
+    levels = hierarchy(N, max_levels=max_levels, cfactor=cfactor, min_coarse=min_coarse)
     costs = list(cost) if isinstance(cost, (list, tuple)) else [cost] * len(levels)
     costs += [costs[-1]] * (len(levels) - len(costs))
     fc = costs[0] if final_cost is None else final_cost
@@ -591,8 +573,9 @@ def pipeline(N, P, sizes, step_cost, message):
     and per message of a micro-batch of ``rows`` samples."""
     done = [0.0] * len(sizes)  # when each micro-batch left the previous rank
     clock = 0.0
+    layout = Layout(N, P)
     for q in range(P):
-        lo, hi = _fwd_block(N, P, q)
+        lo, hi = layout.block(q)
         nq = hi - max(lo, 1) + 1
         clock = 0.0
         for i, b in enumerate(sizes):

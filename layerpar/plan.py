@@ -9,6 +9,7 @@ as well as the fastest overall.
 """
 import math
 
+from braid_ext import hierarchy
 from layerpar import perfmodel as pm
 
 
@@ -25,6 +26,8 @@ def candidates(config, P):
     """(mode, ranks, options) to compare: the configured MGRIT settings, a
     few alternatives, the pipeline with several micro-batch counts, and each
     on fewer ranks (powers of two below P)."""
+    from layerpar.config import MIN_COARSE  # the networks' (LayerParallel's default)
+
     g, N = config["mgrit"], config["model"]["nlayers"]
     B = config["data"]["batch_size"]
     mode = g["mode"] if g["mode"] != "serial" else "layer-parallel"
@@ -49,8 +52,8 @@ def candidates(config, P):
         seen = []
         for kw in mg:
             # the hierarchy the core builds: more levels than fit are not built
-            levels = pm.hierarchy(N, kw["max_levels"], kw["cfactor"], config["mgrit"].get(
-                "min_coarse", 2))
+            levels = hierarchy(N, max_levels=kw["max_levels"], cfactor=kw["cfactor"],
+                               min_coarse=MIN_COARSE)
             kw = dict(kw, max_levels=len(levels))
             if len(levels) > 1 and kw not in seen:
                 seen.append(kw)

@@ -6,7 +6,7 @@ import pytest
 
 import layerpar
 
-from layerpar.config import DEFAULTS, ConfigError, parse_override, resolve, to_toml
+from layerpar.config import DEFAULTS, MIN_COARSE, ConfigError, parse_override, resolve, to_toml
 
 
 def test_defaults_are_valid_and_round_trip(tmp_path):
@@ -83,3 +83,31 @@ def test_paper_peaks_configuration():
     assert (c["optim"]["name"], c["optim"]["schedule"], c["optim"]["tikhonov"]) == \
         ("lbfgs", "constant", 1e-7)
     assert c["optim"]["tikhonov_ends"] is True
+
+
+@pytest.mark.parametrize("override,reason", [
+    ('mgrit.relax="FCFC"',
+     "expected 'F', 'FCF', 'FCFCF', ... (F-relaxation followed by CF sweeps)"),
+    ("mgrit.max_levels=33", "must be an integer in [1, 32]"),
+    ("mgrit.cfactor=1", "the coarsening factor must be an integer >= 2"),
+    ('mgrit.cycle="W"', "must be 'V' or 'F'"),
+])
+def test_solver_keys_are_checked_as_the_solver_checks_them(override, reason):
+    """The configuration's MGRIT keys that are Solver options are refused
+    for the solver's own reason (braid_ext.options), named as keys."""
+    from braid_ext import OptionError, check_options
+    key = override.split("=", 1)[0]
+    option = key.split(".")[1]
+    with pytest.raises(ConfigError) as e:
+        resolve(None, [override])
+    assert str(e.value).startswith(f"{key} = ") and str(e.value).endswith(reason)
+    with pytest.raises(OptionError) as s:
+        check_options(64, 1, **{option: parse_override(override)["mgrit"][option]})
+    assert s.value.reason == reason
+
+
+def test_min_coarse_is_the_networks():
+    import inspect
+
+    from layerpar.parallel import LayerParallel
+    assert inspect.signature(LayerParallel).parameters["min_coarse"].default == MIN_COARSE
