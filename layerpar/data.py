@@ -83,7 +83,7 @@ import torch
 from layerpar._collective import collective
 
 __all__ = [
-    "KNOWN_DATASETS", "DatasetError", "Dataset", "Split", "BatchLoader",
+    "KNOWN_DATASETS", "DEFAULT_VAL_FRACTION", "DatasetError", "Dataset", "Split", "BatchLoader",
     "load_dataset", "load_files", "load_configured", "from_arrays", "from_torch_dataset",
     "peaks_function", "read_idx", "read_cifar_batch",
 ]
@@ -96,8 +96,8 @@ KNOWN_DATASETS = ("peaks", "digits", "mnist", "fashion-mnist", "cifar10")
 PEAKS_THRESHOLDS = (-0.3, 0.0, 0.15, 1.3)
 PEAKS_DEFAULT_SAMPLES = 6000
 
-_DEFAULT_VAL_FRACTION = {"peaks": 1 / 6, "digits": 0.2, "mnist": 1 / 6,
-                         "fashion-mnist": 1 / 6, "cifar10": 0.1, "files": 0.2}
+DEFAULT_VAL_FRACTION = {"peaks": 1 / 6, "digits": 0.2, "mnist": 1 / 6,
+                        "fashion-mnist": 1 / 6, "cifar10": 0.1, "files": 0.2}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 MNIST_FILES = {
@@ -495,7 +495,7 @@ def _load_local(name, root, seed, val_fraction, dtype, normalize,
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if val_fraction is None:
-        val_fraction = _DEFAULT_VAL_FRACTION[key]
+        val_fraction = DEFAULT_VAL_FRACTION[key]
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if num_samples is not None and key != "peaks":
