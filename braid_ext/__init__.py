@@ -14,6 +14,11 @@ and init for numpy vectors.  Optional attributes: ``adds_rhs = True`` if step
 adds status.rhs itself (implicit schemes), ``pure_step = True`` if step never
 modifies its input and always returns a new object (then clones are lazy and
 cost nothing; objects held by the solver must then never be modified).
+
+``hierarchy(nsteps, max_levels=..., cfactor=..., min_coarse=...)`` gives the
+grid levels a solver builds, ``Layout`` which rank holds which step,
+``check_options`` and ``relax_sweeps`` the options' checks and grammar
+(``braid_ext.options``): the one definition of each, for every user.
 """
 from mpi4py import MPI as _MPI  # noqa: F401  (loads the MPI library before the core)
 
@@ -27,9 +32,10 @@ from braid_ext._core import (
     StepStatus,
     build_info,
     check_app,
-    check_options,
+    hierarchy,
 )
 from braid_ext.numpy_app import NumpyApp
+from braid_ext.options import Level, OptionError, check_options, relax_sweeps
 
 __all__ = [
     "Solver",
@@ -42,5 +48,9 @@ __all__ = [
     "NumpyApp",
     "check_app",
     "check_options",
+    "hierarchy",
+    "Level",
+    "relax_sweeps",
+    "OptionError",
     "build_info",
 ]

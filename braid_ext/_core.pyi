@@ -8,6 +8,8 @@ from typing import Any, Literal, Optional, Protocol, Sequence, TypedDict, TypeVa
 
 from mpi4py import MPI
 
+from braid_ext.options import Level
+
 _V = TypeVar("_V")  # the app's vector type
 
 _Relax = str  # 'F', 'FCF', 'FCFCF', ...: F-relaxation followed by CF sweeps
@@ -191,10 +193,9 @@ def build_info() -> dict[str, str]:
     ...
 
 
-def check_options(nsteps: int, nranks: int, *, t_start: float = ..., t_stop: float = ...,
-                  **options: Any) -> None:
-    """Check Solver options without communication; ValueError names the
-    first bad one."""
+def hierarchy(nsteps: int, *, max_levels: int = 2, cfactor: int | Sequence[int] = 2,
+              min_coarse: int = 2) -> tuple[Level, ...]:
+    """The grid levels a Solver builds (the core's computation), fine first."""
     ...
 
 

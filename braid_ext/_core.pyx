@@ -12,13 +12,13 @@ from cpython.buffer cimport PyBUF_READ, PyBUF_WRITE
 from libc.stdint cimport int64_t, uintptr_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
-from libc.math cimport isfinite
 
 from braid_ext.mgrit cimport *
 
 cimport cython
-import math
 from mpi4py import MPI
+
+from braid_ext import options as _options
 
 
 class MGRITError(RuntimeError):
@@ -422,25 +422,12 @@ cdef int _access(mg_App app, mg_Vector u, const mg_AccessStatus *st) noexcept wi
 
 
 # ---------------------------------------------------------------------------
-# option parsing: every check happens before the core is created, on every
-# rank alike, so a bad option raises everywhere before any work
+# options: braid_ext.options checks every one (before the core is created, on
+# every rank alike, so a bad option raises everywhere before any work)
 
-def _relax_sweeps(name, what="relax"):
-    if not isinstance(name, str) or not name or name[0] != "F" or \
-            (len(name) - 1) % 2 or name[1:] != "CF" * ((len(name) - 1) // 2):
-        raise ValueError(f"{what}={name!r}: expected 'F', 'FCF', 'FCFCF', ... "
-                         "(F-relaxation followed by CF sweeps)")
-    return (len(name) - 1) // 2
-
-def _per_level(value, name, check):
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not values:
-        raise ValueError(f"{name}: give a value or a non-empty list of per-level values")
-    if len(values) > MG_MAX_LEVELS:
-        raise ValueError(f"{name}: at most {MG_MAX_LEVELS} per-level values")
-    for v in values:
-        check(v)
-    return values
+if MG_MAX_LEVELS != _options.MAX_LEVELS:
+    raise ImportError(f"braid_ext.options.MAX_LEVELS = {_options.MAX_LEVELS} but the core "
+                      f"was built with MG_MAX_LEVELS = {MG_MAX_LEVELS}: rebuild braid_ext")
 
 def _need(cond, message):
     if not cond:
@@ -516,61 +503,28 @@ cdef class Layout:
         return f"Layout(nlayers={self.nlayers}, size={self.size})"
 
 
-_DEFAULTS = dict(max_levels=2, cfactor=2, min_coarse=2, relax="FCF", cycle="V", skip=False,
-                 abs_tol=1e-10, rel_tol=0.0, max_iter=100, tnorm="l2", store="all",
-                 reverse=False, warm_start=True, step_cost=1.0, latency=0.0,
-                 final_sweep=False, timeout=None)
-
-
-def _check_options(nsteps, nranks, t_start, t_stop, max_levels, cfactor, min_coarse, relax,
-                   cycle, skip, abs_tol, rel_tol, max_iter, tnorm, store, reverse, warm_start,
-                   step_cost, latency, final_sweep, timeout):
-    """Every check of the Solver's arguments, local (no communication);
-    returns the per-level cfactors, relaxation sweeps and step costs."""
-    _need(isinstance(t_start, (int, float)) and isinstance(t_stop, (int, float)),
-          f"t_start={t_start!r}, t_stop={t_stop!r}: must be numbers")
+def hierarchy(nsteps, *, max_levels=2, cfactor=2, min_coarse=2):
+    """The grid levels a Solver of ``nsteps`` steps builds with these
+    options (the core's own computation): a tuple of ``Level(n, stride,
+    cfactor)``, fine grid first; level l has points 0..n, point j is fine
+    point j*stride, and cfactor is the factor to the next level (0 on the
+    coarsest).  ``cfactor`` is one factor or a per-level list whose last
+    entry holds below.  Bad values raise as in Solver."""
+    _options.check_option("min_coarse", min_coarse)
+    _options.check_option("max_levels", max_levels)
+    cfactors = _options.per_level("cfactor", cfactor)
     _need(_is_int(nsteps) and nsteps >= 1, f"nsteps={nsteps!r}: must be an integer >= 1")
-    _need(nranks <= nsteps,
-          f"nsteps={nsteps} is smaller than the number of ranks ({nranks}): "
-          "each rank must own at least one step; use fewer ranks or more steps")
-    _need(isfinite(t_start) and isfinite(t_stop) and t_start != t_stop,
-          f"t_start={t_start}, t_stop={t_stop}: must be finite and different")
-    _need(_is_int(max_levels) and 1 <= max_levels <= MG_MAX_LEVELS,
-          f"max_levels={max_levels!r}: must be an integer in [1, {MG_MAX_LEVELS}]")
-    cfactors = _per_level(cfactor, "cfactor", lambda v: _need(
-        _is_int(v) and v >= 2, f"cfactor={v!r}: the coarsening factor must be an integer >= 2"))
-    _need(_is_int(min_coarse) and min_coarse >= 1,
-          f"min_coarse={min_coarse!r}: must be an integer >= 1")
-    nrelax = [_relax_sweeps(r) for r in _per_level(relax, "relax", lambda v: None)]
-    _need(cycle in ("V", "F"), f"cycle={cycle!r}: must be 'V' or 'F'")
-    for name, v in (("abs_tol", abs_tol), ("rel_tol", rel_tol), ("latency", latency)):
-        _need(isinstance(v, (int, float)) and not isinstance(v, bool) and
-              math.isfinite(v) and v >= 0, f"{name}={v!r}: must be a finite number >= 0")
-    _need(_is_int(max_iter) and max_iter >= 1, f"max_iter={max_iter!r}: must be an integer >= 1")
-    _need(tnorm in ("l2", "inf"), f"tnorm={tnorm!r}: must be 'l2' or 'inf'")
-    _need(store in ("all", "C"), f"store={store!r}: must be 'all' or 'C'")
-    costs = _per_level(step_cost, "step_cost", lambda v: _need(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
-        f"step_cost={v!r}: must be a finite number >= 0"))
-    for name, v in (("skip", skip), ("reverse", reverse), ("warm_start", warm_start),
-                    ("final_sweep", final_sweep)):
-        _need(isinstance(v, (bool, int)) and v in (0, 1), f"{name}={v!r}: must be True or False")
-    _need(timeout is None or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
-                              and math.isfinite(timeout) and timeout >= 0),
-          f"timeout={timeout!r}: must be None or a finite number of seconds >= 0")
-    return cfactors, nrelax, costs
-
-
-def check_options(nsteps, nranks, *, t_start=0.0, t_stop=1.0, **options):
-    """Check Solver options for ``nsteps`` steps on ``nranks`` ranks without
-    making a solver and without any communication: raises ValueError naming
-    the first bad option (TypeError for an unknown one), as Solver would."""
-    unknown = sorted(set(options) - set(_DEFAULTS))
-    if unknown:
-        raise TypeError(f"unknown Solver option(s) {', '.join(unknown)}; the options are "
-                        f"{', '.join(_DEFAULTS)}")
-    _need(_is_int(nranks) and nranks >= 1, f"nranks={nranks!r}: must be an integer >= 1")
-    _check_options(nsteps, nranks, t_start, t_stop, **dict(_DEFAULTS, **options))
+    cdef int cf[MG_MAX_LEVELS]
+    cdef int64_t n[MG_MAX_LEVELS]
+    cdef int64_t stride[MG_MAX_LEVELS]
+    cdef int nlevels = 0, k
+    for k in range(len(cfactors)):
+        cf[k] = cfactors[k]
+    CHKERR(mg_Hierarchy(nsteps, max_levels, min_coarse, cf, len(cfactors), &nlevels,
+                        n, stride))
+    return tuple(_options.Level(n[k], stride[k],
+                                cfactors[min(k, len(cfactors) - 1)] if k + 1 < nlevels else 0)
+                 for k in range(nlevels))
 
 
 # __dealloc__ frees the app's vectors through the bridge: the garbage
@@ -634,10 +588,13 @@ cdef class Solver:
                  tnorm="l2", store="all", reverse=False, warm_start=True,
                  step_cost=1.0, latency=0.0, final_sweep=False, timeout=None):
         addr = _comm_handle(comm)
-        cfactors, nrelax, costs = _check_options(
-            nsteps, comm.Get_size(), t_start, t_stop, max_levels, cfactor, min_coarse, relax,
-            cycle, skip, abs_tol, rel_tol, max_iter, tnorm, store, reverse, warm_start,
-            step_cost, latency, final_sweep, timeout)
+        checked = _options.check_options(
+            nsteps, comm.Get_size(), t_start=t_start, t_stop=t_stop, max_levels=max_levels,
+            cfactor=cfactor, min_coarse=min_coarse, relax=relax, cycle=cycle, skip=skip,
+            abs_tol=abs_tol, rel_tol=rel_tol, max_iter=max_iter, tnorm=tnorm, store=store,
+            reverse=reverse, warm_start=warm_start, step_cost=step_cost, latency=latency,
+            final_sweep=final_sweep, timeout=timeout)
+        cfactors, nrelax, costs = checked["cfactor"], checked["nrelax"], checked["step_cost"]
 
         self.bridge = _Bridge(app)
         self.comm = comm

@@ -120,4 +120,6 @@ cdef extern from "mgrit.h":
     const char *mg_ErrorString(int code)
     int mg_BlockRange(int64_t N, int P, int q, int64_t *lo, int64_t *hi)
     int mg_LayerOwner(int64_t N, int P, int64_t n, int *owner)
+    int mg_Hierarchy(int64_t nsteps, int max_levels, int64_t min_coarse, const int *cfactor,
+                     int ncfactor, int *nlevels, int64_t *n, int64_t *stride)
     int mg_CheckApp(mg_App app, const mg_Ops *ops, double t, char *msg, size_t msglen) nogil

@@ -271,7 +271,7 @@ def _resumed_config(args, stored):
 
 def _train(args, comm, out, stop):
     from layerpar import rundir
-    from layerpar.config import resolve, to_toml
+    from layerpar.config import effective, resolve, to_toml
     from layerpar.training.multilevel import make_trainer
 
     if args.resume and args.resume_from:
@@ -298,7 +298,7 @@ def _train(args, comm, out, stop):
     config["run"]["dir"] = run_dir
     for note in notes:
         out(f"layerpar: {note}", 1)
-    out("resolved configuration:\n" + to_toml(config).rstrip(), 1)
+    out("resolved configuration:\n" + to_toml(effective(config)).rstrip(), 1)
     from layerpar.config import check_grid
     check_grid(config, comm.Get_size())
     out(_grid_text(comm.Get_size(), config["parallel"]["data"]), 1)

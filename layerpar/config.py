@@ -16,8 +16,9 @@ try:
 except ImportError:  # Python < 3.11
     import tomli as tomllib
 
-from layerpar.data import KNOWN_DATASETS
-from layerpar.data import FILE_SUFFIXES
+from braid_ext import OptionError, hierarchy
+from braid_ext.options import check_option
+from layerpar.data import DEFAULT_VAL_FRACTION, FILE_SUFFIXES, KNOWN_DATASETS
 from layerpar.optim import LINE_SEARCHES
 from layerpar.engine.pipeline import SCHEDULES as PIPELINE_SCHEDULES
 from layerpar.steps import ACTIVATIONS, BIASES
@@ -138,6 +139,27 @@ DEFAULTS = {
 # decaying schedule would only shorten them.
 OPTIMIZER_DEFAULTS = {"lbfgs": {"lr": 1.0, "schedule": "constant"}}
 GENERATED_DATASETS = ("peaks", "digits")  # need no files: data.root does not apply
+# the MGRIT solves' min_coarse: LayerParallel's default, which the command uses
+MIN_COARSE = 2
+# mgrit keys that are Solver options of the same name: braid_ext checks them
+SOLVER_KEYS = ("max_levels", "cfactor", "relax", "cycle")
+
+# Keys that apply only in some settings: (section, key) -> (the key that
+# decides, the values of it where the key applies).  Such a key set to
+# anything but its default where it does not apply is refused, so that a
+# configuration written out with every default still loads.
+_PIPELINE = ("mgrit.mode", ("serial",))
+_MULTILEVEL = ("multilevel.method", ("nested", "mgopt"))
+_NESTED = ("multilevel.method", ("nested",))
+_MGOPT = ("multilevel.method", ("mgopt",))
+APPLIES = {
+    ("mgrit", "microbatches"): _PIPELINE,
+    ("mgrit", "schedule"): _PIPELINE,
+    **{("multilevel", k): _MULTILEVEL for k in ("levels", "factor", "prolong", "reuse")},
+    **{("multilevel", k): _NESTED for k in ("epochs_per_level", "target_accuracy")},
+    **{("multilevel", k): _MGOPT for k in ("restrict", "pre_steps", "post_steps",
+                                           "coarse_steps", "line_search_steps")},
+}
 
 
 class ConfigError(ValueError):
@@ -229,6 +251,7 @@ def check(config):
         if not cond:
             raise ConfigError(f"{where} = {_get(config, where)!r}: {what}")
 
+    _check_finite(config)
     need(d["name"] in KNOWN_DATASETS + ("files",), "data.name",
          f"unknown data set; known: {', '.join(KNOWN_DATASETS)}, files")
     need(d["seed"] >= 0, "data.seed", "must be >= 0")
@@ -255,12 +278,11 @@ def check(config):
     need(math.isfinite(m["init_scale"]) and m["init_scale"] >= 0, "model.init_scale",
          "must be >= 0 (0: PyTorch's initialisation)")
     need(g["mode"] in MODES, "mgrit.mode", f"choose one of {', '.join(MODES)}")
-    need(g["max_levels"] >= 1, "mgrit.max_levels", "must be >= 1")
-    need(g["cfactor"] >= 2, "mgrit.cfactor", "the coarsening factor must be >= 2")
-    relax = g["relax"]
-    need(relax.startswith("F") and relax[1:] == "CF" * ((len(relax) - 1) // 2)
-         and len(relax) % 2 == 1, "mgrit.relax", "must be F, FCF, FCFCF, ...")
-    need(g["cycle"] in ("V", "F"), "mgrit.cycle", "must be V or F")
+    for key in SOLVER_KEYS:  # the solver's own checks and grammar
+        try:
+            check_option(key, g[key])
+        except OptionError as e:
+            raise ConfigError(f"mgrit.{key} = {g[key]!r}: {e.reason}") from None
     need(g["fwd_iters"] >= 0, "mgrit.fwd_iters", "must be >= 1 (or 0 for the mode's default)")
     need(g["bwd_iters"] >= 0, "mgrit.bwd_iters", "must be >= 1 (or 0 for the mode's default)")
     need(g["fwd_tol"] >= 0, "mgrit.fwd_tol", "must be >= 0")
@@ -295,6 +317,8 @@ def check(config):
         need(d["root"] != "", "data.root", f"data set {d['name']} needs its directory")
     _check_multilevel(config, need)
     _check_parallel(config, need)
+    _check_applies(config)
+    _check_mgrit_fits(config, need)
     if d["name"] == "files":
         need(d["path"] != "", "data.path", "data set 'files' needs the file to read")
         for key in ("path", "val_path"):
@@ -331,10 +355,71 @@ def _check_multilevel(config, need):
          f"give one value or one per level ({ml['levels']})")
     need(all(v >= 1 for v in e), "multilevel.epochs_per_level", "epochs must be >= 1")
     if ml["method"] != "none":
-        div = ml["factor"] ** (ml["levels"] - 1)
-        need(m["nlayers"] % div == 0, "model.nlayers",
-             f"multilevel.levels = {ml['levels']} with multilevel.factor = {ml['factor']} "
-             f"needs a depth divisible by {div}")
+        n, r, levels = m["nlayers"], ml["factor"], ml["levels"]
+        most = most_levels(n, r)
+        power = f"{r}^{levels - 1}"
+        if (levels - 1) * math.log10(r) < 6:
+            power += f" = {r ** (levels - 1)}"
+        need(levels <= most, "model.nlayers",
+             f"multilevel.levels = {levels} with multilevel.factor = {r} needs a depth "
+             f"divisible by {power}; {n} layers allow at most {most} level"
+             f"{'s' * (most > 1)} with this factor")
+
+
+def most_levels(nlayers, factor):
+    """The most multilevel levels ``nlayers`` layers allow with depth ratio
+    ``factor``: every depth nlayers / factor^l must be whole."""
+    most = 1
+    while nlayers % factor == 0:
+        nlayers //= factor
+        most += 1
+    return most
+
+
+def _check_finite(config):
+    # every float key: inf and NaN are refused before any range check
+    for section, values in DEFAULTS.items():
+        for key, default in values.items():
+            v = config.get(section, {}).get(key)
+            if isinstance(default, float) and isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{section}.{key} = {v!r}: must be a finite number")
+
+
+def _check_applies(config):
+    # a key set where it does not apply (APPLIES)
+    for (section, key), (decider, where) in APPLIES.items():
+        value, default = config[section][key], DEFAULTS[section][key]
+        here = _get(config, decider)
+        if value != default and here not in where:
+            choices = " or ".join(json.dumps(w) for w in where)
+            raise ConfigError(f"{section}.{key} = {_toml_value(value)}: does not apply with "
+                              f"{decider} = {json.dumps(here)}: it is for {decider} = "
+                              f"{choices}; remove it (its default: {_toml_value(default)}) "
+                              f"or change {decider}")
+
+
+def _check_mgrit_fits(config, need):
+    # values that cannot work with the network and the batch
+    d, m, g = config["data"], config["model"], config["mgrit"]
+    n = m["nlayers"]
+    # a coarsening factor chosen (not the default, which a small network may
+    # leave as one level: exact propagation) that the layers cannot coarsen
+    if g["mode"] != "serial" and g["max_levels"] > 1 and \
+            g["cfactor"] != DEFAULTS["mgrit"]["cfactor"]:
+        levels = hierarchy(n, max_levels=g["max_levels"], cfactor=g["cfactor"],
+                           min_coarse=MIN_COARSE)
+        largest = n // MIN_COARSE
+        fix = f"use cfactor <= {largest}" if largest >= 2 else "use more layers"
+        need(len(levels) > 1, "mgrit.cfactor",
+             f"with model.nlayers = {n} there is no coarse grid (it needs nlayers // cfactor "
+             f">= {MIN_COARSE}), so MGRIT could not work; {fix}, or mgrit.mode = \"serial\"")
+    groups = config["parallel"]["data"]
+    rows = d["batch_size"] // groups  # the smallest share of a batch
+    where = f"a batch (data.batch_size = {d['batch_size']})" if groups == 1 else \
+        (f"a data-parallel group's share of a batch (data.batch_size = {d['batch_size']} "
+         f"over parallel.data = {groups} groups)")
+    need(g["microbatches"] <= max(rows, 1), "mgrit.microbatches",
+         f"more micro-batches than the {rows} samples of {where}; at most {max(rows, 1)}")
 
 
 def _check_parallel(config, need):
@@ -376,6 +461,20 @@ def mode_iterations(config):
     g = config["mgrit"]
     fwd_default = 1 if g["mode"] == "one-shot" else 2
     return g["fwd_iters"] or fwd_default, g["bwd_iters"] or 1
+
+
+def effective(config):
+    """A copy of ``config`` with the values that stand for a default
+    resolved: ``mgrit.fwd_iters``/``bwd_iters`` (0: the mode's) and
+    ``data.val_fraction`` (negative: the data set's; unchanged where
+    ``data.val_path`` names the validation file).  The configuration a run
+    uses, as the command shows it."""
+    out = copy.deepcopy(config)
+    out["mgrit"]["fwd_iters"], out["mgrit"]["bwd_iters"] = mode_iterations(config)
+    d = out["data"]
+    if d["val_fraction"] < 0 and not (d["name"] == "files" and d["val_path"]):
+        d["val_fraction"] = DEFAULT_VAL_FRACTION[d["name"]]
+    return out
 
 
 def _get(config, dotted):

@@ -4,10 +4,12 @@ The layer-time grid has points 0..N; layer n is the step from point n to
 point n+1.  Points 1..N are split into P contiguous blocks (point 0 goes with
 the first), and the rank that owns point n+1 owns layer n: its parameters,
 its forward state u_n and its adjoint.  The blocks and owners come from the
-braid_ext core (``braid_ext.Layout``), the one place that computes them.
+braid_ext core (``braid_ext.Layout``), the one place that computes them, and
+so do the grid levels of the MGRIT solves (``braid_ext.hierarchy``).
 """
 from functools import lru_cache
 
+import braid_ext
 from braid_ext import Layout
 
 
@@ -34,17 +36,11 @@ def layer_owner(nlayers, size, n):
 
 def hierarchy(nlayers, max_levels, cfactors, min_coarse):
     """[(n_l, stride_l)]: level l has points 0..n_l, point j is fine point
-    j*stride_l.  ``cfactors`` is one factor or a per-level list whose last
-    entry holds below."""
-    cf = list(cfactors) if isinstance(cfactors, (list, tuple)) else [cfactors]
-    levels = [(nlayers, 1)]
-    while len(levels) < max_levels:
-        n, stride = levels[-1]
-        m = cf[min(len(levels) - 1, len(cf) - 1)]
-        if n // m < min_coarse:
-            break
-        levels.append((n // m, stride * m))
-    return levels
+    j*stride_l; the levels the core builds (``braid_ext.hierarchy``).
+    ``cfactors`` is one factor or a per-level list whose last entry holds
+    below."""
+    return [(lev.n, lev.stride) for lev in braid_ext.hierarchy(
+        nlayers, max_levels=max_levels, cfactor=cfactors, min_coarse=min_coarse)]
 
 
 def coarse_step_layers(nlayers, size, rank, levels):

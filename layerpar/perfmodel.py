@@ -15,11 +15,19 @@ dtype, the seconds of
 at the full batch and at a small one (costs are modelled affine in the
 batch: a + b*rows, for the pipeline's micro-batches), and a message's
 latency and bandwidth by ping-pong between ranks 0 and 1 (a stored default
-on one rank).  A cost is the mean over a block of calls (the median of
-three blocks), measured on every rank of ``comm`` at once and averaged over
-them: on a machine whose cores are shared (more ranks than cores, or other
-jobs) a rank computes only part of the time, and the mean over a block
-sees that share where the median of single calls would not.  Optionally:
+on one rank).  A cost is the mean over a block of calls, measured on every
+rank of ``comm`` at once and averaged over them (on a machine whose cores
+are shared, more ranks than cores, a rank computes only part of the time,
+and the mean over a block sees that share where single calls would not).
+Other jobs only ever add time, so a timing is the fastest of repeated
+blocks, each of at least ``MIN_BLOCK`` seconds, without cyclic garbage
+collection: blocks are measured until the ``SETTLE_KEEP`` fastest agree
+within ``SETTLE_SPREAD`` (their relative spread), at most ``SETTLE_TRIES``
+blocks (``settle``).  The largest such spread of a calibration is kept
+(``Calibration.spread``): ``layerpar plan`` prints it and warns when the
+modes it ranks are predicted closer than the timings can tell.  A cost's
+intercept a is never negative (a noisy small batch cannot make many small
+micro-batches look cheaper than one big batch).  Optionally:
 
     overhead     (``overhead=True``) what the solver costs per step beyond
                  the step itself (callback trampolines, clones, the state
@@ -38,7 +46,9 @@ sees that share where the median of single calls would not.  Optionally:
 Schedule of one MGRIT solve, as the core runs it (drive.c, relax.c,
 restrict.c).  Fine points 1..N are split into P contiguous blocks; a level-l
 point j is fine point j*stride_l on the rank holding that fine point; the
-hierarchy coarsens while n_l / cfactor >= min_coarse and l + 1 < max_levels.
+hierarchy is the core's (``braid_ext.hierarchy``: it coarsens while
+n_l / cfactor >= min_coarse and l + 1 < max_levels), and so are the blocks
+(``braid_ext.Layout``) and the relaxation grammar (``braid_ext.relax_sweeps``).
 A sweep on level l with C-spacing m (0: one sequential segment) steps each
 local F-point once and, with C-values, each local C-point >= 1 once; rank q
 first runs the segment from its last C-point (sending its end value to the
@@ -97,10 +107,13 @@ as recursive halving and doubling (reduce-scatter + allgather):
 
 with the calibration's latency and bandwidth.
 """
+import gc
 import itertools
 import json
 import math
 import time
+
+from braid_ext import Layout, hierarchy, relax_sweeps
 
 # message latency (s) and bandwidth (bytes/s) used without two ranks to measure
 DEFAULT_LATENCY = 5e-6
@@ -109,6 +122,10 @@ KINDS = ("fwd", "fwd_rec", "adj", "adj_w", "pipe_fwd", "pipe_bwd")
 # what a kind not measured costs (calibrations made before it was added)
 _STANDS_IN = {"pipe_fwd": "fwd_rec", "pipe_bwd": "adj_w"}
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+# a timing: blocks until the SETTLE_KEEP fastest agree within SETTLE_SPREAD,
+# at most SETTLE_TRIES blocks, each of at least MIN_BLOCK seconds' calls
+SETTLE_KEEP, SETTLE_TRIES, SETTLE_SPREAD = 3, 20, 0.05
+MIN_BLOCK = 2e-3
 
 
 # ---- calibration ------------------------------------------------------------
@@ -117,11 +134,13 @@ class Calibration:
     bandwidth (bytes/s), the solver's own cost per step (``overhead``) and
     per pass (``solve_fixed``), the ends of a training step (``ends``: the
     opening, closing and loss, forward and backward), the optimiser's step
-    per layer (``optimizer``), and the setting they were measured for."""
+    per layer (``optimizer``), and the setting they were measured for;
+    ``spread``: the largest relative spread of the timings it was made
+    from (``settle``; None: not recorded)."""
 
     def __init__(self, costs, *, latency=DEFAULT_LATENCY, bandwidth=DEFAULT_BANDWIDTH,
                  batch, row_bytes, overhead=0.0, solve_fixed=0.0, ends=0.0, optimizer=0.0,
-                 info=None):
+                 spread=None, info=None):
         costs = dict(costs)
         for k in KINDS:
             if k not in costs and k in _STANDS_IN:
@@ -138,6 +157,9 @@ class Calibration:
                         ("optimizer", optimizer)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name}={v!r}: must be a finite number >= 0")
+        if not (spread is None or (isinstance(spread, (int, float)) and spread >= 0)):
+            raise ValueError(f"spread={spread!r}: must be a number >= 0, or None (not measured)")
+        self.spread = None if spread is None else float(spread)
         self.batch, self.row_bytes = int(batch), int(row_bytes)
         self.overhead, self.solve_fixed = float(overhead), float(solve_fixed)
         self.ends, self.optimizer = float(ends), float(optimizer)
@@ -164,7 +186,7 @@ class Calibration:
                 "latency": self.latency, "bandwidth": self.bandwidth,
                 "batch": self.batch, "row_bytes": self.row_bytes, "overhead": self.overhead,
                 "solve_fixed": self.solve_fixed, "ends": self.ends,
-                "optimizer": self.optimizer, "info": self.info}
+                "optimizer": self.optimizer, "spread": self.spread, "info": self.info}
 
     def save(self, path):
         with open(path, "w") as f:
@@ -178,39 +200,98 @@ class Calibration:
     @classmethod
     def load_dict(cls, d, path="calibration"):
         """From ``to_dict``; entries added since a file was written count
-        as 0 (not measured)."""
+        as 0 (not measured), a missing spread as None (not recorded)."""
         try:
             return cls({k: tuple(v) for k, v in d["costs"].items()}, latency=d["latency"],
                        bandwidth=d["bandwidth"], batch=d["batch"], row_bytes=d["row_bytes"],
                        overhead=d.get("overhead", 0.0), solve_fixed=d.get("solve_fixed", 0.0),
                        ends=d.get("ends", 0.0), optimizer=d.get("optimizer", 0.0),
-                       info=d.get("info"))
+                       spread=d.get("spread"), info=d.get("info"))
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a calibration file ({e!r})") from None
 
 
-def _block_time(fn, repeats, comm=None, blocks=3, clock=time.perf_counter):
-    """Seconds per call of fn: the mean over a block of ``repeats`` calls,
-    the median of ``blocks`` blocks, after one warm-up call.  With ``comm``
-    (collective) every rank measures at the same time and the mean over the
-    ranks is returned."""
-    fn()  # warm-up
-    means = []
-    for _ in range(blocks):
-        if comm is not None:
-            comm.Barrier()
+def settle(measure, *, keep=SETTLE_KEEP, tries=SETTLE_TRIES, tolerance=SETTLE_SPREAD,
+           agree=None):
+    """A timing from repeated measurements: ``measure()`` gives one block's
+    seconds (per call), and blocks are measured until the ``keep`` fastest
+    agree within ``tolerance`` (relative spread: (k-th fastest - fastest) /
+    fastest), at most ``tries`` blocks.  Returns (the fastest block, that
+    spread; inf with fewer than ``keep`` blocks).  ``agree(spread)``, if
+    given, returns the spread every rank goes by (a collective maximum), so
+    that every rank measures the same number of blocks."""
+    if not (isinstance(keep, int) and isinstance(tries, int) and 1 <= keep <= tries):
+        raise ValueError(f"keep={keep!r}, tries={tries!r}: need integers 1 <= keep <= tries")
+    samples = []
+    while True:
+        samples.append(measure())
+        fastest = sorted(samples)[:keep]
+        if len(fastest) < keep:
+            spread = math.inf
+        elif fastest[-1] <= fastest[0]:
+            spread = 0.0
+        else:
+            spread = (fastest[-1] - fastest[0]) / fastest[0] if fastest[0] > 0 else math.inf
+        if agree is not None and len(samples) >= keep:
+            spread = agree(spread)
+        if (len(samples) >= keep and spread <= tolerance) or len(samples) >= tries:
+            return min(samples), spread
+
+
+class _Timer:
+    """Times functions for a calibration (``settle`` over blocks of calls)
+    on every rank of ``comm`` at once, and keeps the largest spread."""
+
+    def __init__(self, comm=None, clock=time.perf_counter, *, min_block=MIN_BLOCK,
+                 **settle_options):
+        self.comm, self.clock, self.options = comm, clock, settle_options
+        self.min_block = min_block
+        self.spread = 0.0
+
+    def __call__(self, fn, repeats):
+        """Seconds per call of fn: the fastest block of ``repeats`` calls,
+        more if the timed warm-up call says that so few last less than
+        ``min_block`` seconds (at most 100 times as many); with ``comm``
+        (collective) the mean over the ranks of each one's fastest."""
+        comm, clock = self.comm, self.clock
         t = clock()
-        for _ in range(repeats):
-            fn()
-        means.append((clock() - t) / repeats)
-    means.sort()
-    mine = means[len(means) // 2]
-    if comm is None:
-        return mine
-    return comm.allreduce(mine) / comm.Get_size()
+        fn()  # warm-up
+        once = clock() - t
+        if once * repeats < self.min_block:
+            repeats = min(math.ceil(self.min_block / max(once, 1e-9)), 100 * repeats)
+        if comm is not None:  # blocks of the same calls on every rank
+            repeats = comm.allreduce(repeats, op=_mpi_max())
+
+        def block():  # as timeit: no cyclic garbage collection inside a block
+            if comm is not None:
+                comm.Barrier()
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                t = clock()
+                for _ in range(repeats):
+                    fn()
+                return (clock() - t) / repeats
+            finally:
+                if collecting:
+                    gc.enable()
+
+        def agree(spread):
+            return comm.allreduce(spread, op=_mpi_max())
+
+        mine, spread = settle(block, agree=None if comm is None else agree, **self.options)
+        self.spread = max(self.spread, spread)
+        if comm is None:
+            return mine
+        return comm.allreduce(mine) / comm.Get_size()
 
 
-def _step_costs(F, shape, dtype, repeats, comm, clock, h=0.1):
+def _mpi_max():
+    from mpi4py import MPI
+    return MPI.MAX
+
+
+def _step_costs(F, shape, dtype, repeats, timer, h=0.1):
     import copy
 
     import torch
@@ -257,7 +338,7 @@ def _step_costs(F, shape, dtype, repeats, comm, clock, h=0.1):
         return torch.autograd.grad(y, (x,) + block_params, grad_outputs=lam)
 
     def timed(fn):
-        return _block_time(fn, repeats, comm, clock=clock)
+        return timer(fn, repeats)
 
     t_rec, t_pipe = timed(record), timed(pipe_fwd) / len(block)
     return {"fwd": timed(fwd), "fwd_rec": t_rec, "adj": timed(adj),
@@ -311,7 +392,7 @@ def fit_overhead(rows):
     return min(edges, key=lambda ab: sse(*ab))
 
 
-def _solver_overhead(cal, F, shape, dtype, repeats, comm, clock):
+def _solver_overhead(cal, F, shape, dtype, repeats, timer):
     """(seconds per solver step, seconds per pass) that the body's training
     steps take beyond the steps themselves: serial and two-level steps of 8
     and 32 layers on one rank (every rank of ``comm`` at once), measured,
@@ -330,7 +411,7 @@ def _solver_overhead(cal, F, shape, dtype, repeats, comm, clock):
                            **opts).to(dtype) as net:
             def step():
                 net(u0).sum().backward()
-            t = _block_time(step, repeats, comm, clock=clock)
+            t = timer(step, repeats)
             serial = net.pipelined
             # solver steps (serial passes run no solver: only the pass costs)
             steps = 0 if serial else \
@@ -341,7 +422,7 @@ def _solver_overhead(cal, F, shape, dtype, repeats, comm, clock):
     return fit_overhead(rows)
 
 
-def _optimizer_cost(F, make_optimizer, repeats, comm, clock, layers=8):
+def _optimizer_cost(F, make_optimizer, repeats, timer, layers=8):
     """Seconds of the optimiser's step per layer: on ``layers`` copies of F
     with gradients set."""
     import copy
@@ -352,7 +433,7 @@ def _optimizer_cost(F, make_optimizer, repeats, comm, clock, layers=8):
     for p in params:
         p.grad = torch.randn_like(p) * 1e-6
     opt = make_optimizer(params)
-    return _block_time(opt.step, repeats, comm, clock=clock) / layers
+    return timer(opt.step, repeats) / layers
 
 
 def calibrate(step_module, shape, dtype=None, *, comm=None, repeats=20, small_batch=None,
@@ -381,19 +462,14 @@ def calibrate(step_module, shape, dtype=None, *, comm=None, repeats=20, small_ba
             raise TypeError(f"{name} must be callable or None, not {type(fn).__name__}")
     if clock not in CLOCKS:
         raise ValueError(f"clock={clock!r}: must be one of {', '.join(CLOCKS)}")
-    tick = CLOCKS[clock]
+    timer = _Timer(comm, CLOCKS[clock])
     F = step_module.to(dtype)
     B = shape[0]
     small = small_batch or max(1, B // 8)
-    big = _step_costs(F, shape, dtype, repeats, comm, tick)
-    costs = {}
-    if small < B:
-        little = _step_costs(F, (small,) + shape[1:], dtype, repeats, comm, tick)
-        for k in KINDS:
-            b = max((big[k] - little[k]) / (B - small), 0.0)
-            costs[k] = (big[k] - b * B, b)
-    else:
-        costs = {k: (0.0, big[k] / B) for k in KINDS}
+    big = _step_costs(F, shape, dtype, repeats, timer)
+    little = _step_costs(F, (small,) + shape[1:], dtype, repeats, timer) if small < B else None
+    costs = {k: affine_cost(big[k], B, None if little is None else little[k], small)
+             for k in KINDS}
     row_bytes = int(math.prod(shape[1:])) * torch.empty((), dtype=dtype).element_size()
     latency, bandwidth, source = DEFAULT_LATENCY, DEFAULT_BANDWIDTH, "default"
     if comm is not None and comm.Get_size() >= 2:
@@ -410,44 +486,37 @@ def calibrate(step_module, shape, dtype=None, *, comm=None, repeats=20, small_ba
                       row_bytes=row_bytes, info=info)
     if overhead:
         cal.overhead, cal.solve_fixed = _solver_overhead(cal, F, shape, dtype,
-                                                         max(2, repeats // 5), comm, tick)
+                                                         max(2, repeats // 5), timer)
     if ends is not None:
-        cal.ends = _block_time(ends, max(2, repeats // 2), comm, clock=tick)
+        cal.ends = timer(ends, max(2, repeats // 2))
     if optimizer is not None:
-        cal.optimizer = _optimizer_cost(F, optimizer, repeats, comm, tick)
+        cal.optimizer = _optimizer_cost(F, optimizer, repeats, timer)
+    cal.spread = timer.spread
     return cal
 
 
+def affine_cost(t_big, big, t_small=None, small=None):
+    """(a, b) of a cost a + b*rows through the timings ``t_big`` of ``big``
+    rows and ``t_small`` of ``small`` rows, with a, b >= 0: a negative
+    slope is 0 (a = t_big), a negative intercept 0 (the line through the
+    origin and the big batch).  Without ``t_small``: b = t_big / big."""
+    if t_small is None:
+        return 0.0, t_big / big
+    b = max((t_big - t_small) / (big - small), 0.0)
+    a = t_big - b * big
+    if a < 0:
+        return 0.0, t_big / big
+    return a, b
+
+
 # ---- the MGRIT schedule -------------------------------------------------------
-def _fwd_block(N, P, q):
-    return (0 if q == 0 else 1 + q * N // P), (q + 1) * N // P
-
-
 def block(N, P, q, reverse=False):
-    """Fine points (lo, hi) of time-ordered rank q (the core's layout)."""
+    """Fine points (lo, hi) of time-ordered rank q: the core's layout
+    (``braid_ext.Layout``), mirrored in a reversed solve (hierarchy.c)."""
     if not reverse:
-        return _fwd_block(N, P, q)
-    lo, hi = _fwd_block(N, P, P - 1 - q)
+        return Layout(N, P).block(q)
+    lo, hi = Layout(N, P).block(P - 1 - q)
     return (0 if q == 0 else N + 1 - hi), N + 1 - max(lo, 1)
-
-
-def hierarchy(N, max_levels, cfactor, min_coarse=2):
-    """[(points n_l, stride_l, cfactor_l or 0 on the coarsest)] per level."""
-    out, n, stride = [], N, 1
-    while True:
-        coarsen = len(out) + 1 < max_levels and n // cfactor >= min_coarse
-        out.append((n, stride, cfactor if coarsen else 0))
-        if not coarsen:
-            return out
-        n //= cfactor
-        stride *= cfactor
-
-
-def relax_sweeps(relax):
-    if not (isinstance(relax, str) and len(relax) % 2 == 1
-            and relax == "F" + "CF" * (len(relax) // 2)):
-        raise ValueError(f"relax={relax!r}: must be 'F', 'FCF', 'FCFCF', ...")
-    return len(relax) // 2
 
 
 class _Solve:
@@ -572,7 +641,7 @@ def solve(N, P, *, max_levels=1, cfactor=4, min_coarse=2, relax="FCF", cycle="V"
         raise ValueError(f"cycle={cycle!r}: must be 'V' or 'F'")
     if not (isinstance(max_iter, int) and max_iter >= 0):
         raise ValueError(f"max_iter={max_iter!r}: must be an integer >= 0")
-    levels = hierarchy(N, max_levels, cfactor, min_coarse)
+    levels = hierarchy(N, max_levels=max_levels, cfactor=cfactor, min_coarse=min_coarse)
     costs = list(cost) if isinstance(cost, (list, tuple)) else [cost] * len(levels)
     costs += [costs[-1]] * (len(levels) - len(costs))
     fc = costs[0] if final_cost is None else final_cost
@@ -591,8 +660,9 @@ def pipeline(N, P, sizes, step_cost, message):
     and per message of a micro-batch of ``rows`` samples."""
     done = [0.0] * len(sizes)  # when each micro-batch left the previous rank
     clock = 0.0
+    layout = Layout(N, P)
     for q in range(P):
-        lo, hi = _fwd_block(N, P, q)
+        lo, hi = layout.block(q)
         nq = hi - max(lo, 1) + 1
         clock = 0.0
         for i, b in enumerate(sizes):

@@ -9,6 +9,7 @@ as well as the fastest overall.
 """
 import math
 
+from braid_ext import hierarchy
 from layerpar import perfmodel as pm
 
 
@@ -25,6 +26,8 @@ def candidates(config, P):
     """(mode, ranks, options) to compare: the configured MGRIT settings, a
     few alternatives, the pipeline with several micro-batch counts, and each
     on fewer ranks (powers of two below P)."""
+    from layerpar.config import MIN_COARSE  # the networks' (LayerParallel's default)
+
     g, N = config["mgrit"], config["model"]["nlayers"]
     B = config["data"]["batch_size"]
     mode = g["mode"] if g["mode"] != "serial" else "layer-parallel"
@@ -49,8 +52,8 @@ def candidates(config, P):
         seen = []
         for kw in mg:
             # the hierarchy the core builds: more levels than fit are not built
-            levels = pm.hierarchy(N, kw["max_levels"], kw["cfactor"], config["mgrit"].get(
-                "min_coarse", 2))
+            levels = hierarchy(N, max_levels=kw["max_levels"], cfactor=kw["cfactor"],
+                               min_coarse=MIN_COARSE)
             kw = dict(kw, max_levels=len(levels))
             if len(levels) > 1 and kw not in seen:
                 seen.append(kw)
@@ -76,8 +79,31 @@ def predict(cal, config, P):
     return rows
 
 
-def report(rows, P):
-    """The table and the recommendation, as lines of text."""
+def noisy_ranking(rows, spread):
+    """(fastest, rival) when timings of relative ``spread`` cannot rank them:
+    the fastest row and the fastest of another mode, predicted less than
+    two spreads apart (each prediction may be off by the spread, the two in
+    opposite directions); None when they can, or the spread is unknown."""
+    if spread is None or not rows:
+        return None
+    best = rows[0]
+    rival = next((r for r in rows[1:] if r[1] != best[1]), None)
+    if rival is None or rival[3] > best[3] * (1 + 2 * spread):
+        return None
+    return best, rival
+
+
+def spread_line(spread):
+    """The calibration's spread, as a line of text."""
+    if spread is None:
+        return "calibration spread: not recorded (a calibration file written before it was)"
+    return (f"calibration spread: {spread:.1%} (each timing: the fastest of up to "
+            f"{pm.SETTLE_TRIES} blocks, whose {pm.SETTLE_KEEP} fastest agree within this)")
+
+
+def report(rows, P, spread=None):
+    """The table and the recommendation, as lines of text; a warning last
+    when the calibration's ``spread`` is too large to rank the modes."""
     base = next(t for _, mode, p, t in rows if mode == "serial" and p == 1)
     lines = [f"{'setting':<78} {'s/step':>10} {'speed-up':>9}"]
     for name, _, _, t in rows:
@@ -98,6 +124,13 @@ def report(rows, P):
             advice += f" on {best[2]} rank{'s' * (best[2] > 1)}: use fewer ranks"
         lines.append(f"recommendation: {advice} (inexact gradients: check the residuals); "
                      f"fastest exact: {exact[0]} ({base / exact[3]:.2f}x)")
+    noisy = noisy_ranking(rows, spread)
+    if noisy:
+        (a, _, _, ta), (b, _, _, tb) = noisy
+        lines.append(f"warning: the calibration is too noisy to rank the modes: its timings "
+                     f"spread by {spread:.0%}, and {a} ({ta:.4g} s) and {b} ({tb:.4g} s) are "
+                     "predicted closer than that allows; calibrate again on a quiet machine "
+                     "(or use --calibration with a file made on one)")
     return lines
 
 
@@ -143,11 +176,12 @@ def main(*, config_path, ranks, overrides=(), calibration=None, save=None, comm=
             cal.save(save)
     out(f"{source}; messages: {cal.info.get('messages', '?')} "
         f"(latency {cal.latency:.3g} s, bandwidth {cal.bandwidth:.3g} B/s)")
+    out(spread_line(cal.spread))
     left_out = [name for name, v in (("the solver's own costs", cal.overhead + cal.solve_fixed),
                                      ("opening, closing, loss", cal.ends),
                                      ("optimiser", cal.optimizer)) if not v]
     out(f"{N} layers, batch {config['data']['batch_size']}, up to {ranks} ranks; modelled: "
         "the solves" + (f" (not included: {'; '.join(left_out)})" if left_out else ""))
-    for line in report(predict(cal, config, ranks), ranks):
+    for line in report(predict(cal, config, ranks), ranks, cal.spread):
         out(line)
     return 0

@@ -20,7 +20,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from braid_ext import Solver, check_options  # noqa: E402
+from braid_ext import (Layout, OptionError, Solver, check_options, hierarchy,  # noqa: E402
+                       relax_sweeps)
 from braid_ext.examples.dahlquist import Dahlquist  # noqa: E402
 from layerpar import LayerParallel  # noqa: E402
 
@@ -134,6 +135,79 @@ def test_every_valid_solver_option_set_solves(opts):
                 err = comm.allreduce(err, op=MPI.MAX)
                 # converged MGRIT (or one level: sequential) is the sequential result
                 assert err <= 1e-12, f"error {err} with {run}"
+
+
+# ---- the grid hierarchy and the relaxation grammar ---------------------------
+
+def reference_hierarchy(N, max_levels, cfactor, min_coarse):
+    """[(n, stride, factor to the next level or 0)], written out from the
+    definition: coarsen level l by its factor (a list's last entry holds
+    below) while fewer than max_levels levels exist and the coarse grid
+    keeps at least min_coarse steps."""
+    factors = cfactor if isinstance(cfactor, list) else [cfactor]
+    levels = [[N, 1, 0]]
+    while len(levels) < max_levels:
+        n, stride, _ = levels[-1]
+        m = factors[min(len(levels) - 1, len(factors) - 1)]
+        if n // m < min_coarse:
+            break
+        levels[-1][2] = m
+        levels.append([n // m, stride * m, 0])
+    return [tuple(lev) for lev in levels]
+
+
+hierarchy_options = {
+    "max_levels": st.integers(1, 8),
+    "cfactor": st.one_of(st.integers(2, 9), st.lists(st.integers(2, 9), min_size=1, max_size=4)),
+    "min_coarse": st.integers(1, 6),
+}
+
+
+@settings(SETTINGS, max_examples=400)
+@given(N=st.one_of(st.integers(1, 3000), st.integers(1, 2**62)),
+       opts=st.fixed_dictionaries(hierarchy_options))
+def test_hierarchy_is_the_definition(N, opts):
+    assert hierarchy(N, **opts) == tuple(reference_hierarchy(N, **opts))
+
+
+@pytest.mark.mpi
+@settings(SETTINGS, max_examples=60)
+@given(extra=st.integers(0, 300), opts=st.fixed_dictionaries(hierarchy_options),
+       reverse=st.booleans())
+def test_hierarchy_is_what_a_solver_builds(extra, opts, reverse):
+    """For every (N, P, max_levels, cfactor, min_coarse): the levels, sizes
+    and strides a Solver builds on the P ranks of COMM_WORLD, and on each
+    level the points this rank owns: those whose fine point lies in its
+    block of the Layout (mirrored in a reversed solve)."""
+    comm = MPI.COMM_WORLD
+    N, P = comm.size + extra, comm.size
+    levels = hierarchy(N, **opts)
+    lo, hi = Layout(N, P).block(comm.rank)
+    if reverse:  # time-ordered rank P-1-rank: the mirror of forward rank `rank`
+        lo, hi = (0 if comm.rank == P - 1 else N + 1 - hi), N + 1 - max(lo, 1)
+    with Solver(Dahlquist(), comm, 0.0, 1.0, N, reverse=reverse, **opts) as s:
+        built = [s.level_size(l) for l in range(s.nlevels)]
+        ranges = [s.local_range(l) for l in range(s.nlevels)]
+    assert [(lev.n, lev.stride) for lev in levels] == built
+    for lev, (a, b) in zip(levels, ranges):
+        assert (a, b) == (-(-lo // lev.stride), hi // lev.stride)
+
+
+@given(text=st.text(alphabet="FC", max_size=9) | st.sampled_from(["fcf", "FCF ", "", "X"]))
+@SETTINGS
+def test_relax_grammar_is_the_solvers(text):
+    """A relaxation is accepted by relax_sweeps exactly when a Solver accepts
+    it, and exactly when it is F followed by CF pairs; its sweep count is
+    the number of pairs."""
+    grammar = text[:1] == "F" and text[1:] == "CF" * ((len(text) - 1) // 2) and \
+        len(text) % 2 == 1
+    try:
+        sweeps = relax_sweeps(text)
+    except OptionError as e:
+        assert not grammar and e.option == "relax" and e.value == text
+    else:
+        assert grammar and sweeps == text.count("C")
+    assert (solver_refusal({"relax": text}, MPI.COMM_SELF) is None) == grammar
 
 
 # ---- LayerParallel --------------------------------------------------------

@@ -215,10 +215,14 @@ def test_calibration_round_trip(tmp_path):
     assert cal.overhead >= 0 and cal.solve_fixed >= 0
     assert cal.ends > 0 and cal.optimizer > 0 and cal.info["clock"] == "cpu"
     assert cal.info["messages"] == "default"
+    assert cal.spread is not None and cal.spread >= 0  # recorded, whatever it was
+    for k in pm.KINDS:  # never a negative intercept
+        assert cal.costs[k][0] >= 0 and cal.costs[k][1] >= 0
     path = tmp_path / "calibration.json"
     cal.save(path)
     again = pm.Calibration.load(path)
     assert again.to_dict() == json.loads(json.dumps(cal.to_dict()))
+    assert again.spread == cal.spread
     assert again.step("adj_w", 3) == cal.step("adj_w", 3)
 
 
@@ -294,3 +298,128 @@ def test_overhead_fit_recovers_the_costs():
     a, b = pm.fit_overhead(rows)
     assert a == 0.0 and b == pytest.approx((4e-3 + 1e-3) / 4, rel=1e-12)
     assert pm.fit_overhead([(16, 2, -1.0), (32, 2, -2.0)]) == (0.0, 0.0)
+
+
+# ---- a robust calibration: no wall time is asserted, the estimator gets given samples ----
+
+def _samples(values):
+    """measure() returning the given block timings in turn, and the calls made."""
+    it, calls = iter(values), []
+
+    def measure():
+        calls.append(1)
+        return next(it)
+    return measure, calls
+
+
+def test_settle_stops_when_the_fastest_blocks_agree():
+    measure, calls = _samples([1.5, 1.0, 1.2, 1.02, 1.01, 9.0])
+    t, spread = pm.settle(measure, keep=3, tries=10, tolerance=0.05)
+    # after five blocks the three fastest (1.0, 1.01, 1.02) agree within 2%
+    assert (t, len(calls)) == (1.0, 5) and spread == pytest.approx(0.02, rel=1e-12)
+
+
+def test_settle_gives_up_after_its_tries_with_the_fastest_and_the_spread():
+    measure, calls = _samples([2.0, 1.0, 4.0, 1.5, 3.0, 1.25, 8.0, 2.5])
+    t, spread = pm.settle(measure, keep=3, tries=6, tolerance=0.05)
+    assert (t, len(calls)) == (1.0, 6) and spread == pytest.approx(0.5, rel=1e-12)
+
+
+def test_settle_goes_by_the_agreed_spread():
+    """Every rank measures as many blocks as the noisiest one needs: the
+    spread ``agree`` returns decides."""
+    seen = []
+
+    def agree(spread):  # another rank is still noisy for the first two agreements
+        seen.append(spread)
+        return 0.3 if len(seen) < 3 else spread
+    measure, calls = _samples([1.0] * 10)
+    t, spread = pm.settle(measure, keep=3, tries=10, tolerance=0.05, agree=agree)
+    assert (t, spread, len(calls)) == (1.0, 0.0, 5) and seen == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="keep="):
+        pm.settle(measure, keep=4, tries=3)
+
+
+def test_timer_takes_the_fastest_block_and_keeps_the_largest_spread():
+    """A fake clock: the warm-up call lasts 0.3 s, then block k of 4 calls
+    durations[k] seconds."""
+    durations = iter([0.3, 0.8, 0.4, 0.44, 0.42, 2.0, 1.0, 1.0, 1.0])
+    now = [0.0]
+    started = [False]
+
+    def clock():  # called at the start and the end of the warm-up and each block
+        if started[0]:
+            now[0] += next(durations)
+        started[0] = not started[0]
+        return now[0]
+    timer = pm._Timer(clock=clock, tolerance=0.15)
+    calls = []
+    assert timer(lambda: calls.append(1), 4) == pytest.approx(0.1, rel=1e-12)
+    assert len(calls) == 1 + 4 * 4  # a warm-up call, then four blocks
+    assert timer.spread == pytest.approx(0.1, rel=1e-12)  # (0.44 - 0.4) / 0.4
+    assert timer(lambda: None, 1) == 1.0 and timer.spread == pytest.approx(0.1, rel=1e-12)
+
+
+def test_timer_makes_short_blocks_longer():
+    """Calls of 1 ms (a fake clock that advances 1 ms a call): a block of 3
+    lasts less than min_block = 10 ms, so it takes 10."""
+    now = [0.0]
+
+    def call():
+        now[0] += 1e-3
+    counted = []
+    timer = pm._Timer(clock=lambda: now[0], min_block=1e-2)
+    assert timer(lambda: (call(), counted.append(1)), 3) == pytest.approx(1e-3, rel=1e-9)
+    assert len(counted) == 1 + 3 * 10  # the warm-up, then three equal blocks of 10
+    assert timer.spread == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_noisy_small_batch_gives_no_negative_intercept():
+    """The failure seen under load: a small batch timed too fast next to the
+    big one gives a negative intercept, with which 8 micro-batches on one
+    rank were predicted faster than the whole batch.  The intercept is 0
+    then (the line through the origin and the big batch)."""
+    assert pm.affine_cost(1.0, 100, 0.01, 10) == (0.0, 0.01)
+    a, b = pm.affine_cost(1.0, 100, 0.19, 10)
+    assert a == pytest.approx(0.1, rel=1e-12) and b == pytest.approx(0.009, rel=1e-12)
+    assert pm.affine_cost(1.0, 100, 2.0, 10) == (1.0, 0.0)  # a slower small batch: flat
+    assert pm.affine_cost(1.0, 100) == (0.0, 0.01)
+    costs = {k: pm.affine_cost(1e-3, 64, 1e-6, 8) for k in pm.KINDS}
+    cal = pm.Calibration(costs, batch=64, row_bytes=64)
+    serial = pm.training_step(cal, 16, 1, "serial")["time"]
+    for m in (2, 8):
+        assert pm.training_step(cal, 16, 1, "pipeline", microbatches=m)["time"] >= serial
+
+
+def _rows(*times):
+    modes = ["pipeline", "serial", "layer-parallel", "one-shot"]
+    return [(f"setting {i}", modes[i], 1, t) for i, t in enumerate(times)]
+
+
+def test_the_ranking_is_noisy_when_the_modes_are_closer_than_the_spread():
+    from layerpar.plan import noisy_ranking
+    rows = _rows(1.0, 1.15, 2.0)
+    assert noisy_ranking(rows, 0.1)[1][1] == "serial"   # 1.15 < 1.0 * (1 + 2 * 0.1)
+    assert noisy_ranking(rows, 0.05) is None           # 1.15 > 1.1
+    assert noisy_ranking(rows, None) is None            # not recorded
+    same_mode = [("a", "pipeline", 1, 1.0), ("b", "pipeline", 2, 1.01), ("c", "serial", 1, 3.0)]
+    assert noisy_ranking(same_mode, 0.1) is None  # one mode's settings are not the question
+
+
+def test_plan_prints_the_spread_and_warns_when_too_noisy(tmp_path):
+    quiet = pm.Calibration({k: (1e-5, 1e-6) for k in pm.KINDS}, latency=1.0, bandwidth=1e9,
+                           batch=50, row_bytes=2048, spread=0.02)
+    lines = _plan_lines(quiet, tmp_path, 1)
+    assert "calibration spread: 2.0%" in lines[1]
+    assert lines[-1].startswith("recommendation: train serially")
+    # one rank: serial and the pipeline differ by the micro-batches' intercepts
+    # alone (17% for two), less than a spread of 30% can tell
+    noisy = pm.Calibration.load_dict(dict(quiet.to_dict(), spread=0.3))
+    lines = _plan_lines(noisy, tmp_path, 1)
+    assert "calibration spread: 30.0%" in lines[1]
+    assert lines[-1].startswith("warning: the calibration is too noisy to rank the modes")
+    assert "serial" in lines[-1] and "pipeline" in lines[-1]
+    old = pm.Calibration.load_dict({k: v for k, v in quiet.to_dict().items() if k != "spread"})
+    lines = _plan_lines(old, tmp_path, 1)
+    assert "calibration spread: not recorded" in lines[1]
+    assert not lines[-1].startswith("warning")

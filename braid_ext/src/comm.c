@@ -25,18 +25,6 @@ enum { TAG_PING = 1001, TAG_PONG = 1002, TAG_NOTICE = 1003 };
 static const int one_int = 1;
 static const double poison_head[2] = {1.0, 0.0};
 
-/* An MPI or memory error on this rank: like a failed callback, it stops the
- * user work here and is passed on in the messages and at the next agreement,
- * so that every rank leaves the solve together. */
-void mg_FailLocal(mg_Core core, int code) {
-  if (!core->failed) {
-    core->failed = code;
-    core->fail_code = code;
-    core->fail_rank = core->rank;
-    core->fail_index = core->cur_index;
-  }
-}
-
 static void nap(void) {
   struct timespec ts = {0, 20000}; /* 20 us: a wait with a deadline polls */
   nanosleep(&ts, NULL);

@@ -11,8 +11,12 @@
  * into N+1-a, so that step a-1 -> a of the reversed solve and forward step
  * N-a -> N+1-a are on the same rank.
  *
- * A coarse point j of level l is the fine point j*stride_l and belongs to the
- * rank that owns that fine point; a rank may own no point on a coarse level.
+ * The hierarchy (mg_Hierarchy, the one computation of it: the binding hands
+ * it to Python as braid_ext.hierarchy) coarsens level l by its cfactor while
+ * the coarse grid keeps min_coarse steps and fewer than max_levels levels
+ * are built.  A coarse point j of level l is the fine point j*stride_l and
+ * belongs to the rank that owns that fine point; a rank may own no point on
+ * a coarse level.
  */
 #include <stdlib.h>
 #include "mgrit_impl.h"
@@ -30,6 +34,28 @@ int mg_BlockRange(int64_t N, int P, int q, int64_t *lo, int64_t *hi) {
   if (N < 1 || P < 1 || P > N || q < 0 || q >= P || !lo || !hi) return MG_ERR_ARG;
   *lo = fwd_lo(N, P, q);
   *hi = fwd_hi(N, P, q);
+  return MG_OK;
+}
+
+int mg_Hierarchy(int64_t nsteps, int max_levels, int64_t min_coarse, const int *cfactor,
+                 int ncfactor, int *nlevels, int64_t *n, int64_t *stride) {
+  if (nsteps < 1 || max_levels < 1 || max_levels > MG_MAX_LEVELS || min_coarse < 1 ||
+      !cfactor || ncfactor < 1 || ncfactor > MG_MAX_LEVELS || !nlevels || !n || !stride)
+    return MG_ERR_ARG;
+  for (int l = 0; l < ncfactor; l++)
+    if (cfactor[l] < 2) return MG_ERR_ARG;
+  int L = 0;
+  n[0] = nsteps;
+  stride[0] = 1;
+  for (;;) {
+    int cf = cfactor[L < ncfactor ? L : ncfactor - 1];
+    int coarsen = L + 1 < max_levels && n[L] / cf >= min_coarse;
+    L++;
+    if (!coarsen) break;
+    n[L] = n[L - 1] / cf;
+    stride[L] = stride[L - 1] * cf;
+  }
+  *nlevels = L;
   return MG_OK;
 }
 
@@ -93,11 +119,6 @@ int mg_Owner(mg_Core core, int level, int64_t j) {
   return owner_fine(core, j * core->levels[level].stride);
 }
 
-double mg_TimeOf(mg_Core core, int64_t i) {
-  if (i == core->nsteps) return core->t1;
-  return core->t0 + (core->t1 - core->t0) * ((double)i / (double)core->nsteps);
-}
-
 /* is fine point j kept between sweeps?  Without store_all: the C-points and
  * the last point; a one-level solve (whose only C-point is 0) keeps its two
  * end points, stepping the others in place.  A rank may then keep no point
@@ -159,23 +180,18 @@ int mg_BuildHierarchy(mg_Core core) {
 
   int q = time_rank(core, core->rank);
   int64_t flo = block_lo(core, q), fhi = block_hi(core, q);
-  int64_t n = core->nsteps, stride = 1;
+  int64_t n[MG_MAX_LEVELS], stride[MG_MAX_LEVELS];
   int L = 0;
-  for (;;) {
-    mg_Level *lev = &core->levels[L];
-    lev->n = n;
-    lev->stride = stride;
-    lev->nrelax = core->nrelax[L];
-    lev->lo = (flo + stride - 1) / stride;
-    lev->hi = fhi / stride;
-    int cf = core->cfactor[L];
-    int coarsen = L + 1 < core->max_levels && L + 1 < MG_MAX_LEVELS &&
-                  n / cf >= core->min_coarse;
-    lev->cfactor = coarsen ? cf : 0;
-    L++;
-    if (!coarsen) break;
-    n /= cf;
-    stride *= cf;
+  MG_CHK(mg_Hierarchy(core->nsteps, core->max_levels, core->min_coarse, core->cfactor,
+                      MG_MAX_LEVELS, &L, n, stride));
+  for (int l = 0; l < L; l++) {
+    mg_Level *lev = &core->levels[l];
+    lev->n = n[l];
+    lev->stride = stride[l];
+    lev->nrelax = core->nrelax[l];
+    lev->lo = (flo + stride[l] - 1) / stride[l];
+    lev->hi = fhi / stride[l];
+    lev->cfactor = l + 1 < L ? core->cfactor[l] : 0;
   }
   core->nlevels = L;
   core->built_reverse = core->reverse;

@@ -232,6 +232,17 @@ int mg_GetRank(mg_Core core, int *rank_out);
  * 0 <= n < N.  Need no solver and no communicator. */
 int mg_BlockRange(int64_t N, int P, int q, int64_t *lo, int64_t *hi);
 int mg_LayerOwner(int64_t N, int P, int64_t n, int *owner);
+/* The grid hierarchy every solver builds for nsteps steps: level 0 is the
+ * fine grid; level l+1 exists when l+1 < max_levels and n_l / m_l >=
+ * min_coarse, and then has n_{l+1} = n_l / m_l points after point 0 (rounded
+ * down), m_l = cfactor[min(l, ncfactor - 1)] (the last factor holds for the
+ * levels below).  Outputs: *nlevels, and per level n[l] (its points are
+ * 0..n[l]) and stride[l] (point j is fine point j*stride[l]); n and stride
+ * need room for MG_MAX_LEVELS entries.  MG_ERR_ARG unless nsteps >= 1,
+ * 1 <= max_levels <= MG_MAX_LEVELS, min_coarse >= 1, 1 <= ncfactor <=
+ * MG_MAX_LEVELS and every factor >= 2.  Needs no solver. */
+int mg_Hierarchy(int64_t nsteps, int max_levels, int64_t min_coarse, const int *cfactor,
+                 int ncfactor, int *nlevels, int64_t *n, int64_t *stride);
 const char *mg_ErrorString(int code);
 /* Exercise an application's clone/sum/norm/pack/unpack on a vector made by
  * init(t): returns MG_OK, or MG_ERR_CALLBACK with a message in msg. */

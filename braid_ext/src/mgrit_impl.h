@@ -91,10 +91,11 @@ int mg_BuildHierarchy(mg_Core core);
 void mg_FreeHierarchy(mg_Core core, int keep_fine);
 void mg_FreeCoarse(mg_Core core);
 int mg_Owner(mg_Core core, int level, int64_t j);
-double mg_TimeOf(mg_Core core, int64_t fine_index);
 int mg_FineStored(mg_Core core, int64_t j);
 
-/* wrap.c: every user call goes through these (timing, counting, failure) */
+/* wrap.c: every user call goes through these (timing, counting, failure),
+ * and every failure on this rank is recorded by mg_FailLocal */
+void mg_FailLocal(mg_Core core, int code);
 void mg_CallStep(mg_Core core, int level, int64_t j_start, mg_Vector u,
                  mg_Vector rhs);
 mg_Vector mg_CallInit(mg_Core core, int level, int64_t j);
@@ -118,7 +119,6 @@ int mg_AgreeNorm(mg_Core core, double local, int64_t bad, double *global,
 int mg_AgreeFailure(mg_Core core);
 int mg_Allreduce(mg_Core core, const void *in, void *out, int count,
                  MPI_Datatype type, MPI_Op op);
-void mg_FailLocal(mg_Core core, int code);
 
 /* relax.c */
 enum {

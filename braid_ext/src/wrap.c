@@ -5,12 +5,33 @@
  * callback has failed on this rank or a failure has arrived from another
  * rank, does nothing at all: the sweeps keep their message schedule (so no
  * rank waits forever) but no more user work is done until every rank has
- * agreed on the failure at the next allreduce.
+ * agreed on the failure at the next allreduce.  The failure state of the
+ * core is set here alone (mg_FailLocal), also for the core's own MPI and
+ * memory errors: this file calls no other file of the core.
  */
 #include <math.h>
 #include "mgrit_impl.h"
 
+/* A failure on this rank (a callback, or an MPI call or allocation of the
+ * core): it stops the user work here and is passed on in the messages and at
+ * the next agreement, so that every rank leaves the solve together.  The
+ * first failure is the one reported. */
+void mg_FailLocal(mg_Core core, int code) {
+  if (!core->failed) {
+    core->failed = code;
+    core->fail_code = code;
+    core->fail_rank = core->rank;
+    core->fail_index = core->cur_index;
+  }
+}
+
 static void fail(mg_Core core) { mg_FailLocal(core, MG_ERR_CALLBACK); }
+
+/* the time of fine point i (the last point is t1 exactly) */
+static double time_of(mg_Core core, int64_t i) {
+  if (i == core->nsteps) return core->t1;
+  return core->t0 + (core->t1 - core->t0) * ((double)i / (double)core->nsteps);
+}
 
 #define TIMED_CALL(core, call, ok)                                            \
   do {                                                                        \
@@ -33,8 +54,8 @@ void mg_CallStep(mg_Core core, int level, int64_t j_start, mg_Vector u,
   st.level = level;
   st.index = j_start * lev->stride;
   st.index_stop = (j_start + 1) * lev->stride;
-  st.t_start = mg_TimeOf(core, st.index);
-  st.t_stop = mg_TimeOf(core, st.index_stop);
+  st.t_start = time_of(core, st.index);
+  st.t_stop = time_of(core, st.index_stop);
   st.iter = core->iter;
   st.final = core->in_final && level == 0;
   st.rhs = rhs;
@@ -52,7 +73,7 @@ mg_Vector mg_CallInit(mg_Core core, int level, int64_t j) {
   int64_t i = j * core->levels[level].stride;
   core->cur_index = i;
   int ok;
-  TIMED_CALL(core, core->ops.init(core->app, mg_TimeOf(core, i), i, &u), ok);
+  TIMED_CALL(core, core->ops.init(core->app, time_of(core, i), i, &u), ok);
   if (ok && !u) fail(core);
   return ok ? u : NULL;
 }
@@ -94,7 +115,7 @@ void mg_CallAccess(mg_Core core, mg_Vector u, int64_t i, int done) {
   if (core->failed || !u || !core->ops.access) return;
   mg_AccessStatus st;
   st.index = i;
-  st.t = mg_TimeOf(core, i);
+  st.t = time_of(core, i);
   st.iter = core->iter;
   st.done = done;
   core->cur_index = i;

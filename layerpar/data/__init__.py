@@ -94,10 +94,11 @@ from layerpar.data.readers.cifar import (CIFAR10_DIRNAME, CIFAR10_TEST_FILE,  # 
                                          CIFAR10_TRAIN_FILES, read_cifar_batch)
 from layerpar.data.readers.files import FILE_SUFFIXES, read_arrays
 from layerpar.data.adapters import from_arrays, from_torch_dataset
-from layerpar.data.loading import KNOWN_DATASETS, load_configured, load_dataset, load_files
+from layerpar.data.loading import (DEFAULT_VAL_FRACTION, KNOWN_DATASETS, load_configured,
+                                   load_dataset, load_files)
 
 __all__ = [
-    "KNOWN_DATASETS", "DatasetError", "Dataset", "Split", "BatchLoader",
+    "KNOWN_DATASETS", "DEFAULT_VAL_FRACTION", "DatasetError", "Dataset", "Split", "BatchLoader",
     "load_dataset", "load_files", "load_configured", "from_arrays", "from_torch_dataset",
     "peaks_function", "read_idx", "read_cifar_batch", "read_arrays", "FILE_SUFFIXES",
 ]

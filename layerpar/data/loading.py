@@ -23,11 +23,11 @@ from layerpar.data.prepare import assemble, assemble_known
 from layerpar.data.readers import cifar, generated, idx
 from layerpar.data.readers.files import read_arrays
 
-__all__ = ["KNOWN_DATASETS", "load_dataset", "load_files", "load_configured"]
+__all__ = ["KNOWN_DATASETS", "DEFAULT_VAL_FRACTION", "load_dataset", "load_files", "load_configured"]
 
 KNOWN_DATASETS = ("peaks", "digits", "mnist", "fashion-mnist", "cifar10")
 
-_DEFAULT_VAL_FRACTION = {"peaks": 1 / 6, "digits": 0.2, "mnist": 1 / 6,
+DEFAULT_VAL_FRACTION = {"peaks": 1 / 6, "digits": 0.2, "mnist": 1 / 6,
                          "fashion-mnist": 1 / 6, "cifar10": 0.1, "files": 0.2}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -134,7 +134,7 @@ def _load_known(name, root, seed, val_fraction, dtype, normalize,
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if val_fraction is None:
-        val_fraction = _DEFAULT_VAL_FRACTION[key]
+        val_fraction = DEFAULT_VAL_FRACTION[key]
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if num_samples is not None and key != "peaks":
