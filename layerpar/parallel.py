@@ -29,6 +29,7 @@ from torch import nn
 from braid_ext import MGRITError, Solver, check_options
 from layerpar import partition
 from layerpar._collective import agree, check_comm, from_root
+from layerpar._tags import tag
 from layerpar._watchdog import check_timeout, guard, recv, set_timeout, timeout_of
 from layerpar.apps import AdjointApp, ForwardApp
 from layerpar.pipeline import SCHEDULES, Pipeline, PipelineFunction, split_sizes
@@ -580,9 +581,10 @@ class LayerParallel(nn.Module):
             F = self.layers[str(n)]
             # to rank q: layer n's weights and buffers, and its submodules' train/eval flags
             state = {k: v.detach().cpu() for k, v in F.state_dict().items()}
-            requests.append(self.comm.isend((state, training_flags(F)), dest=q, tag=n))
+            requests.append(self.comm.isend((state, training_flags(F)), dest=q,
+                                            tag=tag("ghost.layer", n)))
         for n in self._ghost_indices:
-            state, flags = recv(self.comm, self.layout.owner(n), n,
+            state, flags = recv(self.comm, self.layout.owner(n), tag("ghost.layer", n),
                                 f"the coarse-grid weights of layer {n}")
             if n not in self._ghosts:
                 self._ghosts[n] = self._make_layer(n)

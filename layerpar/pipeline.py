@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from layerpar._tags import tag
 from layerpar._watchdog import guard, wait
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -229,7 +230,8 @@ class Pipeline:
         several = len(sizes) > 1
         msgs = _Messages(comm, shape[1:], dtype, device)
         # receives from the previous rank, posted at once (tag: micro-batch)
-        recvs = [msgs.post_recv(rank - 1, i, b) for i, b in enumerate(sizes)] if rank > 0 else []
+        recvs = [msgs.post_recv(rank - 1, tag("pipeline.forward", i), b)
+                 for i, b in enumerate(sizes)] if rank > 0 else []
         inputs = u0.tensor_split(len(sizes)) if rank == 0 else None
         kept, outputs, error, clock = [], [], None, 0.0
         for i in range(len(sizes)):
@@ -252,7 +254,7 @@ class Pipeline:
             failed = failed or error is not None
             if rank < size - 1:
                 # the block's output for micro-batch i, to the next rank
-                msgs.send(rank + 1, i, y, failed, clock)
+                msgs.send(rank + 1, tag("pipeline.forward", i), y, failed, clock)
             elif not failed:
                 outputs.append(y.detach())
         msgs.wait_sends()
@@ -273,9 +275,9 @@ class Pipeline:
         m = len(sizes)
         cost = len(net.layer_indices) / m
         msgs = _Messages(comm, shape[1:], dtype, device)
-        # adjoints from the next rank, in reverse order (tag: m + micro-batch)
-        recvs = {i: msgs.post_recv(rank + 1, m + i, sizes[i]) for i in reversed(range(m))} \
-            if rank < size - 1 else {}
+        # adjoints from the next rank, in reverse order (tag: micro-batch)
+        recvs = {i: msgs.post_recv(rank + 1, tag("pipeline.backward", i), sizes[i])
+                 for i in reversed(range(m))} if rank < size - 1 else {}
         if rank == size - 1:
             if grad_out is None or tuple(grad_out.shape) != tuple(shape):
                 grad_out = torch.zeros(shape, dtype=dtype, device=device)
@@ -309,7 +311,7 @@ class Pipeline:
             failed = failed or error is not None
             if rank > 0:
                 # the adjoint of micro-batch i's block input, to the previous rank
-                msgs.send(rank - 1, m + i, gx, failed, clock)
+                msgs.send(rank - 1, tag("pipeline.backward", i), gx, failed, clock)
             else:
                 grad_inputs[i] = gx
         msgs.wait_sends()
@@ -345,13 +347,17 @@ class Pipeline:
         several = m > 1
 
         # one receive posted ahead per direction: states from the previous
-        # rank (tag: micro-batch), adjoints from the next one (tag: m + micro-batch)
+        # rank (tag: micro-batch), adjoints from the next one (tag: micro-batch)
         def post(direction, i):
             if i >= m:
                 return None
             if direction == "f":
-                return msgs.post_recv(rank - 1, i, sizes[i]) if not is_first else None
-            return msgs.post_recv(rank + 1, m + i, sizes[i]) if not is_last else None
+                if is_first:
+                    return None
+                return msgs.post_recv(rank - 1, tag("pipeline.forward", i), sizes[i])
+            if is_last:
+                return None
+            return msgs.post_recv(rank + 1, tag("pipeline.backward", i), sizes[i])
 
         posted = {"f": post("f", 0), "b": post("b", 0)}
         held, self.peak_held = {}, 0
@@ -385,7 +391,7 @@ class Pipeline:
                 clock_fwd = clock
                 if not is_last:
                     # micro-batch i's block output, to the next rank
-                    msgs.send(rank + 1, i, out, failed, clock)
+                    msgs.send(rank + 1, tag("pipeline.forward", i), out, failed, clock)
             else:
                 gx = None
                 graph = held.pop(i, None)  # released after its backward
@@ -402,7 +408,7 @@ class Pipeline:
                 del graph
                 if not is_first:
                     # the adjoint of micro-batch i's block input, to the previous rank
-                    msgs.send(rank - 1, m + i, gx, failed, clock)
+                    msgs.send(rank - 1, tag("pipeline.backward", i), gx, failed, clock)
             msgs.reap()
         msgs.wait_sends()
         held.clear()
