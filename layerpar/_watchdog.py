@@ -26,8 +26,10 @@ awaited peer of a point-to-point wait, when every rank answered).  It sends
 the verdict to every other rank (a notice): those waiting end their wait at
 once with the same verdict, and a silent rank that wakes up raises at its
 next guarded wait instead of entering a collective the others have left.
-Pings, answers and notices are point-to-point messages with tags at the top
-of the tag range, which layerpar uses for nothing else.
+Pings, answers and notices are point-to-point messages with tags of their
+own (``layerpar._tags``: watchdog.ping, .answer, .notice), which no other
+message carries.  The MGRIT core runs the same scheme on its own
+communicator while a rank waits inside a solve (braid_ext/src/comm.c).
 
 After a timeout the communicator holds unfinished requests, and every later
 guarded wait of this process raises the same error at once: the job should
@@ -41,6 +43,7 @@ import numpy as np
 from mpi4py import MPI
 
 from braid_ext import MGRITTimeoutError
+from layerpar._tags import tag
 
 ENV = "LAYERPAR_TIMEOUT"
 _TIMEOUT_CODE = 8          # the core's MG_ERR_TIMEOUT: the same kind of failure
@@ -51,6 +54,8 @@ _keyval = None             # the communicator attribute holding a limit
 _failure = None            # after a timeout: the error every later guarded wait raises
 _kept = []                 # send buffers of messages that may never be received
 _ONE = np.ones(1, dtype=np.int32)
+# "are you alive?", "yes", and the verdict naming the silent ranks
+_PING, _ANSWER, _NOTICE = tag("watchdog.ping"), tag("watchdog.answer"), tag("watchdog.notice")
 
 
 class SilentRankError(MGRITTimeoutError):
@@ -201,27 +206,20 @@ def _poll(comm, done, what, limit, peer):
         nap = min(2 * nap, _LONGEST_NAP)
 
 
-def _tags(comm):
-    # the bound lives on COMM_WORLD (Open MPI leaves it off split communicators)
-    top = MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
-    return top, top - 1, top - 2  # ping, answer, notice
-
-
 def _serve(comm, what, limit):
     """Answer every ping that has arrived; raise on a notice (another rank
     has named the silent ranks)."""
-    ping, answer, notice = _tags(comm)
     status = MPI.Status()
     got = np.zeros(1, dtype=np.int32)
-    while comm.Iprobe(MPI.ANY_SOURCE, ping, status):
+    while comm.Iprobe(MPI.ANY_SOURCE, _PING, status):
         source = status.Get_source()
-        comm.Recv([got, MPI.INT], source=source, tag=ping)
+        comm.Recv([got, MPI.INT], source=source, tag=_PING)
         # to the rank that asks: this rank is alive
-        comm.Isend([_ONE, MPI.INT], dest=source, tag=answer).Free()
-    if comm.Iprobe(MPI.ANY_SOURCE, notice, status):
+        comm.Isend([_ONE, MPI.INT], dest=source, tag=_ANSWER).Free()
+    if comm.Iprobe(MPI.ANY_SOURCE, _NOTICE, status):
         flags = np.zeros(comm.Get_size() + 1, dtype=np.float64)
         source = status.Get_source()
-        comm.Recv([flags, MPI.DOUBLE], source=source, tag=notice)
+        comm.Recv([flags, MPI.DOUBLE], source=source, tag=_NOTICE)
         silent = [r for r in range(comm.Get_size()) if flags[r]]
         limit = float(flags[-1]) or limit
         _fail(comm, silent, what, limit, f"as rank {_world(comm, source)} found")
@@ -232,15 +230,14 @@ def _timed_out(comm, done, what, limit, peer):
     name the ranks that do not answer within the grace period, tell every
     other rank, and raise.  Returns instead when the wait completes within
     the grace period after all (a late rank has arrived)."""
-    ping, answer, notice = _tags(comm)
     me, size = comm.Get_rank(), comm.Get_size()
     others = [r for r in range(size) if r != me]
     answers = {r: np.zeros(1, dtype=np.int32) for r in others}
     pending = {}
     for r in others:
         # to every other rank: are you alive?  (answered by its _serve)
-        comm.Isend([_ONE, MPI.INT], dest=r, tag=ping).Free()
-        pending[r] = comm.Irecv([answers[r], MPI.INT], source=r, tag=answer)
+        comm.Isend([_ONE, MPI.INT], dest=r, tag=_PING).Free()
+        pending[r] = comm.Irecv([answers[r], MPI.INT], source=r, tag=_ANSWER)
     end = time.monotonic() + min(1.0, limit)
     arrived = False
     try:
@@ -263,7 +260,7 @@ def _timed_out(comm, done, what, limit, peer):
     flags[silent] = 1.0
     flags[-1] = limit
     _kept.append(flags)
-    sends = [comm.Isend([flags, MPI.DOUBLE], dest=r, tag=notice) for r in others]
+    sends = [comm.Isend([flags, MPI.DOUBLE], dest=r, tag=_NOTICE) for r in others]
     # drive the notices out (a rank that sleeps after raising moves no
     # message); those to a silent rank may never complete
     end = time.monotonic() + min(1.0, limit)

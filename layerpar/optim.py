@@ -34,6 +34,7 @@ import torch
 from mpi4py import MPI
 
 from layerpar._collective import agree, check_comm, collective
+from layerpar._tags import tag
 from layerpar._watchdog import guard, sendrecv
 
 __all__ = ["LBFGS", "LineSearchError", "regularize", "schedule", "scheduler", "SCHEDULES",
@@ -802,10 +803,11 @@ def _smoothness(body, comm, gamma, h, add):
 
     # our last layer -> right neighbour (theta_{n-1} of its first layer n);
     # the left neighbour's last layer <- left (theta_{first-1} of ours)
-    from_left = sendrecv(comm, packed(last), right, left, 1, "a layer from the left neighbour")
+    from_left = sendrecv(comm, packed(last), right, left, tag("penalty.from_left"),
+                         "a layer from the left neighbour")
     # our first layer -> left neighbour (its last layer's right-hand term
     # needs theta_{n+1}); the right neighbour's first layer <- right
-    from_right = sendrecv(comm, packed(first), left, right, 2,
+    from_right = sendrecv(comm, packed(first), left, right, tag("penalty.from_right"),
                           "a layer from the right neighbour")
 
     theta = dict(mine)

@@ -378,7 +378,7 @@ class LayerParallel(nn.Module):
                                 f"not {type(u0).__name__}")
             return (tuple(u0.shape), u0.dtype, str(u0.device))
 
-        key = from_root(self.comm, self.first_rank, meta_of_input, error_type=TypeError,
+        key = from_root(self.comm, self.first_rank, meta_of_input,
                         what="the input state's shape from the first rank")
         if key != self._state_meta:
             agree(self.comm, self.stage.check_state(StateMeta.of(key)))

@@ -349,17 +349,20 @@ def _step_costs(F, shape, dtype, repeats, timer, h=0.1):
 def _ping_pong(comm, nbytes, repeats):
     """Seconds of one message of nbytes between ranks 0 and 1 (half a round trip)."""
     import numpy as np
+
+    from layerpar._tags import tag
     rank = comm.Get_rank()
+    ping = tag("calibration.ping_pong")
     buf = np.zeros(max(nbytes, 1), dtype=np.uint8)
     comm.Barrier()
     t = time.perf_counter()
     for _ in range(repeats):
         if rank == 0:    # rank 0 sends to 1, then waits for the echo
-            comm.Send(buf, dest=1, tag=7)
-            comm.Recv(buf, source=1, tag=7)
+            comm.Send(buf, dest=1, tag=ping)
+            comm.Recv(buf, source=1, tag=ping)
         elif rank == 1:  # rank 1 echoes what rank 0 sent
-            comm.Recv(buf, source=0, tag=7)
-            comm.Send(buf, dest=0, tag=7)
+            comm.Recv(buf, source=0, tag=ping)
+            comm.Send(buf, dest=0, tag=ping)
     dt = (time.perf_counter() - t) / (2 * repeats)
     return comm.bcast(dt, root=0)  # rank 0's measurement, on every rank
 

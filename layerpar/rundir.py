@@ -19,7 +19,7 @@ import os
 import shutil
 import socket
 
-from layerpar._watchdog import guard
+from layerpar._collective import on_root
 
 __all__ = ["RunDirError", "RESULT_FILES", "prepare", "holds_results", "latest_numbered"]
 
@@ -139,17 +139,11 @@ def prepare(comm, run_dir, *, default, resume=False, overwrite=False):
     ``run_dir``: the folder asked for, or "" for the default: a new
     ``<base>/<name>-<k>`` with ``default = (base, name)`` (when resuming: the
     highest-numbered existing one).  Raises RunDirError on every rank."""
-    result, error = None, None
-    if comm.Get_rank() == 0:
+    def on_rank0():
         try:
-            result = _prepare_rank0(run_dir, default, resume, overwrite)
-        except RunDirError as e:
-            error = str(e)
+            return _prepare_rank0(run_dir, default, resume, overwrite)
         except OSError as e:
-            error = f"run.dir {run_dir!r}: {e.strerror or e}"
-    # Rank 0 -> every rank: the folder, or why there is none.
-    guard(comm, "the run folder from rank 0")
-    result, error = comm.bcast((result, error), root=0)
-    if error is not None:
-        raise RunDirError(error)
-    return result
+            raise RunDirError(f"run.dir {run_dir!r}: {e.strerror or e}") from None
+
+    # rank 0 -> every rank: the folder, or why there is none
+    return on_root(comm, on_rank0, what="the run folder from rank 0")

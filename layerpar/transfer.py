@@ -41,22 +41,13 @@ from mpi4py import MPI
 
 from braid_ext import Layout
 from layerpar._collective import agree as _agree, check_comm
-from layerpar._watchdog import recv
+from layerpar._tags import tag as _tag
+from layerpar._watchdog import recv, wait
 from layerpar.parallel import LayerParallel
 
 PROLONG_KINDS = ("constant", "linear")
 RESTRICT_KINDS = ("injection", "full-weighting")
 
-# Our messages use the top tags of the communicator (below MPI.TAG_UB), one
-# per operation, so they never meet the layer-indexed tags of LayerParallel's
-# ghost exchange on the same communicator.  MPI.TAG_UB is read on COMM_WORLD,
-# where the standard puts it: Open MPI does not copy it to split
-# communicators (Get_attr gives None there), and the bound is the same for all.
-_TAG_OFFSET = {"prolong": 1, "restrict": 2, "restrict_gradient": 3}
-
-
-def _tag(comm, op):
-    return MPI.COMM_WORLD.Get_attr(MPI.TAG_UB) - _TAG_OFFSET[op]
 
 
 # ---- stencils: target layer -> ((source layer, coefficient), ...) -----------
@@ -171,7 +162,9 @@ def _transfer(local, src, dst, comm, op, kind, kinds, copy_scalars=False,
         msg = f"{type(e).__name__}: {e}"
     _agree(comm, msg)
 
-    rank, tag = comm.Get_rank(), _tag(comm, op)
+    # one tag per operation, its own (layerpar._tags): the messages share the
+    # network's communicator with its ghost exchange and the watchdog's
+    rank, tag = comm.Get_rank(), _tag(f"transfer.{op}")
     rows, recv_from, send_to = _plan(op, kind, src, dst, rank)
     # To each rank q: one message with the source layers we hold that q's
     # target layers are made of (detached CPU copies).
@@ -179,13 +172,14 @@ def _transfer(local, src, dst, comm, op, kind, kinds, copy_scalars=False,
     for q, layers in send_to.items():
         part = {s: {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v)
                     for k, v in local[s].items()} for s in layers}
-        requests.append(comm.isend(part, dest=q, tag=tag))
+        requests.append((q, comm.isend(part, dest=q, tag=tag)))
     # From each rank q: one message with the source layers q holds that ours
     # are made of.
     got = dict(local)
     for q, layers in recv_from.items():
         got.update(recv(comm, q, tag, f"the layers of rank {q} for a transfer"))
-    MPI.Request.waitall(requests)
+    for q, request in requests:  # each with the communicator's timeout
+        wait(comm, request, f"the layers sent to rank {q} for a transfer", q)
 
     msg, out = None, {}
     try:

@@ -5,6 +5,7 @@ Each rank catches what it raised; the outcomes are gathered and checked on
 every rank, so a failed assertion never leaves another rank waiting.
 """
 import gc
+import pickle
 
 import pytest
 import torch
@@ -12,6 +13,9 @@ from mpi4py import MPI
 from torch import nn
 
 from layerpar import LayerParallel, Network
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
 from layerpar._collective import RemoteError, agree, check_comm, collective, from_root, on_root
 from layerpar.optim import regularize
 
@@ -120,6 +124,152 @@ def test_on_root_shares_the_result_or_the_same_exception_everywhere():
                                                    "_Unpicklable: no copy")
 
 
+# ---- agree: the same exception type on every rank, and a payload ----------
+
+class _Custom(ValueError):
+    """A user's exception whose constructor takes two arguments."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+class _Failure(RemoteError):
+    """A caller's own RemoteError (as the pipeline's PipelineFailure)."""
+
+
+def _make(kind, rank):
+    """The error of kind ``kind`` a failing rank has (a message for "message")."""
+    text = f"bad on {rank}"
+
+    class _Local(LookupError):  # a type no other rank can name: its base travels
+        pass
+
+    return {"value": lambda: ValueError(text), "type": lambda: TypeError(text),
+            "key": lambda: KeyError(text), "fpe": lambda: FloatingPointError(text),
+            "os": lambda: FileNotFoundError(2, "No such file or directory", f"/{rank}"),
+            "custom": lambda: _Custom(text, 7), "local": lambda: _Local(text),
+            "arith": lambda: ArithmeticError(text), "message": lambda: text}[kind]()
+
+
+KINDS = ["value", "type", "key", "fpe", "os", "custom", "local", "arith", "message"]
+
+
+def _expected_type(kind):
+    """The type every rank's exception has when the lowest failing rank's
+    error is of ``kind``."""
+    return {"local": LookupError, "os": FileNotFoundError, "custom": _Custom,
+            "message": Exception}.get(kind) or type(_make(kind, 0))
+
+
+@pytest.mark.mpi
+@settings(derandomize=True, database=None, deadline=None, max_examples=40,
+          suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+@given(draw=st.fixed_dictionaries({
+    "kinds": st.lists(st.one_of(st.none(), st.sampled_from(KINDS)), min_size=4, max_size=4),
+    "what": st.one_of(st.none(), st.just("checking the batch")),
+    "error_type": st.sampled_from([None, _Failure])}))
+def test_agree_raises_the_failing_type_on_every_rank_naming_the_lowest(draw):
+    """Any set of failing ranks, any exception types: every rank raises; a
+    failing rank its own exception, every other rank one of the lowest
+    failing rank's type (a RemoteError too) that names that rank; without a
+    failure every rank gets every rank's payload."""
+    comm = MPI.COMM_WORLD
+    draw = comm.bcast(draw, root=0)  # rank 0's draw on every rank
+    kinds = draw["kinds"][:comm.size]
+    what, error_type = draw["what"], draw["error_type"]
+    mine = None if kinds[comm.rank] is None else _make(kinds[comm.rank], comm.rank)
+    caught, returned = None, None
+    try:
+        returned = agree(comm, mine, what=what, error_type=error_type, payload=comm.rank * 2)
+    except Exception as e:  # noqa: BLE001 - checked below, on every rank
+        caught = e
+    failing = [r for r, k in enumerate(kinds) if k is not None]
+    outcomes = comm.allgather(None if caught is None else
+                              (type(caught).__name__, str(caught), getattr(caught, "rank", None)))
+    assert comm.allreduce(1) == comm.size  # nothing left pending
+    if not failing:
+        assert caught is None and returned == [2 * r for r in range(comm.size)]
+        assert outcomes == [None] * comm.size
+        return
+    assert None not in outcomes  # every rank raised
+    low = failing[0]
+    kind = kinds[low]
+    if isinstance(mine, BaseException):
+        assert caught is mine
+        return
+    # no exception here (or only a message): the lowest failing rank's error
+    if kind == "message":
+        assert str(caught) == (f"{what} failed on rank {low}: bad on {low}" if what
+                               else f"bad on {low}")
+        assert isinstance(caught, error_type or (RemoteError if what else ValueError))
+        return
+    assert isinstance(caught, error_type or RemoteError)
+    assert isinstance(caught, _expected_type(kind)), (kind, type(caught).__mro__)
+    assert caught.rank == low
+    described = f"{type(_make(kind, low)).__name__}: {_make(kind, low)}"
+    assert str(caught) == (f"{what} failed on rank {low}: " if what else
+                           f"failed on rank {low}: ") + described
+    if kind == "custom":
+        assert caught.code == 7  # its plain attributes travel with it
+
+
+@pytest.mark.mpi
+def test_a_users_value_error_on_one_rank_is_a_value_error_on_every_rank():
+    comm = MPI.COMM_WORLD
+    bad = comm.size - 1
+    caught = None
+    try:
+        with collective(comm, "the opening layer"):
+            if comm.rank == bad:
+                raise ValueError("expected input of shape (4, 2)")
+    except ValueError as e:  # every rank catches it as what the user's layer raised
+        caught = (type(e).__name__, str(e), getattr(e, "rank", None),
+                  isinstance(e, RemoteError))
+    got = comm.allgather(caught)
+    assert got[bad] == ("ValueError", "expected input of shape (4, 2)", None, False)
+    for r, entry in enumerate(got):
+        if r != bad:
+            assert entry == ("RemoteError", f"the opening layer failed on rank {bad}: "
+                             "ValueError: expected input of shape (4, 2)", bad, True)
+
+
+def test_a_remote_error_of_another_type_survives_pickling():
+    from layerpar._collective import _remote
+    e = _remote(RemoteError, KeyError, "reading failed on rank 3: KeyError: 'x'", 3)
+    assert isinstance(e, KeyError) and isinstance(e, RemoteError) and e.like is KeyError
+    copy = pickle.loads(pickle.dumps(e))
+    assert type(copy) is type(e) and str(copy) == str(e) and copy.rank == 3
+    # a type that cannot be a base class gives the plain RemoteError
+    assert type(_remote(RemoteError, bool, "x", 0)) is RemoteError
+
+
+def test_silent_rank_errors_are_never_agreed():
+    from layerpar import SilentRankError
+
+    class NoMPI:
+        def __getattr__(self, name):
+            raise AssertionError(f"an MPI call ({name})")
+
+    silent = SilentRankError("a wait abandoned", 1)
+    with pytest.raises(SilentRankError) as info:
+        agree(NoMPI(), silent)
+    assert info.value is silent
+
+
+def test_agree_on_one_rank_sends_nothing():
+    class One:
+        def Get_size(self):
+            return 1
+
+        def __getattr__(self, name):
+            raise AssertionError(f"an MPI call ({name}) on one rank")
+
+    assert agree(One(), None, payload=(1.5, 2)) == [(1.5, 2)]
+    with pytest.raises(KeyError):
+        agree(One(), KeyError("here"))
+
+
 def test_check_comm_names_the_argument():
     check_comm(MPI.COMM_SELF)
     with pytest.raises(TypeError, match="^grid_comm must be an mpi4py intracommunicator"):
@@ -135,10 +285,16 @@ def test_check_comm_names_the_argument():
 def test_a_non_tensor_input_on_the_first_rank_raises_everywhere():
     comm = MPI.COMM_WORLD
     with tiny_body(comm) as body:
-        got = comm.allgather(outcome(lambda: body([1.0, 2.0] if comm.rank == 0 else None)))
-        assert got[0][0] == "TypeError" and "must be a tensor" in got[0][1]
-        for kind, text in got[1:]:
-            assert kind == "TypeError" and "failed on rank 0" in text
+        try:
+            body([1.0, 2.0] if comm.rank == 0 else None)
+            caught = None
+        except Exception as e:  # noqa: BLE001 - compared below, on every rank
+            caught = (isinstance(e, TypeError), type(e).__name__, str(e))
+        got = comm.allgather(caught)
+        assert got[0] == (True, "TypeError", got[0][2]) and "must be a tensor" in got[0][2]
+        for is_type_error, kind, text in got[1:]:
+            # a RemoteError that is a TypeError too, naming the first rank
+            assert is_type_error and kind == "RemoteError" and "failed on rank 0" in text
         # the module still works afterwards
         u0 = torch.ones(4, 3, dtype=torch.float64)
         out = body(u0)

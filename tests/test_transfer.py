@@ -13,7 +13,7 @@ from mpi4py import MPI
 
 from braid_ext import Layout
 from layerpar import DenseClosing, DenseOpening, DenseStep, Network
-from layerpar import transfer
+from layerpar import set_timeout, transfer
 from layerpar.transfer import (layer_grads, layer_params, move_optimizer_state, prolong,
                                prolong_network, restrict, restrict_gradient, restrict_network)
 
@@ -186,6 +186,34 @@ def test_dtype_kept_and_sources_untouched(op, kind):
         for k, v in entry.items():
             assert torch.equal(v.detach(), before[n][k])
             assert all(v is not w for e in out.values() for w in e.values())
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("op,kind", [("restrict", "injection"), ("restrict", "full-weighting"),
+                                     ("prolong", "constant"), ("prolong", "linear"),
+                                     ("restrict_gradient", "constant")])
+def test_a_timeout_on_the_communicator_changes_nothing(op, kind):
+    """9 -> 3 layers and back (12 <-> 4 on four ranks) with a limit on the
+    communicator, so that the watchdog serves its pings while the layers
+    are in flight: the same layers, bit for bit, as without a limit."""
+    fn = getattr(transfer, op)
+    nc = max(3, WORLD.size)
+    ns, nd = (nc, 3 * nc) if op == "prolong" else (3 * nc, nc)
+    src, dst = Layout(ns, WORLD.size), Layout(nd, WORLD.size)
+    local = local_dict(src, WORLD, lambda n: layer_data(n, ns))
+    plain = fn(local, src, dst, WORLD, kind=kind)
+    comm = WORLD.Dup()
+    set_timeout(comm, 20)
+    try:
+        timed = fn(local, src, dst, comm, kind=kind)
+        outcome = sorted(timed) == sorted(plain) and all(
+            torch.equal(timed[n][k], plain[n][k]) for n in plain for k in SHAPES)
+    except Exception as e:  # noqa: BLE001 - compared below, on every rank
+        outcome = f"{type(e).__name__}: {e}"
+    finally:
+        outcomes = WORLD.allgather(outcome)
+        comm.Free()
+    assert outcomes == [True] * WORLD.size
 
 
 class CountingComm(MPI.Intracomm):

@@ -173,6 +173,44 @@ def test_guarded_collectives_give_the_same_results_with_a_limit():
     assert results[1][0] == [1.5, world.size - 1] and results[1][1] and not results[1][2]
 
 
+@pytest.mark.mpi
+def test_mgopt_with_a_run_timeout_trains_as_without(tmp_path_factory):
+    """MG/OPT restricts and prolongs the weights across ranks between its
+    levels (9 and 3 layers) while the watchdog serves (run.timeout set): the
+    run finishes, with the same metrics and weights, bit for bit, as
+    without a limit."""
+    from layerpar.training.multilevel import MultilevelTrainer
+    world = MPI.COMM_WORLD
+    base = world.bcast(str(tmp_path_factory.mktemp("mgopt")) if world.rank == 0 else None)
+    runs = []
+    nlayers = 9 if world.size <= 3 else 12  # blocks of 9 (12) and 3 (4) layers that do not align
+    for limit in (0, 20):
+        cfg = resolve(None, ['mgrit.mode="serial"', f"model.nlayers={nlayers}", "model.width=4",
+                             "multilevel.factor=3", 'multilevel.restrict="full-weighting"',
+                             'multilevel.prolong="linear"',
+                             "optim.epochs=2", "data.batch_size=500", 'data.dtype="float64"',
+                             "run.plot=false", 'optim.schedule="constant"',
+                             'multilevel.method="mgopt"', 'optim.name="sgd"', "optim.lr=0.5",
+                             f"run.timeout={limit}", f'run.dir="{base}/limit-{limit}"'])
+        outcome = None
+        try:
+            trainer = MultilevelTrainer(cfg, world)
+            trainer.run()
+            rows = world.bcast(trainer.metrics.rows(), root=0)
+            params = trainer.level.params()
+            weights = {(n, k): t.detach().clone() for n, d in params["layers"].items()
+                       for k, t in d.items()}
+            outcome = (rows, weights)
+        except Exception as e:  # noqa: BLE001 - compared below, on every rank
+            outcome = f"{type(e).__name__}: {e}"
+        runs.append(outcome)
+    failed = world.allgather([r for r in runs if isinstance(r, str)])
+    assert failed == [[]] * world.size
+    (rows0, w0), (rows1, w1) = runs
+    assert rows0 and [dict(r, wall_time=0) for r in rows0] == [dict(r, wall_time=0) for r in rows1]
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
 def test_a_wait_of_one_rank_completes_at_once():
     comm = MPI.COMM_SELF.Dup()
     try:

@@ -18,8 +18,12 @@
 #define HEADER_BYTES (2 * sizeof(double))
 
 /* Tags of the liveness protocol that names a silent rank after a timeout
- * (sweep messages use the level as their tag, always < MG_MAX_LEVELS). */
+ * (sweep messages use the level as their tag, always < MG_MAX_LEVELS).
+ * Every message of the core travels on core->comm, the core's own
+ * duplicate of the solver's communicator (core.c), so no message of the
+ * Python side (layerpar/_tags.py, which records these tags) can meet them. */
 enum { TAG_PING = 1001, TAG_PONG = 1002, TAG_NOTICE = 1003 };
+_Static_assert(TAG_PING >= MG_MAX_LEVELS, "liveness tags must lie above the sweep tags");
 
 /* Send buffers of the liveness protocol: never modified, never freed. */
 static const int one_int = 1;

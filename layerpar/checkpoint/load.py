@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from layerpar._collective import agree
+from layerpar._collective import agree, on_root
 from layerpar._watchdog import guard
 
 from .errors import CheckpointError, message, one_line, ranges
@@ -56,20 +56,16 @@ def load_checkpoint(path, comm, *, layer_indices=None, num_layers: Optional[int]
         request, err = _make_request(layer_indices, like), None
     except Exception as exc:  # noqa: BLE001 - reported on every rank below
         request, err = None, one_line(exc)
-    manifest, status = None, None
-    if rank == 0:
-        try:
-            manifest = read_manifest(path)
-            _check_fits(manifest[0], path, num_layers, config, defaults)
-        except Exception as exc:  # noqa: BLE001 - broadcast, raised everywhere
-            manifest, status = None, message(exc, f"cannot load checkpoint {path}")
+
+    def fitting_manifest():
+        manifest = read_manifest(path)
+        _check_fits(manifest[0], path, num_layers, config, defaults)
+        return manifest
+
     # Rank 0 -> every rank: the manifest (header, parts table) if it is good
     # and fits this run, else the error.
-    guard(comm, "the checkpoint manifest from rank 0")
-    manifest, status = comm.bcast((manifest, status), root=0)
-    if status is not None:
-        raise CheckpointError(status)
-    header, parts, parts_dir = manifest
+    header, parts, parts_dir = _on_rank0(comm, fitting_manifest, f"cannot load checkpoint {path}",
+                                         "the checkpoint manifest from rank 0")
     if header["format_version"] == 1:
         return _load_v1(path, comm, request, err)
     out, error = None, None
@@ -206,21 +202,17 @@ def verify_checkpoint(path, *, comm=None) -> dict:
                 _verify_part(path, parts_dir, part)
         return header
     rank, size = comm.Get_rank(), comm.Get_size()
-    manifest, status = None, None
-    if rank == 0:
-        try:
-            header, parts, parts_dir = read_manifest(path, full_v1=True)
-            if header["format_version"] >= 2:
-                _check_cover(header, parts, path)
-            manifest = (header, parts if header["format_version"] >= 2 else [], parts_dir)
-        except Exception as exc:  # noqa: BLE001 - broadcast, raised everywhere
-            status = message(exc, f"cannot verify checkpoint {path}")
+
+    def covering_manifest():
+        header, parts, parts_dir = read_manifest(path, full_v1=True)
+        if header["format_version"] >= 2:
+            _check_cover(header, parts, path)
+        return header, parts if header["format_version"] >= 2 else [], parts_dir
+
     # Rank 0 -> every rank: the manifest (header, parts table) or the error.
-    guard(comm, "the checkpoint manifest from rank 0")
-    manifest, status = comm.bcast((manifest, status), root=0)
-    if status is not None:
-        raise CheckpointError(status)
-    header, parts, parts_dir = manifest
+    header, parts, parts_dir = _on_rank0(comm, covering_manifest,
+                                         f"cannot verify checkpoint {path}",
+                                         "the checkpoint manifest from rank 0")
     error = None
     try:
         for i in range(rank, len(parts), size):  # part i is verified by rank i mod size
@@ -237,20 +229,16 @@ def find_latest_checkpoint(run_dir, comm, *, pattern_suffix: str = ".h5") -> Opt
     ``run_dir`` that verifies completely, or None.  Collective: rank 0
     lists the folder, the ranks share the verification, every rank gets the
     same answer.  Temporary files of interrupted saves are ignored."""
-    names, error = None, None
-    if comm.Get_rank() == 0:
-        try:
-            listed = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
-            names = [os.path.join(run_dir, n) for n in listed
-                     if not n.startswith(".") and n.endswith(pattern_suffix)
-                     and os.path.isfile(os.path.join(run_dir, n))]
-        except Exception as exc:  # noqa: BLE001
-            error = message(exc, f"cannot search {run_dir} for checkpoints")
+
+    def candidates():
+        listed = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
+        return [os.path.join(run_dir, n) for n in listed
+                if not n.startswith(".") and n.endswith(pattern_suffix)
+                and os.path.isfile(os.path.join(run_dir, n))]
+
     # Rank 0 -> every rank: the files to look at (or the error).
-    guard(comm, "the list of checkpoints from rank 0")
-    names, error = comm.bcast((names, error), root=0)
-    if error is not None:
-        raise CheckpointError(error)
+    names = _on_rank0(comm, candidates, f"cannot search {run_dir} for checkpoints",
+                      "the list of checkpoints from rank 0")
     best = None
     for p in names:
         try:
@@ -338,29 +326,39 @@ def _config_difference(saved, expected, prefix: str = "", defaults=None) -> Opti
 # --------------------------------------------------------------------------
 
 def _load_v1(path, comm, request, err):
-    rank = comm.Get_rank()
     # Every rank -> rank 0: which layers it wants and its model's parameter shapes.
     guard(comm, "the checkpoint load requests")
     requests = comm.gather((request, err), root=0)
-    payloads, status, original = None, None, None
-    if rank == 0:
-        try:
-            for r, (_, e) in enumerate(requests):
-                if e is not None:
-                    raise CheckpointError(f"load of checkpoint {path}: rank {r}: {e}")
-            header, tree, _ = read_manifest(path, full_v1=True)
-            payloads = [_select_v1(header, tree, req, r, path) for r, (req, _) in enumerate(requests)]
-        except Exception as exc:  # noqa: BLE001 - broadcast, raised everywhere
-            original = exc
-            status = message(exc, f"cannot load checkpoint {path}")
-    # Rank 0 -> every rank: None if the file is good and fits, else the error.
-    guard(comm, "the checkpoint check on rank 0")
-    status = comm.bcast(status, root=0)
-    if status is not None:
-        raise CheckpointError(status) from original
+    payloads = []
+
+    def select():
+        for r, (_, e) in enumerate(requests):
+            if e is not None:
+                raise CheckpointError(f"load of checkpoint {path}: rank {r}: {e}")
+        header, tree, _ = read_manifest(path, full_v1=True)
+        payloads.extend(_select_v1(header, tree, req, r, path)
+                        for r, (req, _) in enumerate(requests))
+
+    # Rank 0 -> every rank: nothing if the file is good and fits, else the error.
+    _on_rank0(comm, select, f"cannot load checkpoint {path}", "the checkpoint check on rank 0",
+              chain=True)
     # Rank 0 -> rank r: the part of the state rank r asked for.
     guard(comm, "the checkpoint parts from rank 0")
-    return comm.scatter(payloads, root=0)
+    return comm.scatter(payloads or None, root=0)
+
+
+def _on_rank0(comm, compute, context, what, chain=False):
+    """Collective: ``compute()`` on rank 0, its result on every rank; if it
+    raises, CheckpointError on every rank with its one line (after
+    ``context`` unless it is a CheckpointError), caused by the original on
+    rank 0 when ``chain``."""
+    def on_rank0():
+        try:
+            return compute()
+        except Exception as exc:  # noqa: BLE001 - raised everywhere, one line
+            raise CheckpointError(message(exc, context)) from (exc if chain else None)
+
+    return on_root(comm, on_rank0, what=what)
 
 
 def _select_v1(header: dict, tree: dict, request: dict, rank: int, path: str) -> dict:

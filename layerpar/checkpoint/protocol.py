@@ -39,6 +39,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from layerpar._collective import agree, on_root
 from layerpar._watchdog import guard
 
 from . import atomic
@@ -71,11 +72,11 @@ def save_checkpoint(path, comm, state: dict, *, keep_previous: bool = True) -> N
     except Exception as exc:  # noqa: BLE001 - reported on every rank below
         err = f"checkpoint {path}: rank {rank}: {one_line(exc)}"
     # Every rank -> every rank: its summary (header, layer runs, shared-leaf
-    # digests) or why it has none.
-    guard(comm, "the checkpoint summaries")
-    infos = comm.allgather((summary, err))
+    # digests) or why it has none (the lowest rank's reason is raised).
+    summaries = agree(comm, err, error_type=CheckpointError, payload=summary,
+                      label="the checkpoint summaries")
     try:
-        plan = _Plan(infos, path)
+        plan = _Plan(summaries, path)
     except CheckpointError as exc:
         raise CheckpointError(str(exc)) from None
     if plan.replicated:
@@ -101,18 +102,26 @@ def save_checkpoint(path, comm, state: dict, *, keep_previous: bool = True) -> N
     # Every rank -> rank 0: its part's digest, or why it has none.
     guard(comm, "the checkpoint parts written")
     results = comm.gather(result, root=0)
-    status = None
-    if rank == 0:
+    caught = []
+
+    def commit():
         status, exc = _commit(path, root, plan, results, keep_previous, comm.Get_size(),
                               local.config_json)
-        original = original or exc
-    # Rank 0 -> every rank: None when the checkpoint is in place, else the error.
-    guard(comm, "the checkpoint commit on rank 0")
-    status = comm.bcast(status, root=0)
+        caught.append(exc)
+        if status is not None:
+            raise CheckpointError(status)
+
+    failure = None
+    try:
+        # Rank 0 -> every rank: nothing when the checkpoint is in place, else the error.
+        on_root(comm, commit, what="the checkpoint commit on rank 0")
+    except CheckpointError as exc:
+        failure = exc
+    original = original or next(iter(caught), None)
     if original is not None and not isinstance(original, Exception):
         raise original
-    if status is not None:
-        raise CheckpointError(status) from original
+    if failure is not None:
+        raise failure from original
 
 
 def _part_name(rank: int) -> str:
@@ -278,13 +287,9 @@ def _merge_runs(runs):
 
 class _Plan:
     """What every rank writes, decided identically on every rank from the
-    allgathered summaries; raises the error that every rank raises."""
+    summaries of every rank; raises the error that every rank raises."""
 
-    def __init__(self, infos, path):
-        for r, (_, e) in enumerate(infos):
-            if e is not None:
-                raise CheckpointError(e)
-        summaries = [s for s, _ in infos]
+    def __init__(self, summaries, path):
         first = summaries[0]
         self.save_id = first["save_id"]
         self.head = dict(first["head"])
@@ -350,14 +355,12 @@ def _check_replicas(comm, local, plan, path):
         digests = local.layer_digests(plan.replicated)
     except Exception as exc:  # noqa: BLE001 - reported on every rank below
         err = f"checkpoint {path}: rank {comm.Get_rank()}: {one_line(exc)}"
-    # Every rank -> every rank: its digests of the layers that several ranks give.
-    guard(comm, "the checkpoint layer digests")
-    gathered = comm.allgather((digests, err))
-    for d, e in gathered:
-        if e is not None:
-            raise CheckpointError(e)
+    # Every rank -> every rank: its digests of the layers that several ranks
+    # give, or why it has none (the lowest rank's reason is raised).
+    gathered = agree(comm, err, error_type=CheckpointError, payload=digests,
+                     label="the checkpoint layer digests")
     first = {}
-    for r, (d, _) in enumerate(gathered):
+    for r, d in enumerate(gathered):
         for n, h in d.items():
             if first.setdefault(n, (r, h))[1] != h:
                 raise CheckpointError(f"checkpoint {path}: ranks {first[n][0]} and {r} give "

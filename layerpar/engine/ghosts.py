@@ -10,6 +10,7 @@ loaded with the owner's weights, buffers and train/eval flags).
 from mpi4py import MPI
 
 from layerpar import partition
+from layerpar._tags import tag
 from layerpar._watchdog import recv
 from layerpar.engine.policy import set_training_flags, training_flags
 from layerpar.engine.stage import load_state
@@ -51,9 +52,10 @@ class Ghosts:
             F = stage.layers[str(n)]
             # to rank q: layer n's weights and buffers, and its submodules' train/eval flags
             state = {k: v.detach().cpu() for k, v in F.state_dict().items()}
-            requests.append(comm.isend((state, training_flags(F)), dest=q, tag=n))
+            requests.append(comm.isend((state, training_flags(F)), dest=q,
+                                       tag=tag("ghost.layer", n)))
         for n in self.receives:
-            state, flags = recv(comm, self.layout.owner(n), n,
+            state, flags = recv(comm, self.layout.owner(n), tag("ghost.layer", n),
                                 f"the coarse-grid weights of layer {n}")
             if n not in stage.ghosts:
                 stage.ghosts[n] = stage.make_layer(n)

@@ -52,7 +52,9 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from layerpar._watchdog import guard, wait
+from layerpar._collective import RemoteError, agree
+from layerpar._tags import tag
+from layerpar._watchdog import wait
 from layerpar.engine.context import record
 
 _HEADER = 2                      # float64 words: [failed flag, virtual clock]
@@ -67,8 +69,9 @@ def split_sizes(batch, microbatches):
     return [q + 1] * r + [q] * (m - r)
 
 
-class PipelineFailure(RuntimeError):
-    """A layer failed on another rank during a pipelined pass."""
+class PipelineFailure(RemoteError):
+    """A layer failed on another rank during a pipelined pass (also of the
+    failing exception's type, where it can be rebuilt)."""
 
 
 # ---- schedules ----------------------------------------------------------------------
@@ -222,32 +225,15 @@ class _Messages:
 
 def _agree(comm, error, clocks, norm=None):
     """Collective: (each of the virtual ``clocks``' maxima over the ranks,
-    the one ``norm`` given, by the rank holding the pass's given state), and
-    every rank raises when a rank failed (the original exception there,
-    PipelineFailure elsewhere; NaN/Inf as FloatingPointError everywhere,
-    naming the layer).  On one rank there is nothing to agree on: no
-    message."""
-    if isinstance(error, FloatingPointError):
-        info = ("nonfinite", str(error))
-    elif error is not None:
-        info = ("error", f"{type(error).__name__}: {error}")
-    else:
-        info = None
-    if comm.Get_size() == 1:
-        parts = [(info, clocks, norm)]
-    else:
-        guard(comm, "the agreement after a pipelined pass")
-        parts = comm.allgather((info, clocks, norm))
-    for rank, (other, _, _) in enumerate(parts):
-        if other is None:
-            continue
-        if error is not None and not isinstance(error, FloatingPointError):
-            raise error
-        if other[0] == "nonfinite":
-            raise FloatingPointError(other[1])
-        raise PipelineFailure(f"pipelined pass: rank {rank} failed: {other[1]}")
-    maxima = tuple(max(c[k] for _, c, _ in parts) for k in range(len(clocks)))
-    return maxima, next((v for _, _, v in parts if v is not None), 0.0)
+    the one ``norm`` given, by the rank holding the pass's given state); when
+    a rank failed, every rank raises (the original exception there, a
+    PipelineFailure of the same type elsewhere: NaN/Inf is a
+    FloatingPointError naming the layer on every rank).  One agreement of
+    ``layerpar._collective``; no message on one rank."""
+    parts = agree(comm, error, what="pipelined pass", error_type=PipelineFailure,
+                  payload=(clocks, norm), label="the agreement after a pipelined pass")
+    maxima = tuple(max(c[k] for c, _ in parts) for k in range(len(clocks)))
+    return maxima, next((v for _, v in parts if v is not None), 0.0)
 
 
 # ---- the interpreter ------------------------------------------------------------------
@@ -282,18 +268,18 @@ class _Run:
         self.error, self.clock, self.clock_fwd = None, 0.0, 0.0
         self.peak_held = 0
 
-    # ---- messages: states from the previous rank (tag i), adjoints from the next (m + i)
+    # ---- messages: states from the previous rank, adjoints from the next, each
+    # tagged with its micro-batch (layerpar._tags: a band per direction)
     def _peer(self, kind):
         return self.rank - 1 if kind == "F" else self.rank + 1
 
-    def _tag(self, kind, i):
-        return i if kind == "F" else self.m + i
-
     def _post(self, kind):
         waiting, posted = self.waiting[kind], self.posted[kind]
+        purpose = "pipeline.forward" if kind == "F" else "pipeline.backward"
         while waiting and (self.lookahead is None or len(posted) < self.lookahead):
             i = waiting.popleft()
-            posted[i] = self.msgs.post_recv(self._peer(kind), self._tag(kind, i), self.sizes[i])
+            t = tag(purpose, i)
+            posted[i] = self.msgs.post_recv(self._peer(kind), t, self.sizes[i])
 
     def _receive(self, kind, i):
         """(tensor or None, failed) of micro-batch i from the neighbour."""
@@ -343,7 +329,8 @@ class _Run:
         self.clock_fwd = self.clock
         if not self.last:
             # micro-batch i's block output, to the next rank
-            self.msgs.send(self.rank + 1, self._tag("F", i), y, failed, self.clock)
+            t = tag("pipeline.forward", i)
+            self.msgs.send(self.rank + 1, t, y, failed, self.clock)
 
     def _backward(self, i):
         failed, gx = False, None
@@ -365,7 +352,8 @@ class _Run:
         del graph
         if not self.first:
             # the adjoint of micro-batch i's block input, to the previous rank
-            self.msgs.send(self.rank - 1, self._tag("B", i), gx, failed, self.clock)
+            t = tag("pipeline.backward", i)
+            self.msgs.send(self.rank - 1, t, gx, failed, self.clock)
         elif gx is not None:
             self.grad_inputs[i] = gx
 
