@@ -12,7 +12,8 @@ import torch.nn.functional as Fn
 from mpi4py import MPI
 
 from layerpar.config import ConfigError, check_ranks, resolve
-from layerpar.training.multilevel import MultilevelTrainer, depths, epoch_budgets
+from layerpar.multilevel import depths, epoch_budgets
+from layerpar.training import Trainer
 
 WORLD = MPI.COMM_WORLD
 
@@ -102,13 +103,13 @@ def test_coarse_gradient_is_restricted_fine_gradient(restrict, run_dirs):
     # P^T (constant prolongation) summing the r fine layers of a coarse layer
     cfg = config(run_dirs(), "mgopt", **{"multilevel.restrict": f'"{restrict}"',
                                          "optim.name": '"sgd"', "optim.lr": 0.5})
-    ml = MultilevelTrainer(cfg, WORLD)
+    ml = Trainer(cfg, WORLD)
     x, y, size = first_batch(ml)
     fine, coarse = ml.levels
     fine.steps(2, [(x, y, size)])  # away from the initial weights
     xa, ya = everywhere(ml, x, y)
     g_h = serial_gradient(fine, xa, ya)
-    ml.coarse_problem(0, x, y)
+    ml.method.coarse_problem(0, x, y)
     coarse.loss_and_grad(x, y)
     g_H = gathered(coarse, "grad")
     r = fine.nlayers // coarse.nlayers
@@ -138,12 +139,12 @@ def test_coarse_gradient_is_restricted_fine_gradient(restrict, run_dirs):
 def test_zero_coarse_correction_leaves_weights(run_dirs):
     cfg = config(run_dirs(), "mgopt", **{"multilevel.pre_steps": 0, "multilevel.post_steps": 0,
                                          "multilevel.coarse_steps": 0})
-    ml = MultilevelTrainer(cfg, WORLD)
+    ml = Trainer(cfg, WORLD)
     x, y, size = first_batch(ml)
     before = gathered(ml.level, "data")
-    ml.mgopt_cycle(x, y, size)
+    ml.method.v_cycle(x, y, size)
     after = gathered(ml.level, "data")
-    assert ml.last_cycle["alpha"] == 0.0  # P(x_H - x_H0) = 0 decreases nothing: rejected
+    assert ml.method.last_cycle["alpha"] == 0.0  # P(x_H - x_H0) = 0 decreases nothing: rejected
     for k in before:
         assert torch.equal(before[k], after[k]), k
 
@@ -159,11 +160,11 @@ def test_line_search_never_increases_the_fine_loss(levels, run_dirs):
                                          "model.nlayers": 4 * 2 ** (levels - 1),
                                          "optim.name": '"sgd"', "optim.lr": 20.0,
                                          "optim.momentum": 0.0})
-    ml = MultilevelTrainer(cfg, WORLD)
+    ml = Trainer(cfg, WORLD)
     alphas = []
     for b, (x, y) in enumerate(ml.train_loader.epoch(0)):
-        ml.mgopt_cycle(x, y, 500)
-        c = ml.last_cycle
+        ml.method.v_cycle(x, y, 500)
+        c = ml.method.last_cycle
         f = ml.level.loss(x, y)
         assert f <= c["f_before"], (b, f, c)
         assert math.isclose(f, c["f_after"], rel_tol=1e-12), (f, c)
@@ -172,7 +173,7 @@ def test_line_search_never_increases_the_fine_loss(levels, run_dirs):
 
 
 def rows_and_weights(trainer):
-    rows = trainer.world.bcast(trainer.metrics.rows(), root=0)
+    rows = trainer.comm.bcast(trainer.metrics.rows(), root=0)
     return rows, gathered(trainer.level, "data")
 
 
@@ -201,9 +202,9 @@ METHODS = [("nested", {"multilevel.epochs_per_level": "[1, 2]", "multilevel.prol
 @pytest.mark.mpi
 @pytest.mark.parametrize("method,sets", METHODS)
 def test_same_result_on_any_number_of_ranks(method, sets, run_dirs):
-    world = MultilevelTrainer(config(run_dirs(), method, **sets), WORLD)
+    world = Trainer(config(run_dirs(), method, **sets), WORLD)
     world.run()
-    single = MultilevelTrainer(config(run_dirs(shared=False), method, **sets), MPI.COMM_SELF)
+    single = Trainer(config(run_dirs(shared=False), method, **sets), MPI.COMM_SELF)
     single.run()
     assert_same_run(rows_and_weights(world), rows_and_weights(single), 1e-10)
 
@@ -213,7 +214,7 @@ def test_same_result_on_any_number_of_ranks(method, sets, run_dirs):
 @pytest.mark.parametrize("mode", ["layer-parallel", "one-shot"])
 def test_parallel_modes_train(method, mode, run_dirs):
     # inexact MGRIT passes: the run goes through and the loss decreases
-    ml = MultilevelTrainer(config(run_dirs(), method, **{"mgrit.mode": f'"{mode}"',
+    ml = Trainer(config(run_dirs(), method, **{"mgrit.mode": f'"{mode}"',
                                                          "mgrit.max_levels": 2,
                                                          "mgrit.cfactor": 2}), WORLD)
     ml.run()
@@ -234,17 +235,17 @@ def test_resume_on_another_number_of_ranks(method, sets, run_dirs):
     if method == "nested":  # the first depth, then one of the two epochs of the second
         first["multilevel.epochs_per_level"] = "[1, 1]"
         done = 2
-    MultilevelTrainer(config(part, method, **first), WORLD).run()
+    Trainer(config(part, method, **first), WORLD).run()
     WORLD.Barrier()
     shutil.copy(f"{part}/checkpoint.h5", f"{own}/checkpoint.h5")
     shutil.copytree(f"{part}/checkpoint.parts", f"{own}/checkpoint.parts")  # its parts
     shutil.copy(f"{part}/metrics.h5", f"{own}/metrics.h5")
     shutil.copy(f"{part}/metrics.csv", f"{own}/metrics.csv")
-    resumed = MultilevelTrainer(config(own, method, **sets), MPI.COMM_SELF)
+    resumed = Trainer(config(own, method, **sets), MPI.COMM_SELF)
     assert resumed.resume()
     assert resumed.epoch == done
     resumed.run()
-    full = MultilevelTrainer(config(run_dirs(shared=False), method, **sets), MPI.COMM_SELF)
+    full = Trainer(config(run_dirs(shared=False), method, **sets), MPI.COMM_SELF)
     full.run()
     assert_same_run(rows_and_weights(full), rows_and_weights(resumed), 1e-12)
 
@@ -255,15 +256,15 @@ def test_work_counts_every_solve(run_dirs):
     # one cycle = fine: pre step, gradient, line-search trials, post step;
     # coarse: gradient at R x_h and the coarse steps
     cfg = config(run_dirs(), "mgopt", **{"multilevel.coarse_steps": 2})
-    ml = MultilevelTrainer(cfg, WORLD)
+    ml = Trainer(cfg, WORLD)
     x, y, size = first_batch(ml)
-    ml.mgopt_cycle(x, y, size)
-    alpha = ml.last_cycle["alpha"]
+    ml.method.v_cycle(x, y, size)
+    alpha = ml.method.last_cycle["alpha"]
     trials = 4 if alpha == 0 else 1 + round(-math.log2(alpha))
     fine, coarse = (lev.work_totals() for lev in ml.levels)
     assert fine == {"fwd": 8 * (3 + trials), "bwd": 8 * 3}
     assert coarse == {"fwd": 4 * 3, "bwd": 4 * 3}
-    cols = ml._work_columns()
+    cols = ml.method.work_columns()
     assert cols["fwd_work"] == fine["fwd"] + coarse["fwd"]
     assert cols["fwd_work_l1"] == fine["fwd"] and cols["bwd_work_l0"] == coarse["bwd"]
 
@@ -276,9 +277,9 @@ def test_nested_target_accuracy_and_optimizer_state(run_dirs):
     cfg = config(run_dirs(), "nested", **{"multilevel.levels": 3, "model.nlayers": 16,
                                           "multilevel.target_accuracy": 0.01,
                                           "multilevel.epochs_per_level": "[3, 3, 1]"})
-    ml = MultilevelTrainer(cfg, WORLD)
+    ml = Trainer(cfg, WORLD)
     seen = []
-    refine = ml._refine
+    refine = ml.method.refine
 
     def spy():
         old = ml.level
@@ -287,8 +288,8 @@ def test_nested_target_accuracy_and_optimizer_state(run_dirs):
         for n, d in old.params()["layers"].items():
             for k, p in d.items():
                 st[(n, k)] = {s: v.clone() for s, v in old.optimizer.state[p].items()}
-        st = {k: v for part in ml.comm.allgather(st) for k, v in part.items()}
-        refine()
+        st = {k: v for part in old.comm.allgather(st) for k, v in part.items()}
+        done = refine()
         new = ml.level
         for n, d in new.params()["layers"].items():
             for k, p in d.items():
@@ -299,8 +300,9 @@ def test_nested_target_accuracy_and_optimizer_state(run_dirs):
                 assert torch.allclose(s_new["exp_avg_sq"], s_old["exp_avg_sq"] / 4, rtol=0,
                                       atol=0)
         seen.append(new.nlayers)
+        return done
 
-    ml._refine = spy
+    ml.method.refine = spy
     ml.run()
     rows = WORLD.bcast(ml.metrics.rows(), root=0)
     assert seen == [8, 16]
@@ -416,15 +418,15 @@ def test_stop_request_on_one_rank_stops_all_and_resumes(method, sets, run_dirs):
         return WORLD.rank == WORLD.size - 1 and len(asked) >= 3
 
     part = run_dirs()
-    stopped = MultilevelTrainer(config(part, method, **sets), WORLD, should_stop=should_stop)
+    stopped = Trainer(config(part, method, **sets), WORLD, should_stop=should_stop)
     summary = stopped.run()
     assert summary.get("stopped") and stopped.step == 3
     assert WORLD.allgather(stopped.step) == [3] * WORLD.size
     stopped.close()
-    resumed = MultilevelTrainer(config(part, method, **sets), WORLD)
+    resumed = Trainer(config(part, method, **sets), WORLD)
     assert resumed.resume() and resumed.step == 3
     resumed.run()
-    full = MultilevelTrainer(config(run_dirs(), method, **sets), WORLD)
+    full = Trainer(config(run_dirs(), method, **sets), WORLD)
     full.run()
     assert_same_run(rows_and_weights(full), rows_and_weights(resumed), 1e-12)
     resumed.close()
@@ -446,12 +448,12 @@ def test_grid_shapes_train_like_one_rank(method, sets, data, run_dirs):
     if P % data:
         pytest.skip(f"a grid of {data} groups needs a multiple of {data} ranks")
     sets = dict(sets, **{"parallel.data": data, "data.batch_size": 250})
-    grid = MultilevelTrainer(config(run_dirs(), method, **sets), WORLD)
+    grid = Trainer(config(run_dirs(), method, **sets), WORLD)
     assert grid.grid.shape == (data, P // data)
     grid.run()
     rows = WORLD.bcast(grid.metrics.rows(), root=0)
     weights = gathered(grid.level, "data")
-    single = MultilevelTrainer(config(run_dirs(shared=False), method,
+    single = Trainer(config(run_dirs(shared=False), method,
                                       **dict(sets, **{"parallel.data": 1})), MPI.COMM_SELF)
     single.run()
     ref_rows, ref_weights = single.metrics.rows(), gathered(single.level, "data")
