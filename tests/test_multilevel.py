@@ -2,17 +2,22 @@
 coarse problem against serial autograd, the line search, a zero coarse
 correction, rank invariance of nested iteration and MG/OPT, resumption on
 another number of ranks, and the configuration checks."""
+import json
 import math
+import os
 import shutil
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as Fn
 from mpi4py import MPI
 
+from layerpar import DenseClosing, DenseOpening, DenseStep, Network
 from layerpar.config import ConfigError, check_ranks, resolve
-from layerpar.multilevel import depths, epoch_budgets
+from layerpar.multilevel import Hierarchy, depths, epoch_budgets
+from layerpar.optim import LBFGS
 from layerpar.training import Trainer
 
 WORLD = MPI.COMM_WORLD
@@ -308,6 +313,204 @@ def test_nested_target_accuracy_and_optimizer_state(run_dirs):
     assert seen == [8, 16]
     assert [r["nlayers"] for r in rows] == [4, 8, 16]
     assert [r["level"] for r in rows] == [0, 1, 2]
+
+
+# ---- checkpoints of the first layout (MultilevelTrainer's) ------------------------------
+FIRST_LAYOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "multilevel_v1")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("case", ["nested-boundary", "nested-mid", "mgopt-one-shot"])
+def test_checkpoint_written_mid_run_by_the_first_layout_resumes(case, run_dirs):
+    # written on 2 ranks by MultilevelTrainer (tests/data/multilevel_v1): a
+    # nested run stopped before refining and one in the middle of its second
+    # depth, an MG/OPT one-shot run with warm states; resumed here on any
+    # number of ranks, they end where that code's resumed run ended (on 2
+    # ranks bit for bit)
+    src = os.path.join(FIRST_LAYOUT, case)
+    with open(os.path.join(src, "expected.json")) as fh:
+        want = json.load(fh)
+    run = run_dirs()
+    if WORLD.rank == 0:
+        shutil.copy(os.path.join(src, "checkpoint.h5"), run)
+        shutil.copytree(os.path.join(src, "checkpoint.parts"),
+                        os.path.join(run, "checkpoint.parts"))
+    WORLD.Barrier()
+    trainer = Trainer(resolve(None, want["settings"] + [f'run.dir="{run}"']), WORLD)
+    assert trainer.resume()
+    assert {"epoch": trainer.epoch, "step": trainer.step} == want["stopped_at"]
+    trainer.run()
+    rows = WORLD.bcast(trainer.metrics.rows(), root=0)
+    expected = [r for r in want["rows"] if r["epoch"] > want["stopped_at"]["epoch"]]
+    exact = WORLD.size == want["ranks"]
+    tol = 0.0 if exact else 1e-11
+    assert len(rows) == len(expected) > 0
+    for got, ref in zip(rows, expected):
+        assert set(got) - {"wall_time"} == set(ref), (got, ref)
+        for key, v in ref.items():
+            if not exact and (key == "virtual_time" or key.endswith("_work")):
+                continue  # the modelled time and the layer steps of P ranks' solves
+            if isinstance(v, float):
+                assert math.isclose(got[key], v, rel_tol=tol, abs_tol=tol), (key, got, ref)
+            else:
+                assert got[key] == v, (key, got, ref)
+    weights = gathered(trainer.level, "data")
+    names = {("layer", n, k): f"layer.{n}.{k}" for (_, n, k) in
+             (key for key in weights if key[0] == "layer")}
+    names.update({key: f"{key[0]}.{key[1]}" for key in weights if key[0] != "layer"})
+    assert sorted(names.values()) == sorted(want["weights"])
+    for key, name in names.items():
+        ref = torch.tensor(want["weights"][name], dtype=torch.float64)
+        got = weights[key].reshape(-1)
+        if exact:
+            assert torch.equal(got, ref), name
+        else:
+            assert torch.allclose(got, ref, rtol=1e-11, atol=1e-12), name
+    trainer.close()
+
+
+# ---- the hierarchy: optimiser state between depths ---------------------------------------
+WIDTH, T = 3, 2.0
+
+
+def dense_level(nlayers, make_opt):
+    """A level as the hierarchy sees one: a network and its optimiser."""
+    net = Network(lambda: DenseOpening(2, WIDTH), lambda n: DenseStep(WIDTH, "tanh"),
+                  lambda: DenseClosing(WIDTH, 3), nlayers=nlayers, T=T, comm=WORLD,
+                  seed=11).double()
+    return SimpleNamespace(net=net, optimizer=make_opt(net.parameters()))
+
+
+def train_level(level, steps=3):
+    g = torch.Generator().manual_seed(4)
+    net, opt = level.net, level.optimizer
+    for _ in range(steps):
+        x = torch.randn(5, 2, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (5,), generator=g)
+
+        def closure():
+            opt.zero_grad()
+            loss = net.loss(x if net.is_first else None, y if net.is_last else None,
+                            Fn.cross_entropy)
+            loss.backward()
+            return net.reduce(loss)
+        opt.step(closure)
+
+
+def layer_states(level):
+    """{layer: {param name: {key: state}}} of every layer, on every rank."""
+    opt = level.optimizer
+    mine = {n: {k: {s: v.clone() for s, v in opt.state.get(p, {}).items()}
+                for k, p in e.items()}
+            for n, e in level.net.body.params_by_layer().items()}
+    return {n: e for part in WORLD.allgather(mine) for n, e in part.items()}
+
+
+def end_states(level):
+    return [{k: dict(level.optimizer.state.get(p, {})) for k, p in m.named_parameters()}
+            if m is not None else None for m in (level.net.opening, level.net.closing)]
+
+
+SCALE = {"exp_avg": 0.5, "momentum_buffer": 0.5, "exp_avg_sq": 0.25, "step": 1.0}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.Adam(ps, lr=0.01),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+], ids=["adam", "sgd-momentum"])
+def test_optimizer_state_moves_with_its_parameter(make_opt):
+    # fine layer k takes coarse layer k // 2's state, gradient-like state
+    # halved (a layer's gradient is proportional to h), second moments
+    # quartered, step counts copied; the ends keep theirs.  Restricting back
+    # by injection (after a linear prolongation: fine layer 2j is coarse
+    # layer j) returns the coarse state bit for bit
+    N = max(3, WORLD.size)
+    coarse, fine, back = (dense_level(n, make_opt) for n in (N, 2 * N, N))
+    train_level(coarse)
+    ref = layer_states(coarse)
+    hierarchy = Hierarchy(WORLD, [N, 2 * N], prolong="constant")
+    hierarchy.prolong_level(coarse, fine)
+    hierarchy.move_optimizer_state(coarse, fine)
+    got = layer_states(fine)
+    assert sorted(got) == list(range(2 * N))
+    for k, entry in got.items():
+        for name, st in entry.items():
+            want = ref[k // 2][name]
+            assert set(st) == set(want)
+            for key, v in want.items():
+                assert torch.equal(st[key], v * SCALE[key]), (k, name, key)
+    for g, w in zip(end_states(fine), end_states(coarse)):
+        if w is not None:
+            assert all(torch.equal(g[n][key], w[n][key]) for n in w for key in w[n])
+    train_level(fine, steps=1)  # training goes on with the moved state
+    hierarchy.close()
+    linear = Hierarchy(WORLD, [N, 2 * N], prolong="linear", restrict="injection")
+    fine2 = dense_level(2 * N, make_opt)
+    linear.prolong_level(coarse, fine2)
+    linear.move_optimizer_state(coarse, fine2)
+    linear.restrict_level(fine2, back)
+    linear.move_optimizer_state(fine2, back)
+    now = layer_states(back)
+    for n in ref:
+        for name in ref[n]:
+            for key, v in ref[n][name].items():
+                assert torch.equal(now[n][name][key], v), (n, name, key)
+    for g, w in zip(end_states(back), end_states(coarse)):
+        if w is not None:
+            assert all(torch.equal(g[n][key], w[n][key]) for n in w for key in w[n])
+    linear.close()
+    for lev in (coarse, fine, back, fine2):
+        lev.net.close()
+
+
+@pytest.mark.mpi
+def test_lbfgs_history_is_not_moved_and_bad_arguments_fail_everywhere():
+    N = max(3, WORLD.size)
+    lbfgs = lambda ps: LBFGS(list(ps), WORLD, history=3)
+    coarse, fine = dense_level(N, lbfgs), dense_level(2 * N, lbfgs)
+    train_level(coarse, steps=2)
+    assert WORLD.allreduce(len(coarse.optimizer.state)) > 0
+    hierarchy = Hierarchy(WORLD, [N, 2 * N])
+    hierarchy.move_optimizer_state(coarse, fine)
+    assert len(fine.optimizer.state) == 0  # a fresh history at the new depth
+    # an optimiser that does not hold the destination's parameters (on the
+    # last rank only): every rank raises
+    if WORLD.rank == WORLD.size - 1:
+        fine.optimizer = torch.optim.SGD(coarse.net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="does not optimise the parameter"):
+        hierarchy.move_optimizer_state(coarse, fine)
+    hierarchy.close()
+    with pytest.raises(ValueError, match="prolong='cubic'"):
+        Hierarchy(WORLD, [N, 2 * N], prolong="cubic")
+    with pytest.raises(ValueError, match="restrict='constant'"):
+        Hierarchy(WORLD, [N, 2 * N], restrict="constant")
+    with pytest.raises(ValueError, match="each depth must divide the next"):
+        Hierarchy(WORLD, [N, 2 * N + 1])
+    with pytest.raises(TypeError, match="comm"):
+        Hierarchy(None, [N, 2 * N])
+    coarse.net.close()
+    fine.net.close()
+
+
+@pytest.mark.mpi
+def test_a_multilevel_checkpoint_is_evaluated_like_any(run_dirs):
+    # what `layerpar eval` does with the checkpoint of an MG/OPT run: a
+    # trainer without metrics resumes it and evaluates a split through
+    # loader(); the exact network's validation loss is the training's last
+    from layerpar.training.multilevel import make_trainer
+    run = run_dirs()
+    sets = {"optim.name": '"sgd"', "optim.lr": 0.5, "optim.epochs": 1,
+            "data.batch_size": 2500}
+    trained = make_trainer(config(run, "mgopt", **sets), WORLD)
+    summary = trained.run()
+    trained.close()
+    evaluator = make_trainer(config(run, "mgopt", **sets), WORLD, metrics=False)
+    assert evaluator.resume(os.path.join(run, "checkpoint.h5"))
+    loader = evaluator.loader(evaluator.data.val, batch_size=1000)
+    loss, acc = evaluator.evaluate(loader)
+    assert (loss, acc) == (summary["val_loss"], summary["val_acc"])
+    evaluator.close()
 
 
 # ---- configuration --------------------------------------------------------------------
