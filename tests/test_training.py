@@ -169,14 +169,17 @@ def outcome_everywhere(fn):
 def test_a_failed_metrics_write_on_rank_0_is_raised_on_every_rank(error, seen, run_dirs):
     # rank 0 writes the metrics files; whatever fails there is raised on
     # every rank, an OSError with its errno (the other ranks used to wait
-    # for rank 0 when it was anything but an OSError)
-    t = Trainer(small_config(run_dirs(), **{"optim.epochs": 1, "run.timeout": 30}), WORLD)
+    # for rank 0 when it was anything but an OSError).  The run's timeout
+    # goes on a communicator of the test's own.
+    comm = WORLD.Dup()
+    t = Trainer(small_config(run_dirs(), **{"optim.epochs": 1, "run.timeout": 30}), comm)
     if WORLD.rank == 0:
         def refuse(row):
             raise error
         t.metrics.append = refuse
     assert outcome_everywhere(t.run) == [seen] * WORLD.size
     t.close()
+    comm.Free()
 
 
 @pytest.mark.mpi
@@ -184,14 +187,14 @@ def test_a_failed_move_of_a_damaged_checkpoint_is_raised_on_every_rank(run_dirs,
     # resuming from a damaged checkpoint moves it aside on rank 0 and takes
     # the previous one; a refused rename there is raised on every rank, the
     # same PermissionError with its errno (the other ranks used to wait)
-    run = run_dirs()
+    run, comm = run_dirs(), WORLD.Dup()  # the run's timeout on a communicator of our own
     sets = {"optim.epochs": 2, "run.timeout": 30}
-    train(WORLD, run, **sets)  # two epochs: checkpoint.h5 and checkpoint.prev.h5
+    train(comm, run, **sets).close()  # two epochs: checkpoint.h5 and checkpoint.prev.h5
     if WORLD.rank == 0:
         with open(os.path.join(run, "checkpoint.h5"), "r+b") as fh:
             fh.truncate(100)
     WORLD.Barrier()
-    t = Trainer(small_config(run, **sets), WORLD)
+    t = Trainer(small_config(run, **sets), comm)
     if WORLD.rank == 0:
         def refuse(src, dst):
             raise PermissionError(errno.EACCES, "Permission denied", src)
@@ -202,6 +205,7 @@ def test_a_failed_move_of_a_damaged_checkpoint_is_raised_on_every_rank(run_dirs,
     # without the refusal the previous checkpoint is taken
     assert t.resume() and t.epoch == 1
     t.close()
+    comm.Free()
 
 
 class _Body:
