@@ -3,7 +3,10 @@ trained epoch by epoch with metrics, checkpoints and resumption, by one
 method (``multilevel.method``): single-level training (``single``), nested
 iteration or MG/OPT (``layerpar.multilevel``).  ``Trainer`` runs the epochs,
 the stop agreement, the metrics and the checkpoints; the method says which
-network to train and what one step on a batch is.
+network to train, what one step on a batch is, when training is over and
+what its part of a checkpoint holds (the interface is described in
+``layerpar.multilevel.method``).  A loss that is not finite or far above
+chance level stops training with every method.
 
 Modes (``mgrit.mode``):
   serial          one grid level: exact layer-serial propagation across ranks
