@@ -114,7 +114,7 @@ def _deterministic(a, seed, method, run_dir):
 
 def _train(a, comm, dataset, seed, method):
     import torch
-    from layerpar.training.multilevel import make_trainer
+    from layerpar.training import make_trainer
     torch.set_num_threads(1)
     tmp = comm.bcast(tempfile.mkdtemp(prefix="lp-bench-ml-") if comm.rank == 0 else None, root=0)
     try:

@@ -272,7 +272,7 @@ def _resumed_config(args, stored):
 def _train(args, comm, out, stop):
     from layerpar import rundir
     from layerpar.config import effective, resolve, to_toml
-    from layerpar.training.multilevel import make_trainer
+    from layerpar.training import make_trainer
 
     if args.resume and args.resume_from:
         raise ValueError("--resume and --resume-from: give one of them")
@@ -339,7 +339,7 @@ def _eval(args, comm, out, stop):
     from layerpar import checkpoint as ckpt
     import copy
     from layerpar.config import DEFAULTS, merge, parse_override, check
-    from layerpar.training.multilevel import make_trainer
+    from layerpar.training import make_trainer
 
     header = ckpt.load_checkpoint(args.checkpoint, comm, layer_indices=[])
     # keys added after the checkpoint was written take their defaults

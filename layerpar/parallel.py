@@ -487,6 +487,7 @@ class Network(nn.Module):
             self.body.close()
             raise
         self._opening_factory, self._closing_factory = opening_factory, closing_factory
+        self._tail = self._tail_value = None  # a loss computed within forward (_with_tail)
 
     @property
     def is_first(self):
@@ -498,7 +499,21 @@ class Network(nn.Module):
 
     def forward(self, x=None):
         """Class scores on the last rank; a placeholder elsewhere."""
-        return self._run(x)[0]
+        tail, self._tail = self._tail, None
+        out, self._tail_value = self._run(x, tail)
+        return out
+
+    def _with_tail(self, x, tail):
+        """Collective: (``self(x)``, ``tail(scores)`` on the last rank or
+        None): the call goes through the module's hooks, and a failure of
+        the tail is agreed with the forward pass's own agreement."""
+        self._tail = tail
+        try:
+            out = self(x)
+        finally:
+            self._tail = None
+        value, self._tail_value = self._tail_value, None
+        return out, value
 
     def _run(self, x, tail=None):
         """Collective: (class scores on the last rank or the body's
@@ -554,7 +569,7 @@ class Network(nn.Module):
             raise ValueError(f"reduction={reduction!r}: choose mean or sum")
         body = self.body
         if not (body.pipelined and body.schedule != "gpipe"):
-            out, loss = self._run(x, lambda out: loss_fn(out, y))
+            out, loss = self._with_tail(x, lambda out: loss_fn(out, y))
             if not self.is_last:
                 loss = out.sum() * 0.0
             loss.backward()
@@ -603,7 +618,7 @@ class Network(nn.Module):
         layer-parallel pass, so that ``loss.backward()`` on every rank runs
         the adjoint solve everywhere.  Only the first rank needs ``x`` and
         only the last ``y``."""
-        out, value = self._run(x, lambda out: loss_fn(out, y))
+        out, value = self._with_tail(x, lambda out: loss_fn(out, y))
         if self.is_last:
             return value
         return out.sum() * 0.0

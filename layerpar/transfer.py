@@ -30,9 +30,10 @@ one point-to-point message per pair of ranks that share a stencil, never a
 gather of the model.
 
 The network-level helpers (prolong_network, restrict_network, layer_params,
-layer_grads, move_optimizer_state) apply these to a ``Network`` or a
-``LayerParallel``; opening and closing layers are copied unchanged (they stay
-on the first and last rank).
+layer_grads) apply these to a ``Network`` or a ``LayerParallel``; opening
+and closing layers are copied unchanged (they stay on the first and last
+rank).  Optimiser state moves between depths with
+``layerpar.multilevel.Hierarchy.move_optimizer_state``.
 """
 from functools import lru_cache
 
@@ -148,12 +149,10 @@ def _problem(local, src, dst, comm, op, kind, kinds, names):
 
 
 # ---- the exchange ----------------------------------------------------------
-def _transfer(local, src, dst, comm, op, kind, kinds, copy_scalars=False,
-              names=("src", "dst")):
-    """prolong/restrict/restrict_gradient.  With ``copy_scalars``, entries
-    that are not tensors of at least one dimension (an optimiser's step
-    count) are copied from the nearest source layer instead of combined.
-    ``names`` are the names of src and dst in error messages."""
+def _transfer(local, src, dst, comm, op, kind, kinds, names=("src", "dst")):
+    """prolong/restrict/restrict_gradient.  Entries that are not tensors
+    are copied from the nearest source layer.  ``names`` are the names of
+    src and dst in error messages."""
     check_comm(comm)
     msg = None
     try:
@@ -191,14 +190,14 @@ def _transfer(local, src, dst, comm, op, kind, kinds, copy_scalars=False,
         with torch.no_grad():
             for d, row in rows.items():
                 near = _nearest(op, src.nlayers, dst.nlayers, d)
-                out[d] = _combine(d, row, near, got, devices, copy_scalars)
+                out[d] = _combine(d, row, near, got, devices)
     except Exception as e:
         msg = f"{op}: {type(e).__name__}: {e}"
     _agree(comm, msg)
     return out
 
 
-def _combine(d, row, near, got, devices, copy_scalars):
+def _combine(d, row, near, got, devices):
     """Target layer d: sum of c * got[s] over its row, name by name."""
     names = list(got[near])
     for s, _ in row:
@@ -209,8 +208,8 @@ def _combine(d, row, near, got, devices, copy_scalars):
     entry = {}
     for name in names:
         ref = got[near][name]
-        if not isinstance(ref, torch.Tensor) or (copy_scalars and ref.dim() == 0):
-            entry[name] = ref.clone() if isinstance(ref, torch.Tensor) else ref
+        if not isinstance(ref, torch.Tensor):
+            entry[name] = ref
             continue
         dev = devices.get(name, ref.device)
         if len(row) == 1 and row[0][1] == 1.0:
@@ -310,68 +309,3 @@ def restrict_network(fine_net, coarse_net, *, kind="injection"):
     """Collective: copy the weights of ``fine_net`` (r*N layers) into
     ``coarse_net`` (N layers, same T) in place, restricted with ``kind``."""
     _move_network(fine_net, coarse_net, "restrict", kind, ("fine_net", "coarse_net"))
-
-
-def _param_state(opt, params):
-    """{param name/state key: value} of the optimiser state of ``params``."""
-    out = {}
-    for pname, p in params.items():
-        for key, v in opt.state.get(p, {}).items():
-            out[f"{pname}/{key}"] = v
-    return out
-
-
-def _set_state(opt, params, entry):
-    """Replace the state of ``params`` by ``entry`` ({param name/key: value})."""
-    per = {}
-    for name, v in entry.items():
-        pname, _, key = name.rpartition("/")
-        per.setdefault(pname, {})[key] = v
-    for pname, p in params.items():
-        if pname in per:
-            opt.state[p] = per[pname]
-        else:
-            opt.state.pop(p, None)
-
-
-def move_optimizer_state(src_opt, src_net, dst_opt, dst_net, *, op, kind):
-    """Collective: the per-parameter state of ``src_opt`` (for the
-    parameters of ``src_net``) becomes that of ``dst_opt`` for the
-    corresponding parameters of ``dst_net``.  ``op`` is "prolong" (src has N
-    layers, dst r*N) or "restrict" (src r*N, dst N), ``kind`` as in prolong
-    or restrict.  State tensors of at least one dimension (Adam's exp_avg
-    and exp_avg_sq, SGD's momentum_buffer) are transferred like their
-    parameter; scalars (Adam's step) are copied from the nearest source
-    layer; the opening and closing layers' state is copied unchanged."""
-    if op not in ("prolong", "restrict"):
-        raise ValueError(f"op={op!r}: expected one of 'prolong', 'restrict'")
-    names = ("src_net", "dst_net")
-    a, b = _pair(src_net, dst_net, names)
-    local = {n: _param_state(src_opt, params) for n, params in a.params_by_layer().items()}
-    kinds = PROLONG_KINDS if op == "prolong" else RESTRICT_KINDS
-    new = _transfer(local, a.layout, b.layout, b.comm, op, kind, kinds, copy_scalars=True,
-                    names=names)
-    ends = []  # the opening (first rank) and closing (last rank) layers stay here
-    for m_src, m_dst in zip(_ends(src_net), _ends(dst_net)):
-        if m_src is not None and m_dst is not None:
-            state = {name: (v.clone() if isinstance(v, torch.Tensor) else v)
-                     for name, v in _param_state(src_opt, dict(m_src.named_parameters())).items()}
-            ends.append((dict(m_dst.named_parameters()), state))
-    dst_params = b.params_by_layer()
-    updates = [(dst_params[n], entry) for n, entry in new.items()]
-    updates += ends
-    # a parameter that receives state must be one that dst_opt optimises
-    msg = None
-    try:
-        owned = {id(p) for g in dst_opt.param_groups for p in g["params"]}
-        for params, entry in updates:
-            given = {name.rpartition("/")[0] for name in entry}
-            stray = [pn for pn, p in params.items() if pn in given and id(p) not in owned]
-            if stray:
-                msg = f"dst_opt does not optimise the parameter {stray[0]} of dst_net"
-                break
-    except Exception as e:
-        msg = f"dst_opt: {type(e).__name__}: {e}"
-    _agree(b.comm, msg)
-    for params, entry in updates:
-        _set_state(dst_opt, params, entry)

@@ -251,7 +251,7 @@ def _config(run_dir, **sets):
 
 
 def _trainer_case(comm, **sets):
-    from layerpar.training.multilevel import make_trainer
+    from layerpar.training import make_trainer
     case = Case()
     run_dir = comm.bcast(tempfile.mkdtemp(prefix="lp-fp-") if comm.rank == 0 else None)
     try:

@@ -2,17 +2,23 @@
 coarse problem against serial autograd, the line search, a zero coarse
 correction, rank invariance of nested iteration and MG/OPT, resumption on
 another number of ranks, and the configuration checks."""
+import json
 import math
+import os
 import shutil
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as Fn
 from mpi4py import MPI
 
+from layerpar import DenseClosing, DenseOpening, DenseStep, Network
 from layerpar.config import ConfigError, check_ranks, resolve
-from layerpar.training.multilevel import MultilevelTrainer, depths, epoch_budgets
+from layerpar.multilevel import Hierarchy, depths, epoch_budgets
+from layerpar.optim import LBFGS
+from layerpar.training import Trainer
 
 WORLD = MPI.COMM_WORLD
 
@@ -102,13 +108,13 @@ def test_coarse_gradient_is_restricted_fine_gradient(restrict, run_dirs):
     # P^T (constant prolongation) summing the r fine layers of a coarse layer
     cfg = config(run_dirs(), "mgopt", **{"multilevel.restrict": f'"{restrict}"',
                                          "optim.name": '"sgd"', "optim.lr": 0.5})
-    ml = MultilevelTrainer(cfg, WORLD)
+    ml = Trainer(cfg, WORLD)
     x, y, size = first_batch(ml)
     fine, coarse = ml.levels
     fine.steps(2, [(x, y, size)])  # away from the initial weights
     xa, ya = everywhere(ml, x, y)
     g_h = serial_gradient(fine, xa, ya)
-    ml.coarse_problem(0, x, y)
+    ml.method.coarse_problem(0, x, y)
     coarse.loss_and_grad(x, y)
     g_H = gathered(coarse, "grad")
     r = fine.nlayers // coarse.nlayers
@@ -138,12 +144,12 @@ def test_coarse_gradient_is_restricted_fine_gradient(restrict, run_dirs):
 def test_zero_coarse_correction_leaves_weights(run_dirs):
     cfg = config(run_dirs(), "mgopt", **{"multilevel.pre_steps": 0, "multilevel.post_steps": 0,
                                          "multilevel.coarse_steps": 0})
-    ml = MultilevelTrainer(cfg, WORLD)
+    ml = Trainer(cfg, WORLD)
     x, y, size = first_batch(ml)
     before = gathered(ml.level, "data")
-    ml.mgopt_cycle(x, y, size)
+    ml.method.v_cycle(x, y, size)
     after = gathered(ml.level, "data")
-    assert ml.last_cycle["alpha"] == 0.0  # P(x_H - x_H0) = 0 decreases nothing: rejected
+    assert ml.method.last_cycle["alpha"] == 0.0  # P(x_H - x_H0) = 0 decreases nothing: rejected
     for k in before:
         assert torch.equal(before[k], after[k]), k
 
@@ -159,11 +165,11 @@ def test_line_search_never_increases_the_fine_loss(levels, run_dirs):
                                          "model.nlayers": 4 * 2 ** (levels - 1),
                                          "optim.name": '"sgd"', "optim.lr": 20.0,
                                          "optim.momentum": 0.0})
-    ml = MultilevelTrainer(cfg, WORLD)
+    ml = Trainer(cfg, WORLD)
     alphas = []
     for b, (x, y) in enumerate(ml.train_loader.epoch(0)):
-        ml.mgopt_cycle(x, y, 500)
-        c = ml.last_cycle
+        ml.method.v_cycle(x, y, 500)
+        c = ml.method.last_cycle
         f = ml.level.loss(x, y)
         assert f <= c["f_before"], (b, f, c)
         assert math.isclose(f, c["f_after"], rel_tol=1e-12), (f, c)
@@ -172,7 +178,7 @@ def test_line_search_never_increases_the_fine_loss(levels, run_dirs):
 
 
 def rows_and_weights(trainer):
-    rows = trainer.world.bcast(trainer.metrics.rows(), root=0)
+    rows = trainer.comm.bcast(trainer.metrics.rows(), root=0)
     return rows, gathered(trainer.level, "data")
 
 
@@ -201,9 +207,9 @@ METHODS = [("nested", {"multilevel.epochs_per_level": "[1, 2]", "multilevel.prol
 @pytest.mark.mpi
 @pytest.mark.parametrize("method,sets", METHODS)
 def test_same_result_on_any_number_of_ranks(method, sets, run_dirs):
-    world = MultilevelTrainer(config(run_dirs(), method, **sets), WORLD)
+    world = Trainer(config(run_dirs(), method, **sets), WORLD)
     world.run()
-    single = MultilevelTrainer(config(run_dirs(shared=False), method, **sets), MPI.COMM_SELF)
+    single = Trainer(config(run_dirs(shared=False), method, **sets), MPI.COMM_SELF)
     single.run()
     assert_same_run(rows_and_weights(world), rows_and_weights(single), 1e-10)
 
@@ -213,7 +219,7 @@ def test_same_result_on_any_number_of_ranks(method, sets, run_dirs):
 @pytest.mark.parametrize("mode", ["layer-parallel", "one-shot"])
 def test_parallel_modes_train(method, mode, run_dirs):
     # inexact MGRIT passes: the run goes through and the loss decreases
-    ml = MultilevelTrainer(config(run_dirs(), method, **{"mgrit.mode": f'"{mode}"',
+    ml = Trainer(config(run_dirs(), method, **{"mgrit.mode": f'"{mode}"',
                                                          "mgrit.max_levels": 2,
                                                          "mgrit.cfactor": 2}), WORLD)
     ml.run()
@@ -234,17 +240,17 @@ def test_resume_on_another_number_of_ranks(method, sets, run_dirs):
     if method == "nested":  # the first depth, then one of the two epochs of the second
         first["multilevel.epochs_per_level"] = "[1, 1]"
         done = 2
-    MultilevelTrainer(config(part, method, **first), WORLD).run()
+    Trainer(config(part, method, **first), WORLD).run()
     WORLD.Barrier()
     shutil.copy(f"{part}/checkpoint.h5", f"{own}/checkpoint.h5")
     shutil.copytree(f"{part}/checkpoint.parts", f"{own}/checkpoint.parts")  # its parts
     shutil.copy(f"{part}/metrics.h5", f"{own}/metrics.h5")
     shutil.copy(f"{part}/metrics.csv", f"{own}/metrics.csv")
-    resumed = MultilevelTrainer(config(own, method, **sets), MPI.COMM_SELF)
+    resumed = Trainer(config(own, method, **sets), MPI.COMM_SELF)
     assert resumed.resume()
     assert resumed.epoch == done
     resumed.run()
-    full = MultilevelTrainer(config(run_dirs(shared=False), method, **sets), MPI.COMM_SELF)
+    full = Trainer(config(run_dirs(shared=False), method, **sets), MPI.COMM_SELF)
     full.run()
     assert_same_run(rows_and_weights(full), rows_and_weights(resumed), 1e-12)
 
@@ -255,15 +261,15 @@ def test_work_counts_every_solve(run_dirs):
     # one cycle = fine: pre step, gradient, line-search trials, post step;
     # coarse: gradient at R x_h and the coarse steps
     cfg = config(run_dirs(), "mgopt", **{"multilevel.coarse_steps": 2})
-    ml = MultilevelTrainer(cfg, WORLD)
+    ml = Trainer(cfg, WORLD)
     x, y, size = first_batch(ml)
-    ml.mgopt_cycle(x, y, size)
-    alpha = ml.last_cycle["alpha"]
+    ml.method.v_cycle(x, y, size)
+    alpha = ml.method.last_cycle["alpha"]
     trials = 4 if alpha == 0 else 1 + round(-math.log2(alpha))
     fine, coarse = (lev.work_totals() for lev in ml.levels)
     assert fine == {"fwd": 8 * (3 + trials), "bwd": 8 * 3}
     assert coarse == {"fwd": 4 * 3, "bwd": 4 * 3}
-    cols = ml._work_columns()
+    cols = ml.method.work_columns()
     assert cols["fwd_work"] == fine["fwd"] + coarse["fwd"]
     assert cols["fwd_work_l1"] == fine["fwd"] and cols["bwd_work_l0"] == coarse["bwd"]
 
@@ -276,9 +282,9 @@ def test_nested_target_accuracy_and_optimizer_state(run_dirs):
     cfg = config(run_dirs(), "nested", **{"multilevel.levels": 3, "model.nlayers": 16,
                                           "multilevel.target_accuracy": 0.01,
                                           "multilevel.epochs_per_level": "[3, 3, 1]"})
-    ml = MultilevelTrainer(cfg, WORLD)
+    ml = Trainer(cfg, WORLD)
     seen = []
-    refine = ml._refine
+    refine = ml.method.refine
 
     def spy():
         old = ml.level
@@ -287,8 +293,8 @@ def test_nested_target_accuracy_and_optimizer_state(run_dirs):
         for n, d in old.params()["layers"].items():
             for k, p in d.items():
                 st[(n, k)] = {s: v.clone() for s, v in old.optimizer.state[p].items()}
-        st = {k: v for part in ml.comm.allgather(st) for k, v in part.items()}
-        refine()
+        st = {k: v for part in old.comm.allgather(st) for k, v in part.items()}
+        done = refine()
         new = ml.level
         for n, d in new.params()["layers"].items():
             for k, p in d.items():
@@ -299,13 +305,212 @@ def test_nested_target_accuracy_and_optimizer_state(run_dirs):
                 assert torch.allclose(s_new["exp_avg_sq"], s_old["exp_avg_sq"] / 4, rtol=0,
                                       atol=0)
         seen.append(new.nlayers)
+        return done
 
-    ml._refine = spy
+    ml.method.refine = spy
     ml.run()
     rows = WORLD.bcast(ml.metrics.rows(), root=0)
     assert seen == [8, 16]
     assert [r["nlayers"] for r in rows] == [4, 8, 16]
     assert [r["level"] for r in rows] == [0, 1, 2]
+
+
+# ---- checkpoints of the first layout (MultilevelTrainer's) ------------------------------
+FIRST_LAYOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "multilevel_v1")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("case", ["nested-boundary", "nested-mid", "mgopt-one-shot"])
+def test_checkpoint_written_mid_run_by_the_first_layout_resumes(case, run_dirs):
+    # written on 2 ranks by MultilevelTrainer (tests/data/multilevel_v1): a
+    # nested run stopped before refining and one in the middle of its second
+    # depth, an MG/OPT one-shot run with warm states; resumed here on any
+    # number of ranks, they end where that code's resumed run ended (on 2
+    # ranks bit for bit)
+    src = os.path.join(FIRST_LAYOUT, case)
+    with open(os.path.join(src, "expected.json")) as fh:
+        want = json.load(fh)
+    run = run_dirs()
+    if WORLD.rank == 0:
+        shutil.copy(os.path.join(src, "checkpoint.h5"), run)
+        shutil.copytree(os.path.join(src, "checkpoint.parts"),
+                        os.path.join(run, "checkpoint.parts"))
+    WORLD.Barrier()
+    trainer = Trainer(resolve(None, want["settings"] + [f'run.dir="{run}"']), WORLD)
+    assert trainer.resume()
+    assert {"epoch": trainer.epoch, "step": trainer.step} == want["stopped_at"]
+    trainer.run()
+    rows = WORLD.bcast(trainer.metrics.rows(), root=0)
+    expected = [r for r in want["rows"] if r["epoch"] > want["stopped_at"]["epoch"]]
+    exact = WORLD.size == want["ranks"]
+    tol = 0.0 if exact else 1e-11
+    assert len(rows) == len(expected) > 0
+    for got, ref in zip(rows, expected):
+        assert set(got) - {"wall_time"} == set(ref), (got, ref)
+        for key, v in ref.items():
+            if not exact and (key == "virtual_time" or key.endswith("_work")):
+                continue  # the modelled time and the layer steps of P ranks' solves
+            if isinstance(v, float):
+                assert math.isclose(got[key], v, rel_tol=tol, abs_tol=tol), (key, got, ref)
+            else:
+                assert got[key] == v, (key, got, ref)
+    weights = gathered(trainer.level, "data")
+    names = {("layer", n, k): f"layer.{n}.{k}" for (_, n, k) in
+             (key for key in weights if key[0] == "layer")}
+    names.update({key: f"{key[0]}.{key[1]}" for key in weights if key[0] != "layer"})
+    assert sorted(names.values()) == sorted(want["weights"])
+    for key, name in names.items():
+        ref = torch.tensor(want["weights"][name], dtype=torch.float64)
+        got = weights[key].reshape(-1)
+        if exact:
+            assert torch.equal(got, ref), name
+        else:
+            assert torch.allclose(got, ref, rtol=1e-11, atol=1e-12), name
+    trainer.close()
+
+
+# ---- the hierarchy: optimiser state between depths ---------------------------------------
+WIDTH, T = 3, 2.0
+
+
+def dense_level(nlayers, make_opt):
+    """A level as the hierarchy sees one: a network and its optimiser."""
+    net = Network(lambda: DenseOpening(2, WIDTH), lambda n: DenseStep(WIDTH, "tanh"),
+                  lambda: DenseClosing(WIDTH, 3), nlayers=nlayers, T=T, comm=WORLD,
+                  seed=11).double()
+    return SimpleNamespace(net=net, optimizer=make_opt(net.parameters()))
+
+
+def train_level(level, steps=3):
+    g = torch.Generator().manual_seed(4)
+    net, opt = level.net, level.optimizer
+    for _ in range(steps):
+        x = torch.randn(5, 2, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (5,), generator=g)
+
+        def closure():
+            opt.zero_grad()
+            loss = net.loss(x if net.is_first else None, y if net.is_last else None,
+                            Fn.cross_entropy)
+            loss.backward()
+            return net.reduce(loss)
+        opt.step(closure)
+
+
+def layer_states(level):
+    """{layer: {param name: {key: state}}} of every layer, on every rank."""
+    opt = level.optimizer
+    mine = {n: {k: {s: v.clone() for s, v in opt.state.get(p, {}).items()}
+                for k, p in e.items()}
+            for n, e in level.net.body.params_by_layer().items()}
+    return {n: e for part in WORLD.allgather(mine) for n, e in part.items()}
+
+
+def end_states(level):
+    return [{k: dict(level.optimizer.state.get(p, {})) for k, p in m.named_parameters()}
+            if m is not None else None for m in (level.net.opening, level.net.closing)]
+
+
+SCALE = {"exp_avg": 0.5, "momentum_buffer": 0.5, "exp_avg_sq": 0.25, "step": 1.0}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.Adam(ps, lr=0.01),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+], ids=["adam", "sgd-momentum"])
+def test_optimizer_state_moves_with_its_parameter(make_opt):
+    # fine layer k takes coarse layer k // 2's state, gradient-like state
+    # halved (a layer's gradient is proportional to h), second moments
+    # quartered, step counts copied; the ends keep theirs.  Restricting back
+    # by injection (after a linear prolongation: fine layer 2j is coarse
+    # layer j) returns the coarse state bit for bit
+    N = max(3, WORLD.size)
+    coarse, fine, back = (dense_level(n, make_opt) for n in (N, 2 * N, N))
+    train_level(coarse)
+    ref = layer_states(coarse)
+    hierarchy = Hierarchy(WORLD, [N, 2 * N], prolong="constant")
+    hierarchy.prolong_level(coarse, fine)
+    hierarchy.move_optimizer_state(coarse, fine)
+    got = layer_states(fine)
+    assert sorted(got) == list(range(2 * N))
+    for k, entry in got.items():
+        for name, st in entry.items():
+            want = ref[k // 2][name]
+            assert set(st) == set(want)
+            for key, v in want.items():
+                assert torch.equal(st[key], v * SCALE[key]), (k, name, key)
+    for g, w in zip(end_states(fine), end_states(coarse)):
+        if w is not None:
+            assert all(torch.equal(g[n][key], w[n][key]) for n in w for key in w[n])
+    train_level(fine, steps=1)  # training goes on with the moved state
+    hierarchy.close()
+    linear = Hierarchy(WORLD, [N, 2 * N], prolong="linear", restrict="injection")
+    fine2 = dense_level(2 * N, make_opt)
+    linear.prolong_level(coarse, fine2)
+    linear.move_optimizer_state(coarse, fine2)
+    linear.restrict_level(fine2, back)
+    linear.move_optimizer_state(fine2, back)
+    now = layer_states(back)
+    for n in ref:
+        for name in ref[n]:
+            for key, v in ref[n][name].items():
+                assert torch.equal(now[n][name][key], v), (n, name, key)
+    for g, w in zip(end_states(back), end_states(coarse)):
+        if w is not None:
+            assert all(torch.equal(g[n][key], w[n][key]) for n in w for key in w[n])
+    linear.close()
+    for lev in (coarse, fine, back, fine2):
+        lev.net.close()
+
+
+@pytest.mark.mpi
+def test_lbfgs_history_is_not_moved_and_bad_arguments_fail_everywhere():
+    N = max(3, WORLD.size)
+    lbfgs = lambda ps: LBFGS(list(ps), WORLD, history=3)
+    coarse, fine = dense_level(N, lbfgs), dense_level(2 * N, lbfgs)
+    train_level(coarse, steps=2)
+    assert WORLD.allreduce(len(coarse.optimizer.state)) > 0
+    hierarchy = Hierarchy(WORLD, [N, 2 * N])
+    hierarchy.move_optimizer_state(coarse, fine)
+    assert len(fine.optimizer.state) == 0  # a fresh history at the new depth
+    # an optimiser that does not hold the destination's parameters (on the
+    # last rank only): every rank raises
+    if WORLD.rank == WORLD.size - 1:
+        fine.optimizer = torch.optim.SGD(coarse.net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="does not optimise the parameter"):
+        hierarchy.move_optimizer_state(coarse, fine)
+    hierarchy.close()
+    with pytest.raises(ValueError, match="prolong='cubic'"):
+        Hierarchy(WORLD, [N, 2 * N], prolong="cubic")
+    with pytest.raises(ValueError, match="restrict='constant'"):
+        Hierarchy(WORLD, [N, 2 * N], restrict="constant")
+    with pytest.raises(ValueError, match="each depth must divide the next"):
+        Hierarchy(WORLD, [N, 2 * N + 1])
+    with pytest.raises(TypeError, match="comm"):
+        Hierarchy(None, [N, 2 * N])
+    coarse.net.close()
+    fine.net.close()
+
+
+@pytest.mark.mpi
+def test_a_multilevel_checkpoint_is_evaluated_like_any(run_dirs):
+    # what `layerpar eval` does with the checkpoint of an MG/OPT run: a
+    # trainer without metrics resumes it and evaluates a split through
+    # loader(); the exact network's validation loss is the training's last
+    from layerpar.training import make_trainer
+    run = run_dirs()
+    sets = {"optim.name": '"sgd"', "optim.lr": 0.5, "optim.epochs": 1,
+            "data.batch_size": 2500}
+    trained = make_trainer(config(run, "mgopt", **sets), WORLD)
+    summary = trained.run()
+    trained.close()
+    evaluator = make_trainer(config(run, "mgopt", **sets), WORLD, metrics=False)
+    assert evaluator.resume(os.path.join(run, "checkpoint.h5"))
+    loader = evaluator.loader(evaluator.data.val, batch_size=1000)
+    loss, acc = evaluator.evaluate(loader)
+    assert (loss, acc) == (summary["val_loss"], summary["val_acc"])
+    evaluator.close()
 
 
 # ---- configuration --------------------------------------------------------------------
@@ -416,15 +621,15 @@ def test_stop_request_on_one_rank_stops_all_and_resumes(method, sets, run_dirs):
         return WORLD.rank == WORLD.size - 1 and len(asked) >= 3
 
     part = run_dirs()
-    stopped = MultilevelTrainer(config(part, method, **sets), WORLD, should_stop=should_stop)
+    stopped = Trainer(config(part, method, **sets), WORLD, should_stop=should_stop)
     summary = stopped.run()
     assert summary.get("stopped") and stopped.step == 3
     assert WORLD.allgather(stopped.step) == [3] * WORLD.size
     stopped.close()
-    resumed = MultilevelTrainer(config(part, method, **sets), WORLD)
+    resumed = Trainer(config(part, method, **sets), WORLD)
     assert resumed.resume() and resumed.step == 3
     resumed.run()
-    full = MultilevelTrainer(config(run_dirs(), method, **sets), WORLD)
+    full = Trainer(config(run_dirs(), method, **sets), WORLD)
     full.run()
     assert_same_run(rows_and_weights(full), rows_and_weights(resumed), 1e-12)
     resumed.close()
@@ -446,12 +651,12 @@ def test_grid_shapes_train_like_one_rank(method, sets, data, run_dirs):
     if P % data:
         pytest.skip(f"a grid of {data} groups needs a multiple of {data} ranks")
     sets = dict(sets, **{"parallel.data": data, "data.batch_size": 250})
-    grid = MultilevelTrainer(config(run_dirs(), method, **sets), WORLD)
+    grid = Trainer(config(run_dirs(), method, **sets), WORLD)
     assert grid.grid.shape == (data, P // data)
     grid.run()
     rows = WORLD.bcast(grid.metrics.rows(), root=0)
     weights = gathered(grid.level, "data")
-    single = MultilevelTrainer(config(run_dirs(shared=False), method,
+    single = Trainer(config(run_dirs(shared=False), method,
                                       **dict(sets, **{"parallel.data": 1})), MPI.COMM_SELF)
     single.run()
     ref_rows, ref_weights = single.metrics.rows(), gathered(single.level, "data")

@@ -1,10 +1,11 @@
-"""layerpar.optim: distributed L-BFGS, learning-rate schedules and the
-Tikhonov and smoothness penalties.
+"""layerpar.optim: distributed L-BFGS, the line searches over phi(t),
+learning-rate schedules and the Tikhonov and smoothness penalties.
 
 L-BFGS is checked against the known minimiser of a convex quadratic, against
 an independent dense-matrix BFGS implementation of the same iteration, and
 for rank invariance (COMM_WORLD against COMM_SELF with all parameters local);
-the penalties against plain-torch autograd on ``net.serial_equivalent()``.
+the penalties against plain-torch autograd on ``net.serial_equivalent()``,
+the line searches against their conditions checked by fresh evaluations.
 MPI tests run on COMM_WORLD with 1, 2 and 4 ranks."""
 import io
 import math
@@ -13,12 +14,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as Fn
+from hypothesis import given, settings, strategies as st
 from mpi4py import MPI
 
 from layerpar import (ConvClosing, ConvOpening, ConvStep, DenseClosing, DenseOpening,
                       DenseStep, LayerParallel, Network, partition)
-from layerpar.optim import (SCHEDULES, LBFGS, LineSearchError, regularize, schedule,
-                            scheduler)
+from layerpar.optim import (LINE_SEARCHES, SCHEDULES, LBFGS, LineSearchError, regularize,
+                            schedule, scheduler)
+from layerpar.optim.linesearch import Trial, armijo, backtracking, decrease, strong_wolfe
 
 F64 = torch.float64
 WORLD = MPI.COMM_WORLD
@@ -480,6 +483,102 @@ def test_strong_wolfe_trains_network_independently_of_ranks():
         assert float((a - b).abs().max()) <= 1e-10 * max(1.0, float(b.abs().max()))
     assert all(b <= a for a, b in zip(world, world[1:]))
     assert world[-1] < 0.9 * world[0]
+
+
+# ---------------------------------------------------------------------------
+# the line searches as free functions over phi(t)
+# ---------------------------------------------------------------------------
+class Line:
+    """phi(t) = f(x0 + t d) of a function of one variable, with its
+    derivative, counting the evaluations."""
+
+    def __init__(self, f, df, x0, d):
+        self.f, self.df, self.x0, self.d = f, df, x0, d
+        self.ts = []
+
+    def __call__(self, t):
+        self.ts.append(t)
+        x = self.x0 + t * self.d
+        return Trial(t, self.f(x), self.df(x) * self.d)
+
+
+def test_backtracking_takes_the_first_step_that_passes():
+    # f(x) = 50 x^2 / 2 from x0 = 0.01 along -f'(x0): as in the L-BFGS test
+    # above, t = 1/32 is the first power of 1/2 with sufficient decrease
+    a, x0 = 50.0, 0.01
+    phi = Line(lambda x: 0.5 * a * x * x, lambda x: a * x, x0, -a * x0)
+    f0, slope = phi.f(x0), -(a * x0) ** 2
+    search = backtracking(phi, 1.0, armijo(f0, slope, 1e-4), shrink=0.5, max_trials=21)
+    assert search.best is search.last and search.best.t == 2.0 ** -5
+    assert search.evals == 6 and phi.ts == [2.0 ** -j for j in range(6)]
+    assert search.best.f <= f0 + 1e-4 * search.best.t * slope
+    # a budget that ends before: no step, the last trial reported
+    search = backtracking(phi, 1.0, armijo(f0, slope, 1e-4), shrink=0.5, max_trials=3)
+    assert search.best is None and search.last.t == 0.25 and search.evals == 3
+
+
+def test_backtracking_for_a_decrease_rejects_no_change_and_nan():
+    # MG/OPT's correction search: any decrease counts, no change does not
+    flat = Line(lambda x: 1.0, lambda x: 0.0, 0.0, 1.0)
+    search = backtracking(flat, 1.0, decrease(1.0), shrink=0.5, max_trials=4)
+    assert search.best is None and flat.ts == [1.0, 0.5, 0.25, 0.125]
+    nan_then_down = Line(lambda x: math.nan if x > 0.6 else 1.0 - x, lambda x: -1.0, 0.0, 1.0)
+    search = backtracking(nan_then_down, 1.0, decrease(1.0), shrink=0.5, max_trials=4)
+    assert search.best.t == 0.5 and search.best.f == 0.5 and search.evals == 2
+    with pytest.raises(ValueError, match="shrink"):
+        backtracking(flat, 1.0, decrease(1.0), shrink=1.0, max_trials=4)
+    with pytest.raises(ValueError, match="max_trials"):
+        backtracking(flat, 1.0, decrease(1.0), max_trials=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(a=st.floats(0.01, 100.0), b=st.floats(-3.0, 3.0), x0=st.floats(-5.0, 5.0),
+       t0=st.floats(1e-3, 10.0), c2=st.sampled_from([0.1, 0.5, 0.9]))
+def test_strong_wolfe_step_satisfies_both_conditions(a, b, x0, t0, c2):
+    # f(x) = a x^2 / 2 + cos(b x): smooth and bounded below, searched along
+    # -f'(x0) from any trial step; the accepted step is checked with fresh
+    # evaluations of f and f' (check_strong_wolfe)
+    f = lambda x: 0.5 * a * x * x + math.cos(b * x)
+    df = lambda x: a * x - b * math.sin(b * x)
+    d = -df(x0)
+    if abs(d) < 1e-6:
+        return  # (nearly) stationary: no descent direction
+    phi = Line(f, df, x0, d)
+    search = strong_wolfe(phi, t0, f0=f(x0), slope=-d * d, c1=1e-4, c2=c2, max_evals=60)
+    assert search.best is not None and search.evals == len(phi.ts) <= 60
+    assert search.last.t == phi.ts[-1]
+    x1 = x0 + search.best.t * d
+    check_strong_wolfe(lambda z: f(float(z[0])), lambda z: np.array([df(float(z[0]))]),
+                       np.array([x0]), np.array([x1]), 1e-4, c2)
+
+
+def test_lbfgs_takes_the_steps_of_the_free_line_search():
+    # one L-BFGS iteration from x0 on f = cos + quadratic is the free
+    # function's search along -g, with the same trial steps and evaluations
+    for line_search in LINE_SEARCHES:
+        x = torch.nn.Parameter(torch.tensor([1.3], dtype=F64))
+        opt = LBFGS([x], SELF, line_search=line_search)
+        f = lambda z: 0.5 * 3.0 * z * z + math.cos(4.0 * z)
+        df = lambda z: 3.0 * z - 4.0 * math.sin(4.0 * z)
+
+        def closure():
+            opt.zero_grad()
+            v = 0.5 * 3.0 * (x * x).sum() + torch.cos(4.0 * x).sum()
+            v.backward()
+            return float(v.detach())
+
+        opt.step(closure)
+        g0 = df(1.3)
+        phi = Line(f, df, 1.3, -g0)
+        t0 = min(1.0, 1.0 / abs(g0))
+        if line_search == "armijo":
+            search = backtracking(phi, t0, armijo(f(1.3), -g0 * g0, 1e-4), shrink=0.5,
+                                  max_trials=21)
+        else:
+            search = strong_wolfe(phi, t0, f0=f(1.3), slope=-g0 * g0, max_evals=25)
+        assert opt.last_step["step_lengths"] == [pytest.approx(search.best.t, rel=1e-14)]
+        assert opt.last_step["evaluations"] == 1 + search.evals
+        assert opt.last_step["backtracks"] == search.evals - 1
 
 
 # ---------------------------------------------------------------------------

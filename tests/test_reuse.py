@@ -12,7 +12,7 @@ import torch.nn.functional as Fn
 from mpi4py import MPI
 
 from layerpar.config import resolve
-from layerpar.training.multilevel import MultilevelTrainer
+from layerpar.training import Trainer
 
 WORLD = MPI.COMM_WORLD
 
@@ -72,7 +72,7 @@ def the_batch(trainer):
 
 @pytest.mark.mpi
 def test_kept_evaluation_is_a_fresh_solve(run_dir):
-    ml = MultilevelTrainer(config(run_dir, **{"multilevel.reuse": "true"}), WORLD)
+    ml = Trainer(config(run_dir, **{"multilevel.reuse": "true"}), WORLD)
     fine = ml.levels[0]
     assert fine.reusing
     x, y, size = the_batch(ml)
@@ -120,7 +120,7 @@ def test_kept_evaluation_is_a_fresh_solve(run_dir):
 def test_no_reuse_where_inexact(run_dir):
     # one-shot solves start from the previous ones' states: a new
     # evaluation at the same weights differs, so nothing is reused
-    ml = MultilevelTrainer(config(run_dir, **{"multilevel.reuse": "true",
+    ml = Trainer(config(run_dir, **{"multilevel.reuse": "true",
                                               "mgrit.mode": '"one-shot"'}), WORLD)
     assert not any(lev.reusing for lev in ml.levels)
     x, y, size = the_batch(ml)
@@ -144,7 +144,7 @@ def test_reuse_changes_the_work_not_the_run(sets, run_dir):
     runs = {}
     for reuse in (False, True):
         cfg = config(f"{run_dir}/{reuse}", **dict(sets, **{"multilevel.reuse": str(reuse).lower()}))
-        ml = MultilevelTrainer(cfg, WORLD)
+        ml = Trainer(cfg, WORLD)
         ml.run()
         rows = WORLD.bcast(ml.metrics.rows(), root=0)
         runs[reuse] = (rows, gathered(ml.level, "data"))

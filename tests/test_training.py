@@ -1,6 +1,8 @@
 """The training engine in-process: rank invariance of serial training,
 checkpoint/resume (same and different rank counts), the residual monitor."""
+import errno
 import math
+import os
 import shutil
 import tempfile
 
@@ -145,6 +147,65 @@ def test_resume_on_another_number_of_ranks(run_dirs):
     wf, ws = weights(full), weights(single)
     for k in wf:
         assert torch.allclose(wf[k], ws[k], rtol=1e-12, atol=1e-14), k
+
+
+def outcome_everywhere(fn):
+    """fn() on every rank; [(exception type name, errno or message) or None]
+    of every rank, gathered after each rank has finished."""
+    try:
+        fn()
+        mine = None
+    except OSError as e:
+        mine = (type(e).__name__, e.errno)
+    except Exception as e:  # noqa: BLE001 - compared below, on every rank
+        mine = (type(e).__name__, str(e))
+    return WORLD.allgather(mine)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("error,seen", [
+    (ValueError("metrics row refused"), ("ValueError", "metrics row refused")),
+    (OSError(errno.ENOSPC, "No space left on device", "metrics.h5"), ("OSError", errno.ENOSPC))])
+def test_a_failed_metrics_write_on_rank_0_is_raised_on_every_rank(error, seen, run_dirs):
+    # rank 0 writes the metrics files; whatever fails there is raised on
+    # every rank, an OSError with its errno (the other ranks used to wait
+    # for rank 0 when it was anything but an OSError).  The run's timeout
+    # goes on a communicator of the test's own.
+    comm = WORLD.Dup()
+    t = Trainer(small_config(run_dirs(), **{"optim.epochs": 1, "run.timeout": 30}), comm)
+    if WORLD.rank == 0:
+        def refuse(row):
+            raise error
+        t.metrics.append = refuse
+    assert outcome_everywhere(t.run) == [seen] * WORLD.size
+    t.close()
+    comm.Free()
+
+
+@pytest.mark.mpi
+def test_a_failed_move_of_a_damaged_checkpoint_is_raised_on_every_rank(run_dirs, monkeypatch):
+    # resuming from a damaged checkpoint moves it aside on rank 0 and takes
+    # the previous one; a refused rename there is raised on every rank, the
+    # same PermissionError with its errno (the other ranks used to wait)
+    run, comm = run_dirs(), WORLD.Dup()  # the run's timeout on a communicator of our own
+    sets = {"optim.epochs": 2, "run.timeout": 30}
+    train(comm, run, **sets).close()  # two epochs: checkpoint.h5 and checkpoint.prev.h5
+    if WORLD.rank == 0:
+        with open(os.path.join(run, "checkpoint.h5"), "r+b") as fh:
+            fh.truncate(100)
+    WORLD.Barrier()
+    t = Trainer(small_config(run, **sets), comm)
+    if WORLD.rank == 0:
+        def refuse(src, dst):
+            raise PermissionError(errno.EACCES, "Permission denied", src)
+        monkeypatch.setattr(os, "replace", refuse)
+    seen = outcome_everywhere(t.resume)
+    monkeypatch.undo()
+    assert seen == [("PermissionError", errno.EACCES)] * WORLD.size
+    # without the refusal the previous checkpoint is taken
+    assert t.resume() and t.epoch == 1
+    t.close()
+    comm.Free()
 
 
 class _Body:

@@ -14,7 +14,7 @@ from mpi4py import MPI
 from braid_ext import Layout
 from layerpar import DenseClosing, DenseOpening, DenseStep, Network
 from layerpar import set_timeout, transfer
-from layerpar.transfer import (layer_grads, layer_params, move_optimizer_state, prolong,
+from layerpar.transfer import (layer_grads, layer_params, prolong,
                                prolong_network, restrict, restrict_gradient, restrict_network)
 
 F64 = torch.float64
@@ -419,82 +419,6 @@ def test_restricted_gradient_is_the_gradient_through_the_prolongation(kind):
             assert torch.allclose(grad, leaves[j][name].grad, rtol=0, atol=1e-12), (j, name)
 
 
-# ---- optimiser state -------------------------------------------------------------
-def train(net, opt, steps=3):
-    g = torch.Generator().manual_seed(4)
-    for _ in range(steps):
-        x = torch.randn(5, 2, generator=g, dtype=F64)
-        y = torch.randint(0, 3, (5,), generator=g)
-        opt.zero_grad()
-        net.loss(x if net.is_first else None, y if net.is_last else None,
-                 torch.nn.functional.cross_entropy).backward()
-        opt.step()
-
-
-def all_layer_states(net, opt):
-    """{layer: {param name: state}} of every layer, on every rank (the
-    test's own gather, for the reference)."""
-    mine = {n: {k: {s: v.clone() for s, v in opt.state[p].items()} for k, p in e.items()}
-            for n, e in layer_params(net).items()}
-    out = {}
-    for part in net.comm.allgather(mine):
-        out.update(part)
-    return out
-
-
-def end_states(net, opt):
-    return [{k: dict(opt.state[p]) for k, p in m.named_parameters()} if m is not None else None
-            for m in (net.opening, net.closing)]
-
-
-@pytest.mark.mpi
-@pytest.mark.parametrize("make_opt", [
-    lambda ps: torch.optim.Adam(ps, lr=0.01),
-    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
-], ids=["adam", "sgd-momentum"])
-def test_optimizer_state_moves_with_its_parameter(make_opt):
-    size = WORLD.size
-    N, r = {1: 3, 2: 3, 3: 5, 4: 5}.get(size, size), 3
-    coarse, fine, back = dense_net(N), dense_net(r * N), dense_net(N)
-    opt_c = make_opt(coarse.parameters())
-    train(coarse, opt_c)
-    ref = all_layer_states(coarse, opt_c)
-    opt_f = make_opt(fine.parameters())
-    prolong_network(coarse, fine, kind="constant")
-    move_optimizer_state(opt_c, coarse, opt_f, fine, op="prolong", kind="constant")
-    for k, entry in layer_params(fine).items():
-        for name, p in entry.items():
-            st = opt_f.state[p]
-            assert set(st) == set(ref[k // r][name])
-            for key, v in ref[k // r][name].items():
-                assert torch.equal(st[key], v), (k, name, key)
-    for got, want in zip(end_states(fine, opt_f), end_states(coarse, opt_c)):
-        if want is not None:
-            for name in want:
-                for key in want[name]:
-                    assert torch.equal(got[name][key], want[name][key])
-    # training continues on the fine network with the moved state
-    train(fine, opt_f, steps=1)
-    # restriction by injection returns the coarse state bit for bit (also
-    # after a linear prolongation: fine layer r*j is coarse layer j)
-    opt_f2 = make_opt(fine.parameters())
-    opt_b = make_opt(back.parameters())
-    prolong_network(coarse, fine, kind="constant")
-    move_optimizer_state(opt_c, coarse, opt_f2, fine, op="prolong", kind="linear")
-    restrict_network(fine, back, kind="injection")
-    move_optimizer_state(opt_f2, fine, opt_b, back, op="restrict", kind="injection")
-    now = all_layer_states(back, opt_b)
-    for n in ref:
-        for name in ref[n]:
-            for key, v in ref[n][name].items():
-                assert torch.equal(now[n][name][key], v), (n, name, key)
-    for got, want in zip(end_states(back, opt_b), end_states(coarse, opt_c)):
-        if want is not None:
-            for name in want:
-                for key in want[name]:
-                    assert torch.equal(got[name][key], want[name][key])
-
-
 # ---- errors, raised on every rank -----------------------------------------------
 @pytest.mark.mpi
 def test_bad_arguments_fail_on_every_rank():
@@ -532,8 +456,6 @@ def test_bad_arguments_fail_on_every_rank():
 def test_bad_network_arguments_fail_on_every_rank():
     N = max(4, WORLD.size)
     coarse, fine = dense_net(N), dense_net(2 * N)
-    with pytest.raises(ValueError, match="op='refine'"):
-        move_optimizer_state(None, coarse, None, fine, op="refine", kind="constant")
     with pytest.raises(ValueError, match=r"fine_net.nlayers=\d+ is not .* of coarse_net.nlayers"):
         prolong_network(coarse, dense_net(2 * N + 1), kind="constant")
     longer = Network(lambda: DenseOpening(2, WIDTH), lambda n: DenseStep(WIDTH, "tanh"),
@@ -543,12 +465,5 @@ def test_bad_network_arguments_fail_on_every_rank():
         prolong_network(coarse, longer)
     with pytest.raises(ValueError, match="kind='nearest'"):
         restrict_network(fine, coarse, kind="nearest")
-    opt_c = torch.optim.SGD(coarse.parameters(), lr=0.1, momentum=0.5)
-    train(coarse, opt_c, steps=1)
-    wrong = torch.optim.SGD(coarse.parameters(), lr=0.1, momentum=0.5)  # not fine's
-    with pytest.raises(ValueError, match="dst_opt does not optimise the parameter"):
-        move_optimizer_state(opt_c, coarse, wrong, fine, op="prolong", kind="linear")
-    with pytest.raises(ValueError, match="kind='injection': expected one of 'constant'"):
-        move_optimizer_state(opt_c, coarse, wrong, fine, op="prolong", kind="injection")
     with pytest.raises(TypeError, match="Network or LayerParallel"):
         prolong_network(coarse, torch.nn.Linear(2, 2))

@@ -179,7 +179,7 @@ def test_mgopt_with_a_run_timeout_trains_as_without(tmp_path_factory):
     levels (9 and 3 layers) while the watchdog serves (run.timeout set): the
     run finishes, with the same metrics and weights, bit for bit, as
     without a limit."""
-    from layerpar.training.multilevel import MultilevelTrainer
+    from layerpar.training import make_trainer
     world = MPI.COMM_WORLD
     base = world.bcast(str(tmp_path_factory.mktemp("mgopt")) if world.rank == 0 else None)
     runs = []
@@ -194,7 +194,7 @@ def test_mgopt_with_a_run_timeout_trains_as_without(tmp_path_factory):
                              f"run.timeout={limit}", f'run.dir="{base}/limit-{limit}"'])
         outcome = None
         try:
-            trainer = MultilevelTrainer(cfg, world)
+            trainer = make_trainer(cfg, world)
             trainer.run()
             rows = world.bcast(trainer.metrics.rows(), root=0)
             params = trainer.level.params()

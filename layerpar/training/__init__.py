@@ -1,12 +1,13 @@
 """Training: networks built from a configuration (``build``), one network
-with its optimiser that an outer method can drive (``level.Level``), the
-epoch loop with metrics, checkpoints and resumption (``loop.Trainer``), and
-the multilevel methods (``multilevel``: nested iteration and MG/OPT)."""
+with its optimiser that a method can drive (``level.Level``), the epoch
+loop with metrics, checkpoints and resumption that drives any method
+(``loop.Trainer``: single-level training, ``single``, or the multilevel
+methods of ``layerpar.multilevel``)."""
 from layerpar.training.build import DTYPES, build_network, mgrit_options
 from layerpar.training.level import Level
-from layerpar.training.loop import Trainer
+from layerpar.training.loop import Trainer, make_trainer
 from layerpar.training.monitor import ResidualMonitor
 from layerpar.training.report import format_row, plot_metrics
 
 __all__ = ["DTYPES", "Level", "ResidualMonitor", "Trainer", "build_network", "format_row",
-           "mgrit_options", "plot_metrics"]
+           "make_trainer", "mgrit_options", "plot_metrics"]

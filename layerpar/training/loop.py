@@ -1,5 +1,12 @@
 """The training engine: a configured network, data, optimiser and MGRIT mode,
-trained epoch by epoch with metrics, checkpoints and resumption.
+trained epoch by epoch with metrics, checkpoints and resumption, by one
+method (``multilevel.method``): single-level training (``single``), nested
+iteration or MG/OPT (``layerpar.multilevel``).  ``Trainer`` runs the epochs,
+the stop agreement, the metrics and the checkpoints; the method says which
+network to train, what one step on a batch is, when training is over and
+what its part of a checkpoint holds (the interface is described in
+``layerpar.multilevel.method``).  A loss that is not finite or far above
+chance level stops training with every method.
 
 Modes (``mgrit.mode``):
   serial          one grid level: exact layer-serial propagation across ranks
@@ -35,19 +42,18 @@ import math
 import os
 import time
 
-import torch
-
 from layerpar import checkpoint as ckpt
-from layerpar._collective import any_rank
-from layerpar._watchdog import guard
-from layerpar.config import DEFAULTS, check_grid, to_toml
+from layerpar._collective import any_rank, on_root
+from layerpar.config import DEFAULTS, check_grid, check_ranks, to_toml
 from layerpar.grid import ProcessGrid
 from layerpar.metrics import MetricsWriter
+from layerpar.multilevel import METHODS
 from layerpar.training.build import (apply_timeout, learning_rate, load_data,
                                      load_in_groups, make_loaders, saved_group_state)
 from layerpar.training.level import Level
 from layerpar.training.report import (add_step, batch_len, epoch_sums, format_row,
                                       plot_metrics)
+from layerpar.training.single import SingleLevel
 
 
 class Trainer:
@@ -69,6 +75,10 @@ class Trainer:
     answer within it makes every other rank raise
     ``braid_ext.MGRITTimeoutError`` (in a solve) or its subclass
     ``layerpar.SilentRankError`` naming it; the job should then end.
+
+    ``method`` is the configured method's object (``SingleLevel``,
+    ``NestedIteration`` or ``MGOpt``); ``level`` the network it trains now,
+    ``levels`` every network it holds.
     """
 
     def __init__(self, config, comm, *, log=None, progress=None, should_stop=None,
@@ -76,10 +86,16 @@ class Trainer:
         self.config = config
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.run_dir = config["run"]["dir"]
+        if not self.run_dir:
+            raise ValueError("run.dir = '': name the run's folder")
         self._own_grid = grid is None
         apply_timeout(config, comm, grid)  # a grid made below inherits it
         if grid is None:
             check_grid(config, self.size)  # a ConfigError naming parallel.data, everywhere
+        # every rank holds a layer of every level (a ConfigError naming multilevel.levels)
+        check_ranks(config, self.size // (grid.data if grid else config["parallel"]["data"]))
+        if grid is None:
             grid = ProcessGrid(comm, data=config["parallel"]["data"])
         self.grid = grid
         self.log = log if self.rank == 0 else None
@@ -87,18 +103,37 @@ class Trainer:
         # the place in this rank's group: the first needs inputs, the last labels
         self.first, self.last = grid.layer_rank == 0, grid.layer_rank == grid.layers - 1
         self.data = load_data(config, comm, first=self.first, last=self.last)
-        sharded = grid if grid.data > 1 else None
+        self._sharded = grid if grid.data > 1 else None
         self.train_loader, self.val_loader = make_loaders(
-            config, self.data, grid.layer_rank, grid.layers, grid=sharded)
-        self.level = Level(config, self.data, grid.layer_comm, grid=sharded)
-        self.run_dir = config["run"]["dir"]
-        if not self.run_dir:
-            raise ValueError("run.dir = '': name the run's folder")
+            config, self.data, grid.layer_rank, grid.layers, grid=self._sharded)
+        self.method = self._make_method()
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.should_stop = should_stop
-        self.sums = epoch_sums()  # this epoch's steps so far (checkpointed)
+        self.sums = epoch_sums(**self.method.sums)  # this epoch's steps so far (checkpointed)
         self.metrics = MetricsWriter(self.run_dir, comm) if metrics else None
         self._first_loss = None
+
+    def _make_method(self):
+        name = self.config["multilevel"]["method"]
+        if name == "none":
+            return SingleLevel(self.config, self._new_level)
+        return METHODS[name](self.config, self._new_level, self.grid.layer_comm,
+                             batches_per_epoch=len(self.train_loader))
+
+    def _new_level(self, nlayers, *, reuse=False):
+        """A network of ``nlayers`` layers (None: the configured depth) with
+        its optimiser, on this group's layer ranks."""
+        return Level(self.config, self.data, self.grid.layer_comm, nlayers=nlayers,
+                     grid=self._sharded, reuse=reuse)
+
+    @property
+    def level(self):
+        """The network being trained (MG/OPT: the finest)."""
+        return self.method.level
+
+    @property
+    def levels(self):
+        return self.method.levels
 
     @property
     def net(self):
@@ -144,46 +179,32 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------
     def save(self):
         """Collective over every rank of the grid: one checkpoint, in which
-        group 0's layer ranks give the model and the run's state and every
-        group's layer ranks give that group's solver states (one-shot warm
-        states and the residual monitor's counts, which belong to the
-        group's share of the batches).  Every rank writes its own part file;
-        every rank raises the same CheckpointError if the save fails."""
+        group 0's layer ranks give the model (every level's networks) and
+        the run's state and every group's layer ranks give that group's
+        solver states (one-shot warm states and the residual monitor's
+        counts, which belong to the group's share of the batches).  Every
+        rank writes its own part file; every rank raises the same
+        CheckpointError if the save fails."""
         ckpt.save_checkpoint(self.checkpoint_path(), self.comm, self._state())
-
-    def _group_state(self):
-        """This group's solver states: {"warm": ..., "monitor": ...}."""
-        return {"warm": self.level.warm_state(),
-                "monitor": self.monitor.state() if self.monitor else {}}
 
     def _state(self):
         """This rank's part of the checkpoint (collective over the grid)."""
-        work = self.level.work_totals()  # collective over the group
-        head = {"num_layers": self.body.nlayers, "epoch": self.epoch, "step": self.step,
+        m = self.method
+        work = m.work_state()  # collective over the group
+        head = {"num_layers": m.num_layers, "epoch": self.epoch, "step": self.step,
                 "config": self.config}
         if self.grid.data > 1:
             # every group: its own solver states, under its group index
             groups = {"data_groups": self.grid.data,
-                      "groups": {self.grid.data_rank: self._group_state()}}
+                      "groups": {self.grid.data_rank: m.group_state()}}
         else:
             groups = {}
         if self.grid.data_rank != 0:
             return dict(head, extra=groups)  # no layers, no RNG state: group 0 gives them
-        params = self.level.params()
-        state = dict(head, **{
-                 "layers": {n: {k: v.detach() for k, v in d.items()}
-                            for n, d in params["layers"].items()},
-                 "opening": {k: v.detach() for k, v in params["opening"].items()},
-                 "closing": {k: v.detach() for k, v in params["closing"].items()},
-                 "optimizer": ckpt.optimizer_state(self.optimizer, params),
-                 "rng": ckpt.rng_state(),
-                 "extra": dict(groups, **{
-                     "batch_in_epoch": self.batch_in_epoch, "passes": self.body.passes,
-                     "epoch_sums": dict(self.sums),
-                     "monitor": self.monitor.state() if self.monitor else {},
-                     "work": work,
-                     # on a grid of several groups the warm states are in "groups"
-                     "warm": self.level.warm_state() if self.grid.data == 1 else {}})})
+        state = dict(head, **m.model_state(), rng=ckpt.rng_state())
+        state["extra"] = dict(groups, batch_in_epoch=self.batch_in_epoch,
+                              **{m.sums_key: dict(self.sums)},
+                              **m.run_state(work, self.grid.data == 1))
         return state
 
     def checkpoint_path(self):
@@ -192,51 +213,38 @@ class Trainer:
     def resume(self, path=None):
         """Load ``path``, or the run directory's checkpoint; False if there is
         none.  A damaged or mismatched checkpoint raises CheckpointError (the
-        previous one, checkpoint.prev.h5, is left as it is)."""
+        previous one, checkpoint.prev.h5, is left as it is).  Any number of
+        ranks.  Collective."""
         if path is None:
             path = self.checkpoint_path()
-            guard(self.comm, "the checkpoint lookup on rank 0")
-            exists = self.comm.bcast(os.path.exists(path) if self.rank == 0 else None, root=0)
+            exists = on_root(self.comm, lambda: os.path.exists(path),
+                             what="the checkpoint lookup on rank 0")
             if not exists:  # a save interrupted between its renames leaves only .prev
                 path = ckpt.find_latest_checkpoint(self.run_dir, self.comm)
                 if path is None:
                     return False
             else:
                 path = self._usable_checkpoint(path)
-        keys = {"model": self.config["model"], "data": {
-            k: self.config["data"][k] for k in ("name", "dtype", "seed")}}
+        m = self.method
+        keys = m.checkpoint_keys()
+
+        def load(**kw):
+            return load_in_groups(path, self.grid, self.comm, config=keys, defaults=DEFAULTS,
+                                  **kw)
         try:
-            st = load_in_groups(path, self.grid, self.comm,
-                                layer_indices=self.body.layer_indices,
-                                num_layers=self.body.nlayers, config=keys, defaults=DEFAULTS)
+            st = m.load(path, load)
         except ckpt.CheckpointError as e:
             prev = ckpt.previous_path(path)
             hint = f" (the previous checkpoint {prev} is kept: resume from it with " \
                    f"--resume-from {prev})" if os.path.exists(prev) else ""
             raise ckpt.CheckpointError(f"{e}{hint}") from None
-        params = self.level.params()
-        with torch.no_grad():
-            for group in ("opening", "closing"):
-                for k, p in params[group].items():
-                    p.copy_(st[group][k])
-            for n, d in params["layers"].items():
-                for k, p in d.items():
-                    p.copy_(st["layers"][n][k])
-        ckpt.restore_optimizer_state(self.optimizer, params, st["optimizer"])
+        extra = st.get("extra") or {}
+        m.restore(st, extra, saved_group_state(extra, self.grid))
         if st.get("rng"):
             ckpt.set_rng_state(st["rng"])
         self.epoch, self.step = st["epoch"], st["step"]
-        extra = st.get("extra") or {}
-        self.batch_in_epoch = extra.get("batch_in_epoch", 0)
-        self.sums = dict(epoch_sums(), **extra.get("epoch_sums", {}))
-        self.body.passes = extra.get("passes", 0)  # keys the layers' random draws
-        mine = saved_group_state(extra, self.grid)
-        monitor, warm = mine.get("monitor") or extra.get("monitor"), mine.get("warm")
-        if self.monitor and monitor:
-            self.monitor.restore(monitor, self.body)
-        if warm:
-            self.level.restore_warm_state(warm)
-        self._restore_work(extra.get("work"))
+        self.batch_in_epoch = int(extra.get("batch_in_epoch", 0))
+        self.sums = dict(epoch_sums(**m.sums), **extra.get(m.sums_key, {}))
         if self.metrics:
             self.metrics.truncate(self.epoch)  # rows of epochs finished before the save
         if self.log:
@@ -246,9 +254,8 @@ class Trainer:
     def _usable_checkpoint(self, path):
         """``path``, or its previous version when ``path`` is damaged; the
         damaged file is renamed aside so the next save keeps the good one.
-        Collective."""
-        msg = None
-        if self.rank == 0:
+        Collective: rank 0 looks, every rank gets its answer (or its error)."""
+        def look():
             prev = ckpt.previous_path(path)
             try:
                 ckpt.verify_checkpoint(path)
@@ -256,20 +263,18 @@ class Trainer:
                 try:
                     ckpt.verify_checkpoint(prev)
                 except ckpt.CheckpointError:
-                    prev = None
-                if prev:
-                    aside = f"{path}.damaged-{int(time.time())}"
-                    os.replace(path, aside)
-                    msg = (prev, f"{e}; resuming from the previous checkpoint {prev} "
-                                 f"(the damaged file is kept as {aside})")
-        # Rank 0 -> every rank: the checkpoint to load instead, and why.
-        guard(self.comm, "the checkpoint check on rank 0")
-        msg = self.comm.bcast(msg, root=0)
-        if msg is None:
+                    return None
+                aside = f"{path}.damaged-{int(time.time())}"
+                os.replace(path, aside)
+                return (prev, f"{e}; resuming from the previous checkpoint {prev} "
+                              f"(the damaged file is kept as {aside})")
+            return None
+        found = on_root(self.comm, look, what="the checkpoint check on rank 0")
+        if found is None:
             return path
         if self.log:
-            self.log(f"warning: {msg[1]}")
-        return msg[0]
+            self.log(f"warning: {found[1]}")
+        return found[0]
 
     def _stop_agreed(self):
         """Collective: does any rank's should_stop() say stop?"""
@@ -279,65 +284,26 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------
     def run(self):
-        o, r = self.config["optim"], self.config["run"]
-        every = r["checkpoint_every"]
-        steps_per_epoch = len(self.train_loader)
+        every = self.config["run"]["checkpoint_every"]
+        m = self.method
         t_start = time.perf_counter()
         summary = None
-        while self.epoch < o["epochs"]:
-            self.level.set_lr(learning_rate(self.config, self.epoch))
-            t_epoch = time.perf_counter()
-            acc = self.sums
-            first = self.batch_in_epoch + 1
-            batches = self.train_loader.epoch(self.epoch)
-            for b, (x, y) in enumerate(batches):
-                if b < self.batch_in_epoch:
-                    continue  # done before the checkpoint this run resumed from
-                size = batch_len(self.train_loader, b)
-                s = self.level.step(x, y, size)
-                add_step(acc, s, size)
-                self.step += 1
-                self.batch_in_epoch = b + 1
-                if self._first_loss is None:
-                    self._first_loss = s["loss"]
-                self._check_divergence(s["loss"])
-                if s["change"] and self.log:
-                    self.log(f"step {self.step}: {s['change']}")
-                if self.progress:
-                    self.progress(self.epoch, b + 1, steps_per_epoch, s, first)
-                if r["log_every"] and self.step % r["log_every"] == 0 and self.log:
-                    self.log(f"step {self.step} (epoch {self.epoch + 1}, batch {b + 1}/"
-                             f"{steps_per_epoch}): loss {s['loss']:.4f}, accuracy "
-                             f"{100 * s['correct'] / max(size, 1):.1f}%, MGRIT iterations "
-                             f"{s['fwd_iters']}/{s['bwd_iters']}, residuals "
-                             f"{s['fwd_res']:.1e}/{s['bwd_res']:.1e}")
-                if self.batch_in_epoch < steps_per_epoch:
-                    if self._stop_agreed():
-                        self.save()
-                        return self._stopped(t_start)
-                    if every > 0 and self.step % every == 0:
-                        self.save()
-            val_loss, val_acc = self.evaluate(self.val_loader)
-            n = max(acc["steps"], 1)
-            row = {"epoch": self.epoch + 1, "step": self.step,
-                   "train_loss": acc["loss"] / max(acc["size"], 1),
-                   "train_acc": acc["correct"] / max(acc["size"], 1),
-                   "val_loss": val_loss, "val_acc": val_acc,
-                   "fwd_iters": acc["fwd_iters"] / n, "bwd_iters": acc["bwd_iters"] / n,
-                   "fwd_residual": acc["fwd_res"] / n, "bwd_residual": acc["bwd_res"] / n,
-                   "lr": self.optimizer.param_groups[0]["lr"],
-                   "wall_time": time.perf_counter() - t_epoch,
-                   "virtual_time": acc["vtime"]}
-            row.update({f"{k}_work": v for k, v in self.level.work_totals().items()})
-            self._rank0_file_work(self.metrics.append, row)
-            self.epoch += 1
-            self.batch_in_epoch = 0
-            self.sums = epoch_sums()
+        while True:
+            change = m.advance()
+            if change:  # the method moved to another network: a checkpoint of it
+                if self.log:
+                    self.log(change)
+                self.save()
+                continue
+            if m.finished(self.epoch):
+                break
+            row = self._epoch(every)
+            if row is None:  # stopped inside the epoch, after a checkpoint
+                return self._stopped(t_start)
             summary = row
-            if self.log:
-                self.log(format_row(row))
-            stop = self.epoch < o["epochs"] and self._stop_agreed()
-            if every >= 0 or stop or self.epoch == o["epochs"]:
+            m.end_epoch(row)
+            stop = not m.finished(self.epoch) and self._stop_agreed()
+            if every >= 0 or stop or m.finished(self.epoch):
                 self.save()
             if stop:
                 return self._stopped(t_start)
@@ -346,26 +312,84 @@ class Trainer:
             summary = {"epoch": self.epoch, "step": self.step, "val_loss": val_loss,
                        "val_acc": val_acc}
         summary["total_wall_time"] = time.perf_counter() - t_start
-        if self.rank == 0 and self.config["run"]["plot"]:
+        if self.rank == 0 and self.metrics and self.config["run"]["plot"]:
             plot_metrics(self.metrics.rows(), os.path.join(self.run_dir, "curves.png"))
         return summary
+
+    def _epoch(self, every):
+        """One epoch from ``batch_in_epoch`` on; its metrics row, or None when
+        a stop was agreed inside it (after a checkpoint).  Collective."""
+        r, m = self.config["run"], self.method
+        lr = learning_rate(self.config, min(self.epoch, m.epochs - 1), epochs=m.epochs)
+        for lev in m.levels:
+            lev.set_lr(lr)
+        steps_per_epoch = len(self.train_loader)
+        t_epoch = time.perf_counter()
+        acc = self.sums
+        first = self.batch_in_epoch + 1
+        for b, (x, y) in enumerate(self.train_loader.epoch(self.epoch)):
+            if b < self.batch_in_epoch:
+                continue  # done before the checkpoint this run resumed from
+            size = batch_len(self.train_loader, b)
+            s = m.step(x, y, size)
+            add_step(acc, s, size)
+            for k in m.sums:  # the method's own counts (MG/OPT: corrections accepted)
+                acc[k] += s.get(k, 0)
+            self.step += 1
+            self.batch_in_epoch = b + 1
+            if self._first_loss is None:
+                self._first_loss = s["loss"]
+            self._check_divergence(s["loss"])
+            if s.get("change") and self.log:
+                self.log(f"step {self.step}: {s['change']}")
+            if self.progress:
+                self.progress(self.epoch, b + 1, steps_per_epoch, s, first)
+            if r["log_every"] and self.step % r["log_every"] == 0 and self.log:
+                self.log(f"step {self.step} (epoch {self.epoch + 1}, batch {b + 1}/"
+                         f"{steps_per_epoch}): loss {s['loss']:.4f}, accuracy "
+                         f"{100 * s['correct'] / max(size, 1):.1f}%, MGRIT iterations "
+                         f"{s['fwd_iters']}/{s['bwd_iters']}, residuals "
+                         f"{s['fwd_res']:.1e}/{s['bwd_res']:.1e}")
+            if self.batch_in_epoch < steps_per_epoch:
+                if self._stop_agreed():
+                    self.save()
+                    return None
+                if every > 0 and self.step % every == 0:
+                    self.save()
+        return self._finish_epoch(acc, t_epoch)
+
+    def _finish_epoch(self, acc, t_epoch):
+        """The epoch's metrics row (validation included), written; the
+        counters move to the next epoch.  Collective."""
+        m = self.method
+        val_loss, val_acc = self.evaluate(self.val_loader)
+        n = max(acc["steps"], 1)
+        row = {"epoch": self.epoch + 1, "step": self.step, **m.head_columns(),
+               "train_loss": acc["loss"] / max(acc["size"], 1),
+               "train_acc": acc["correct"] / max(acc["size"], 1),
+               "val_loss": val_loss, "val_acc": val_acc,
+               "fwd_iters": acc["fwd_iters"] / n, "bwd_iters": acc["bwd_iters"] / n,
+               "fwd_residual": acc["fwd_res"] / n, "bwd_residual": acc["bwd_res"] / n,
+               "lr": self.optimizer.param_groups[0]["lr"],
+               "wall_time": time.perf_counter() - t_epoch,
+               "virtual_time": acc["vtime"], **m.tail_columns(acc)}
+        if self.metrics:
+            self._rank0_file_work(self.metrics.append, row)
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.sums = epoch_sums(**m.sums)
+        if self.log:
+            self.log(format_row(row) + m.describe(row))
+        return row
 
     def _stopped(self, t_start):
         return {"stopped": True, "epoch": self.epoch, "step": self.step,
                 "total_wall_time": time.perf_counter() - t_start}
 
-    def _restore_work(self, saved):
-        """Work counters of a resumed run: the saved totals, held by the first
-        rank (so that the totals over the ranks continue on any rank count)."""
-        totals = {"fwd": 0, "bwd": 0}
-        if saved:
-            totals = {k: int(saved.get(k, 0)) for k in totals}
-        self.level.work = totals if self.first else {"fwd": 0, "bwd": 0}
-
     def close(self):
-        """Collective: free the network's solvers and the grid's
-        communicators (the trainer is not used again)."""
-        self.level.close()
+        """Collective: free the networks' solvers, the method's communicators
+        and the grid's (the trainer is not used again)."""
+        self.method.close()
         if self._own_grid:
             self.grid.close()
 
@@ -377,19 +401,15 @@ class Trainer:
         self._rank0_file_work(write)
 
     def _rank0_file_work(self, fn, *args):
-        """Collective: fn(*args) on rank 0; an OSError there (a full disk)
-        is raised on every rank."""
-        err = None
-        if self.rank == 0:
-            try:
-                fn(*args)
-            except OSError as e:
-                err = (e.errno, e.strerror or str(e), e.filename)
-        # Rank 0 -> every rank: whether its file work failed.
-        guard(self.comm, "the file work on rank 0")
-        err = self.comm.bcast(err, root=0)
-        if err is not None:
-            raise OSError(*err)
+        """Collective: fn(*args) on rank 0; an exception there (an OSError of
+        a full disk, with its errno) is raised on every rank."""
+        on_root(self.comm, lambda: fn(*args), what="the file work on rank 0")
+
+
+def make_trainer(config, comm, **kw):
+    """The trainer for a configuration (any ``multilevel.method``): a
+    ``Trainer``; the keywords are its own."""
+    return Trainer(config, comm, **kw)
 
 
 DIVERGED = 100.0  # a loss this many times chance level (or the first loss) has diverged

@@ -1,0 +1,38 @@
+"""Optimisation for layer-parallel networks: distributed L-BFGS, line
+searches, learning-rate schedules and the Tikhonov and smoothness-in-time
+penalties.
+
+    opt = LBFGS(net.parameters(), net.body.comm, lr=1.0, history=10)
+
+    def closure():                       # collective
+        opt.zero_grad()
+        loss = net.loss(x, y, torch.nn.functional.cross_entropy)
+        loss.backward()
+        value = net.reduce(loss)         # the same float on every rank
+        return value + regularize(net, tikhonov=1e-4, smoothness=1e-4)
+
+    for epoch in range(epochs):
+        opt.step(closure)
+
+``LBFGS(..., line_search="strong-wolfe")`` replaces the backtracking search
+by a strong Wolfe search; ``reuse_evaluation=True`` saves the evaluation at
+the start of each call when the objective does not change between calls.
+
+Modules, one per job:
+  lbfgs        ``LBFGS`` (and ``history``: its curvature pairs and two-loop recursion)
+  linesearch   ``backtracking`` and ``strong_wolfe``: free functions over
+               phi(t), the objective along a line, used by L-BFGS and by
+               MG/OPT's coarse-correction search
+  schedules    ``schedule``, ``scheduler``
+  penalties    ``regularize``
+
+Public names: ``LBFGS``, ``LineSearchError``, ``regularize``, ``schedule``,
+``scheduler`` (and ``SCHEDULES``, ``LINE_SEARCHES``).
+"""
+from layerpar.optim.lbfgs import LBFGS
+from layerpar.optim.linesearch import LINE_SEARCHES, LineSearchError
+from layerpar.optim.penalties import regularize
+from layerpar.optim.schedules import SCHEDULES, schedule, scheduler
+
+__all__ = ["LBFGS", "LineSearchError", "regularize", "schedule", "scheduler", "SCHEDULES",
+           "LINE_SEARCHES"]
