@@ -5,16 +5,22 @@ ranks of an MPI communicator; forward propagation is an MGRIT solve across
 the ranks and back-propagation an adjoint MGRIT solve backward in layer-time.
 
     from layerpar import Network, DenseStep, DenseOpening, DenseClosing
+
+or, from the modules of a ResNet that is already written (the drop-in form):
+
+    net = layerpar.parallelize(stem, blocks=blocks, head=head, comm=comm)
+    loss = net.step(x, y, torch.nn.functional.cross_entropy)
 """
 __version__ = "0.1.0"
 
 # The names below are imported on first use, so that importing the package
 # (e.g. for ``layerpar --help``) does not load torch.
-_WHERE = {"LayerParallel": "parallel", "Network": "parallel", "ConvClosing": "steps",
-          "ConvOpening": "steps", "ConvStep": "steps", "DenseClosing": "steps",
-          "DenseOpening": "steps", "DenseStep": "steps", "ResidualLayer": "steps",
-          "SmoothReLU": "steps", "ProcessGrid": "grid", "SilentRankError": "_watchdog",
-          "set_timeout": "_watchdog", "layer_rng": "engine.policy"}
+_WHERE = {"parallelize": "dropin", "LayerParallel": "parallel", "Network": "parallel",
+          "ConvClosing": "steps", "ConvOpening": "steps", "ConvStep": "steps",
+          "DenseClosing": "steps", "DenseOpening": "steps", "DenseStep": "steps",
+          "ResidualLayer": "steps", "SmoothReLU": "steps", "ProcessGrid": "grid",
+          "SilentRankError": "_watchdog", "set_timeout": "_watchdog",
+          "layer_rng": "engine.policy"}
 
 
 def __getattr__(name):
@@ -31,6 +37,7 @@ def __dir__():
 
 
 __all__ = [
+    "parallelize",
     "LayerParallel",
     "Network",
     "ProcessGrid",

@@ -30,10 +30,11 @@ network stays usable.
 import math
 
 import torch
+from mpi4py import MPI
 from torch import nn
 
 from layerpar._collective import agree, check_comm, collective, from_root
-from layerpar._watchdog import check_timeout, guard, set_timeout, timeout_of
+from layerpar._watchdog import SilentRankError, check_timeout, guard, set_timeout, timeout_of
 from layerpar.engine import options as solve_options
 from layerpar.engine.context import PassContext, PassRecords, StateMeta
 from layerpar.engine.ghosts import Ghosts
@@ -42,6 +43,7 @@ from layerpar.engine.pipeline import SCHEDULES, Pipeline, PipelineFunction, spli
 from layerpar.engine.policy import is_stochastic, layer_rng, training_flags
 from layerpar.engine.solvers import SolverPairs
 from layerpar.engine.stage import Stage, load_state
+from layerpar.grid import ProcessGrid
 from layerpar.steps import ResidualLayer
 
 
@@ -66,6 +68,58 @@ def _timeout(value, comm):
     if value is None:
         return timeout_of(comm)
     return check_timeout(value)
+
+
+def _given(module, name):
+    """A module given to use as it is (the drop-in form), checked."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{name} is {type(module).__name__}, not an nn.Module")
+    return module
+
+
+def _layer_comm(comm, grid):
+    """The communicator the layers are split over: ``comm``, or the layer
+    communicator of ``grid`` (a ProcessGrid)."""
+    if grid is None:
+        return comm  # checked by LayerParallel
+    if not isinstance(grid, ProcessGrid):
+        raise TypeError(f"grid must be a layerpar.ProcessGrid, not {type(grid).__name__}")
+    if grid.closed:
+        raise ValueError("grid: the process grid is closed")
+    if comm is not None:
+        check_comm(comm)
+        if MPI.Comm.Compare(comm, grid.layer_comm) not in (MPI.IDENT, MPI.CONGRUENT):
+            raise ValueError("comm: with grid= the layers are split over grid.layer_comm; "
+                             "give comm=grid.layer_comm or leave comm out")
+    return grid.layer_comm
+
+
+def _scalar_loss(value):
+    """``value``, a loss that backward can start from: a one-element tensor
+    on autograd's graph (TypeError/ValueError otherwise)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"loss_fn returned {type(value).__name__}, not a tensor")
+    if value.numel() != 1:
+        raise ValueError(f"loss_fn returned a tensor of shape {tuple(value.shape)}: the loss "
+                         "must be one number (a mean or a sum over the samples, e.g. "
+                         "reduction='mean')")
+    if not value.requires_grad:
+        raise ValueError("loss_fn returned a tensor without a gradient (detached, or no "
+                         "trainable parameter): backward cannot start from it")
+    return value
+
+
+def _local_norm_part(grads, p):
+    """This rank's part of the p-norm of ``grads``: the sum of |g|^p (the
+    largest |g| for p = inf), in float64."""
+    part = 0.0
+    for g in grads:
+        a = g.abs().to(torch.float64)
+        if math.isinf(p):
+            part = max(part, float(a.max())) if a.numel() else part
+        else:
+            part += float(a.pow(p).sum()) if p != 2.0 else float((a * a).sum())
+    return part
 
 
 def _count(value, name, what):
@@ -127,6 +181,14 @@ class LayerParallel(nn.Module):
                    (in a solve) or its subclass ``layerpar.SilentRankError``
                    (elsewhere) naming it, after which the job should end
                    (``comm.Abort``)
+      modules      the drop-in form (``layerpar.parallelize``): a sequence of
+                   the N step modules, of which each rank takes its own
+                   layers' entries as they are (no copy, no seeding);
+                   step_factory(n) then builds only modules of layer n's
+                   structure (ghost copies, ``serial_equivalent``), whose
+                   values are always loaded from the owner.  Only this
+                   rank's entries are read; no reference to the sequence
+                   is kept.
 
     Step modules may hold frozen parameters (no gradient), buffers and
     train/eval behaviour (dropout, batch norm): they run under the policy of
@@ -156,13 +218,16 @@ class LayerParallel(nn.Module):
                  bwd_iters=1, fwd_tol=0.0, bwd_tol=0.0, fwd_rel_tol=0.0,
                  bwd_rel_tol=0.0, bwd_max_levels=None, bwd_cfactor=None,
                  bwd_relax=None, bwd_cycle=None, warm_start=False, retain_graphs=False,
-                 seed=0, microbatches=1, schedule="gpipe", solver_cache=4, timeout=None):
+                 seed=0, microbatches=1, schedule="gpipe", solver_cache=4, timeout=None,
+                 modules=None):
         super().__init__()
         check_comm(comm)
         if not callable(step_factory):
             raise TypeError("step_factory must be callable: step_factory(n) -> nn.Module")
         if not isinstance(nlayers, int) or isinstance(nlayers, bool) or nlayers < 1:
             raise ValueError(f"nlayers={nlayers!r}: the number of layers must be an integer >= 1")
+        if modules is not None and len(modules) != nlayers:
+            raise ValueError(f"modules: {len(modules)} modules for nlayers={nlayers} layers")
         if comm.Get_size() > nlayers:
             raise ValueError(f"nlayers={nlayers} is smaller than the number of ranks "
                              f"({comm.Get_size()}): every rank must hold at least one layer")
@@ -209,7 +274,8 @@ class LayerParallel(nn.Module):
             self.layer_indices = self.stage.indices = self.layout.layers(self.rank)
             with collective(self.comm, "building the layers"):
                 for n in self.layer_indices:
-                    self.layers[str(n)] = self._make_layer(n)
+                    self.layers[str(n)] = (self._make_layer(n) if modules is None
+                                           else _given(modules[n], f"modules[{n}]"))
         except BaseException:
             self.close()  # every rank raises here alike
             raise
@@ -467,22 +533,58 @@ class Network(nn.Module):
 
     opening_factory() and closing_factory() build the opening and closing
     modules (seeded, on the rank that uses them); the remaining arguments are
-    those of LayerParallel.
+    those of LayerParallel, and:
+
+      comm     the ranks the layers are split over (an mpi4py
+               intracommunicator; the network works on a duplicate)
+      grid     a ``layerpar.ProcessGrid`` instead of ``comm``: the layers
+               are split over ``grid.layer_comm`` (give ``comm`` too only
+               as that communicator), and ``step`` trains each data-parallel
+               group on its share of the global batch, averaging the
+               gradients over the groups (see ``step``).  The grid stays
+               the caller's: close it after the network.
+      modules  (opening, steps, closing): modules to use as they are
+               instead of building them: the opening on the first rank,
+               ``steps[n]`` for this rank's layers, the closing on the last
+               rank; the factories then build only modules of the same
+               structure (ghost copies, ``serial_equivalent``).  This is
+               the drop-in form that ``layerpar.parallelize`` builds.
+
+    The factory form builds only this rank's layers, so a model too large
+    for one process can be built at all; ``layerpar.parallelize`` turns a
+    model that is already built into a network.
+
+    Raises on every rank alike: TypeError (``comm`` not a communicator,
+    ``grid`` not a ProcessGrid, a factory that does not build a module),
+    ValueError (an option out of range, ``comm`` not the grid's layer
+    communicator, a closed grid).  Collective: every rank constructs it
+    with the same arguments.
     """
 
-    def __init__(self, opening_factory, step_factory, closing_factory, *, nlayers, T, comm,
-                 seed=0, **mgrit_options):
+    def __init__(self, opening_factory, step_factory, closing_factory, *, nlayers, T,
+                 comm=None, grid=None, seed=0, modules=None, **mgrit_options):
         super().__init__()
-        self.body = LayerParallel(step_factory, nlayers, T, comm, seed=seed, **mgrit_options)
+        comm = _layer_comm(comm, grid)
+        opening = steps = closing = None
+        if modules is not None:
+            if not isinstance(modules, (tuple, list)) or len(modules) != 3:
+                raise ValueError("modules: give (opening, steps, closing), the opening and "
+                                 "closing modules and the sequence of the N step modules")
+            opening, steps, closing = modules
+        self.body = LayerParallel(step_factory, nlayers, T, comm, seed=seed, modules=steps,
+                                  **mgrit_options)
         self.comm = self.body.comm
+        self.grid = grid
         self.rank = self.body.rank
         self.opening = self.closing = None
         try:
             with collective(self.comm, "building the opening and closing layers"):
                 if self.rank == self.body.first_rank:
-                    self.opening = _seeded(seed, -1, opening_factory)
+                    self.opening = (_seeded(seed, -1, opening_factory) if modules is None
+                                    else _given(opening, "modules[0] (the opening)"))
                 if self.rank == self.body.last_rank:
-                    self.closing = _seeded(seed, -2, closing_factory)
+                    self.closing = (_seeded(seed, -2, closing_factory) if modules is None
+                                    else _given(closing, "modules[2] (the closing)"))
         except BaseException:
             self.body.close()
             raise
@@ -569,7 +671,9 @@ class Network(nn.Module):
             raise ValueError(f"reduction={reduction!r}: choose mean or sum")
         body = self.body
         if not (body.pipelined and body.schedule != "gpipe"):
-            out, loss = self._with_tail(x, lambda out: loss_fn(out, y))
+            # the loss is checked within the pass's agreement: a loss that
+            # backward cannot start from fails on every rank, not on the last
+            out, loss = self._with_tail(x, lambda out: _scalar_loss(loss_fn(out, y)))
             if not self.is_last:
                 loss = out.sum() * 0.0
             loss.backward()
@@ -603,7 +707,7 @@ class Network(nn.Module):
                 labels.extend(y.tensor_split(len(split_sizes(B, body.microbatches))))
             out = self._call_end(self.closing, u, p, -2)
             scores.append(out.detach())
-            loss = loss_fn(out, labels[i])
+            loss = _scalar_loss(loss_fn(out, labels[i]))
             return loss * (len(labels[i]) / B) if reduction == "mean" else loss
 
         total = body.pipeline.train(ctx, first, last, body.schedule)
@@ -612,6 +716,174 @@ class Network(nn.Module):
         meta = ctx.meta
         return (torch.zeros((), dtype=meta.dtype, device=meta.device),
                 torch.zeros(0, dtype=meta.dtype, device=meta.device))
+
+    def step(self, x, y, loss_fn, *, reduction="mean"):
+        """Collective: one training step's loss and gradients, in one call
+        (as ``schedule.step`` of torch.distributed.pipelining).
+
+        Runs the forward and backward passes of the batch in the network's
+        mode (exact, pipelined GPipe or 1F1B, layer-parallel, one-shot) and
+        accumulates the gradients in every parameter's ``.grad`` as
+        ``loss.backward()`` would (zero them before, with the optimiser's
+        ``zero_grad``); returns the loss as a float, the same on every
+        rank.  A loop of plain PyTorch runs unchanged around it::
+
+            for x, y in loader:                 # the same batches on every rank
+                opt.zero_grad()
+                loss = net.step(x, y, torch.nn.functional.cross_entropy)
+                net.clip_grad_norm_(1.0)        # optional: see clip_grad_norm_
+                opt.step()
+                scheduler.step()
+
+        ``x``: the batch's inputs (needed on the first rank of the layers,
+        ignored elsewhere); ``y``: its targets (needed on the last);
+        ``loss_fn(scores, y)``: the loss of the batch, one number that is a
+        mean over the samples (``reduction='mean'``, e.g. the default of
+        ``cross_entropy``) or a sum (``reduction='sum'``).
+
+        On a grid (``grid=`` given to the constructor, D data-parallel
+        groups) every rank passes the global batch (x where its group's
+        first rank needs it, y on the last); each group takes its share
+        (the rows ``grid.shard`` gives, the sizes of ``torch.tensor_split``;
+        none when the batch has fewer rows than groups), the loss returned
+        is the global batch's (the shares' means weighted by their sizes,
+        ``grid.weight``; with ``reduction='sum'`` the sum) and the new
+        gradients are averaged over the data axis with those weights
+        (``grid.average_gradients``) before they are added to ``.grad``:
+        every group then holds the gradient of the global batch's loss, and
+        an optimiser step keeps the groups' weights the same.  Batch-norm
+        statistics (buffers) are each group's, of its shares (as DDP with
+        ``broadcast_buffers=False``).
+
+        Raises on every rank (of the grid) alike: ValueError for a bad
+        ``reduction``, inputs missing or of different batch sizes on the
+        ranks of a grid, a loss that is not one number on the graph; any
+        failure of a layer, of the opening, closing or loss, with its type
+        (see ``_collective``).  On a grid the gradients are then as they
+        were.
+        """
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction={reduction!r}: choose mean or sum")
+        grid = self.grid if self.grid is not None and self.grid.data > 1 else None
+        if grid is None:
+            loss, _ = self.loss_and_backward(x, y, loss_fn, reduction=reduction)
+            return self.reduce(loss)
+        size = self._global_batch(grid, x, y)
+        weight = grid.weight(size) if reduction == "mean" else 1.0
+        params = [p for p in self.parameters() if p.requires_grad]
+        # the gradients of this step alone are averaged, then added to the
+        # ones there were (accumulation, as backward does)
+        kept = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        error, value = None, 0.0
+        try:
+            if grid.share_size(size) > 0:
+                loss, _ = self.loss_and_backward(grid.shard(x, size), grid.shard(y, size),
+                                                 loss_fn, reduction=reduction)
+                value = self.reduce(loss)
+            else:  # no rows here: no pass (it is still counted, for the random draws)
+                self.body.passes += 1
+        except SilentRankError:
+            raise
+        except Exception as e:  # noqa: BLE001 - raised on every rank of the grid below
+            error = e
+        try:
+            # every rank of the grid -> every rank: whether its group failed,
+            # and its group's weighted loss
+            values = agree(grid.comm, error, what="a training step", payload=weight * value)
+        except BaseException:
+            for p, g in zip(params, kept):
+                p.grad = g
+            raise
+        L = grid.layers
+        total = values[0]
+        for d in range(1, grid.data):  # in group order, as grid.sum_values adds
+            total = total + values[d * L]
+        grid.average_gradients(params, weight)
+        for p, g in zip(params, kept):
+            if g is not None:
+                p.grad = g if p.grad is None else g.add_(p.grad)
+        return total
+
+    def _global_batch(self, grid, x, y):
+        """Collective over the grid: the global batch's size, from the
+        inputs and targets every rank was given (which must agree); a
+        missing input (first layer rank) or target (last) raises on every
+        rank of the grid."""
+        error = None
+        sizes = []
+        for name, t, needed in (("x", x, self.is_first), ("y", y, self.is_last)):
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                sizes.append(len(t))
+            elif needed or t is not None:
+                error = error or TypeError(
+                    f"{name} on rank {grid.rank} (layer rank {grid.layer_rank}) must be a "
+                    f"tensor with a batch dimension, not {type(t).__name__}: on a grid every "
+                    "rank passes the global batch")
+        found = agree(grid.comm, error, what="the global batch", payload=sizes)
+        every = sorted({s for part in found for s in part})
+        if len(every) != 1:
+            raise ValueError(f"x, y: the ranks of the grid were given batches of "
+                             f"{every} rows: every rank passes the same global batch")
+        return every[0]
+
+    def clip_grad_norm_(self, max_norm, norm_type=2.0, *, error_if_nonfinite=False):
+        """Collective: clip the gradients of the whole network by their
+        global norm, as ``torch.nn.utils.clip_grad_norm_`` clips a model on
+        one process: the norm over every rank's parameters (the opening and
+        closing once; on a grid one group's, which holds the global batch's
+        gradient after ``step``), and every ``.grad`` scaled by the same
+        factor ``max_norm / (norm + 1e-6)`` where that is below 1.  Returns
+        the norm before clipping (a float64 tensor), the same on every rank.
+
+        Why not ``torch.nn.utils.clip_grad_norm_(net.parameters(), ...)``:
+        each rank's ``parameters()`` are only its own layers (with the
+        opening on the first rank, the closing on the last), so each rank
+        would measure a different part of the gradient and scale its part
+        by a different factor: the step's direction would no longer be the
+        gradient's, and would change with the number of ranks.
+
+        ``max_norm``: a number >= 0; ``norm_type``: p > 0 of the p-norm
+        (default 2) or ``inf`` (the largest absolute value).
+        ``error_if_nonfinite``: raise RuntimeError (on every rank) when the
+        norm is NaN or Inf, leaving the gradients as they are.  Bad
+        arguments raise TypeError/ValueError naming them, on every rank.
+        """
+        error, local = None, 0.0
+        try:
+            if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) \
+                    or not max_norm >= 0:
+                raise ValueError(f"max_norm={max_norm!r}: must be a number >= 0")
+            p_norm = float(norm_type) if isinstance(norm_type, (int, float)) \
+                and not isinstance(norm_type, bool) else None
+            if p_norm is None or not p_norm > 0:
+                raise ValueError(f"norm_type={norm_type!r}: must be a number > 0 or inf")
+            grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
+            local = _local_norm_part(grads, p_norm)
+        except Exception as e:  # noqa: BLE001 - raised on every rank below
+            error = e
+        self.body._check_open()
+        comm = self.grid.comm if self.grid is not None else self.comm
+        # every rank (of the grid) -> every rank: its part of the norm
+        parts = agree(comm, error, what="the gradients' norm", payload=local)
+        parts = parts[:self.body.size]  # on a grid: group 0's layer ranks, in layer order
+        if math.isinf(p_norm):
+            total = max(parts)
+        else:
+            total = parts[0]
+            for part in parts[1:]:
+                total = total + part
+            total = total ** (1.0 / p_norm)
+        if error_if_nonfinite and not math.isfinite(total):
+            raise RuntimeError(f"the total norm of order {norm_type} of the gradients is "
+                               f"{total}: non-finite (error_if_nonfinite=True)")
+        coef = max_norm / (total + 1e-6)
+        if coef < 1.0:
+            with torch.no_grad():
+                for g in grads:
+                    g.mul_(coef)
+        return torch.tensor(total, dtype=torch.float64)
 
     def loss(self, x, y, loss_fn):
         """The loss on the last rank; elsewhere a zero connected to the
