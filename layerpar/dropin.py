@@ -137,8 +137,9 @@ def _layer_builder(structures):
 
 def parallelize(stem, *, blocks=None, branches=None, head, comm=None, grid=None, h=1.0,
                 **options):
-    """Collective: a layer-parallel ``Network`` from a model's stem, residual
-    blocks (or their residual branches) and head, in one call.
+    """Collective (over ``comm``, or every rank of ``grid``): a
+    layer-parallel ``Network`` from a model's stem, residual blocks (or
+    their residual branches) and head, in one call.
 
     ``stem``: the module before the blocks (the opening layer, first rank;
     None: the identity).  ``blocks``: the N residual blocks u -> block(u),
@@ -155,7 +156,7 @@ def parallelize(stem, *, blocks=None, branches=None, head, comm=None, grid=None,
     ``layerpar.ProcessGrid`` (data-parallel groups of layer-parallel
     ranks; ``net.step`` then splits each global batch over the groups).
     ``h``: the step size (a plain ResNet is forward Euler with h = 1);
-    T = N*h.  ``options``: those of ``Network`` and ``LayerParallel``
+    T = N*h (the layers step with T/N, which is h up to round-off).  ``options``: those of ``Network`` and ``LayerParallel``
     (``max_levels``, ``cfactor``, ``relax``, ``fwd_iters``, ...,
     ``microbatches``, ``schedule``, ``timeout``, ``seed``: the seed of the
     layers' random draws, such as dropout masks, per pass).
@@ -187,15 +188,17 @@ def parallelize(stem, *, blocks=None, branches=None, head, comm=None, grid=None,
 
     Returns the ``Network`` (close it on every rank when done; the grid
     stays the caller's).  Raises on every rank alike, naming the argument:
-    ValueError (both or neither of ``blocks`` and ``branches``, an empty
-    sequence, fewer blocks than layer ranks, ranks that give different
-    numbers of blocks or values of ``h``, ``h`` not a finite number > 0,
-    modules that share a parameter, ``nlayers`` or ``T`` among the
-    options, a bad option), TypeError (a block, ``stem`` or ``head`` that
-    is not a module, ``comm`` or ``grid`` of the wrong type), RuntimeError
-    (a rank whose model does not have rank 0's structure).  A block that
-    changes the state's shape raises ValueError naming it (``blocks[n]``)
-    on every rank at the first pass, where the state's shape is known.
+    ValueError for both or neither of ``blocks`` and ``branches``, an empty
+    sequence, fewer blocks than layer ranks, modules that share a parameter
+    (tied weights cannot be split), ``h`` not a finite number > 0, ranks
+    that give different numbers of blocks, values of ``h`` or options, and
+    a bad option; TypeError for a block, ``stem`` or ``head`` that is not a
+    module, ``comm`` or ``grid`` of the wrong type, ``nlayers`` or ``T``
+    among the options (they follow from the blocks and ``h``);
+    RuntimeError for a rank whose model does not have rank 0's structure.
+    A block that changes the state's shape raises ValueError naming it
+    (``blocks[n]``) on every rank at the first pass, where the state's
+    shape is known.
     """
     world = _world(comm, grid)
     error = payload = None
@@ -212,7 +215,7 @@ def parallelize(stem, *, blocks=None, branches=None, head, comm=None, grid=None,
         steps = [wrap(m, f"{kind}[{n}]") for n, m in enumerate(given)]
         structures = [_Structure(s) for s in steps]
         ends = (_Structure(stem), _Structure(head))
-        payload = (kind, len(steps), h)
+        payload = (kind, len(steps), h, _described(options))
     except Exception as e:  # noqa: BLE001 - raised on every rank below
         error = e
     found = agree(world, error, payload=payload)
@@ -226,7 +229,7 @@ def parallelize(stem, *, blocks=None, branches=None, head, comm=None, grid=None,
                   nlayers=N, T=N * h, comm=comm, grid=grid, modules=(stem, steps, head),
                   **options)
     try:
-        _take_rank0_values(net, world, stem, steps, head)
+        _take_rank0_values(net, grid.comm if grid is not None else net.comm, stem, steps, head)
     except BaseException:
         net.close()  # every rank raises here alike
         raise
@@ -314,6 +317,15 @@ def _check_same(found):
     steps = sorted({f[2] for f in found})
     if len(steps) > 1:
         raise ValueError(f"h: the ranks give {steps}; give the same step size everywhere")
+    options = {f[3] for f in found}
+    if len(options) > 1:
+        raise ValueError(f"options: the ranks give different options "
+                         f"({' and '.join(sorted(options))}); give the same everywhere")
+
+
+def _described(options):
+    """The options as text, to compare them between ranks."""
+    return ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
 
 
 # ---- rank 0's values ----------------------------------------------------------------

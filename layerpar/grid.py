@@ -174,6 +174,43 @@ class ProcessGrid:
             out = [a + b for a, b in zip(out, p)]
         return out
 
+    def global_batch(self, x, y, *, need_x, need_y):
+        """Collective over ``comm`` (every rank of the grid): the number of
+        rows of the global batch, from the inputs ``x`` and targets ``y``
+        each rank was given (tensors with a batch dimension, or None where
+        the rank does not need them: ``need_x``, ``need_y``).  A missing
+        one raises TypeError, sizes that differ between ranks ValueError,
+        on every rank of the grid.  Every rank sends the sizes it sees to
+        every rank (one allgather)."""
+        error, sizes = None, []
+        for name, t, needed in (("x", x, need_x), ("y", y, need_y)):
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                sizes.append(len(t))
+            elif needed or t is not None:
+                error = error or TypeError(
+                    f"{name} on rank {self.rank} (layer rank {self.layer_rank}) must be a "
+                    f"tensor with a batch dimension, not {type(t).__name__}: on a grid every "
+                    "rank passes the global batch")
+        found = agree(self.comm, error, what="the global batch", payload=sizes)
+        every = sorted({s for part in found for s in part})
+        if len(every) != 1:
+            raise ValueError(f"x, y: the ranks of the grid were given batches of {every} "
+                             "rows: every rank passes the same global batch")
+        return every[0]
+
+    def sum_over_groups(self, value, error=None, *, what=None):
+        """Collective over ``comm`` (every rank of the grid): the sum over
+        the groups of ``value`` (one float, the same on every rank of a
+        group), added in group order as ``sum_values`` adds: the same float
+        on every rank.  ``error`` (an exception or message of this rank, or
+        None) raises on every rank of the grid first (``agree``; ``what``
+        names the step).  Every rank sends (error, value) to every rank."""
+        values = agree(self.comm, error, what=what, payload=value)
+        total = values[0]
+        for d in range(1, self.data):
+            total = total + values[d * self.layers]
+        return total
+
     def average_gradients(self, params, weight, *, bucket_bytes=BUCKET_BYTES):
         """Collective over ``data_comm``: each parameter's ``.grad`` <- the sum
         over the groups of ``weight_d * grad_d`` (``weight`` = n_d/B of this

@@ -17,6 +17,11 @@ loop runs on every rank:
         value = net.reduce(loss)        # the loss value on every rank
     net.close()                         # collective: frees the communicators
 
+or, in one call per step (any mode, and on a data x layer grid with
+``grid=``), ``value = net.step(x, y, torch.nn.functional.cross_entropy)``.
+``layerpar.parallelize`` (``layerpar.dropin``) makes a ``Network`` from the
+stem, blocks and head of a model that is already written.
+
 A network holds MPI communicators: close it (or use it in a ``with``
 block) on every rank when done; garbage collection never frees them.
 
@@ -109,17 +114,44 @@ def _scalar_loss(value):
     return value
 
 
+def _norm_order(max_norm, norm_type):
+    """The order p of a gradient norm (a float; inf), the arguments checked."""
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) \
+            or not max_norm >= 0:
+        raise ValueError(f"max_norm={max_norm!r}: must be a number >= 0")
+    if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) \
+            or not norm_type > 0:
+        raise ValueError(f"norm_type={norm_type!r}: must be a number > 0 or inf")
+    return float(norm_type)
+
+
 def _local_norm_part(grads, p):
     """This rank's part of the p-norm of ``grads``: the sum of |g|^p (the
-    largest |g| for p = inf), in float64."""
+    largest |g| for p = inf; NaN where a gradient holds NaN), in float64."""
     part = 0.0
     for g in grads:
         a = g.abs().to(torch.float64)
         if math.isinf(p):
-            part = max(part, float(a.max())) if a.numel() else part
+            part = _largest([part, float(a.max())]) if a.numel() else part
         else:
-            part += float(a.pow(p).sum()) if p != 2.0 else float((a * a).sum())
+            part += float((a * a).sum()) if p == 2.0 else float(a.pow(p).sum())
     return part
+
+
+def _largest(values):
+    """max(values), NaN when one of them is NaN (Python's max may skip it)."""
+    return math.nan if any(v != v for v in values) else max(values)
+
+
+def _norm_of_parts(parts, p):
+    """The p-norm from the ranks' parts (``_local_norm_part``), added in rank
+    order: the same float on every rank."""
+    if math.isinf(p):
+        return _largest(parts)
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total ** (1.0 / p)
 
 
 def _count(value, name, what):
@@ -756,8 +788,9 @@ class Network(nn.Module):
         ``broadcast_buffers=False``).
 
         Raises on every rank (of the grid) alike: ValueError for a bad
-        ``reduction``, inputs missing or of different batch sizes on the
-        ranks of a grid, a loss that is not one number on the graph; any
+        ``reduction``, a loss that is not one number on the graph, batches
+        of different sizes on the ranks of a grid; TypeError for inputs or
+        targets missing on a grid (``ProcessGrid.global_batch``); any
         failure of a layer, of the opening, closing or loss, with its type
         (see ``_collective``).  On a grid the gradients are then as they
         were.
@@ -768,7 +801,7 @@ class Network(nn.Module):
         if grid is None:
             loss, _ = self.loss_and_backward(x, y, loss_fn, reduction=reduction)
             return self.reduce(loss)
-        size = self._global_batch(grid, x, y)
+        size = grid.global_batch(x, y, need_x=self.is_first, need_y=self.is_last)
         weight = grid.weight(size) if reduction == "mean" else 1.0
         params = [p for p in self.parameters() if p.requires_grad]
         # the gradients of this step alone are averaged, then added to the
@@ -789,44 +822,16 @@ class Network(nn.Module):
         except Exception as e:  # noqa: BLE001 - raised on every rank of the grid below
             error = e
         try:
-            # every rank of the grid -> every rank: whether its group failed,
-            # and its group's weighted loss
-            values = agree(grid.comm, error, what="a training step", payload=weight * value)
+            total = grid.sum_over_groups(weight * value, error, what="a training step")
         except BaseException:
             for p, g in zip(params, kept):
                 p.grad = g
             raise
-        L = grid.layers
-        total = values[0]
-        for d in range(1, grid.data):  # in group order, as grid.sum_values adds
-            total = total + values[d * L]
         grid.average_gradients(params, weight)
         for p, g in zip(params, kept):
             if g is not None:
                 p.grad = g if p.grad is None else g.add_(p.grad)
         return total
-
-    def _global_batch(self, grid, x, y):
-        """Collective over the grid: the global batch's size, from the
-        inputs and targets every rank was given (which must agree); a
-        missing input (first layer rank) or target (last) raises on every
-        rank of the grid."""
-        error = None
-        sizes = []
-        for name, t, needed in (("x", x, self.is_first), ("y", y, self.is_last)):
-            if isinstance(t, torch.Tensor) and t.dim() > 0:
-                sizes.append(len(t))
-            elif needed or t is not None:
-                error = error or TypeError(
-                    f"{name} on rank {grid.rank} (layer rank {grid.layer_rank}) must be a "
-                    f"tensor with a batch dimension, not {type(t).__name__}: on a grid every "
-                    "rank passes the global batch")
-        found = agree(grid.comm, error, what="the global batch", payload=sizes)
-        every = sorted({s for part in found for s in part})
-        if len(every) != 1:
-            raise ValueError(f"x, y: the ranks of the grid were given batches of "
-                             f"{every} rows: every rank passes the same global batch")
-        return every[0]
 
     def clip_grad_norm_(self, max_norm, norm_type=2.0, *, error_if_nonfinite=False):
         """Collective: clip the gradients of the whole network by their
@@ -848,33 +853,20 @@ class Network(nn.Module):
         (default 2) or ``inf`` (the largest absolute value).
         ``error_if_nonfinite``: raise RuntimeError (on every rank) when the
         norm is NaN or Inf, leaving the gradients as they are.  Bad
-        arguments raise TypeError/ValueError naming them, on every rank.
+        arguments raise ValueError naming them, on every rank.
         """
-        error, local = None, 0.0
+        error, local, grads = None, 0.0, []
         try:
-            if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) \
-                    or not max_norm >= 0:
-                raise ValueError(f"max_norm={max_norm!r}: must be a number >= 0")
-            p_norm = float(norm_type) if isinstance(norm_type, (int, float)) \
-                and not isinstance(norm_type, bool) else None
-            if p_norm is None or not p_norm > 0:
-                raise ValueError(f"norm_type={norm_type!r}: must be a number > 0 or inf")
-            grads = [p.grad.detach() for p in self.parameters() if p.grad is not None]
-            local = _local_norm_part(grads, p_norm)
+            p = _norm_order(max_norm, norm_type)
+            grads = [q.grad.detach() for q in self.parameters() if q.grad is not None]
+            local = _local_norm_part(grads, p)
         except Exception as e:  # noqa: BLE001 - raised on every rank below
             error = e
         self.body._check_open()
         comm = self.grid.comm if self.grid is not None else self.comm
         # every rank (of the grid) -> every rank: its part of the norm
         parts = agree(comm, error, what="the gradients' norm", payload=local)
-        parts = parts[:self.body.size]  # on a grid: group 0's layer ranks, in layer order
-        if math.isinf(p_norm):
-            total = max(parts)
-        else:
-            total = parts[0]
-            for part in parts[1:]:
-                total = total + part
-            total = total ** (1.0 / p_norm)
+        total = _norm_of_parts(parts[:self.body.size], p)  # on a grid: group 0's
         if error_if_nonfinite and not math.isfinite(total):
             raise RuntimeError(f"the total norm of order {norm_type} of the gradients is "
                                f"{total}: non-finite (error_if_nonfinite=True)")

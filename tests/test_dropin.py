@@ -186,9 +186,9 @@ def test_layer_parallel_gradient_is_the_factory_forms_bit_for_bit(form, h):
 
     fac = Network(lambda: copy.deepcopy(src[0]), step, lambda: copy.deepcopy(src[-1]),
                   nlayers=blocks, T=blocks * h, comm=WORLD, **opts)
-    assert net.body.h == fac.body.h and net.body.nlayers == blocks
-    assert net.body.layout.layers(WORLD.rank) == fac.body.layout.layers(WORLD.rank)
-    ok = [WORLD.size == 1 or any(WORLD.allgather(bool(net.body._ghosts.receives)))]
+    ok = [net.body.h == fac.body.h == h and net.body.nlayers == blocks,
+          net.body.layer_indices == fac.body.layer_indices,
+          WORLD.size == 1 or any(WORLD.allgather(bool(net.body._ghosts.receives)))]
     for s in range(2):
         x, y = data(6, seed=s)
         losses = []
@@ -253,18 +253,19 @@ def long_form(net, grid, x, y, schedule):
     return value
 
 
-def serial_step(ref, grid, x, y):
+def serial_step(ref, grid, x, y, reduction="mean"):
     """Serial PyTorch on one process: the loss of the global batch, as the
     grid's groups see it (each share's batch statistics)."""
     if grid is None or grid.data == 1:
-        loss = Fn.cross_entropy(ref(x), y)
+        loss = Fn.cross_entropy(ref(x), y, reduction=reduction)
     else:
         B = len(x)
         loss = 0.0
         for d in range(grid.data):
             lo, hi = layerpar.grid.share_bounds(B, grid.data, d)
             if hi > lo:
-                loss = loss + (hi - lo) / B * Fn.cross_entropy(ref(x[lo:hi]), y[lo:hi])
+                part = Fn.cross_entropy(ref(x[lo:hi]), y[lo:hi], reduction=reduction)
+                loss = loss + ((hi - lo) / B * part if reduction == "mean" else part)
     loss.backward()
     return float(loss)
 
@@ -336,6 +337,32 @@ def test_exact_step_trains_like_serial_pytorch():
                 worst = max(worst, relative(out, want))
         agreed(WORLD, worst <= TOL, f"{label}: {worst}")
         net.close()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode", ["exact", "1f1b"])
+def test_step_with_a_summed_loss(mode):
+    # reduction='sum': B times the mean's loss and gradients; in exact mode
+    # the serial model's summed loss and its gradients
+    ok = []
+    x, y = data(7)
+    for label, comm, grid in layouts(WORLD):
+        model, ref, other = resnet(), resnet(), resnet()
+        net = dropin(model, comm=comm, grid=grid, **MODES[mode])
+        loss = net.step(x, y, lambda o, t: Fn.cross_entropy(o, t, reduction="sum"),
+                        reduction="sum")
+        mean_net = dropin(other, comm=comm, grid=grid, **MODES[mode])
+        mean = mean_net.step(x, y, Fn.cross_entropy)
+        scaled = max(relative(p.grad, 7 * q.grad)
+                     for p, q in zip(net.parameters(), mean_net.parameters()))
+        ok.append((label, abs(loss - 7 * mean) <= TOL * loss, scaled <= TOL))
+        if mode == "exact":
+            want = serial_step(ref, grid, x, y, reduction="sum")
+            worst, _ = compare_local(net, model, ref, grads=True)
+            ok.append((label, abs(loss - want) <= TOL * want, worst <= TOL))
+        net.close()
+        mean_net.close()
+    agreed(WORLD, all(all(o[1:]) for o in ok), str(ok))
 
 
 # ---- rank 0's weights ---------------------------------------------------------------
@@ -415,13 +442,14 @@ def test_clip_grad_norm_arguments_and_nonfinite_norms_fail_on_every_rank():
             got.append(str(e).split("=")[0])
     if net.is_last:
         next(net.closing.parameters()).grad[0, 0] = math.nan
-    try:
-        net.clip_grad_norm_(1.0, error_if_nonfinite=True)
-        got.append(None)
-    except RuntimeError as e:
-        got.append("nonfinite" if "non-finite" in str(e) else str(e))
-    agreed(WORLD, got == ["max_norm", "max_norm", "norm_type", "norm_type", "nonfinite"],
-           str(got))
+    for norm_type in (2.0, math.inf):  # a NaN on one rank: NaN on every rank
+        try:
+            net.clip_grad_norm_(1.0, norm_type, error_if_nonfinite=True)
+            got.append(None)
+        except RuntimeError as e:
+            got.append("nonfinite" if "non-finite" in str(e) else str(e))
+    agreed(WORLD, got == ["max_norm", "max_norm", "norm_type", "norm_type", "nonfinite",
+                          "nonfinite"], str(got))
     net.close()
 
 
@@ -491,6 +519,10 @@ def test_bad_arguments_fail_on_every_rank_naming_the_argument():
         cases["h differs"] = (
             lambda: parallelize(stem, blocks=blocks, head=head, comm=WORLD,
                                 h=1.0 + WORLD.rank), ValueError, "h: the ranks give")
+        cases["options differ"] = (
+            lambda: parallelize(stem, blocks=blocks, head=head, comm=WORLD,
+                                fwd_iters=1 + WORLD.rank), ValueError,
+            "options: the ranks give different options")
         cases["fewer blocks than ranks"] = (
             lambda: parallelize(stem, blocks=blocks[:1], head=head, comm=WORLD), ValueError,
             f"blocks: 1 for {P}")
@@ -597,7 +629,9 @@ def test_dtype_follows_the_modules():
 
 # ---- the example ----------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_dropin_example_trains_on_two_ranks(mpiexec):
+    # the end-to-end tier (a child job under mpiexec): -m 'not e2e' leaves it out
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "dropin_resnet.py")
     env = clean_mpi_env()
     env["PYTHONPATH"] = os.pathsep.join(
