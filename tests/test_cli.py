@@ -92,13 +92,22 @@ def command(*argv, ranks=None):
     every rank."""
     n = WORLD.size if ranks is None else ranks
     comm = WORLD.Split(0 if WORLD.rank < n else MPI.UNDEFINED, WORLD.rank)
-    mine = None
+    mine = error = None
     if comm != MPI.COMM_NULL:
         try:
             mine = _main_here(argv, comm)
+        except Exception as e:  # noqa: BLE001 - raised below, on every rank
+            error = e
         finally:
             comm.Free()
-    return Result([t for t in WORLD.allgather(mine) if t is not None])
+    # every rank -> every rank: what the command gave here, or how it failed
+    told = WORLD.allgather((mine, None if error is None else f"{type(error).__name__}: {error}"))
+    failed = [(rank, e) for rank, (_, e) in enumerate(told) if e is not None]
+    if error is not None:
+        raise error
+    if failed:
+        raise AssertionError(f"the command failed on rank {failed[0][0]}: {failed[0][1]}")
+    return Result([t for t, _ in told if t is not None])
 
 
 def error_line(r):

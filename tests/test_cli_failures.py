@@ -177,10 +177,12 @@ def test_sigkill_between_checkpoints_and_resume(tmp_path, mpiexec, uninterrupted
     full = uninterrupted
 
     def killed_run(run_dir):
+        # killed in the second epoch, after a checkpoint and well before the
+        # epoch's end (step 100), where rank 0 appends to metrics.h5
         p = start(mpiexec, 2, "train", "--run-dir", str(run_dir), *SIGNALLED)
         path = run_dir / "checkpoint.h5"
         try:
-            wait_for_checkpoint(p, str(path), step=40)
+            wait_for_checkpoint(p, str(path), step=60)
         finally:
             os.killpg(p.pid, signal.SIGKILL)
             p.communicate()
