@@ -430,7 +430,9 @@ def _describe(e):
     """The one line for an error a user can cause."""
     from braid_ext import NonFiniteResidualError
     if isinstance(e, NonFiniteResidualError):  # the solve's agreement: on every rank
-        return f"NaN or Inf at layer {e.index} (in an MGRIT solve): {NONFINITE_HINT}"
+        if hasattr(e, "layer"):  # the engine's: the message names the layer
+            return f"{e}: {NONFINITE_HINT}"
+        return f"NaN or Inf at point {e.index} of an MGRIT solve: {NONFINITE_HINT}"
     if isinstance(e, FloatingPointError):  # the engine names the layer; training the key
         text = str(e)
         return text if "optim." in text else f"{text}: {NONFINITE_HINT}"
@@ -459,11 +461,10 @@ def _relayed(e, rank):
     """Is ``e`` another rank's failure told to this rank (a collective that
     failed there: an MGRIT solve, an agreement, a pipelined pass)?"""
     from braid_ext import MGRITError
-    from layerpar._collective import RemoteError
-    from layerpar.pipeline import PipelineFailure
+    from layerpar._collective import RemoteError  # the pipeline's failures are ones too
     if isinstance(e, MGRITError) and not isinstance(e, FloatingPointError):
         return 0 <= e.rank != rank
-    return isinstance(e, (RemoteError, PipelineFailure))
+    return isinstance(e, RemoteError)
 
 
 def _classify(e, rank):
