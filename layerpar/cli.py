@@ -462,7 +462,7 @@ def _relayed(e, rank):
     failed there: an MGRIT solve, an agreement, a pipelined pass)?"""
     from braid_ext import MGRITError
     from layerpar._collective import RemoteError  # the pipeline's failures are ones too
-    if isinstance(e, MGRITError) and not isinstance(e, FloatingPointError):
+    if isinstance(e, MGRITError):  # also one of the failing callback's type there
         return 0 <= e.rank != rank
     return isinstance(e, RemoteError)
 
@@ -475,7 +475,7 @@ def _classify(e, rank):
     from layerpar.data import DatasetError
     relayed = _relayed(e, rank)
     if isinstance(e, FloatingPointError) or _out_of_memory(e):
-        return 1, False
+        return 1, relayed
     if isinstance(e, MGRITError):  # a solve that failed here (MPI) or elsewhere
         return (1, relayed) if e.rank >= 0 else None
     if relayed:
