@@ -127,7 +127,9 @@ DEFAULTS = {
         "dir": "",              # "": a new folder runs/<config name>-<k>
         "checkpoint_every": 0,  # steps between checkpoints; 0 = each epoch; -1 = only the last
         "log_every": 0,         # steps between progress lines; 0 = per epoch
-        "plot": True,
+        "plot": True,          # curves.png in the run folder, titled with the run
+        "tensorboard": False,  # TensorBoard event files in <run dir>/tensorboard (needs
+                               #   the tensorboard package; without it, one line says so)
         "timeout": 0.0,         # seconds a rank may wait for the others before the job
                                 # ends naming the silent rank; 0: $LAYERPAR_TIMEOUT, else none
     },

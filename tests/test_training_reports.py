@@ -1,6 +1,9 @@
 """What training reports: the validation accuracy of the exact network, the
-MGRIT work of every solve of a step, threads per rank, a fast --help (in a
-child process: the end-to-end tier)."""
+MGRIT work of every solve of a step, TensorBoard event files (the metrics
+rows; a resumed run's epochs once; one line from the command without the
+package), the plot's title, threads per rank, a fast --help (in a child
+process: the end-to-end tier)."""
+import csv
 import math
 import os
 import subprocess
@@ -11,6 +14,7 @@ import torch
 import torch.nn.functional as Fn
 from mpi4py import MPI
 
+from layerpar.events import TensorBoardEvents
 from layerpar.training import Trainer
 from test_training import run_dirs, small_config  # noqa: F401 (fixture)
 
@@ -57,6 +61,87 @@ def test_metrics_count_every_solve_of_a_step(run_dirs):  # noqa: F811
     fwd_total = sum(r["fwd_iters"] * (r["step"] - p) for r, p in
                     zip(rows, [0] + [r["step"] for r in rows[:-1]]))
     assert math.isclose(fwd_total, 2 * training_solves, rel_tol=1e-12)
+
+
+# ---- TensorBoard and the plot -------------------------------------------------------------
+
+def scalars(directory):
+    """{tag: [(step, value)]} of the TensorBoard event files in ``directory``,
+    as TensorBoard's reader sees them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(directory)
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+            for tag in acc.Tags()["scalars"]}
+
+
+def as_float32(value):
+    return float(torch.tensor(float(value), dtype=torch.float32))
+
+
+@pytest.mark.mpi
+def test_tensorboard_events_and_the_plot_title_of_a_run(run_dirs):  # noqa: F811
+    # run.tensorboard = true: every number of every metrics row, at its
+    # epoch, as TensorBoard reads it back (float32); the plot names the run
+    pytest.importorskip("tensorboard")
+    from PIL import Image
+    run_dir = os.path.join(run_dirs(), "tiny-run")
+    cfg = small_config(run_dir, **{"run.tensorboard": "true", "run.plot": "true"})
+    lines = []
+    t = Trainer(cfg, WORLD, log=lines.append)
+    t.run()
+    t.close()
+    ok, detail = True, ""
+    if WORLD.rank == 0:
+        with open(os.path.join(run_dir, "metrics.csv")) as fh:
+            rows = list(csv.DictReader(fh))
+        got = scalars(os.path.join(run_dir, "tensorboard"))
+        want = {k: [(int(r["epoch"]), as_float32(r[k])) for r in rows]
+                for k in rows[0] if k != "epoch"}
+        title = Image.open(os.path.join(run_dir, "curves.png")).text.get("Title")
+        ranks = f"{WORLD.size} rank{'s' * (WORLD.size != 1)}"
+        ok = (len(rows) == 2 and got == want and not [ln for ln in lines if "warning" in ln]
+              and title == f"tiny-run: peaks, serial, {ranks}")
+        detail = f"{sorted(got)} {sorted(want)} {title!r} {lines}"
+    ok, detail = WORLD.bcast((ok, detail), root=0)
+    assert ok, detail
+
+
+def test_a_resumed_run_shows_each_epoch_once(tmp_path):
+    # events of epochs 1-3, then a run resumed after epoch 1 writes epoch 2
+    # again: TensorBoard shows epochs 1 and 2, the second run's value at 2
+    pytest.importorskip("tensorboard")
+    first = TensorBoardEvents(tmp_path, MPI.COMM_SELF)
+    for epoch in (1, 2, 3):
+        first.append({"epoch": epoch, "train_loss": 1.0 / epoch, "note": "x", "flag": True,
+                      "history": [1.0, 2.0]})
+    first.close()
+    again = TensorBoardEvents(tmp_path, MPI.COMM_SELF)
+    again.append({"epoch": 2, "train_loss": 0.25, "note": "x", "flag": True,
+                  "history": [1.0]})
+    again.close()
+    assert first.missing is None
+    assert scalars(str(tmp_path)) == {"train_loss": [(1, 1.0), (2, 0.25)]}
+
+
+@pytest.mark.mpi
+def test_the_command_says_in_one_line_that_tensorboard_is_missing(monkeypatch,
+                                                                  tmp_path_factory):
+    # without the package (hidden here on every rank): the run trains and
+    # writes its metrics; one line says why there are no event files
+    from test_cli import SMALL, command, shared_dir
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    run_dir = os.path.join(shared_dir(tmp_path_factory, "notb"), "run")
+    r = command("train", "--run-dir", run_dir, *SMALL, "--set", "optim.epochs=1",
+                "--set", "run.tensorboard=true")
+    lines = [ln for ln in r.text.splitlines() if "tensorboard package" in ln]
+    assert r.status == 0, r.text
+    assert lines == ["warning: run.tensorboard = true, but the tensorboard package is not "
+                     "installed (pip install tensorboard): no TensorBoard event files are "
+                     "written (the metrics files are)"], r.text
+    assert r.quiet_elsewhere
+    made = WORLD.bcast(sorted(os.listdir(run_dir)) if WORLD.rank == 0 else None, root=0)
+    assert "metrics.csv" in made and "tensorboard" not in made, made
 
 
 def test_threads_follow_the_layer_width(monkeypatch):

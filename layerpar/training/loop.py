@@ -45,6 +45,7 @@ import time
 from layerpar import checkpoint as ckpt
 from layerpar._collective import any_rank, on_root
 from layerpar.config import DEFAULTS, check_grid, check_ranks, to_toml
+from layerpar.events import TensorBoardEvents
 from layerpar.grid import ProcessGrid
 from layerpar.metrics import MetricsWriter
 from layerpar.multilevel import METHODS
@@ -65,7 +66,12 @@ class Trainer:
     or on none) is asked after each step; when it is true on any rank, every
     rank stops after that same step, a checkpoint is written and run()
     returns a summary with ``stopped`` true.  ``metrics=False``: no metrics
-    files (evaluation only).
+    files (evaluation only).  The metrics rows go to ``metrics.h5`` and
+    ``metrics.csv`` in ``run.dir``, and with ``run.tensorboard`` to
+    TensorBoard event files in ``<run.dir>/tensorboard``
+    (``layerpar.events``; a warning through ``log`` when the tensorboard
+    package is not installed); with ``run.plot`` the curves to
+    ``curves.png``, titled by ``title()``.
 
     ``grid``: a ``layerpar.grid.ProcessGrid`` over ``comm`` (default: one
     made from ``parallel.data``, freed by ``close()``).
@@ -111,7 +117,36 @@ class Trainer:
         self.should_stop = should_stop
         self.sums = epoch_sums(**self.method.sums)  # this epoch's steps so far (checkpointed)
         self.metrics = MetricsWriter(self.run_dir, comm) if metrics else None
+        self.events = self._tensorboard() if metrics else None
         self._first_loss = None
+
+    def _tensorboard(self):
+        """Collective: the TensorBoard event writer of ``run.tensorboard``
+        (None when it is off, or when the tensorboard package is missing,
+        which one logged line says)."""
+        if not self.config["run"]["tensorboard"]:
+            return None
+        events = TensorBoardEvents(os.path.join(self.run_dir, "tensorboard"), self.comm)
+        if events.missing is None:
+            return events
+        if self.log:
+            self.log(f"warning: run.tensorboard = true, but {events.missing.split(':')[0]}: "
+                     "no TensorBoard event files are written (the metrics files are)")
+        return None
+
+    def title(self):
+        """The run in words, for the plot's title: its folder's name, the
+        data set, the mode and the grid."""
+        name = os.path.basename(os.path.normpath(self.run_dir))
+        mode = self.config["mgrit"]["mode"]
+        if mode == "serial" and self.config["mgrit"]["microbatches"] > 1:
+            mode = f"pipeline ({self.config['mgrit']['schedule']})"
+        ranks = f"{self.size} rank{'s' * (self.size != 1)}"
+        if self.grid.data > 1:
+            ranks += f" ({self.grid.data} x {self.grid.layers} grid)"
+        method = self.config["multilevel"]["method"]
+        method = "" if method == "none" else f", {method}"
+        return f"{name}: {self.config['data']['name']}, {mode}{method}, {ranks}"
 
     def _make_method(self):
         name = self.config["multilevel"]["method"]
@@ -321,7 +356,8 @@ class Trainer:
                        "val_acc": val_acc}
         summary["total_wall_time"] = time.perf_counter() - t_start
         if self.rank == 0 and self.metrics and self.config["run"]["plot"]:
-            plot_metrics(self.metrics.rows(), os.path.join(self.run_dir, "curves.png"))
+            plot_metrics(self.metrics.rows(), os.path.join(self.run_dir, "curves.png"),
+                         title=self.title())
         return summary
 
     def _epoch(self, every):
@@ -383,6 +419,8 @@ class Trainer:
                "virtual_time": acc["vtime"], **m.tail_columns(acc)}
         if self.metrics:
             self._rank0_file_work(self.metrics.append, row)
+        if self.events:
+            self._rank0_file_work(self.events.append, row)
         self.epoch += 1
         self.batch_in_epoch = 0
         self.sums = epoch_sums(**m.sums)
@@ -398,6 +436,8 @@ class Trainer:
         """Collective: free the networks' solvers, the method's communicators
         and the grid's (the trainer is not used again)."""
         self.method.close()
+        if self.events:
+            self.events.close()
         if self._own_grid:
             self.grid.close()
 

@@ -30,8 +30,11 @@ def format_row(row):
             f"{row['wall_time']:.1f}s")
 
 
-def plot_metrics(rows, path):
-    """Training curves (loss, accuracies, MGRIT iterations) as a PNG."""
+def plot_metrics(rows, path, *, title=None):
+    """Training curves (loss, accuracies, MGRIT iterations) of the metrics
+    ``rows`` as a PNG at ``path``; ``title`` (e.g. the run's name, mode and
+    ranks) above them and in the PNG's ``Title`` metadata.  Nothing is
+    written without rows.  Not collective (rank 0 calls it)."""
     if not rows:
         return
     import matplotlib
@@ -52,6 +55,8 @@ def plot_metrics(rows, path):
     for a in ax:
         a.set_xlabel("epoch")
         a.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata={"Title": title} if title else None)
     plt.close(fig)
