@@ -156,10 +156,11 @@ def parallelize(stem, *, blocks=None, branches=None, head, comm=None, grid=None,
     ``layerpar.ProcessGrid`` (data-parallel groups of layer-parallel
     ranks; ``net.step`` then splits each global batch over the groups).
     ``h``: the step size (a plain ResNet is forward Euler with h = 1);
-    T = N*h (the layers step with T/N, which is h up to round-off).  ``options``: those of ``Network`` and ``LayerParallel``
-    (``max_levels``, ``cfactor``, ``relax``, ``fwd_iters``, ...,
-    ``microbatches``, ``schedule``, ``timeout``, ``seed``: the seed of the
-    layers' random draws, such as dropout masks, per pass).
+    T = N*h (the layers step with T/N, which is h up to round-off).
+    ``options``: those of ``Network`` and ``LayerParallel`` (``max_levels``,
+    ``cfactor``, ``relax``, ``fwd_iters``, ..., ``microbatches``,
+    ``schedule``, ``timeout``, ``seed``: the seed of the layers' random
+    draws, such as dropout masks, per pass), the same on every rank.
 
     Every rank calls it with the same model, built as PyTorch users build
     it.  The network uses the given modules themselves, not copies: this
