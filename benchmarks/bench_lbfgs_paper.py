@@ -1,7 +1,8 @@
 """Full-batch L-BFGS on the layer-parallel paper's peaks problem: the final
 training loss and validation accuracy after 130 iterations, per seed, for
-each curvature rule of ``optim.lbfgs_curvature`` ('skip': the rule before
-Powell damping became the default; 'damped': the default).
+each curvature rule of ``optim.lbfgs_curvature`` ('skip': the default, a
+pair of little or negative curvature dropped; 'damped': Powell-damped and
+kept).
 
 The problem is layerpar/configs/peaks-paper.toml (Guenther et al., SIMODS
 2020): built-in peaks with raw inputs, an opening dense layer 2 -> 8 with the

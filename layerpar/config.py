@@ -100,8 +100,8 @@ DEFAULTS = {
         "smoothness": 0.0,     # gamma/2 * sum ||(theta_n - theta_{n-1})/h||^2
         "lbfgs_history": 10,
         "line_search": "armijo",  # lbfgs: armijo or strong-wolfe
-        "lbfgs_curvature": "damped",  # lbfgs: a pair with little or negative curvature is
-                                  #   damped (Powell) or skipped
+        "lbfgs_curvature": "skip",  # lbfgs: a pair with little or negative curvature is
+                                  #   skipped or damped (Powell)
         "tikhonov_ends": False,   # the Tikhonov term also on the opening and closing layers
     },
     "multilevel": {

@@ -90,7 +90,7 @@ def test_paper_peaks_configuration():
         ("lbfgs", "constant", 1e-7)
     assert c["optim"]["tikhonov_ends"] is True
     assert c["data"]["normalize"] is False  # raw inputs, as the paper's code reads them
-    assert c["optim"]["lbfgs_curvature"] == "damped"  # the default
+    assert c["optim"]["lbfgs_curvature"] == "skip"  # the default
 
 
 # ---- keys that do not apply, values that cannot work ---------------------------------

@@ -261,7 +261,7 @@ def test_pair_with_negative_curvature_is_skipped():
     # y.s = (-sin x1 + sin x0)(x1 - x0) < 0
     x0 = 0.1
     x = torch.nn.Parameter(torch.tensor([x0], dtype=F64))
-    opt = LBFGS([x], SELF, curvature="skip")
+    opt = LBFGS([x], SELF)  # curvature="skip", the default
     opt.step(_cos_closure(x, opt))
     g0 = -math.sin(x0)
     x1 = x0 - min(1.0, 1 / abs(g0)) * g0  # the first trial, accepted
@@ -273,13 +273,13 @@ def test_pair_with_negative_curvature_is_skipped():
 
 
 def test_pair_with_negative_curvature_is_damped():
-    # the same step with the default rule: the first direction is -g with
+    # the same step with curvature="damped": the first direction is -g with
     # H = I, so B s = s; y.s < 0 < 0.2 s.s, and Powell's damping makes
     # y' = theta*y + (1 - theta)*s with y'.s = 0.2 s.s (Nocedal & Wright,
     # Procedure 18.2), written out here in floats
     x0 = 0.1
     x = torch.nn.Parameter(torch.tensor([x0], dtype=F64))
-    opt = LBFGS([x], SELF)
+    opt = LBFGS([x], SELF, curvature="damped")
     opt.step(_cos_closure(x, opt))
     g0 = -math.sin(x0)
     x1 = x0 - min(1.0, 1 / abs(g0)) * g0
@@ -373,7 +373,7 @@ def test_damped_lbfgs_iterates_equal_dense_reference():
     # B s = -t g (no inverse in LBFGS) against an explicit inverse, on a
     # non-convex function where damping happens, on any number of ranks
     w = DoubleWell(WORLD)
-    opt = LBFGS(w.params, WORLD, history=3)
+    opt = LBFGS(w.params, WORLD, history=3, curvature="damped")
     xs, damped = [w.x()], 0
     for _ in range(12):
         opt.step(w.closure(opt))

@@ -15,8 +15,9 @@ penalties.
         opt.step(closure)
 
 ``LBFGS(..., line_search="strong-wolfe")`` replaces the backtracking search
-by a strong Wolfe search; ``curvature="skip"`` drops a curvature pair with
-little or negative curvature instead of damping it (Powell);
+by a strong Wolfe search; ``curvature="damped"`` damps a curvature pair
+with little or negative curvature (Powell) and keeps it instead of dropping
+it;
 ``reuse_evaluation=True`` saves the evaluation at
 the start of each call when the objective does not change between calls.
 

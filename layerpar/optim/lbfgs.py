@@ -66,8 +66,8 @@ class LBFGS(torch.optim.Optimizer):
                       the Armijo condition is accepted (if there is one)
       grad_tol        stop when ||g|| <= grad_tol (0: only at g = 0)
       curvature       what a new pair (s, y) with little or negative curvature
-                      becomes.  'skip': dropped when y.s <= curvature_eps*
-                      ||y||*||s||.  'damped' (default): Powell's damping
+                      becomes.  'skip' (default): dropped when y.s <=
+                      curvature_eps*||y||*||s||.  'damped': Powell's damping
                       first (Nocedal & Wright, Procedure 18.2): when y.s <
                       0.2 s.Bs, y is replaced by theta*y + (1-theta)*Bs so
                       that y.s = 0.2 s.Bs, with B the inverse of the H that
@@ -127,7 +127,7 @@ class LBFGS(torch.optim.Optimizer):
     def __init__(self, params, comm, *, lr=1.0, history=10, max_iter=1, max_backtracks=20,
                  c1=1e-4, shrink=0.5, grad_tol=0.0, curvature_eps=1e-10, on_failure="reset",
                  line_search="armijo", c2=0.9, max_line_evals=25, reuse_evaluation=False,
-                 curvature="damped"):
+                 curvature="skip"):
         check_comm(comm)
         _check_options(lr=lr, history=history, max_iter=max_iter,
                        max_backtracks=max_backtracks, c1=c1, shrink=shrink, grad_tol=grad_tol,
@@ -284,7 +284,7 @@ class LBFGS(torch.optim.Optimizer):
             raise TypeError("LBFGS.step needs a closure: it evaluates the loss several times")
         group = self.param_groups[0]
         for k in _OPTIONS:  # a state saved before an option existed
-            group.setdefault(k, _SAVED_BEFORE.get(k, self.defaults[k]))
+            group.setdefault(k, self.defaults[k])
         _check_options(**{k: group[k] for k in _OPTIONS})
         self.last_step = dict(loss=None, new_loss=None, evaluations=0, backtracks=0,
                               step_lengths=[], pairs=0, skipped_pairs=0, damped_pairs=0, resets=0,
@@ -359,10 +359,6 @@ class LBFGS(torch.optim.Optimizer):
         return (t, *new, d), hist
 
 
-# what a state saved before an option existed did (not the option's default)
-_SAVED_BEFORE = {"curvature": "skip"}
-
-
 def _budget(group):
     if group["line_search"] == "strong-wolfe":
         return f"strong Wolfe search, {group['max_line_evals']} evaluations"
@@ -371,7 +367,7 @@ def _budget(group):
 
 def _check_options(*, lr, history, max_iter, max_backtracks, c1, shrink, grad_tol,
                    curvature_eps, on_failure, line_search="armijo", c2=0.9, max_line_evals=25,
-                   reuse_evaluation=False, curvature="damped"):
+                   reuse_evaluation=False, curvature="skip"):
     def positive_int(name, v, low):
         if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
             raise ValueError(f"{name}={v!r}: must be an integer >= {low}")
