@@ -19,7 +19,7 @@ except ImportError:  # Python < 3.11
 from braid_ext import OptionError, hierarchy
 from braid_ext.options import check_option
 from layerpar.data import DEFAULT_VAL_FRACTION, FILE_SUFFIXES, KNOWN_DATASETS
-from layerpar.optim import LINE_SEARCHES
+from layerpar.optim import CURVATURE_RULES, LINE_SEARCHES
 from layerpar.engine.pipeline import SCHEDULES as PIPELINE_SCHEDULES
 from layerpar.steps import ACTIVATIONS, BIASES
 
@@ -100,6 +100,8 @@ DEFAULTS = {
         "smoothness": 0.0,     # gamma/2 * sum ||(theta_n - theta_{n-1})/h||^2
         "lbfgs_history": 10,
         "line_search": "armijo",  # lbfgs: armijo or strong-wolfe
+        "lbfgs_curvature": "skip",  # lbfgs: a pair with little or negative curvature is
+                                  #   skipped or damped (Powell)
         "tikhonov_ends": False,   # the Tikhonov term also on the opening and closing layers
     },
     "multilevel": {
@@ -312,6 +314,8 @@ def check(config):
          "must be >= 0 (0: each epoch), or -1 for only the last checkpoint")
     need(o["line_search"] in LINE_SEARCHES, "optim.line_search",
          f"choose one of {', '.join(LINE_SEARCHES)}")
+    need(o["lbfgs_curvature"] in CURVATURE_RULES, "optim.lbfgs_curvature",
+         f"choose one of {', '.join(CURVATURE_RULES)}")
     need(r["log_every"] >= 0, "run.log_every", "must be >= 0")
     need(math.isfinite(r["timeout"]) and r["timeout"] >= 0, "run.timeout",
          "must be a number of seconds >= 0 (0: $LAYERPAR_TIMEOUT, else no limit)")

@@ -51,6 +51,8 @@ def test_file_and_overrides(tmp_path):
     ("lr=0.1", "section.key=value"),
     ('data.name="mnist"', "data.root"),
     ('optim.line_search="wolfe"', "optim.line_search"),
+    ('optim.lbfgs_curvature="powell"', "optim.lbfgs_curvature"),
+    ("optim.lbfgs_curvature=1", "optim.lbfgs_curvature"),
     ('model.bias="none"', "model.bias"),
     ('model.kind="conv"', "model.bias"),
     ("model.init_scale=-1e-3", "model.init_scale"),
@@ -87,6 +89,8 @@ def test_paper_peaks_configuration():
     assert (c["optim"]["name"], c["optim"]["schedule"], c["optim"]["tikhonov"]) == \
         ("lbfgs", "constant", 1e-7)
     assert c["optim"]["tikhonov_ends"] is True
+    assert c["data"]["normalize"] is False  # raw inputs, as the paper's code reads them
+    assert c["optim"]["lbfgs_curvature"] == "skip"  # the default
 
 
 # ---- keys that do not apply, values that cannot work ---------------------------------

@@ -247,27 +247,145 @@ def test_armijo_backtracks_when_unit_step_overshoots():
     assert opt.last_step["new_loss"] < opt.last_step["loss"]
 
 
-def test_pair_with_negative_curvature_is_skipped():
-    # f(x) = cos x near its maximum: the step from 0.1 decreases f but
-    # y.s = (-sin x1 + sin x0)(x1 - x0) < 0
-    x0 = 0.1
-    x = torch.nn.Parameter(torch.tensor([x0], dtype=F64))
-    opt = LBFGS([x], SELF)
-
+def _cos_closure(x, opt):
     def closure():
         opt.zero_grad()
         f = torch.cos(x).sum()
         f.backward()
         return float(f.detach())
+    return closure
 
-    opt.step(closure)
+
+def test_pair_with_negative_curvature_is_skipped():
+    # f(x) = cos x near its maximum: the step from 0.1 decreases f but
+    # y.s = (-sin x1 + sin x0)(x1 - x0) < 0
+    x0 = 0.1
+    x = torch.nn.Parameter(torch.tensor([x0], dtype=F64))
+    opt = LBFGS([x], SELF)  # curvature="skip", the default
+    opt.step(_cos_closure(x, opt))
     g0 = -math.sin(x0)
     x1 = x0 - min(1.0, 1 / abs(g0)) * g0  # the first trial, accepted
     assert math.cos(x1) <= math.cos(x0) - 1e-4 * g0 * g0
     assert (-math.sin(x1) - g0) * (x1 - x0) < 0
     assert abs(float(x.detach()) - x1) <= 1e-15
-    assert opt.last_step["skipped_pairs"] == 1
+    assert opt.last_step["skipped_pairs"] == 1 and opt.last_step["damped_pairs"] == 0
     assert opt.last_step["pairs"] == 0 and len(opt.state) == 0
+
+
+def test_pair_with_negative_curvature_is_damped():
+    # the same step with curvature="damped": the first direction is -g with
+    # H = I, so B s = s; y.s < 0 < 0.2 s.s, and Powell's damping makes
+    # y' = theta*y + (1 - theta)*s with y'.s = 0.2 s.s (Nocedal & Wright,
+    # Procedure 18.2), written out here in floats
+    x0 = 0.1
+    x = torch.nn.Parameter(torch.tensor([x0], dtype=F64))
+    opt = LBFGS([x], SELF, curvature="damped")
+    opt.step(_cos_closure(x, opt))
+    g0 = -math.sin(x0)
+    x1 = x0 - min(1.0, 1 / abs(g0)) * g0
+    s, y = x1 - x0, -math.sin(x1) - g0
+    theta = 0.8 * s * s / (s * s - y * s)
+    y_damped = theta * y + (1 - theta) * s
+    assert abs(y_damped * s - 0.2 * s * s) <= 1e-15
+    assert opt.last_step["damped_pairs"] == 1 and opt.last_step["skipped_pairs"] == 0
+    assert opt.last_step["pairs"] == 1
+    assert abs(float(opt.state[x]["s"]) - s) <= 1e-16
+    assert abs(float(opt.state[x]["y"]) - y_damped) <= 1e-15
+
+
+class DoubleWell:
+    """f(x) = sum_i (x_i^2 - 1)^2/4 + x.Cx/2 - b.x: non-convex near 0,
+    where L-BFGS meets pairs of negative curvature; its variables are split
+    over the ranks like Quadratic's."""
+
+    def __init__(self, comm, n=6, seed=3):
+        g = torch.Generator().manual_seed(seed)
+        M = torch.randn(n, n, generator=g, dtype=F64)
+        self.C = 0.1 * (M @ M.T) / n
+        self.b = 0.05 * torch.randn(n, generator=g, dtype=F64)
+        self.x_start = 0.05 * torch.randn(n, generator=g, dtype=F64)
+        self.comm, self.n = comm, n
+        self.blocks = list(partition.local_layers(n, comm.Get_size(), comm.Get_rank()))
+        self.params = [torch.nn.Parameter(self.x_start[i:i + 1].clone()) for i in self.blocks]
+
+    def f(self, x):
+        return float(((x * x - 1) ** 2).sum() / 4 + 0.5 * x @ (self.C @ x) - self.b @ x)
+
+    def grad(self, x):
+        return x * (x * x - 1) + self.C @ x - self.b
+
+    def x(self):
+        x = torch.empty(self.n, dtype=F64)
+        for part in self.comm.allgather({i: p.detach().clone()
+                                         for i, p in zip(self.blocks, self.params)}):
+            for i, v in part.items():
+                x[i] = v
+        return x
+
+    def closure(self, opt):
+        def closure():
+            opt.zero_grad()
+            x = self.x()
+            g = self.grad(x)
+            for i, p in zip(self.blocks, self.params):
+                p.grad = g[i:i + 1].clone()
+            return self.f(x)
+        return closure
+
+
+def reference_damped_lbfgs(f, grad, x, steps, *, history, delta=0.2, c1=1e-4, shrink=0.5):
+    """Damped L-BFGS written independently in numpy: H as an explicit
+    matrix from the pairs (as ``reference_lbfgs``), B = H^-1 by a dense
+    inverse, and Powell's damping of y with that B before a pair is kept."""
+    x = x.numpy().copy()
+    n = len(x)
+    pairs, out, damped = [], [x.copy()], 0
+    for _ in range(steps):
+        g = grad(x)
+        if pairs:
+            s_new, y_new = pairs[-1]
+            H = (s_new @ y_new) / (y_new @ y_new) * np.eye(n)
+            for s, y in pairs:
+                rho = 1.0 / (y @ s)
+                V = np.eye(n) - rho * np.outer(y, s)
+                H = V.T @ H @ V + rho * np.outer(s, s)
+            d, t = -H @ g, 1.0
+        else:
+            H = np.eye(n)
+            d, t = -g, min(1.0, 1.0 / np.linalg.norm(g))
+        while not f(x + t * d) <= f(x) + c1 * t * (g @ d):
+            t *= shrink
+        s = t * d
+        y = grad(x + s) - g
+        x = x + s
+        Bs = np.linalg.inv(H) @ s
+        if s @ y < delta * (s @ Bs):
+            theta = (1 - delta) * (s @ Bs) / (s @ Bs - s @ y)
+            y = theta * y + (1 - theta) * Bs
+            damped += 1
+        pairs = (pairs + [(s, y)])[-history:]
+        out.append(x.copy())
+    return [torch.from_numpy(v) for v in out], damped
+
+
+@pytest.mark.mpi
+def test_damped_lbfgs_iterates_equal_dense_reference():
+    # B s = -t g (no inverse in LBFGS) against an explicit inverse, on a
+    # non-convex function where damping happens, on any number of ranks
+    w = DoubleWell(WORLD)
+    opt = LBFGS(w.params, WORLD, history=3, curvature="damped")
+    xs, damped = [w.x()], 0
+    for _ in range(12):
+        opt.step(w.closure(opt))
+        damped += opt.last_step["damped_pairs"]
+        assert opt.last_step["skipped_pairs"] == 0
+        xs.append(w.x())
+    f = lambda z: w.f(torch.from_numpy(z))
+    grad = lambda z: w.grad(torch.from_numpy(z)).numpy()
+    ref, ref_damped = reference_damped_lbfgs(f, grad, w.x_start, 12, history=3)
+    assert damped == ref_damped >= 2  # measured 4
+    worst = max(float((a - r).norm()) for a, r in zip(xs, ref))
+    assert worst <= 1e-12, worst  # measured 1.5e-14
 
 
 @pytest.mark.mpi
@@ -323,7 +441,9 @@ def test_bad_options_are_rejected():
                       ({"on_failure": "ignore"}, "on_failure="), ({"max_iter": 0}, "max_iter="),
                       ({"line_search": "wolfe"}, "line_search="), ({"c2": 1e-5}, "c2="),
                       ({"c2": 1.0}, "c2="), ({"max_line_evals": 0}, "max_line_evals="),
-                      ({"reuse_evaluation": 1}, "reuse_evaluation=")]:
+                      ({"reuse_evaluation": 1}, "reuse_evaluation="),
+                      ({"curvature": "powell"}, "curvature="),
+                      ({"curvature": None}, "curvature=")]:
         with pytest.raises(ValueError, match=match):
             LBFGS(p, SELF, **kw)
     with pytest.raises(TypeError, match="comm"):

@@ -15,7 +15,10 @@ penalties.
         opt.step(closure)
 
 ``LBFGS(..., line_search="strong-wolfe")`` replaces the backtracking search
-by a strong Wolfe search; ``reuse_evaluation=True`` saves the evaluation at
+by a strong Wolfe search; ``curvature="damped"`` damps a curvature pair
+with little or negative curvature (Powell) and keeps it instead of dropping
+it;
+``reuse_evaluation=True`` saves the evaluation at
 the start of each call when the objective does not change between calls.
 
 Modules, one per job:
@@ -27,12 +30,12 @@ Modules, one per job:
   penalties    ``regularize``
 
 Public names: ``LBFGS``, ``LineSearchError``, ``regularize``, ``schedule``,
-``scheduler`` (and ``SCHEDULES``, ``LINE_SEARCHES``).
+``scheduler`` (and ``SCHEDULES``, ``LINE_SEARCHES``, ``CURVATURE_RULES``).
 """
-from layerpar.optim.lbfgs import LBFGS
+from layerpar.optim.lbfgs import CURVATURE_RULES, LBFGS
 from layerpar.optim.linesearch import LINE_SEARCHES, LineSearchError
 from layerpar.optim.penalties import regularize
 from layerpar.optim.schedules import SCHEDULES, schedule, scheduler
 
 __all__ = ["LBFGS", "LineSearchError", "regularize", "schedule", "scheduler", "SCHEDULES",
-           "LINE_SEARCHES"]
+           "LINE_SEARCHES", "CURVATURE_RULES"]

@@ -86,19 +86,33 @@ def publish(params, state, S, Y):
                         "y": y.reshape(k, *p.shape).clone(memory_format=contiguous)}
 
 
-def add_pair(comm, hist, s, y, *, keep, curvature_eps):
-    """Collective: (history, True) with (s, y) appended and the oldest pair
-    beyond ``keep`` dropped, or (history, False) unchanged when the pair's
-    curvature is not positive enough (y.s <= curvature_eps*||y||*||s||)."""
+def add_pair(comm, hist, s, y, *, keep, curvature_eps, bs=None, damping=0.0):
+    """Collective: (history, kept, damped): the history with (s, y) appended
+    and the oldest pair beyond ``keep`` dropped (kept True), or unchanged
+    when the pair's curvature is not positive enough (y.s <=
+    curvature_eps*||y||*||s||; kept False); damped says whether y was
+    damped.
+
+    With ``damping`` > 0 and ``bs`` = B s (the current Hessian
+    approximation times s), Powell's damping comes first: when y.s <
+    damping * s.Bs, y is replaced by theta*y + (1 - theta)*Bs with theta
+    chosen so that y.s = damping * s.Bs (Nocedal & Wright, Procedure 18.2)."""
     S, Y, rho, gamma = hist
+    damped = False
+    if damping > 0 and bs is not None:
+        ys, sbs = allsum(comm, [dot(y, s), dot(s, bs)])
+        if sbs > 0 and ys < damping * sbs:  # False for NaN
+            theta = (1.0 - damping) * sbs / (sbs - ys)
+            y = y.mul(theta).add_(bs, alpha=1.0 - theta)
+            damped = True
     ys, yy, ss = allsum(comm, [dot(y, s), dot(y, y), dot(s, s)])
     if not ys > curvature_eps * math.sqrt(yy * ss):  # also catches NaN
-        return hist, False
+        return hist, False, damped
     m = keep
     S = torch.cat([S[-(m - 1):] if m > 1 else S[:0], s[None]])
     Y = torch.cat([Y[-(m - 1):] if m > 1 else Y[:0], y[None]])
     rho = (rho[-(m - 1):] if m > 1 else []) + [1.0 / ys]
-    return (S, Y, rho, float(ys / yy)), True
+    return (S, Y, rho, float(ys / yy)), True, damped
 
 
 def direction(comm, hist, g):

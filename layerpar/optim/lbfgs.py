@@ -20,12 +20,14 @@ from layerpar.optim._sums import allsum as _allsum, dot as _dot, flat as _flat
 from layerpar.optim.linesearch import (LINE_SEARCHES, LineSearchError, Trial, armijo,
                                        backtracking, strong_wolfe)
 
-__all__ = ["LBFGS"]
+__all__ = ["LBFGS", "CURVATURE_RULES"]
 
 _ON_FAILURE = ("reset", "raise")
+# the curvature rules and their Powell damping threshold (0: none)
+CURVATURE_RULES = {"skip": 0.0, "damped": 0.2}
 _OPTIONS = ("lr", "history", "max_iter", "max_backtracks", "c1", "shrink", "grad_tol",
             "curvature_eps", "on_failure", "line_search", "c2", "max_line_evals",
-            "reuse_evaluation")
+            "reuse_evaluation", "curvature")
 
 
 class LBFGS(torch.optim.Optimizer):
@@ -63,6 +65,16 @@ class LBFGS(torch.optim.Optimizer):
                       run out, the trial with the lowest loss that satisfies
                       the Armijo condition is accepted (if there is one)
       grad_tol        stop when ||g|| <= grad_tol (0: only at g = 0)
+      curvature       what a new pair (s, y) with little or negative curvature
+                      becomes.  'skip' (default): dropped when y.s <=
+                      curvature_eps*||y||*||s||.  'damped': Powell's damping
+                      first (Nocedal & Wright, Procedure 18.2): when y.s <
+                      0.2 s.Bs, y is replaced by theta*y + (1-theta)*Bs so
+                      that y.s = 0.2 s.Bs, with B the inverse of the H that
+                      gave the step (B s = -t g, no extra work); the pair is
+                      kept, so the history keeps learning where the loss is
+                      not convex.  Then the 'skip' test (for pairs s.Bs
+                      cannot rescue, e.g. NaN)
       curvature_eps   skip a pair unless y.s > curvature_eps*||y||*||s||
                       (non-positive or negligible curvature would make the
                       inverse-Hessian approximation indefinite)
@@ -93,7 +105,7 @@ class LBFGS(torch.optim.Optimizer):
     at the start of the call.  ``last_step`` describes the call: 'loss'
     (start), 'new_loss', 'evaluations', 'backtracks' (line-search
     evaluations after the first of each search), 'step_lengths',
-    'pairs', 'skipped_pairs', 'resets', 'status' ('ok', 'reset',
+    'pairs', 'skipped_pairs', 'damped_pairs', 'resets', 'status' ('ok', 'reset',
     'converged' or 'failed').  On return the gradients hold the last
     evaluation's (the accepted point's, unless the search failed).
 
@@ -114,13 +126,14 @@ class LBFGS(torch.optim.Optimizer):
 
     def __init__(self, params, comm, *, lr=1.0, history=10, max_iter=1, max_backtracks=20,
                  c1=1e-4, shrink=0.5, grad_tol=0.0, curvature_eps=1e-10, on_failure="reset",
-                 line_search="armijo", c2=0.9, max_line_evals=25, reuse_evaluation=False):
+                 line_search="armijo", c2=0.9, max_line_evals=25, reuse_evaluation=False,
+                 curvature="skip"):
         check_comm(comm)
         _check_options(lr=lr, history=history, max_iter=max_iter,
                        max_backtracks=max_backtracks, c1=c1, shrink=shrink, grad_tol=grad_tol,
                        curvature_eps=curvature_eps, on_failure=on_failure,
                        line_search=line_search, c2=c2, max_line_evals=max_line_evals,
-                       reuse_evaluation=reuse_evaluation)
+                       reuse_evaluation=reuse_evaluation, curvature=curvature)
         params = list(params)
         if params and isinstance(params[0], dict):
             if len(params) != 1:
@@ -132,7 +145,7 @@ class LBFGS(torch.optim.Optimizer):
                         max_backtracks=max_backtracks, c1=c1, shrink=shrink, grad_tol=grad_tol,
                         curvature_eps=curvature_eps, on_failure=on_failure,
                         line_search=line_search, c2=c2, max_line_evals=max_line_evals,
-                        reuse_evaluation=reuse_evaluation)
+                        reuse_evaluation=reuse_evaluation, curvature=curvature)
         super().__init__(params, defaults)
         kinds = {(p.dtype, p.device) for p in self._params}
         if len(kinds) > 1:
@@ -222,10 +235,12 @@ class LBFGS(torch.optim.Optimizer):
     def _publish(self, S, Y):
         history.publish(self._params, self.state, S, Y)
 
-    def _add_pair(self, hist, s, y, group):
-        hist, kept = history.add_pair(self.comm, hist, s, y, keep=group["history"],
-                                      curvature_eps=group["curvature_eps"])
+    def _add_pair(self, hist, s, y, group, bs=None):
+        hist, kept, damped = history.add_pair(self.comm, hist, s, y, keep=group["history"],
+                                      curvature_eps=group["curvature_eps"], bs=bs,
+                                      damping=CURVATURE_RULES[group["curvature"]])
         self.last_step["skipped_pairs"] += not kept
+        self.last_step["damped_pairs"] += damped
         return hist
 
     def _direction(self, hist, g):
@@ -272,7 +287,8 @@ class LBFGS(torch.optim.Optimizer):
             group.setdefault(k, self.defaults[k])
         _check_options(**{k: group[k] for k in _OPTIONS})
         self.last_step = dict(loss=None, new_loss=None, evaluations=0, backtracks=0,
-                              step_lengths=[], pairs=0, skipped_pairs=0, resets=0, status="ok")
+                              step_lengths=[], pairs=0, skipped_pairs=0, damped_pairs=0, resets=0,
+                              status="ok")
         hist = self._load_history(group)
         last, self._last = self._last, None
         if group["reuse_evaluation"] and self._unchanged(last):
@@ -302,7 +318,8 @@ class LBFGS(torch.optim.Optimizer):
                             "budget too small")
                     break
                 t, f_new, g_new, gg_new, d = result
-                hist = self._add_pair(hist, d.mul_(t), g_new - g, group)
+                # d = -H g, so B s = -t g for the s = t d taken (B = H^-1)
+                hist = self._add_pair(hist, d.mul_(t), g_new - g, group, bs=g.mul(-t))
                 f, g, gg = f_new, g_new, gg_new
                 self.last_step["new_loss"] = f
                 self.last_step["step_lengths"].append(t)
@@ -350,7 +367,7 @@ def _budget(group):
 
 def _check_options(*, lr, history, max_iter, max_backtracks, c1, shrink, grad_tol,
                    curvature_eps, on_failure, line_search="armijo", c2=0.9, max_line_evals=25,
-                   reuse_evaluation=False):
+                   reuse_evaluation=False, curvature="skip"):
     def positive_int(name, v, low):
         if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < low:
             raise ValueError(f"{name}={v!r}: must be an integer >= {low}")
@@ -376,5 +393,7 @@ def _check_options(*, lr, history, max_iter, max_backtracks, c1, shrink, grad_to
     positive_int("max_line_evals", max_line_evals, 1)
     if not isinstance(reuse_evaluation, bool):
         raise ValueError(f"reuse_evaluation={reuse_evaluation!r}: must be True or False")
+    if not isinstance(curvature, str) or curvature not in CURVATURE_RULES:
+        raise ValueError(f"curvature={curvature!r}: choose one of {tuple(CURVATURE_RULES)}")
 
 

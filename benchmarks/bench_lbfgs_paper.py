@@ -1,0 +1,122 @@
+"""Full-batch L-BFGS on the layer-parallel paper's peaks problem: the final
+training loss and validation accuracy after 130 iterations, per seed, for
+each curvature rule of ``optim.lbfgs_curvature`` ('skip': the default, a
+pair of little or negative curvature dropped; 'damped': Powell-damped and
+kept).
+
+The problem is layerpar/configs/peaks-paper.toml (Guenther et al., SIMODS
+2020): built-in peaks with raw inputs, an opening dense layer 2 -> 8 with the
+activation, 30 residual layers (h = 1/30, T = 1, smooth ReLU), a classifier
+8 -> 5, one scalar bias per opening and residual layer, every parameter
+uniform in [0, 1e-3), Tikhonov 1e-7 on every layer including the ends,
+history 10, backtracking Armijo, float64.  Each run is ``layerpar train``'s
+Trainer with that configuration on every rank of COMM_WORLD:
+
+    python benchmarks/bench_lbfgs_paper.py --mode serial
+    mpiexec -n 2 python benchmarks/bench_lbfgs_paper.py --mode one-shot
+
+    [--seeds 0,1,2] [--rules skip,damped] [--iters 130]
+
+Rows are merged into benchmarks/results/lbfgs_paper.csv (a row of the same
+mode, ranks, rule and seed is replaced): mode, ranks, rule, seed, iters,
+train_loss (mean cross-entropy over the training set at the final weights,
+exact network), objective (train_loss + the Tikhonov term), val_acc,
+evaluations (fine forward+backward work: the metrics' fwd_work + bwd_work,
+where the mode reports it), wall seconds (under load, for orientation
+only).  One run of 130 iterations takes 1-3 minutes of one idle core.
+"""
+import argparse
+import csv
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+from mpi4py import MPI
+
+from layerpar.config import resolve
+from layerpar.training import Trainer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+CONFIG = os.path.join(HERE, os.pardir, "layerpar", "configs", "peaks-paper.toml")
+FIELDS = ["mode", "ranks", "rule", "seed", "iters", "train_loss", "objective", "val_acc",
+          "work", "seconds"]
+
+
+def tikhonov_term(trainer, beta):
+    """beta/2 * ||theta||^2 over every rank's parameters (collective)."""
+    net = trainer.level.net
+    local = sum(float((p.detach().double() ** 2).sum()) for p in net.parameters())
+    return 0.5 * beta * trainer.comm.allreduce(local)
+
+
+def run(comm, mode, rule, seed, iters):
+    run_dir = comm.bcast(tempfile.mkdtemp(prefix="lp-lbfgs-paper-") if comm.rank == 0 else None)
+    try:
+        cfg = resolve(CONFIG, [f'mgrit.mode="{mode}"', f'optim.lbfgs_curvature="{rule}"',
+                               f"optim.epochs={iters}", f"model.seed={seed}",
+                               f'run.dir="{run_dir}"', "run.plot=false",
+                               "run.checkpoint_every=-1"])
+        trainer = Trainer(cfg, comm)
+        try:
+            t0 = time.perf_counter()
+            trainer.run()
+            seconds = time.perf_counter() - t0
+            train_loss, _ = trainer.evaluate(trainer.train_loader)
+            val_loss, val_acc = trainer.evaluate(trainer.val_loader)
+            rows = trainer.metrics.rows() if trainer.metrics is not None else []
+            work = sum(r.get("fwd_work", 0) + r.get("bwd_work", 0) for r in rows) \
+                if rows and "fwd_work" in rows[-1] else float("nan")
+            objective = train_loss + tikhonov_term(trainer, cfg["optim"]["tikhonov"])
+        finally:
+            trainer.close()
+    finally:
+        comm.Barrier()
+        if comm.rank == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return dict(mode=mode, ranks=comm.size, rule=rule, seed=seed, iters=iters,
+                train_loss=f"{train_loss:.6f}", objective=f"{objective:.6f}",
+                val_acc=f"{val_acc:.4f}", work=f"{work:.0f}", seconds=f"{seconds:.1f}")
+
+
+def merge(path, new):
+    key = lambda r: (r["mode"], str(r["ranks"]), r["rule"], str(r["seed"]))
+    old = []
+    if os.path.exists(path):
+        with open(path, newline="") as fh:
+            old = list(csv.DictReader(fh))
+    fresh = {key(r) for r in new}
+    rows = [r for r in old if key(r) not in fresh] + new
+    rows.sort(key=lambda r: (r["mode"], int(r["ranks"]), r["rule"], int(r["seed"])))
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in FIELDS})
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", default="serial", choices=("serial", "one-shot", "layer-parallel"))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--rules", default="skip,damped")
+    p.add_argument("--iters", type=int, default=130)
+    p.add_argument("--out", default=os.path.join(RESULTS, "lbfgs_paper.csv"))
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    comm = MPI.COMM_WORLD
+    for seed in (int(s) for s in a.seeds.split(",")):
+        for rule in a.rules.split(","):
+            row = run(comm, a.mode, rule, seed, a.iters)
+            if comm.rank == 0:  # merged at once: a stopped run keeps what it measured
+                os.makedirs(os.path.dirname(a.out), exist_ok=True)
+                merge(a.out, [row])
+                print(f"{a.mode:9s} {comm.size} rank(s)  {rule:7s} seed {seed}: train loss "
+                      f"{row['train_loss']}  val {100 * float(row['val_acc']):.1f}%  "
+                      f"({row['seconds']} s), merged into {a.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
