@@ -328,6 +328,10 @@ def test_full_multigrid_builds_the_depths_then_cycles(run_dirs):
     # every depth's work is counted, the coarsest's from the start
     assert rows[-1]["fwd_work"] == sum(rows[-1][f"fwd_work_l{j}"] for j in range(3))
     assert rows[0]["fwd_work_l1"] == 0 and rows[1]["fwd_work_l0"] > rows[0]["fwd_work_l0"]
+    # samples_work weighs every layer step by its batch's samples (500 in
+    # every batch), the first depth's plain steps too
+    for r in rows:
+        assert r["samples_work"] == 500 * (r["fwd_work"] + r["bwd_work"])
     ml.close()
 
 

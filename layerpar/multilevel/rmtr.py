@@ -251,6 +251,15 @@ class RMTR(CyclingMethod):
         return known, first, False
 
     # ---- the cycle ------------------------------------------------------------------------
+    def step(self, x, y, size):
+        if self.start != "fine" and self.depth == 0:  # nested iteration's first depth
+            lev = self.level
+            before = lev.work["fwd"] + lev.work["bwd"]
+            s = super().step(x, y, size)
+            self._count(lev, before, size)
+            return s
+        return super().step(x, y, size)
+
     def cycle_step(self, x, y, size):
         b = self.seen
         self.seen = (self.seen + 1) % self.batches_per_epoch
