@@ -49,8 +49,15 @@ below.  ``--optimizer`` picks another smoother for every method.
 Suite ``stochastic``: the first suite, short runs (peaks N = 32, 6 epochs;
 digits N = 16, 4 epochs) of single, nested and MG/OPT.
 
-RMTR (``RMTR_SETS``, per suite) and full multigrid use ``--rmtr-set``
-settings on top.
+RMTR (``RMTR_SETS``, per suite).  Adam: 2 levels, r = 4, no pre-smoothing,
+8 coarse steps, one post-smoothing step, one loader batch per cycle (so
+``work`` and ``samples_work`` say the same), 2/5 of the epochs (a cycle
+costs about 4 fine evaluations: about the single-level run's work).
+Deterministic: 3 levels, r = 2, 8 coarsest steps, no smoothing, 24 cycles.
+Full multigrid (``FMG_SETS``): 3 depths, r = 2; Adam: the coarsest depth
+1/4 of the epochs with plain steps, then RMTR cycles for 1/5 and 2/5 of
+them (one post-smoothing step, 4 coarsest steps); deterministic: 30 plain
+steps, then 60 and 24 cycles.  ``--rmtr-set`` adds settings to both.
 
 Writes under benchmarks/results/: multilevel_<suite>.csv (one row per run),
 multilevel_<suite>_curves.csv (one row per epoch of each run) and
