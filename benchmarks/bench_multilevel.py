@@ -34,8 +34,10 @@ Suite ``adam``: mini-batch Adam (cosine schedule) on
 methods: ``single``; ``nested`` (3 depths, r = 2, budgets of 1/4, 1/2 and 1
 of the epochs); ``mgopt`` (MG/OPT with its line search, 2 levels, r = 2, one
 pre- and one post-smoothing step, 2 coarse steps, as the first suite);
-``rmtr`` (see RMTR below); ``fmg`` (full multigrid: nested iteration's
-depths and budgets, RMTR's cycles from the second depth on).
+``rmtr`` (see RMTR below); ``nested-rmtr`` (nested iteration to the
+finest depth, then RMTR cycles: ``multilevel.start = "nested"``); ``fmg``
+(full multigrid: RMTR's cycles from nested iteration's second depth on,
+``multilevel.start = "full-multigrid"``).
 
 Suite ``deterministic``: the regime MG/OPT is meant for.  Peaks, dense,
 width 8, N = 64, T = 5, tanh, float64, full-batch gradient descent (one
@@ -43,8 +45,8 @@ unshuffled batch of the 5000 training points, learning rate 0.3, no
 momentum, no schedule), 120 steps single-level.  Nested iteration over 3
 depths (16, 32, 64) with budgets of 30, 60 and 120 steps.  MG/OPT: 3 levels,
 no pre-smoothing, one post-smoothing step, 8 coarsest steps, ``reuse``, 24
-cycles; ``mgopt-noreuse`` the same without reuse; ``rmtr`` and ``fmg`` as
-below.  ``--optimizer`` picks another smoother for every method.
+cycles; ``mgopt-noreuse`` the same without reuse; ``rmtr``,
+``nested-rmtr`` and ``fmg`` as below.  ``--optimizer`` picks another smoother for every method.
 
 Suite ``stochastic``: the first suite, short runs (peaks N = 32, 6 epochs;
 digits N = 16, 4 epochs) of single, nested and MG/OPT.
@@ -94,9 +96,9 @@ PROBLEMS = {
 EPOCHS = {"peaks": 6, "digits-short": 4, "peaks64": 10, "peaks256": 10, "digits": 8}
 SUITES = {"stochastic": (["peaks", "digits-short"], ("single", "nested", "mgopt")),
           "adam": (["peaks64", "peaks256", "digits"],
-                   ("single", "nested", "mgopt", "rmtr", "fmg")),
+                   ("single", "nested", "mgopt", "rmtr", "nested-rmtr", "fmg")),
           "deterministic": (["det"], ("single", "nested", "mgopt", "mgopt-noreuse", "rmtr",
-                                      "fmg"))}
+                                      "nested-rmtr", "fmg"))}
 
 # the globalised method's cycle, per suite (full multigrid takes the same)
 RMTR_SETS = {
@@ -108,10 +110,10 @@ RMTR_SETS = {
                       "multilevel.coarse_steps=8"],
 }
 FMG_SETS = {
-    "adam": ['multilevel.method="rmtr"', 'multilevel.start="nested"', "multilevel.levels=3",
+    "adam": ['multilevel.method="rmtr"', 'multilevel.start="full-multigrid"', "multilevel.levels=3",
              "multilevel.factor=2", "multilevel.pre_steps=0", "multilevel.post_steps=1",
              "multilevel.coarse_steps=4", "multilevel.cycle_batches=1"],
-    "deterministic": ['multilevel.method="rmtr"', 'multilevel.start="nested"',
+    "deterministic": ['multilevel.method="rmtr"', 'multilevel.start="full-multigrid"',
                       "multilevel.levels=3", "multilevel.factor=2", "multilevel.pre_steps=0",
                       "multilevel.post_steps=0", "multilevel.coarse_steps=8"],
 }
@@ -165,6 +167,12 @@ def _config(a, problem, seed, method, run_dir):
         fmg = [max(1, e // 4), max(1, round(0.2 * e)), max(1, round(0.4 * e))]
         sets += FMG_SETS[a.suite] + [f"multilevel.epochs_per_level={fmg}"]
         sets += list(a.rmtr_set)
+    elif method == "nested-rmtr":
+        # nested iteration's budgets, then cycles for 2/5 of the epochs
+        fmg = [max(1, e // 4), max(1, e // 2), max(1, round(0.4 * e))]
+        sets += FMG_SETS[a.suite] + ['multilevel.start="nested"',
+                                     f"multilevel.epochs_per_level={fmg}"]
+        sets += list(a.rmtr_set)
     return resolve(None, sets + list(a.set))
 
 
@@ -179,8 +187,9 @@ def _deterministic(a, method):
     if method == "rmtr":
         return sets + RMTR_SETS["deterministic"] + [f"optim.epochs={a.cycles or DET_CYCLES}"] \
             + list(a.rmtr_set)
-    if method == "fmg":
-        return sets + FMG_SETS["deterministic"] + [
+    if method in ("fmg", "nested-rmtr"):
+        start = "nested" if method == "nested-rmtr" else "full-multigrid"
+        return sets + FMG_SETS["deterministic"] + [f'multilevel.start="{start}"',
             f"multilevel.epochs_per_level={[e // 4, e // 2, a.cycles or DET_CYCLES]}"] \
             + list(a.rmtr_set)
     return sets + DET_MGOPT + [f"optim.epochs={a.cycles or DET_CYCLES}",
@@ -189,6 +198,7 @@ def _deterministic(a, method):
 
 def _train(a, comm, problem, seed, method):
     import torch
+
     from layerpar.training import make_trainer
     torch.set_num_threads(1)
     tmp = comm.bcast(tempfile.mkdtemp(prefix="lp-bench-ml-") if comm.rank == 0 else None, root=0)
@@ -237,7 +247,7 @@ def _plot(curves, path):
     problems = sorted({c["problem"] for c in curves})
     fig, axes = plt.subplots(1, len(problems), figsize=(5.5 * len(problems), 4), squeeze=False)
     colors = {"single": "C0", "nested": "C1", "mgopt": "C2", "mgopt-noreuse": "C3",
-              "rmtr": "C4", "fmg": "C5"}
+              "rmtr": "C4", "fmg": "C5", "nested-rmtr": "C6"}
     for ax, pr in zip(axes[0], problems):
         first = min(c["seed"] for c in curves if c["problem"] == pr)
         for (method, seed) in sorted({(c["method"], c["seed"]) for c in curves

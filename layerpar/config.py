@@ -28,7 +28,7 @@ OPTIMIZERS = ("sgd", "adam", "lbfgs")
 SCHEDULES = ("constant", "step", "cosine")
 MULTILEVEL_METHODS = ("none", "nested", "mgopt", "rmtr")
 COARSE_STATES = ("restrict", "keep")
-STARTS = ("fine", "nested")
+STARTS = ("fine", "nested", "full-multigrid")
 BATCH_GROWTH = ("none", "schedule", "norm-test")
 
 DEFAULTS = {
@@ -129,9 +129,11 @@ DEFAULTS = {
                                 #   is at least this fraction of the coarse model's
         "coarse_state": "restrict",  # RMTR: the coarse levels' optimiser state, restricted
                                 #   from the finer level in every cycle, or keep their own
-        "start": "fine",        # MG/OPT, RMTR: cycles from the start (fine), or full
-                                #   multigrid (nested: nested iteration builds the depths,
-                                #   epochs_per_level and target_accuracy as for nested)
+        "start": "fine",        # MG/OPT, RMTR: cycles from the start (fine); nested
+                                #   iteration to the finest depth, then cycles (nested);
+                                #   cycles from nested iteration's second depth on
+                                #   (full-multigrid); epochs_per_level and target_accuracy
+                                #   as for nested
         "cycle_batches": 1,     # RMTR: loader batches in the batch of one cycle (at first)
         "batch_growth": "none",  # RMTR: none, schedule (double cycle_batches every
                                 #   growth_epochs) or norm-test (double when the gradient's
@@ -436,7 +438,7 @@ def _check_finite(config):
 def _check_applies(config):
     # a key set where it does not apply (APPLIES, NESTED_KEYS)
     ml = config["multilevel"]
-    nested = ml["method"] == "nested" or (ml["method"] in _CYCLES[1] and ml["start"] == "nested")
+    nested = ml["method"] == "nested" or (ml["method"] in _CYCLES[1] and ml["start"] != "fine")
     for key in NESTED_KEYS:
         if ml[key] != DEFAULTS["multilevel"][key] and not nested:
             raise ConfigError(
@@ -445,7 +447,8 @@ def _check_applies(config):
                 + (f" and multilevel.start = {json.dumps(ml['start'])}"
                    if ml["method"] in _CYCLES[1] else "")
                 + ": it is for nested iteration (multilevel.method = \"nested\", or "
-                  "multilevel.start = \"nested\" with mgopt or rmtr); remove it (its default: "
+                  "multilevel.start = \"nested\" or \"full-multigrid\" with mgopt or rmtr); "
+                  "remove it (its default: "
                   f"{_toml_value(DEFAULTS['multilevel'][key])})")
     for (section, key), (decider, where) in APPLIES.items():
         value, default = config[section][key], DEFAULTS[section][key]

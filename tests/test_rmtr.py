@@ -12,15 +12,19 @@ import pytest
 import torch
 import torch.nn.functional as Fn
 from mpi4py import MPI
+from test_cli import SMALL, command, error_line, shared_dir
+from test_multilevel import (  # noqa: F401
+    assert_same_run,
+    config,
+    gathered,
+    rows_and_weights,
+    run_dirs,
+)
 
 from layerpar.config import ConfigError, resolve
 from layerpar.multilevel import trust
 from layerpar.multilevel.batching import CycleBatches
 from layerpar.training import Trainer
-
-from test_cli import SMALL, command, error_line, shared_dir
-from test_multilevel import (assert_same_run, config, gathered, rows_and_weights,  # noqa: F401
-                             run_dirs)
 
 WORLD = MPI.COMM_WORLD
 
@@ -256,7 +260,7 @@ RMTR_CASES = [
     {"optim.name": '"sgd"', "optim.lr": 0.5, "multilevel.coarse_state": '"keep"',
      "multilevel.batch_growth": '"norm-test"', "data.batch_size": 500,
      "multilevel.max_cycle_batches": 4, "multilevel.prolong": '"linear"'},
-    {"multilevel.start": '"nested"', "multilevel.levels": 3, "model.nlayers": 16,
+    {"multilevel.start": '"full-multigrid"', "multilevel.levels": 3, "model.nlayers": 16,
      "multilevel.epochs_per_level": "[1, 1, 2]", "data.batch_size": 1000,
      "multilevel.cycle_batches": 2},
 ]
@@ -315,19 +319,27 @@ def test_stop_and_resume_here_and_on_one_rank(sets, run_dirs):
 
 
 @pytest.mark.mpi
-def test_full_multigrid_builds_the_depths_then_cycles(run_dirs):
-    cfg = rmtr(run_dirs(), **{"multilevel.start": '"nested"', "multilevel.levels": 3,
+@pytest.mark.parametrize("start", ["nested", "full-multigrid"])
+def test_full_multigrid_builds_the_depths_then_cycles(start, run_dirs):
+    # nested iteration's depths 4, 8, 16; cycles (corrections counted) on
+    # the finest depth ("nested") or from the second on ("full-multigrid")
+    cfg = rmtr(run_dirs(), **{"multilevel.start": f'"{start}"', "multilevel.levels": 3,
                               "model.nlayers": 16, "multilevel.epochs_per_level": "[1, 1, 2]"})
     ml = Trainer(cfg, WORLD)
     ml.run()
     rows = WORLD.bcast(ml.metrics.rows(), root=0)
     assert [r["nlayers"] for r in rows] == [4, 8, 16, 16]
     assert [r["level"] for r in rows] == [0, 1, 2, 2]
-    assert rows[0]["accepted"] == 0 and rows[0]["radius"] == 0.0
+    cycled = [r["radius"] > 0 for r in rows]
+    assert cycled == ([False, False, True, True] if start == "nested"
+                      else [False, True, True, True])
+    assert all(r["accepted"] == 0 for r, c in zip(rows, cycled) if not c)
     assert [lev.nlayers for lev in ml.levels] == [16, 8, 4]
     # every depth's work is counted, the coarsest's from the start
     assert rows[-1]["fwd_work"] == sum(rows[-1][f"fwd_work_l{j}"] for j in range(3))
-    assert rows[0]["fwd_work_l1"] == 0 and rows[1]["fwd_work_l0"] > rows[0]["fwd_work_l0"]
+    assert rows[0]["fwd_work_l1"] == 0
+    # the coarsest depth works again in the second depth's cycles only
+    assert (rows[1]["fwd_work_l0"] > rows[0]["fwd_work_l0"]) == (start == "full-multigrid")
     # samples_work weighs every layer step by its batch's samples (500 in
     # every batch), the first depth's plain steps too
     for r in rows:
@@ -378,8 +390,8 @@ def test_rmtr_settings_where_they_do_not_apply(setting, named):
 
 
 def test_full_multigrid_settings_apply():
-    for method in ("mgopt", "rmtr"):
-        resolve(None, [f'multilevel.method="{method}"', 'multilevel.start="nested"',
+    for method, start in (("mgopt", "nested"), ("rmtr", "full-multigrid")):
+        resolve(None, [f'multilevel.method="{method}"', f'multilevel.start="{start}"',
                        "multilevel.epochs_per_level=[1, 2]", "multilevel.target_accuracy=0.5"])
 
 

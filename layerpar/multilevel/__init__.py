@@ -33,5 +33,13 @@ from layerpar.multilevel.rmtr import RMTR
 
 METHODS = {"nested": NestedIteration, "mgopt": MGOpt, "rmtr": RMTR}
 
-__all__ = ["Hierarchy", "METHODS", "MGOpt", "MultilevelMethod", "NestedIteration", "RMTR",
-           "depths", "epoch_budgets"]
+__all__ = [
+           "METHODS",
+           "RMTR",
+           "Hierarchy",
+           "MGOpt",
+           "MultilevelMethod",
+           "NestedIteration",
+           "depths",
+           "epoch_budgets",
+]

@@ -3,16 +3,20 @@ first, and where the cycles start (``multilevel.start``).
 
   "fine"    every depth's network from the start; every batch a cycle over
             all of them, from the finest network's initial weights
-  "nested"  full multigrid: nested iteration reaches the finest depth and
-            the cycles use what it built.  The coarsest depth N_0 trains
-            alone with optimiser steps; at each depth change (its epoch
-            budget spent, or its ``target_accuracy`` reached, as in
-            ``NestedIteration``) the trained network is prolonged in
-            layer-time to a new, r times deeper network (its optimiser state
-            moved with it) and stays below it as a coarse level; from the
-            second depth on every batch is a cycle over the depths built so
-            far, finest first.  The epoch budgets are ``epochs_per_level``'s
-            and the learning-rate schedule runs over their sum.
+  "nested"  nested iteration reaches the finest depth, then cycles: the
+            coarsest depth N_0 trains alone with optimiser steps; at each
+            depth change (its epoch budget spent, or its
+            ``target_accuracy`` reached, as in ``NestedIteration``) the
+            trained network is prolonged in layer-time to a new, r times
+            deeper network (its optimiser state moved with it) and stays
+            below it as a coarse level; every depth but the finest trains
+            with plain optimiser steps, as in nested iteration, and on the
+            finest every batch is a cycle over all the depths, finest first.
+            The epoch budgets are ``epochs_per_level``'s and the
+            learning-rate schedule runs over their sum.
+  "full-multigrid"  the same, with cycles from the second depth on: every
+            batch of a depth after the first is a cycle over the depths
+            built so far.
 
 A subclass gives ``name`` and ``cycle_step(x, y, size)``: one cycle over
 ``levels`` (finest first), returning the statistics of ``Level.step`` with
@@ -33,6 +37,8 @@ class CyclingMethod(MultilevelMethod):
         self.batches_per_epoch = batches_per_epoch
         self.target = ml["target_accuracy"]
         depths = self.hierarchy.depths
+        # the first depth (index) whose batches are cycles
+        self.cycles_from = {"fine": 0, "nested": len(depths) - 1, "full-multigrid": 1}[self.start]
         if self.start == "fine":
             self.levels = [self.new_level(n) for n in depths[::-1]]
             self.depth = len(depths) - 1
@@ -97,8 +103,13 @@ class CyclingMethod(MultilevelMethod):
         """A subclass's part of a refinement (``new``: the new finest level)."""
 
     # ---- steps --------------------------------------------------------------------------
+    @property
+    def cycling(self):
+        """Whether this depth's batches are cycles (else plain steps)."""
+        return self.depth >= self.cycles_from
+
     def step(self, x, y, size):
-        if self.start != "fine" and self.depth == 0:  # nested iteration's first depth
+        if not self.cycling:  # nested iteration's depths
             s = self.level.step(x, y, size)
             self.cycle += 1
             return dict(s, corrections=0, accepted=False)

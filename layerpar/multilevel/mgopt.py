@@ -35,8 +35,8 @@ class MGOpt(CyclingMethod):
     """Collective over ``comm`` (this group's layer ranks): every level's
     network, finest first (``levels``), and one V-cycle per batch
     (``step``; ``last_cycle`` describes the fine level's correction).
-    With ``multilevel.start = "nested"`` (full multigrid) the cycles begin
-    after nested iteration has built the depths (``CyclingMethod``)."""
+    With ``multilevel.start = "nested"`` or ``"full-multigrid"`` the cycles
+    begin after nested iteration has built the depths (``CyclingMethod``)."""
 
     name = "mgopt"
 

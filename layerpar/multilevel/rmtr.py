@@ -49,8 +49,9 @@ consecutive loader batches, concatenated, growing by ``batch_growth``
 counters count layer steps whatever the batch's size; the metrics'
 ``samples_work`` also weighs each step by its batch's samples.
 
-With ``start = "nested"`` (full multigrid) the cycles begin after nested
-iteration has built the depths (``CyclingMethod``).
+With ``start = "nested"`` the cycles begin after nested iteration has
+reached the finest depth, with ``"full-multigrid"`` from its second depth
+on (``CyclingMethod``).
 
 The radii (one per pair of neighbouring depths), the cycle batches' state,
 the norm test's last gradient and the counters are in the checkpoint's
@@ -252,7 +253,7 @@ class RMTR(CyclingMethod):
 
     # ---- the cycle ------------------------------------------------------------------------
     def step(self, x, y, size):
-        if self.start != "fine" and self.depth == 0:  # nested iteration's first depth
+        if not self.cycling:  # nested iteration's depths
             lev = self.level
             before = lev.work["fwd"] + lev.work["bwd"]
             s = super().step(x, y, size)
@@ -407,11 +408,11 @@ class RMTR(CyclingMethod):
         super().end_epoch(row)
         self.epochs_done += 1
         self.seen = 0
-        if self.depth > 0:  # cycles: the schedule's clock runs
+        if self.cycling:  # cycles: the schedule's clock runs
             self.batches.end_epoch()
 
     def head_columns(self):
-        radius = self.radius[self.depth - 1] if self.depth > 0 else 0.0
+        radius = self.radius[self.depth - 1] if self.cycling and self.depth > 0 else 0.0
         return dict(super().head_columns(), radius=radius, cycle_batches=self.batches.size)
 
     def tail_columns(self, sums):
