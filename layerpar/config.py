@@ -26,7 +26,10 @@ from layerpar.steps import ACTIVATIONS, BIASES
 MODES = ("serial", "layer-parallel", "one-shot")
 OPTIMIZERS = ("sgd", "adam", "lbfgs")
 SCHEDULES = ("constant", "step", "cosine")
-MULTILEVEL_METHODS = ("none", "nested", "mgopt")
+MULTILEVEL_METHODS = ("none", "nested", "mgopt", "rmtr")
+COARSE_STATES = ("restrict", "keep")
+STARTS = ("fine", "nested", "full-multigrid")
+BATCH_GROWTH = ("none", "schedule", "norm-test")
 
 DEFAULTS = {
     "data": {
@@ -105,14 +108,16 @@ DEFAULTS = {
         "tikhonov_ends": False,   # the Tikhonov term also on the opening and closing layers
     },
     "multilevel": {
-        "method": "none",       # none, nested (nested iteration), mgopt (MG/OPT V-cycles)
+        "method": "none",       # none, nested (nested iteration), mgopt (MG/OPT V-cycles),
+                                #   rmtr (V-cycles with trust-region corrections)
         "levels": 2,            # depths model.nlayers / factor^l, l = 0..levels-1
         "factor": 2,            # depth ratio r between neighbouring levels
         "prolong": "constant",  # constant or linear in layer-time
-        "restrict": "injection",  # injection or full-weighting (MG/OPT weights)
-        "pre_steps": 1,         # MG/OPT: optimiser steps on a level before its coarse correction
-        "post_steps": 1,        # MG/OPT: optimiser steps after it
-        "coarse_steps": 2,      # MG/OPT: optimiser steps on the coarsest level
+        "restrict": "injection",  # injection or full-weighting (MG/OPT, RMTR weights)
+        "pre_steps": 1,         # MG/OPT, RMTR: optimiser steps on a level before its coarse
+                                #   correction
+        "post_steps": 1,        # MG/OPT, RMTR: optimiser steps after it
+        "coarse_steps": 2,      # MG/OPT, RMTR: optimiser steps on the coarsest level
         "epochs_per_level": [],  # nested: epochs at each depth (one value, or one per
                                  #   depth, coarsest first); [] = optim.epochs at each
         "target_accuracy": 0.0,  # nested: leave a depth at this validation accuracy; 0 = off
@@ -120,6 +125,24 @@ DEFAULTS = {
         "reuse": False,         # reuse an evaluation at unchanged weights and batch (where
                                 #   exact); MG/OPT: the line search's first trial then
                                 #   also gives the gradient for the step after it
+        "radius": 1.0,          # RMTR: the initial trust radius of the coarse correction
+                                #   (the norm of its step in the finest level's weights)
+        "accept_ratio": 0.1,    # RMTR: a correction is accepted when its actual decrease
+                                #   is at least this fraction of the coarse model's
+        "coarse_state": "restrict",  # RMTR: the coarse levels' optimiser state, restricted
+                                #   from the finer level in every cycle, or keep their own
+        "start": "fine",        # MG/OPT, RMTR: cycles from the start (fine); nested
+                                #   iteration to the finest depth, then cycles (nested);
+                                #   cycles from nested iteration's second depth on
+                                #   (full-multigrid); epochs_per_level and target_accuracy
+                                #   as for nested
+        "cycle_batches": 1,     # RMTR: loader batches in the batch of one cycle (at first)
+        "batch_growth": "none",  # RMTR: none, schedule (double cycle_batches every
+                                #   growth_epochs) or norm-test (double when the gradient's
+                                #   noise exceeds norm_test times the gradient)
+        "max_cycle_batches": 0,  # RMTR: the most loader batches in a cycle (0: an epoch's)
+        "growth_epochs": 1,     # RMTR, batch_growth = schedule: epochs between doublings
+        "norm_test": 0.5,       # RMTR, batch_growth = norm-test: theta of the test
     },
     "parallel": {
         "data": 1,              # data-parallel groups D: the P ranks form D groups of
@@ -153,17 +176,27 @@ SOLVER_KEYS = ("max_levels", "cfactor", "relax", "cycle")
 # anything but its default where it does not apply is refused, so that a
 # configuration written out with every default still loads.
 _PIPELINE = ("mgrit.mode", ("serial",))
-_MULTILEVEL = ("multilevel.method", ("nested", "mgopt"))
+_MULTILEVEL = ("multilevel.method", ("nested", "mgopt", "rmtr"))
+_REUSE = ("multilevel.method", ("nested", "mgopt"))
 _NESTED = ("multilevel.method", ("nested",))
+_CYCLES = ("multilevel.method", ("mgopt", "rmtr"))
 _MGOPT = ("multilevel.method", ("mgopt",))
+_RMTR = ("multilevel.method", ("rmtr",))
 APPLIES = {
     ("mgrit", "microbatches"): _PIPELINE,
     ("mgrit", "schedule"): _PIPELINE,
-    **{("multilevel", k): _MULTILEVEL for k in ("levels", "factor", "prolong", "reuse")},
-    **{("multilevel", k): _NESTED for k in ("epochs_per_level", "target_accuracy")},
-    **{("multilevel", k): _MGOPT for k in ("restrict", "pre_steps", "post_steps",
-                                           "coarse_steps", "line_search_steps")},
+    **{("multilevel", k): _MULTILEVEL for k in ("levels", "factor", "prolong")},
+    ("multilevel", "reuse"): _REUSE,
+    **{("multilevel", k): _CYCLES for k in ("restrict", "pre_steps", "post_steps",
+                                            "coarse_steps", "start")},
+    ("multilevel", "line_search_steps"): _MGOPT,
+    **{("multilevel", k): _RMTR for k in ("radius", "accept_ratio", "coarse_state",
+                                          "cycle_batches", "batch_growth", "max_cycle_batches",
+                                          "growth_epochs", "norm_test")},
 }
+# nested iteration's keys: for multilevel.method = "nested", and for the cycling
+# methods with multilevel.start = "nested" (full multigrid)
+NESTED_KEYS = ("epochs_per_level", "target_accuracy")
 
 
 class ConfigError(ValueError):
@@ -354,6 +387,23 @@ def _check_multilevel(config, need):
     need(ml["post_steps"] >= 0, "multilevel.post_steps", "must be >= 0")
     need(ml["coarse_steps"] >= 0, "multilevel.coarse_steps", "must be >= 0")
     need(ml["line_search_steps"] >= 1, "multilevel.line_search_steps", "must be >= 1")
+    need(ml["radius"] > 0, "multilevel.radius", "the initial trust radius must be > 0")
+    need(0 < ml["accept_ratio"] < 1, "multilevel.accept_ratio", "must be in (0, 1)")
+    need(ml["coarse_state"] in COARSE_STATES, "multilevel.coarse_state",
+         f"choose one of {', '.join(COARSE_STATES)}")
+    need(ml["start"] in STARTS, "multilevel.start", f"choose one of {', '.join(STARTS)}")
+    need(ml["cycle_batches"] >= 1, "multilevel.cycle_batches", "must be >= 1")
+    need(ml["batch_growth"] in BATCH_GROWTH, "multilevel.batch_growth",
+         f"choose one of {', '.join(BATCH_GROWTH)}")
+    need(ml["max_cycle_batches"] == 0 or ml["max_cycle_batches"] >= ml["cycle_batches"],
+         "multilevel.max_cycle_batches", "must be 0 (an epoch's batches) or >= cycle_batches")
+    need(ml["growth_epochs"] >= 1, "multilevel.growth_epochs", "must be >= 1")
+    need(ml["norm_test"] > 0, "multilevel.norm_test", "must be > 0")
+    grouped = ml["cycle_batches"] > 1 or ml["batch_growth"] != "none"
+    groups = config.get("parallel", {}).get("data", 1)
+    need(not grouped or config["data"]["batch_size"] % groups == 0, "data.batch_size",
+         f"a cycle of several batches (multilevel.cycle_batches, batch_growth) on "
+         f"parallel.data = {groups} groups needs a batch size that the groups divide")
     need(0.0 <= ml["target_accuracy"] <= 1.0, "multilevel.target_accuracy",
          "must be in [0, 1] (0 = off)")
     e = ml["epochs_per_level"]
@@ -392,7 +442,20 @@ def _check_finite(config):
 
 
 def _check_applies(config):
-    # a key set where it does not apply (APPLIES)
+    # a key set where it does not apply (APPLIES, NESTED_KEYS)
+    ml = config["multilevel"]
+    nested = ml["method"] == "nested" or (ml["method"] in _CYCLES[1] and ml["start"] != "fine")
+    for key in NESTED_KEYS:
+        if ml[key] != DEFAULTS["multilevel"][key] and not nested:
+            raise ConfigError(
+                f"multilevel.{key} = {_toml_value(ml[key])}: does not apply with "
+                f"multilevel.method = {json.dumps(ml['method'])}"
+                + (f" and multilevel.start = {json.dumps(ml['start'])}"
+                   if ml["method"] in _CYCLES[1] else "")
+                + ": it is for nested iteration (multilevel.method = \"nested\", or "
+                  "multilevel.start = \"nested\" or \"full-multigrid\" with mgopt or rmtr); "
+                  "remove it (its default: "
+                  f"{_toml_value(DEFAULTS['multilevel'][key])})")
     for (section, key), (decider, where) in APPLIES.items():
         value, default = config[section][key], DEFAULTS[section][key]
         here = _get(config, decider)

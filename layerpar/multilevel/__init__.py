@@ -29,8 +29,17 @@ from layerpar.multilevel.hierarchy import Hierarchy, depths
 from layerpar.multilevel.method import MultilevelMethod
 from layerpar.multilevel.mgopt import MGOpt
 from layerpar.multilevel.nested import NestedIteration, epoch_budgets
+from layerpar.multilevel.rmtr import RMTR
 
-METHODS = {"nested": NestedIteration, "mgopt": MGOpt}
+METHODS = {"nested": NestedIteration, "mgopt": MGOpt, "rmtr": RMTR}
 
-__all__ = ["Hierarchy", "METHODS", "MGOpt", "MultilevelMethod", "NestedIteration", "depths",
-           "epoch_budgets"]
+__all__ = [
+           "METHODS",
+           "RMTR",
+           "Hierarchy",
+           "MGOpt",
+           "MultilevelMethod",
+           "NestedIteration",
+           "depths",
+           "epoch_budgets",
+]

@@ -26,35 +26,25 @@ instead of solving again.
 """
 import torch
 
+from layerpar.multilevel.cycling import CyclingMethod
 from layerpar.multilevel.hierarchy import assign, values
-from layerpar.multilevel.method import MultilevelMethod
 from layerpar.optim.linesearch import Trial, backtracking, decrease
 
 
-class MGOpt(MultilevelMethod):
+class MGOpt(CyclingMethod):
     """Collective over ``comm`` (this group's layer ranks): every level's
     network, finest first (``levels``), and one V-cycle per batch
-    (``step``; ``last_cycle`` describes the fine level's correction)."""
+    (``step``; ``last_cycle`` describes the fine level's correction).
+    With ``multilevel.start = "nested"`` or ``"full-multigrid"`` the cycles
+    begin after nested iteration has built the depths (``CyclingMethod``)."""
 
     name = "mgopt"
 
-    def __init__(self, config, new_level, comm, *, batches_per_epoch):
-        super().__init__(config, new_level, comm)
-        self.levels = [self.new_level(n) for n in self.hierarchy.depths[::-1]]
-        self.epochs = config["optim"]["epochs"]
-        self.batches_per_epoch = batches_per_epoch
+    def __init__(self, config, new_level, comm, *, batches_per_epoch, **_):
+        super().__init__(config, new_level, comm, batches_per_epoch=batches_per_epoch)
         self.last_cycle = {}
 
-    def finished(self, epoch):
-        return epoch >= self.epochs
-
-    def advance(self):
-        return None
-
-    def end_epoch(self, row):
-        pass
-
-    def step(self, x, y, size):
+    def cycle_step(self, x, y, size):
         """One V-cycle: the statistics of the fine level's first optimiser
         step (or of its evaluation, when the cycle takes none there), with
         the correction counted."""

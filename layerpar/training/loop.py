@@ -153,7 +153,7 @@ class Trainer:
         if name == "none":
             return SingleLevel(self.config, self._new_level)
         return METHODS[name](self.config, self._new_level, self.grid.layer_comm,
-                             batches_per_epoch=len(self.train_loader))
+                             batches_per_epoch=len(self.train_loader), loader=self.train_loader)
 
     def _new_level(self, nlayers, *, reuse=False):
         """A network of ``nlayers`` layers (None: the configured depth) with
@@ -376,7 +376,7 @@ class Trainer:
                 continue  # done before the checkpoint this run resumed from
             size = batch_len(self.train_loader, b)
             s = m.step(x, y, size)
-            add_step(acc, s, size)
+            add_step(acc, s, s.get("size", size))  # a method may count a batch later (RMTR)
             for k in m.sums:  # the method's own counts (MG/OPT: corrections accepted)
                 acc[k] += s.get(k, 0)
             self.step += 1
