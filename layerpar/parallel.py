@@ -232,7 +232,7 @@ class LayerParallel(nn.Module):
         except BaseException:
             self.close()  # every rank raises here alike
             raise
-        self._ghosts = Ghosts(self.stage, self.comm, self.layout)
+        self._ghosts = Ghosts(self.stage, self.comm, self.layout, self.transport)
         self._ghosts.plan(fwd)
         self.pipeline = Pipeline(self.stage, lambda: self.communicator("pipeline"),
                                  microbatches=microbatches)
