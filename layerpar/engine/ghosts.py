@@ -18,6 +18,8 @@ message of the changed layers' tensors as flat bytes, in the order of their
 state dicts (on the device path straight from device memory).  Nothing of
 the weights is pickled.  ``stats`` counts the messages and bytes sent.
 """
+import pickle
+
 import torch
 
 from layerpar import partition
@@ -47,7 +49,8 @@ class Ghosts:
         self._seen = {}     # layer -> (its tensors' (address, version), its version)
         self._sent = {}     # (rank, layer) -> (version, layout) the rank holds
         self._held = {}     # ghost layer -> the version held here
-        self.stats = {"messages": 0, "bytes": 0}  # sent since construction
+        # sent since construction: messages, weight bytes, header bytes (pickled)
+        self.stats = {"messages": 0, "bytes": 0, "header_bytes": 0}
 
     def plan(self, options):
         """Who sends which layer to whom, for the forward solve's options."""
@@ -106,6 +109,7 @@ class Ghosts:
             # to rank q: the versions, flags (and new layouts) of the layers it steps with
             requests.append((comm.isend(header, dest=q, tag=tag("ghost.header")), q))
             self.stats["messages"] += 1
+            self.stats["header_bytes"] += len(pickle.dumps(header, pickle.HIGHEST_PROTOCOL))
             if changed:
                 # then the changed layers' tensors, flat, in state-dict order
                 parts = [as_bytes(v.detach().contiguous()) for s in changed for v in s.values()]
