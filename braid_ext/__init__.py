@@ -33,6 +33,7 @@ from braid_ext._core import (
     build_info,
     check_app,
     hierarchy,
+    mpi_cuda_support,
 )
 from braid_ext.numpy_app import NumpyApp
 from braid_ext.options import Level, OptionError, check_options, relax_sweeps
@@ -53,4 +54,5 @@ __all__ = [
     "relax_sweeps",
     "OptionError",
     "build_info",
+    "mpi_cuda_support",
 ]

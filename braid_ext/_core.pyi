@@ -36,6 +36,7 @@ class _Stats(TypedDict):
     calls: int                # all callback calls
     messages: int             # point-to-point messages sent
     bytes: int                # bytes in those messages
+    buffers: int              # message buffers the solve allocated (kept for the next)
     callback_time: float      # seconds inside callbacks, binding included
     app_time: float           # seconds inside the app's methods
     total_time: float         # seconds inside the solve
@@ -157,6 +158,7 @@ class Solver:
         latency: float = 0.0,
         final_sweep: bool = False,
         timeout: Optional[float] = None,
+        wait: Literal["busy", "sleep"] = "busy",
     ) -> None: ...
 
     def close(self) -> None: ...
@@ -186,6 +188,10 @@ class Solver:
     def get(self, index: int) -> Any: ...
     def set(self, index: int, u: Any) -> None: ...
     def stats(self, reduce: bool = False) -> _Stats: ...
+    def _set_max_count(self, max_count: int) -> None: ...
+
+
+def mpi_cuda_support() -> bool: ...
 
 
 def build_info() -> dict[str, str]:

@@ -198,7 +198,9 @@ _REQUIRED = ("step", "init", "clone", "sum", "norm", "bufsize", "pack", "unpack"
 cdef class _Bridge:
     cdef object app
     cdef object f_step, f_init, f_clone, f_free, f_sum, f_norm
-    cdef object f_bufsize, f_pack, f_unpack, f_access
+    cdef object f_bufsize, f_pack, f_unpack, f_access, f_alloc
+    cdef dict buffers       # address -> the app's buffer object (app-owned buffers)
+    cdef public int64_t buffers_made  # buffers the app allocated for the core, ever
     cdef bint adds_rhs
     cdef bint pure_step
     cdef StepStatus step_status
@@ -226,6 +228,9 @@ cdef class _Bridge:
         self.f_pack = app.pack
         self.f_unpack = app.unpack
         self.f_access = getattr(app, "access", None)
+        self.f_alloc = getattr(app, "alloc_buffer", None)
+        self.buffers = {}
+        self.buffers_made = 0
         self.adds_rhs = bool(getattr(app, "adds_rhs", False))
         self.pure_step = bool(getattr(app, "pure_step", False))
         self.step_status = StepStatus.__new__(StepStatus)
@@ -245,6 +250,9 @@ cdef class _Bridge:
         self.ops.bufunpack = _bufunpack
         if self.f_access is not None:
             self.ops.access = _access
+        if self.f_alloc is not None:
+            self.ops.bufalloc = _bufalloc
+            self.ops.buffree = _buffree
 
     cdef int fail(self, BaseException exc) noexcept:
         if self.error is None:
@@ -413,10 +421,47 @@ cdef int _bufsize(mg_App app, size_t *out) noexcept with gil:
     except BaseException as e:
         return b.fail(e)
 
+# App-owned message buffers: app.alloc_buffer(nbytes) returns (buffer, address),
+# address being where MPI reads and writes (host or device memory); the core
+# keeps the buffer from solve to solve and pack/unpack get the buffer object
+# itself.  The bridge holds each buffer (by address) until the core frees it.
+cdef int _bufalloc(mg_App app, size_t size, void **out, void **handle) noexcept with gil:
+    cdef _Bridge b = <_Bridge><void*>app
+    cdef double t0 = MPI_Wtime()
+    try:
+        try:
+            buf, addr = b.f_alloc(int(size))
+        finally:
+            b.app_time += MPI_Wtime() - t0
+        addr = int(addr)
+        if addr == 0 and size > 0:
+            raise ValueError(f"{type(b.app).__name__}.alloc_buffer({size}) gave address 0")
+        if addr in b.buffers:
+            raise ValueError(f"{type(b.app).__name__}.alloc_buffer gave the address of a "
+                             "buffer the solver holds already")
+        b.buffers[addr] = buf
+        b.buffers_made += 1
+        out[0] = <void*><uintptr_t>addr
+        handle[0] = <void*><uintptr_t>addr
+        return 0
+    except BaseException as e:
+        return b.fail(e)
+
+cdef int _buffree(mg_App app, void *handle) noexcept with gil:
+    cdef _Bridge b = <_Bridge><void*>app
+    b.buffers.pop(<uintptr_t>handle, None)
+    return 0
+
 cdef int _bufpack(mg_App app, mg_Vector u, void *buf, size_t size) noexcept with gil:
     cdef _Bridge b = <_Bridge><void*>app
     cdef double t0 = MPI_Wtime()
     try:
+        if b.f_alloc is not None:
+            try:
+                b.f_pack(box_get(u), b.buffers[<uintptr_t>buf])
+            finally:
+                b.app_time += MPI_Wtime() - t0
+            return 0
         mv = PyMemoryView_FromMemory(<char*>buf, size, PyBUF_WRITE)
         try:
             b.f_pack(box_get(u), mv)
@@ -431,6 +476,14 @@ cdef int _bufunpack(mg_App app, const void *buf, size_t size, mg_Vector *out) no
     cdef _Bridge b = <_Bridge><void*>app
     cdef double t0 = MPI_Wtime()
     try:
+        if b.f_alloc is not None:
+            try:
+                v = b.f_unpack(b.buffers[<uintptr_t>buf])
+            finally:
+                b.app_time += MPI_Wtime() - t0
+            out[0] = box_new(v)
+            b.took()
+            return 0
         mv = PyMemoryView_FromMemory(<char*>buf, size, PyBUF_READ)
         try:
             v = b.f_unpack(mv)
@@ -605,6 +658,18 @@ cdef class Solver:
       timeout      seconds any wait for other ranks may last (None or 0: no
                    limit); a rank that stops answering then makes the others
                    raise MGRITTimeoutError naming it.  The same on every rank.
+      wait         how a wait without a timeout waits: 'busy' (MPI_Wait) or
+                   'sleep' (tests with growing naps: leaves the core to ranks
+                   that work when ranks outnumber cores)
+
+    Message buffers: an app with ``alloc_buffer(nbytes) -> (buffer,
+    address)`` owns them (``address``: where MPI reads and writes, host or
+    device memory); ``pack(u, buffer)`` and ``unpack(buffer)`` then get the
+    buffer object, and each message's header travels apart.  Otherwise the
+    core allocates them and pack/unpack get memoryviews.  Either way the
+    solver keeps its buffers from solve to solve: ``stats()["buffers"]``
+    counts those a solve had to allocate (none once a solve of the same
+    size has run).
 
     The solve runs without the GIL (it is taken for each call of the app), so
     other Python threads go on while this rank waits for messages.  Call
@@ -626,14 +691,15 @@ cdef class Solver:
                  max_levels=2, cfactor=2, min_coarse=2, relax="FCF", cycle="V",
                  skip=False, abs_tol=1e-10, rel_tol=0.0, max_iter=100,
                  tnorm="l2", store="all", reverse=False, warm_start=True,
-                 step_cost=1.0, latency=0.0, final_sweep=False, timeout=None):
+                 step_cost=1.0, latency=0.0, final_sweep=False, timeout=None,
+                 wait="busy"):
         addr = _comm_handle(comm)
         checked = _options.check_options(
             nsteps, comm.Get_size(), t_start=t_start, t_stop=t_stop, max_levels=max_levels,
             cfactor=cfactor, min_coarse=min_coarse, relax=relax, cycle=cycle, skip=skip,
             abs_tol=abs_tol, rel_tol=rel_tol, max_iter=max_iter, tnorm=tnorm, store=store,
             reverse=reverse, warm_start=warm_start, step_cost=step_cost, latency=latency,
-            final_sweep=final_sweep, timeout=timeout)
+            final_sweep=final_sweep, timeout=timeout, wait=wait)
         cfactors, nrelax, costs = checked["cfactor"], checked["nrelax"], checked["step_cost"]
 
         self.bridge = _Bridge(app)
@@ -646,7 +712,7 @@ cdef class Solver:
                             rel_tol=rel_tol, max_iter=max_iter, tnorm=tnorm, store=store,
                             reverse=bool(reverse), warm_start=bool(warm_start),
                             step_cost=step_cost, latency=latency,
-                            final_sweep=bool(final_sweep), timeout=timeout)
+                            final_sweep=bool(final_sweep), timeout=timeout, wait=wait)
 
         cdef MPI_Comm c = (<MPI_Comm*><uintptr_t>addr)[0]
         cdef int rc = mg_Init(c, t_start, t_stop, nsteps, <mg_App><void*>self.bridge,
@@ -672,6 +738,17 @@ cdef class Solver:
         CHKERR(mg_SetLatency(self.core, latency))
         CHKERR(mg_SetFinalSweep(self.core, int(final_sweep)))
         CHKERR(mg_SetTimeout(self.core, float(timeout or 0.0)))
+        CHKERR(mg_SetWait(self.core, MG_WAIT_SLEEP if wait == "sleep" else MG_WAIT_BUSY))
+
+    def _set_max_count(self, int64_t max_count):
+        """The largest count one MPI call of the core is given (bytes;
+        default 2**31 - 1): longer messages travel as one element of a
+        derived datatype.  Local; set alike on every rank.  For tests of the
+        large-message path with small messages."""
+        self._alive()
+        if not 1 <= max_count <= 2**31 - 1:
+            raise ValueError(f"max_count={max_count}: must lie in [1, 2**31 - 1]")
+        CHKERR(mg_SetMaxCount(self.core, max_count))
 
     cdef _per_level_set(self, list values, int which):
         # a single value is for all levels; a list sets levels 0..k-1 and its
@@ -887,6 +964,7 @@ cdef class Solver:
         return dict(iterations=st.iterations, nlevels=st.nlevels,
                     steps=[st.steps[l] for l in range(st.nlevels)],
                     calls=st.calls, messages=st.messages, bytes=st.bytes,
+                    buffers=st.buffers,
                     callback_time=st.callback_time, app_time=app_time,
                     total_time=st.total_time, virtual_time=st.virtual_time,
                     vectors_held=self.bridge.held, vectors_peak=self.bridge.held_peak)
@@ -903,6 +981,12 @@ cdef extern from *:
     """
     const char *BRAID_EXT_COMPILER
     const char *braid_ext_mpi_version
+
+
+def mpi_cuda_support():
+    """Whether the MPI library reports, at run time, that it reads and writes
+    CUDA device memory (so that messages may go straight from the device)."""
+    return bool(mg_MPICudaSupport())
 
 
 def build_info():

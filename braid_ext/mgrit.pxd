@@ -22,6 +22,8 @@ cdef extern from "mgrit.h":
         MG_CYCLE_F
         MG_TNORM_L2
         MG_TNORM_INF
+        MG_WAIT_BUSY
+        MG_WAIT_SLEEP
         MG_MAX_LEVELS
 
     ctypedef struct mg_Core_s
@@ -57,6 +59,8 @@ cdef extern from "mgrit.h":
     ctypedef int (*mg_BufPackFn)(mg_App, mg_Vector, void*, size_t) noexcept nogil
     ctypedef int (*mg_BufUnpackFn)(mg_App, const void*, size_t, mg_Vector*) noexcept nogil
     ctypedef int (*mg_AccessFn)(mg_App, mg_Vector, const mg_AccessStatus*) noexcept nogil
+    ctypedef int (*mg_BufAllocFn)(mg_App, size_t, void**, void**) noexcept nogil
+    ctypedef int (*mg_BufFreeFn)(mg_App, void*) noexcept nogil
 
     ctypedef struct mg_Ops:
         mg_StepFn step
@@ -69,6 +73,8 @@ cdef extern from "mgrit.h":
         mg_BufPackFn bufpack
         mg_BufUnpackFn bufunpack
         mg_AccessFn access
+        mg_BufAllocFn bufalloc
+        mg_BufFreeFn buffree
 
     ctypedef struct mg_Stats:
         int iterations
@@ -77,6 +83,7 @@ cdef extern from "mgrit.h":
         int64_t calls
         int64_t messages
         int64_t bytes
+        int64_t buffers
         double callback_time
         double total_time
         double virtual_time
@@ -103,6 +110,8 @@ cdef extern from "mgrit.h":
     int mg_SetLatency(mg_Core core, double latency)
     int mg_SetFinalSweep(mg_Core core, int final_sweep)
     int mg_SetTimeout(mg_Core core, double seconds)
+    int mg_SetWait(mg_Core core, int wait)
+    int mg_SetMaxCount(mg_Core core, int64_t max_count)
 
     int mg_GetNumIter(mg_Core core, int *iter_out)
     int mg_GetNumLevels(mg_Core core, int *nlevels_out)
@@ -118,6 +127,7 @@ cdef extern from "mgrit.h":
     int mg_GetRank(mg_Core core, int *rank_out)
 
     const char *mg_ErrorString(int code)
+    int mg_MPICudaSupport()
     int mg_BlockRange(int64_t N, int P, int q, int64_t *lo, int64_t *hi)
     int mg_LayerOwner(int64_t N, int P, int64_t n, int *owner)
     int mg_Hierarchy(int64_t nsteps, int max_levels, int64_t min_coarse, const int *cfactor,

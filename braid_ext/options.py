@@ -21,7 +21,8 @@ MAX_LEVELS = 32
 DEFAULTS = dict(max_levels=2, cfactor=2, min_coarse=2, relax="FCF", cycle="V", skip=False,
                 abs_tol=1e-10, rel_tol=0.0, max_iter=100, tnorm="l2", store="all",
                 reverse=False, warm_start=True, step_cost=1.0, latency=0.0,
-                final_sweep=False, timeout=None)
+                final_sweep=False, timeout=None, wait="busy")
+WAITS = ("busy", "sleep")
 CYCLES = ("V", "F")
 TNORMS = ("l2", "inf")
 STORES = ("all", "C")
@@ -138,6 +139,7 @@ _CHECKS = {
     "latency": _check_tolerance,
     "final_sweep": _check_flag,
     "timeout": _check_timeout,
+    "wait": lambda v, option: _need(v in WAITS, option, v, "must be 'busy' or 'sleep'"),
 }
 assert set(_CHECKS) == set(DEFAULTS)
 

@@ -230,6 +230,8 @@ def from_root(comm, root, compute, *, error_type=None, what=None):
     <message>" (by default a RemoteError of the same type too, as in
     ``agree``); one broadcast either way.  ``what`` names the broadcast in
     a timeout's message."""
+    if comm.Get_size() == 1:  # a communicator of one: nothing to broadcast
+        return compute()
     payload = None
     error = None
     if comm.Get_rank() == root:

@@ -46,18 +46,19 @@ FIXED = (
     "penalty.from_left",           # the smoothness penalty's neighbour layers (optim.py)
     "penalty.from_right",
     "calibration.ping_pong",       # the latency measurement (perfmodel.py)
+    "ghost.header",                # coarse-grid weights: versions, flags (engine/ghosts.py)
+    "ghost.weights",               # ... the changed layers' tensors, flat
 )
 FIXED_ROOM = 64  # fixed tags lie below this; indexed bands start here
 
 # One band each; the index is what the tag carries.
 INDEXED = (
-    "ghost.layer",                 # coarse-grid weights of layer n (parallel.py)
     "pipeline.forward",            # micro-batch i, forward pass (pipeline.py)
     "pipeline.backward",           # micro-batch i, backward pass
 )
 
 # The MGRIT core's tags, on its private duplicate communicator (comm.c).
-CORE_TAGS = {"sweep": (0, 32), "ping": 1001, "pong": 1002, "notice": 1003}
+CORE_TAGS = {"sweep": (0, 32), "sweep.header": (32, 64), "ping": 1001, "pong": 1002, "notice": 1003}
 
 assert len(FIXED) <= FIXED_ROOM and len(set(FIXED)) == len(FIXED)
 _FIXED = {name: k for k, name in enumerate(FIXED)}

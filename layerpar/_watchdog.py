@@ -51,6 +51,8 @@ _SPINS = 50                # tests of a request before the first nap
 _FIRST_NAP, _LONGEST_NAP = 1e-5, 2e-3   # seconds between later tests
 
 _keyval = None             # the communicator attribute holding a limit
+_wait_keyval = None        # the communicator attribute saying that waits sleep
+_YIELDS = 200              # yields of the core before the first nap (sleeping waits)
 _failure = None            # after a timeout: the error every later guarded wait raises
 _kept = []                 # send buffers of messages that may never be received
 _ONE = np.ones(1, dtype=np.int32)
@@ -123,6 +125,39 @@ def inherit(child, parent):
             child.Set_attr(_keyval, value)
 
 
+def set_wait(comm, mode):
+    """How layerpar's waits without a limit on ``comm`` (and its later
+    duplicates) wait: 'busy' (MPI's own wait) or 'sleep' (tests, yielding
+    the core, then naps growing to 2 ms: a waiting rank leaves the core to a
+    working one when ranks outnumber cores).  Local."""
+    global _wait_keyval
+    if mode not in ("busy", "sleep"):
+        raise ValueError(f"wait={mode!r}: choose 'busy' or 'sleep'")
+    if _wait_keyval is None:
+        _wait_keyval = MPI.Comm.Create_keyval(copy_fn=lambda comm, keyval, value: value)
+    comm.Set_attr(_wait_keyval, mode == "sleep")
+
+
+def sleeps(comm):
+    """Do waits on ``comm`` sleep (``set_wait``)?"""
+    return _wait_keyval is not None and bool(comm.Get_attr(_wait_keyval))
+
+
+def _sleeping_poll(done):
+    """Until ``done()``, without a deadline: test, yield the core, nap."""
+    for _ in range(_SPINS):
+        if done():
+            return
+    for _ in range(_YIELDS):
+        if done():
+            return
+        os.sched_yield()
+    nap = _FIRST_NAP
+    while not done():
+        time.sleep(nap)
+        nap = min(2 * nap, _LONGEST_NAP)
+
+
 def timeout_of(comm):
     """The limit of layerpar's waits on ``comm`` in seconds, or None."""
     if _keyval is not None:
@@ -154,7 +189,10 @@ def wait(comm, request, what, peer, status=None):
     ``comm``, with the limit of ``comm``."""
     limit = timeout_of(comm)
     if limit is None:
-        request.Wait(status)
+        if sleeps(comm):
+            _sleeping_poll(lambda: request.Test(status))
+        else:
+            request.Wait(status)
         return
     _check_failed(comm, what)
     _poll(comm, lambda: request.Test(status), what, limit, peer)
@@ -167,6 +205,8 @@ def recv(comm, source, tag, what):
     if limit is not None:
         _check_failed(comm, what)
         _poll(comm, lambda: comm.Iprobe(source, tag), what, limit, source)
+    elif sleeps(comm):
+        _sleeping_poll(lambda: comm.Iprobe(source, tag))
     return comm.recv(source=source, tag=tag)
 
 

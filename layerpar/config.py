@@ -44,7 +44,7 @@ DEFAULTS = {
         "seed": 0,             # split and batch order
         "val_fraction": -1.0,  # < 0: the data set's default
         "batch_size": 100,
-        "dtype": "float64",    # float32 or float64
+        "dtype": "float64",    # float32, float64 or bfloat16
     },
     "model": {
         "kind": "dense",       # dense or conv
@@ -295,7 +295,8 @@ def check(config):
     need(d["val_fraction"] < 0 or 0 < d["val_fraction"] < 1, "data.val_fraction",
          "must be in (0, 1), or negative for the data set's default")
     need(d["batch_size"] >= 1, "data.batch_size", "must be >= 1")
-    need(d["dtype"] in ("float32", "float64"), "data.dtype", "must be float32 or float64")
+    need(d["dtype"] in ("float32", "float64", "bfloat16"), "data.dtype",
+         "must be float32, float64 or bfloat16")
     need(m["kind"] in ("dense", "conv"), "model.kind", "must be dense or conv")
     for role in ("step", "opening", "closing"):
         spec = m[role].strip()

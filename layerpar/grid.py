@@ -35,14 +35,9 @@ never frees them.  The timeout set on ``comm`` (``layerpar.set_timeout``,
 else $LAYERPAR_TIMEOUT) bounds every wait of the grid's sums: a rank that
 does not arrive makes the others raise ``layerpar.SilentRankError``.
 """
-import torch
-from mpi4py import MPI
-
 from layerpar._collective import agree, check_comm
 from layerpar._watchdog import guard, inherit
-
-# gradients are sent in buckets of at most this many bytes (one allreduce each)
-BUCKET_BYTES = 1 << 22
+from layerpar.reducer import BUCKET_BYTES, GradientReducer
 
 
 def share_bounds(batch_size, parts, index):
@@ -216,49 +211,26 @@ class ProcessGrid:
         """Collective over ``data_comm``: each parameter's ``.grad`` <- the sum
         over the groups of ``weight_d * grad_d`` (``weight`` = n_d/B of this
         group: the gradient of the global batch's mean loss when each group's
-        gradient is that of its share's mean).
+        gradient is that of its share's mean), added in group order, so
+        that every group gets bitwise the same sum (``layerpar.reducer``).
 
         ``params``: this rank's parameters, in the same order on every rank
         of the column (the same layers: ``net.parameters()``); those with
         requires_grad False are skipped, a missing ``.grad`` counts as zero
         (a group with an empty share).  The gradients are flattened into
         buckets of at most ``bucket_bytes`` bytes of one dtype and device;
-        for each bucket every rank of the column sends its weighted bucket
-        and receives the sum (one Allreduce per bucket)."""
-        params = [p for p in params if p.requires_grad]
-        if self.data == 1:
-            return
-        guard(self.data_comm, "the gradient sum over the data-parallel groups")
-        for bucket in _buckets(params, bucket_bytes):
-            ref = bucket[0]
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p))
-                              .detach().reshape(-1) for p in bucket]).to("cpu") * weight
-            buf = flat.contiguous().numpy()
-            # every rank of the column -> every rank of the column: the sum
-            self.data_comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-            flat = torch.from_numpy(buf).to(ref.device)
-            for p, piece in zip(bucket, torch.split(flat, [p.numel() for p in bucket])):
-                if p.grad is None:
-                    p.grad = piece.view_as(p).clone()
-                else:
-                    p.grad.copy_(piece.view_as(p))
+        every rank of the column sends each weighted bucket to every other.
+        ``reducer`` does the same while the backward pass runs."""
+        GradientReducer(self.data_comm, params, bucket_bytes=bucket_bytes,
+                        overlap=False).reduce(weight)
 
-
-def _buckets(params, bucket_bytes):
-    """Consecutive parameters of one dtype and device, at most
-    ``bucket_bytes`` bytes per bucket (a larger parameter alone)."""
-    out, cur, nbytes = [], [], 0
-    for p in params:
-        size = p.numel() * p.element_size()
-        if cur and (p.dtype != cur[0].dtype or p.device != cur[0].device
-                    or nbytes + size > bucket_bytes):
-            out.append(cur)
-            cur, nbytes = [], 0
-        cur.append(p)
-        nbytes += size
-    if cur:
-        out.append(cur)
-    return out
+    def reducer(self, params, *, bucket_bytes=BUCKET_BYTES, overlap=True):
+        """A ``GradientReducer`` of ``params`` over ``data_comm``: ``start(weight)``
+        before backward, ``finish()`` before the optimiser step; each bucket's
+        sum starts as soon as backward has made its gradients.  The same
+        sums, bitwise, as ``average_gradients``."""
+        return GradientReducer(self.data_comm, params, bucket_bytes=bucket_bytes,
+                               overlap=overlap)
 
 
 class ShardedLoader:

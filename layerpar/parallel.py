@@ -39,11 +39,14 @@ from mpi4py import MPI
 from torch import nn
 
 from layerpar._collective import agree, check_comm, collective, from_root
-from layerpar._watchdog import SilentRankError, check_timeout, guard, set_timeout, timeout_of
+from layerpar._watchdog import (SilentRankError, check_timeout, guard, set_timeout, set_wait,
+                                timeout_of)
 from layerpar.engine import options as solve_options
 from layerpar.engine.context import PassContext, PassRecords, StateMeta
 from layerpar.engine.ghosts import Ghosts
+from layerpar.engine import waiting
 from layerpar.engine.mgrit import AdjointApp, ForwardApp, MGRITFunction, MGRITPasses
+from layerpar.engine.transport import Transport
 from layerpar.engine.pipeline import SCHEDULES, Pipeline, PipelineFunction, split_sizes
 from layerpar.engine.policy import is_stochastic, layer_rng, training_flags
 from layerpar.engine.solvers import SolverPairs
@@ -221,6 +224,16 @@ class LayerParallel(nn.Module):
                    values are always loaded from the owner.  Only this
                    rank's entries are read; no reference to the sequence
                    is kept.
+      transport    how states and weights travel: 'host' (staged through
+                   host buffers kept between messages), 'device' (MPI reads
+                   the tensors' device memory; needs a CUDA-aware MPI) or
+                   'auto' (default: 'device' when the MPI library reports
+                   CUDA support and CUDA is available); the results are
+                   bitwise the same
+      wait         how a rank waits for messages: 'busy' (MPI_Wait), 'sleep'
+                   (tests with growing naps, leaving the core to ranks that
+                   work) or 'auto' (default: 'sleep' when this node runs more
+                   ranks than it has cores)
 
     Step modules may hold frozen parameters (no gradient), buffers and
     train/eval behaviour (dropout, batch norm): they run under the policy of
@@ -251,7 +264,7 @@ class LayerParallel(nn.Module):
                  bwd_rel_tol=0.0, bwd_max_levels=None, bwd_cfactor=None,
                  bwd_relax=None, bwd_cycle=None, warm_start=False, retain_graphs=False,
                  seed=0, microbatches=1, schedule="gpipe", solver_cache=4, timeout=None,
-                 modules=None):
+                 modules=None, transport="auto", wait="auto"):
         super().__init__()
         check_comm(comm)
         if not callable(step_factory):
@@ -272,6 +285,8 @@ class LayerParallel(nn.Module):
         self.solver_cache = _count(solver_cache, "solver_cache",
                                    "the number of solver pairs to keep")
         timeout = _timeout(timeout, comm)
+        self.transport = Transport(transport)
+        wait = waiting.resolve(wait, comm)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"seed={seed!r}: must be an integer")
         for name, v in (("warm_start", warm_start), ("retain_graphs", retain_graphs)):
@@ -287,6 +302,8 @@ class LayerParallel(nn.Module):
         self.comm = comm.Dup()  # our own messages never meet the user's
         # the limit of every wait on it and its duplicates, outside the solves too
         set_timeout(self.comm, timeout or 0.0)
+        set_wait(self.comm, wait)
+        self.wait = wait
         self._comms = {}  # further duplicates by purpose (communicator())
         self.solvers = None
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
@@ -298,10 +315,12 @@ class LayerParallel(nn.Module):
         self.layers = nn.ModuleDict()
         self.stage = Stage(self.layers, range(0), nlayers, self.h, seed, self._make_layer)
         apps = (ForwardApp(self.stage), AdjointApp(self.stage))
+        for app in apps:
+            app.set_transport(self.transport.kind)
         try:
             # both solvers now: a bad option raises here, on every rank
             self.solvers = SolverPairs(apps, self.comm, nlayers, self.T, fwd, bwd,
-                                       capacity=solver_cache, store=self._store)
+                                       capacity=solver_cache, store=self._store, wait=wait)
             self.layout = self.solvers.layout()  # which rank holds which layer
             self.layer_indices = self.stage.indices = self.layout.layers(self.rank)
             with collective(self.comm, "building the layers"):
@@ -311,7 +330,7 @@ class LayerParallel(nn.Module):
         except BaseException:
             self.close()  # every rank raises here alike
             raise
-        self._ghosts = Ghosts(self.stage, self.comm, self.layout)
+        self._ghosts = Ghosts(self.stage, self.comm, self.layout, self.transport)
         self._ghosts.plan(fwd)
         self.pipeline = Pipeline(self.stage, lambda: self.communicator("pipeline"),
                                  microbatches=microbatches)

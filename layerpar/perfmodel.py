@@ -105,7 +105,16 @@ as recursive halving and doubling (reduce-scatter + allgather):
 
     allreduce(n bytes, D) = 2 ceil(log2 D) latency + 2 (D-1)/D n / bandwidth
 
-with the calibration's latency and bandwidth.
+with the calibration's latency and bandwidth.  layerpar's reducer
+(``layerpar.reducer``) adds in group order on every rank, so that the groups
+stay bitwise identical: every rank gathers the column's buckets,
+
+    ordered_sum(n bytes, D) = ceil(log2 D) latency + (D-1) n / bandwidth
+
+(the same volume as the allreduce for D = 2).  With ``overlap`` the buckets'
+sums run while the backward pass makes the gradients of the layers before
+them: all but the last bucket's share of the sum hides behind the backward
+pass, so the step pays max(sum - backward (k-1)/k, sum/k) for k buckets.
 """
 import gc
 import itertools
@@ -727,20 +736,48 @@ def allreduce(nbytes, D, *, latency, bandwidth):
     return 2 * math.ceil(math.log2(D)) * latency + 2 * (D - 1) / D * nbytes / bandwidth
 
 
-def grid_step(cal, N, D, L, mode, *, layer_bytes, batch=None, **options):
+def ordered_sum(nbytes, D, *, latency, bandwidth):
+    """Seconds of the reducer's sum in group order of ``nbytes`` bytes over
+    ``D`` ranks: an allgather (recursive doubling) of every rank's buckets."""
+    if D < 1 or nbytes < 0:
+        raise ValueError(f"D={D!r}, nbytes={nbytes!r}: need D >= 1 and nbytes >= 0")
+    if D == 1:
+        return 0.0
+    return math.ceil(math.log2(D)) * latency + (D - 1) * nbytes / bandwidth
+
+
+def exposed(reduction, backward, buckets):
+    """The part of a reduction of ``buckets`` buckets (started as backward
+    makes them) that the step still waits for after ``backward`` seconds."""
+    k = max(1, int(buckets))
+    return max(reduction - backward * (k - 1) / k, reduction / k)
+
+
+def grid_step(cal, N, D, L, mode, *, layer_bytes, batch=None, reducer="ordered",
+              overlap=False, bucket_bytes=1 << 22, **options):
     """Predicted seconds of one training step on a D x L grid: the
     ``training_step`` of one group on L ranks with the largest share
     ceil(batch/D) of the global ``batch`` (default: the calibration's), plus
     the gradient allreduce over D ranks of ceil(N/L) * ``layer_bytes`` (the
     bytes of one residual layer's parameters; the opening and closing layers
-    are left out).  ``options`` are those of ``training_step``.  A dict with
-    "time", "group" (the group's step) and "allreduce"."""
+    are left out).  ``reducer``: 'ordered' (layerpar's sum in group order,
+    ``ordered_sum``) or 'allreduce' (MPI's, ``allreduce``); ``overlap``:
+    the buckets of ``bucket_bytes`` are summed while backward runs
+    (``exposed``).  ``options`` are those of ``training_step``.  A dict with
+    "time", "group" (the group's step), "reduction" (the sum's own time) and
+    "allreduce" (the part of it the step waits for)."""
     if not (isinstance(D, int) and isinstance(L, int) and D >= 1 and 1 <= L <= N):
         raise ValueError(f"D={D!r}, L={L!r}: need D >= 1 and 1 <= L <= N={N}")
     batch = cal.batch if batch is None else batch
     if batch < D:
         raise ValueError(f"batch={batch} < D={D}: every group needs a sample")
     share = -(-batch // D)
-    group = training_step(cal, N, L, mode, batch=share, **options)["time"]
-    ar = allreduce(-(-N // L) * layer_bytes, D, latency=cal.latency, bandwidth=cal.bandwidth)
-    return {"time": group + ar, "group": group, "allreduce": ar}
+    if reducer not in ("ordered", "allreduce"):
+        raise ValueError(f"reducer={reducer!r}: choose 'ordered' or 'allreduce'")
+    step = training_step(cal, N, L, mode, batch=share, **options)
+    group = step["time"]
+    nbytes = -(-N // L) * layer_bytes
+    sum_fn = ordered_sum if reducer == "ordered" else allreduce
+    red = sum_fn(nbytes, D, latency=cal.latency, bandwidth=cal.bandwidth)
+    wait = exposed(red, step["backward"], -(-nbytes // bucket_bytes)) if overlap else red
+    return {"time": group + wait, "group": group, "reduction": red, "allreduce": wait}

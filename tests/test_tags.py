@@ -49,7 +49,7 @@ def test_every_tag_lies_in_its_purposes_range():
     for name in _tags.INDEXED:
         for index in (0, 1, 17, last):
             assert _tags.tag(name, index) in ranges[name]
-    assert _tags.tag("ghost.layer", last) <= MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
+    assert _tags.tag("pipeline.backward", last) <= MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
 
 
 def test_a_tag_out_of_range_or_of_no_purpose_is_a_clear_error():
@@ -57,10 +57,10 @@ def test_a_tag_out_of_range_or_of_no_purpose_is_a_clear_error():
     with pytest.raises(ValueError, match=rf"^pipeline.forward index {width} has no MPI tag: "
                                          r"this MPI's MPI_TAG_UB=\d+ leaves room for indices"):
         _tags.tag("pipeline.forward", width)
-    with pytest.raises(ValueError, match="ghost.layer index -1 has no MPI tag"):
-        _tags.tag("ghost.layer", -1)
-    with pytest.raises(ValueError, match=r"no fixed MPI tag for 'ghost.layer' \(it carries"):
-        _tags.tag("ghost.layer")
+    with pytest.raises(ValueError, match="pipeline.backward index -1 has no MPI tag"):
+        _tags.tag("pipeline.backward", -1)
+    with pytest.raises(ValueError, match=r"no fixed MPI tag for 'pipeline.backward' \(it carr"):
+        _tags.tag("pipeline.backward")
     with pytest.raises(ValueError, match=r"no indexed MPI tags for 'watchdog.ping' \(a fixed"):
         _tags.tag("watchdog.ping", 3)
     with pytest.raises(ValueError, match="no fixed MPI tag for 'anything'; fixed tags: watchdog"):
@@ -204,7 +204,7 @@ def test_the_scan_finds_what_it_must_refuse():
             "def f(comm, x, tag_arg, i):\n"
             "    t = tag('transfer.restrict')\n"
             "    comm.isend(x, dest=1, tag=t)\n"
-            "    recv(comm, 0, tag('ghost.layer', i), 'x')\n"
+            "    recv(comm, 0, tag('pipeline.forward', i), 'x')\n"
             "def g(comm, tag):\n"
             "    comm.Irecv(b, source=0, tag=tag)\n")
     scan = _Scan(wrappers)
@@ -224,9 +224,12 @@ def test_the_cores_tags_are_the_recorded_ones_on_its_own_communicator():
         levels = int(re.search(r"#define MG_MAX_LEVELS (\d+)", f.read()).group(1))
     found = dict(re.findall(r"TAG_(PING|PONG|NOTICE) = (\d+)", comm_c))
     assert {k.lower(): int(v) for k, v in found.items()} == \
-        {k: v for k, v in _tags.CORE_TAGS.items() if k != "sweep"}
+        {k: v for k, v in _tags.CORE_TAGS.items() if not k.startswith("sweep")}
     assert _tags.CORE_TAGS["sweep"] == (0, levels)  # a sweep message's tag is its level
-    assert min(int(v) for v in found.values()) >= levels
+    # a header sent apart (app-owned buffers) has its level + MG_MAX_LEVELS
+    assert _tags.CORE_TAGS["sweep.header"] == (levels, 2 * levels)
+    assert "tag + MG_MAX_LEVELS" in comm_c
+    assert min(int(v) for v in found.values()) >= 2 * levels
     # every message of the core goes over core->comm, its own duplicate
     assert "MPI_Comm_dup(comm, &core->comm)" in core_c
     for call in re.findall(r"MPI_(?:I?[sS]end|I?[rR]ecv|Iprobe)\([^;]*;", comm_c):

@@ -4,12 +4,18 @@
  * A message carries one vector from the rank that owns point j to the rank
  * that owns point j+1 on the same level.  Its layout is a header of two
  * doubles, [failed flag, sender's virtual clock], followed by the packed
- * vector.  A rank that has failed sends the header alone (flag 1): the
+ * vector (with buffers the application owns, e.g. in device memory, the
+ * header travels apart, on the level's tag + MG_MAX_LEVELS, and the payload
+ * goes straight from the application's buffer).  Message buffers are kept
+ * from solve to solve: none is allocated per message.  A rank that has
+ * failed sends the header alone (flag 1): the
  * receiver learns of the failure, stops doing user work, and passes it on
  * in its own messages, so the schedule of messages never changes and no
  * rank waits for a message that will not come.
  */
+#include <limits.h>
 #include <math.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -18,12 +24,13 @@
 #define HEADER_BYTES (2 * sizeof(double))
 
 /* Tags of the liveness protocol that names a silent rank after a timeout
- * (sweep messages use the level as their tag, always < MG_MAX_LEVELS).
+ * (sweep messages use the level as their tag, always < MG_MAX_LEVELS, and
+ * their separate headers the level + MG_MAX_LEVELS).
  * Every message of the core travels on core->comm, the core's own
  * duplicate of the solver's communicator (core.c), so no message of the
  * Python side (layerpar/_tags.py, which records these tags) can meet them. */
 enum { TAG_PING = 1001, TAG_PONG = 1002, TAG_NOTICE = 1003 };
-_Static_assert(TAG_PING >= MG_MAX_LEVELS, "liveness tags must lie above the sweep tags");
+_Static_assert(TAG_PING >= 2 * MG_MAX_LEVELS, "liveness tags must lie above the sweep tags");
 
 /* Send buffers of the liveness protocol: never modified, never freed. */
 static const int one_int = 1;
@@ -124,11 +131,33 @@ static int timed_out(mg_Core core, int peer) {
   return MG_ERR_TIMEOUT;
 }
 
-/* Wait for one request: MPI_Wait, or with a timeout, polling until the
- * deadline.  peer: the rank the request waits for, or -1 (collective). */
+/* A wait without a deadline that leaves the core to other ranks: test,
+ * yield a few times, then nap from 4 us doubling to 1 ms. */
+static int wait_sleeping(MPI_Request *req) {
+  long nap_ns = 4000;
+  for (int k = 0;; k++) {
+    int done = 0;
+    if (MPI_Test(req, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS) return MG_ERR_MPI;
+    if (done) return MG_OK;
+    if (k < 16) {
+      sched_yield();
+      continue;
+    }
+    struct timespec ts = {0, nap_ns};
+    nanosleep(&ts, NULL);
+    if (nap_ns < 1000000) nap_ns *= 2;
+  }
+}
+
+/* Wait for one request: MPI_Wait (or the sleeping wait), or with a timeout,
+ * polling until the deadline.  peer: the rank the request waits for, or -1
+ * (collective). */
 static int wait_for(mg_Core core, MPI_Request *req, int peer) {
-  if (core->timeout <= 0)
+  if (*req == MPI_REQUEST_NULL) return MG_OK;
+  if (core->timeout <= 0) {
+    if (core->wait == MG_WAIT_SLEEP) return wait_sleeping(req);
     return MPI_Wait(req, MPI_STATUS_IGNORE) == MPI_SUCCESS ? MG_OK : MG_ERR_MPI;
+  }
   double deadline = MPI_Wtime() + core->timeout;
   for (long k = 0;; k++) {
     int done = 0, silent = -1;
@@ -146,10 +175,18 @@ static int wait_for(mg_Core core, MPI_Request *req, int peer) {
   }
 }
 
-/* MPI_Allreduce, with the solver's timeout when it has one. */
+/* MPI_Allreduce, with the solver's timeout when it has one (or the sleeping
+ * wait). */
 int mg_Allreduce(mg_Core core, const void *in, void *out, int count,
                  MPI_Datatype type, MPI_Op op) {
-  if (core->timeout <= 0)
+  if (core->size == 1) {
+    /* a communicator of one: the result is the input */
+    int bytes;
+    MPI_Type_size(type, &bytes);
+    if (out != in) memcpy(out, in, (size_t)count * (size_t)bytes);
+    return MG_OK;
+  }
+  if (core->timeout <= 0 && core->wait == MG_WAIT_BUSY)
     return MPI_Allreduce(in, out, count, type, op, core->comm) == MPI_SUCCESS
                ? MG_OK : MG_ERR_MPI;
   MPI_Request req;
@@ -158,8 +195,109 @@ int mg_Allreduce(mg_Core core, const void *in, void *out, int count,
   return wait_for(core, &req, -1);
 }
 
+/*
+ * (datatype, count) of a message of n bytes: n MPI_BYTEs when n fits in one
+ * MPI count (core->max_count), else one element of a derived type of q
+ * blocks of max_count bytes and one of the rest (built once per size).  A
+ * shorter message (a header alone, an empty payload) matches either, as a
+ * prefix of its type signature.
+ */
+static int bytes_type(mg_Core core, size_t n, MPI_Datatype *type, int *count) {
+  size_t chunk = (size_t)core->max_count;
+  if (n <= chunk) {
+    *type = MPI_BYTE;
+    *count = (int)n;
+    return MG_OK;
+  }
+  *count = 1;
+  if (core->bigtype != MPI_DATATYPE_NULL && core->bigtype_bytes == n) {
+    *type = core->bigtype;
+    return MG_OK;
+  }
+  if (core->bigtype != MPI_DATATYPE_NULL) MPI_Type_free(&core->bigtype);
+  core->bigtype_bytes = 0;
+  MPI_Datatype block;
+  size_t q = n / chunk, r = n % chunk;
+  if (q > INT_MAX || MPI_Type_contiguous((int)chunk, MPI_BYTE, &block) != MPI_SUCCESS)
+    return MG_ERR_MPI;
+  int lens[2] = {(int)q, (int)r};
+  MPI_Aint displs[2] = {0, (MPI_Aint)(q * chunk)};
+  MPI_Datatype types[2] = {block, MPI_BYTE};
+  int rc = MPI_Type_create_struct(r ? 2 : 1, lens, displs, types, &core->bigtype);
+  MPI_Type_free(&block);
+  if (rc != MPI_SUCCESS || MPI_Type_commit(&core->bigtype) != MPI_SUCCESS) {
+    core->bigtype = MPI_DATATYPE_NULL;
+    return MG_ERR_MPI;
+  }
+  core->bigtype_bytes = n;
+  *type = core->bigtype;
+  return MG_OK;
+}
+
+static int isend_bytes(mg_Core core, const void *data, size_t n, int dest, int tag,
+                       MPI_Request *req) {
+  MPI_Datatype type;
+  int count;
+  if (bytes_type(core, n, &type, &count) != MG_OK) return MG_ERR_MPI;
+  return MPI_Isend(data, count, type, dest, tag, core->comm, req) == MPI_SUCCESS
+             ? MG_OK : MG_ERR_MPI;
+}
+
+static int irecv_bytes(mg_Core core, void *data, size_t n, int source, int tag,
+                       MPI_Request *req) {
+  MPI_Datatype type;
+  int count;
+  if (bytes_type(core, n, &type, &count) != MG_OK) return MG_ERR_MPI;
+  return MPI_Irecv(data, count, type, source, tag, core->comm, req) == MPI_SUCCESS
+             ? MG_OK : MG_ERR_MPI;
+}
+
+/* A send buffer for the current message size: one kept from an earlier
+ * send when there is one (too small ones are given back). */
+static mg_Buf *take_buffer(mg_Core core) {
+  size_t need = core->app_buffers ? core->bufsize : core->msgsize;
+  while (core->freebufs) {
+    mg_Buf *b = core->freebufs;
+    core->freebufs = b->next;
+    if (b->size >= need) return b;
+    mg_BufDelete(core, b);
+  }
+  return mg_BufNew(core);
+}
+
+static void keep_buffer(mg_Core core, mg_Buf *b) {
+  if (!b) return;
+  b->next = core->freebufs;
+  core->freebufs = b;
+}
+
+/* Every buffer the core keeps, given back (Destroy). */
+void mg_FreeBuffers(mg_Core core) {
+  while (core->freebufs) {
+    mg_Buf *b = core->freebufs;
+    core->freebufs = b->next;
+    mg_BufDelete(core, b);
+  }
+  mg_BufDelete(core, core->rbuf);
+  core->rbuf = NULL;
+  core->rbufcap = 0;
+  if (core->bigtype != MPI_DATATYPE_NULL) MPI_Type_free(&core->bigtype);
+}
+
+/* The receive buffer for the agreed message size: kept while it is large
+ * enough (rbufcap is the same on every rank).  Records a failure. */
+int mg_EnsureRecvBuffer(mg_Core core) {
+  if (core->msgsize <= core->rbufcap) return MG_OK;
+  mg_BufDelete(core, core->rbuf);
+  core->rbuf = mg_BufNew(core);
+  core->rbufcap = core->rbuf ? core->msgsize : 0;
+  return core->rbuf ? MG_OK : MG_ERR_MEMORY;
+}
+
 /* Send u (may be NULL after a failure) to dest; completed by mg_WaitSends.
- * A rank that has failed (or fails to pack) sends the header alone. */
+ * A rank that has failed (or fails to pack) sends the header alone (and,
+ * when the header travels apart, an empty payload).  The buffer comes from
+ * the core's free list: no allocation once the list holds enough. */
 int mg_SendVector(mg_Core core, int dest, int tag, mg_Vector u) {
   if (core->nsends == core->capsends) {
     int cap = core->capsends ? 2 * core->capsends : 8;
@@ -167,36 +305,50 @@ int mg_SendVector(mg_Core core, int dest, int tag, mg_Vector u) {
     if (!s) {
       /* no slot to track a send: the poisoned header goes out blocking */
       mg_FailLocal(core, MG_ERR_MEMORY);
-      if (MPI_Send(poison_head, 2, MPI_DOUBLE, dest, tag, core->comm) != MPI_SUCCESS)
+      int htag = core->app_buffers ? tag + MG_MAX_LEVELS : tag;
+      if (MPI_Send(poison_head, 2, MPI_DOUBLE, dest, htag, core->comm) != MPI_SUCCESS)
+        mg_FailLocal(core, MG_ERR_MPI);
+      if (core->app_buffers &&
+          MPI_Send(NULL, 0, MPI_BYTE, dest, tag, core->comm) != MPI_SUCCESS)
         mg_FailLocal(core, MG_ERR_MPI);
       return MG_OK;
     }
     core->sends = s;
     core->capsends = cap;
   }
-  char *buf = core->failed ? NULL : malloc(core->msgsize);
-  if (!buf && !core->failed) mg_FailLocal(core, MG_ERR_MEMORY);
-  double head[2];
-  if (!core->failed) mg_CallPack(core, u, buf + HEADER_BYTES);
-  head[0] = core->failed ? 1.0 : 0.0; /* a failed pack counts too */
-  head[1] = core->clock;
+  mg_Buf *b = core->failed ? NULL : take_buffer(core);
+  char *payload = NULL;
+  if (b) payload = core->app_buffers ? b->data : b->data + HEADER_BYTES;
+  if (!core->failed) mg_CallPack(core, u, payload);
+  /* a failed pack counts too: the header says so */
+  double head[2] = {core->failed ? 1.0 : 0.0, core->clock};
   mg_Msg *m = &core->sends[core->nsends++];
   m->active = 1;
-  if (core->failed) {
-    /* after a failure only the header is meaningful */
-    free(buf);
-    buf = malloc(HEADER_BYTES);
-  }
-  m->buf = buf;
-  const void *data = buf ? (const void *)buf : (const void *)poison_head;
-  if (buf) memcpy(buf, head, HEADER_BYTES);
-  int count = core->failed ? (int)HEADER_BYTES : (int)core->msgsize;
+  m->buf = b;
+  m->req = m->hreq = MPI_REQUEST_NULL;
+  size_t n = core->failed ? 0 : core->bufsize;
+  int rc;
   core->stats.messages++;
-  core->stats.bytes += count;
-  if (MPI_Isend(data, count, MPI_BYTE, dest, tag, core->comm, &m->req) != MPI_SUCCESS) {
-    mg_FailLocal(core, MG_ERR_MPI);
-    m->active = 0;
+  core->stats.bytes += (int64_t)(HEADER_BYTES + n);
+  if (core->app_buffers) {
+    /* the header (host memory) on the payload's tag + MG_MAX_LEVELS, then
+     * the payload, straight from the application's buffer */
+    const double *h = poison_head;
+    if (b) {
+      memcpy(b->head, head, HEADER_BYTES);
+      h = b->head;
+    }
+    rc = MPI_Isend(h, 2, MPI_DOUBLE, dest, tag + MG_MAX_LEVELS, core->comm, &m->hreq)
+             == MPI_SUCCESS ? MG_OK : MG_ERR_MPI;
+    if (rc == MG_OK)
+      rc = isend_bytes(core, n ? (const void *)b->data : NULL, n, dest, tag, &m->req);
+  } else if (b) {
+    memcpy(b->data, head, HEADER_BYTES);
+    rc = isend_bytes(core, b->data, HEADER_BYTES + n, dest, tag, &m->req);
+  } else {
+    rc = isend_bytes(core, poison_head, HEADER_BYTES, dest, tag, &m->req);
   }
+  if (rc != MG_OK) mg_FailLocal(core, MG_ERR_MPI);
   return MG_OK;
 }
 
@@ -206,8 +358,17 @@ int mg_PostRecv(mg_Core core, int source, int tag, mg_Msg *msg) {
   msg->buf = NULL;
   msg->peer = source;
   msg->active = 1;
-  if (MPI_Irecv(core->rbuf, (int)core->msgsize, MPI_BYTE, source, tag, core->comm,
-                &msg->req) != MPI_SUCCESS) {
+  msg->req = msg->hreq = MPI_REQUEST_NULL;
+  mg_Buf *b = core->rbuf;
+  int rc;
+  if (core->app_buffers) {
+    rc = MPI_Irecv(b->head, 2, MPI_DOUBLE, source, tag + MG_MAX_LEVELS, core->comm,
+                   &msg->hreq) == MPI_SUCCESS ? MG_OK : MG_ERR_MPI;
+    if (rc == MG_OK) rc = irecv_bytes(core, b->data, core->bufsize, source, tag, &msg->req);
+  } else {
+    rc = irecv_bytes(core, b->data, core->msgsize, source, tag, &msg->req);
+  }
+  if (rc != MG_OK) {
     mg_FailLocal(core, MG_ERR_MPI);
     msg->active = 0;
   }
@@ -218,10 +379,15 @@ int mg_PostRecv(mg_Core core, int source, int tag, mg_Msg *msg) {
 int mg_FinishRecv(mg_Core core, mg_Msg *msg, mg_Vector *u_out) {
   *u_out = NULL;
   if (!msg->active) return MG_OK;
-  int rc = wait_for(core, &msg->req, msg->peer);
+  int rc = wait_for(core, &msg->hreq, msg->peer);
+  if (rc == MG_OK) rc = wait_for(core, &msg->req, msg->peer);
   if (rc == MG_ERR_TIMEOUT) {
-    MPI_Cancel(&msg->req);
-    MPI_Request_free(&msg->req);
+    MPI_Request *r[2] = {&msg->hreq, &msg->req};
+    for (int k = 0; k < 2; k++) {
+      if (*r[k] == MPI_REQUEST_NULL) continue;
+      MPI_Cancel(r[k]);
+      MPI_Request_free(r[k]);
+    }
     /* the cancelled receive may still write into rbuf: keep it */
     core->rbuf = NULL;
     core->rbufcap = 0;
@@ -232,14 +398,15 @@ int mg_FinishRecv(mg_Core core, mg_Msg *msg, mg_Vector *u_out) {
     mg_FailLocal(core, MG_ERR_MPI);
     return MG_OK;
   }
+  mg_Buf *b = core->rbuf;
   double head[2];
-  memcpy(head, core->rbuf, HEADER_BYTES);
+  memcpy(head, core->app_buffers ? (const char *)b->head : b->data, HEADER_BYTES);
   double arrival = head[1] + core->latency;
   if (arrival > core->clock) core->clock = arrival;
   if (head[0] != 0.0) {
     if (!core->failed) core->failed = MG_ERR_REMOTE;
   } else {
-    *u_out = mg_CallUnpack(core, core->rbuf + HEADER_BYTES);
+    *u_out = mg_CallUnpack(core, core->app_buffers ? b->data : b->data + HEADER_BYTES);
   }
   return MG_OK;
 }
@@ -248,19 +415,22 @@ int mg_WaitSends(mg_Core core) {
   for (int k = 0; k < core->nsends; k++) {
     mg_Msg *m = &core->sends[k];
     if (m->active) {
-      int rc = core->broken ? MG_ERR_TIMEOUT : wait_for(core, &m->req, -1);
+      int rc = core->broken ? MG_ERR_TIMEOUT : wait_for(core, &m->hreq, -1);
+      if (rc == MG_OK) rc = wait_for(core, &m->req, -1);
       if (rc == MG_ERR_TIMEOUT) {
-        /* the receiver may never come: let the send go on, keep its buffer */
-        MPI_Request_free(&m->req);
-        m->buf = NULL;
-        for (int i = k + 1; i < core->nsends; i++)
-          if (core->sends[i].active) MPI_Request_free(&core->sends[i].req);
+        /* the receivers may never come: let the sends go on, keep their buffers */
+        for (int i = k; i < core->nsends; i++) {
+          mg_Msg *q = &core->sends[i];
+          if (!q->active) continue;
+          if (q->hreq != MPI_REQUEST_NULL) MPI_Request_free(&q->hreq);
+          if (q->req != MPI_REQUEST_NULL) MPI_Request_free(&q->req);
+        }
         core->nsends = 0;
         return MG_ERR_TIMEOUT;
       }
       if (rc != MG_OK) mg_FailLocal(core, MG_ERR_MPI);
     }
-    free(m->buf);
+    keep_buffer(core, m->buf);
   }
   core->nsends = 0;
   return MG_OK;

@@ -1,11 +1,26 @@
 /*
  * core.c -- solver lifecycle, options and results.
  */
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "mgrit_impl.h"
+
+#if defined(OPEN_MPI) && OPEN_MPI
+#include <mpi-ext.h>
+#endif
+
+int mg_MPICudaSupport(void) {
+#if defined(MPICH) && defined(MPI_VERSION) && MPI_VERSION >= 4
+  return MPIX_Query_cuda_support();
+#elif defined(MPIX_CUDA_AWARE_SUPPORT) && MPIX_CUDA_AWARE_SUPPORT
+  return MPIX_Query_cuda_support();
+#else
+  return 0;
+#endif
+}
 
 const char *mg_ErrorString(int code) {
   switch (code) {
@@ -28,7 +43,8 @@ int mg_Init(MPI_Comm comm, double t_start, double t_stop, int64_t nsteps,
   *core_out = NULL;
   if (nsteps < 1 || !ops || !ops->step || !ops->init || !ops->clone ||
       !ops->free || !ops->sum || !ops->norm || !ops->bufsize ||
-      !ops->bufpack || !ops->bufunpack || !isfinite(t_start) ||
+      !ops->bufpack || !ops->bufunpack || !ops->bufalloc != !ops->buffree ||
+      !isfinite(t_start) ||
       !isfinite(t_stop) || t_start == t_stop)
     return MG_ERR_ARG;
   int size;
@@ -57,6 +73,10 @@ int mg_Init(MPI_Comm comm, double t_start, double t_stop, int64_t nsteps,
   core->nsteps = nsteps;
   core->app = app;
   core->ops = *ops;
+  core->app_buffers = ops->bufalloc != NULL;
+  core->max_count = INT_MAX;
+  core->bigtype = MPI_DATATYPE_NULL;
+  core->wait = MG_WAIT_BUSY;
 
   core->max_levels = 2;
   core->min_coarse = 2;
@@ -84,7 +104,7 @@ int mg_Destroy(mg_Core *core_ptr) {
   mg_WaitSends(core);
   free(core->sends);
   free(core->rnorms);
-  free(core->rbuf);
+  mg_FreeBuffers(core);
   /* after a timeout, requests may still refer to the communicator: it is
    * left to MPI (freeing it could wait for ranks that do not answer) */
   if (!core->broken) MPI_Comm_free(&core->comm);
@@ -162,6 +182,18 @@ int mg_SetFinalSweep(mg_Core core, int v) {
 int mg_SetTimeout(mg_Core core, double v) {
   NEED(v >= 0 && isfinite(v));
   core->timeout = v;
+  return MG_OK;
+}
+
+int mg_SetWait(mg_Core core, int v) {
+  NEED(v == MG_WAIT_BUSY || v == MG_WAIT_SLEEP);
+  core->wait = v;
+  return MG_OK;
+}
+
+int mg_SetMaxCount(mg_Core core, int64_t v) {
+  NEED(v >= 1 && v <= INT_MAX);
+  core->max_count = v;
   return MG_OK;
 }
 
@@ -262,19 +294,21 @@ int mg_GetStats(mg_Core core, int reduce, mg_Stats *out) {
   *out = core->stats;
   if (!reduce) return MG_OK;
   /* counts add up over ranks; times and the clock take the maximum */
-  int64_t cnt[MG_MAX_LEVELS + 3], gcnt[MG_MAX_LEVELS + 3];
+  int64_t cnt[MG_MAX_LEVELS + 4], gcnt[MG_MAX_LEVELS + 4];
   for (int l = 0; l < MG_MAX_LEVELS; l++) cnt[l] = out->steps[l];
   cnt[MG_MAX_LEVELS] = out->calls;
   cnt[MG_MAX_LEVELS + 1] = out->messages;
   cnt[MG_MAX_LEVELS + 2] = out->bytes;
+  cnt[MG_MAX_LEVELS + 3] = out->buffers;
   double tm[3] = {out->callback_time, out->total_time, out->virtual_time}, gtm[3];
   if (core->broken) return MG_ERR_STATE;
-  MG_CHK(mg_Allreduce(core, cnt, gcnt, MG_MAX_LEVELS + 3, MPI_INT64_T, MPI_SUM));
+  MG_CHK(mg_Allreduce(core, cnt, gcnt, MG_MAX_LEVELS + 4, MPI_INT64_T, MPI_SUM));
   MG_CHK(mg_Allreduce(core, tm, gtm, 3, MPI_DOUBLE, MPI_MAX));
   for (int l = 0; l < MG_MAX_LEVELS; l++) out->steps[l] = gcnt[l];
   out->calls = gcnt[MG_MAX_LEVELS];
   out->messages = gcnt[MG_MAX_LEVELS + 1];
   out->bytes = gcnt[MG_MAX_LEVELS + 2];
+  out->buffers = gcnt[MG_MAX_LEVELS + 3];
   out->callback_time = gtm[0];
   out->total_time = gtm[1];
   out->virtual_time = gtm[2];
@@ -298,6 +332,8 @@ int mg_CheckApp(mg_App app, const mg_Ops *ops, double t, char *msg, size_t msgle
   int rc = MG_OK;
   mg_Vector u = NULL, v = NULL, w = NULL;
   char *buf = NULL;
+  void *handle = NULL;
+  int owned = 0;
   double nu = 0, nv = 0, nd = 0;
   size_t size = 0;
   CHECK(ops->init(app, t, 0, &u) == 0 && u, "init(t) failed or gave no vector");
@@ -315,8 +351,15 @@ int mg_CheckApp(mg_App app, const mg_Ops *ops, double t, char *msg, size_t msgle
   CHECK(nv == nu, "clone(u) is not independent of u: changing the clone changed "
         "norm(u) from %.17g to %.17g; clone must return a copy", nu, nv);
   CHECK(ops->bufsize(app, &size) == 0, "bufsize failed");
-  buf = malloc(size ? size : 1);
-  CHECK(buf != NULL, "cannot allocate %zu bytes", size);
+  if (ops->bufalloc) {
+    CHECK(!ops->buffree == !ops->bufalloc, "bufalloc is given without buffree");
+    CHECK(ops->bufalloc(app, size, (void **)&buf, &handle) == 0 && (buf || !size),
+          "bufalloc(%zu) failed or gave no buffer", size);
+    owned = 1;
+  } else {
+    buf = malloc(size ? size : 1);
+    CHECK(buf != NULL, "cannot allocate %zu bytes", size);
+  }
   CHECK(ops->bufpack(app, u, buf, size) == 0, "bufpack failed");
   CHECK(ops->bufunpack(app, buf, size, &w) == 0 && w, "bufunpack failed or gave no vector");
   CHECK(ops->sum(app, -1.0, u, 1.0, w) == 0 && ops->norm(app, w, &nd) == 0, "sum/norm failed");
@@ -325,6 +368,7 @@ done:
   if (u) ops->free(app, u);
   if (v) ops->free(app, v);
   if (w) ops->free(app, w);
-  free(buf);
+  if (owned) ops->buffree(app, handle);
+  else free(buf);
   return rc;
 }

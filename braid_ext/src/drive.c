@@ -262,10 +262,7 @@ static int start(mg_Core core) {
    * the same on every rank, so either all ranks take part in this agreement
    * or none. */
   if (core->msgsize <= core->rbufcap) return MG_OK;
-  free(core->rbuf);
-  core->rbuf = malloc(core->msgsize);
-  core->rbufcap = core->rbuf ? core->msgsize : 0;
-  if (!core->rbuf) mg_FailLocal(core, MG_ERR_MEMORY);
+  mg_EnsureRecvBuffer(core); /* a failure is recorded, and agreed here: */
   return agree_start(core, 0, NULL, 0, NULL);
 }
 
@@ -275,6 +272,7 @@ int mg_Drive(mg_Core core) {
   double t_begin = MPI_Wtime();
   for (int l = 0; l < MG_MAX_LEVELS; l++) core->stats.steps[l] = 0;
   core->stats.calls = core->stats.messages = core->stats.bytes = 0;
+  core->stats.buffers = 0;
   core->stats.callback_time = 0.0;
   core->clock = 0.0;
   core->failed = 0;

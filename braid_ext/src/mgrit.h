@@ -57,6 +57,7 @@ enum {
 enum { MG_CYCLE_V = 0, MG_CYCLE_F = 1 };
 
 /* temporal norm of the residual over the C-points */
+enum { MG_WAIT_BUSY = 0, MG_WAIT_SLEEP = 1 };
 enum { MG_TNORM_L2 = 0, MG_TNORM_INF = 1 };
 
 /* ---- opaque handles ---------------------------------------------------- */
@@ -112,8 +113,18 @@ typedef int (*mg_BufUnpackFn)(mg_App app, const void *buffer, size_t size,
                               mg_Vector *u_out);
 /* look at the solution at one point; optional */
 typedef int (*mg_AccessFn)(mg_App app, mg_Vector u, const mg_AccessStatus *status);
+/* Message buffers owned by the application (optional, both or neither): a
+ * buffer of size bytes whose address MPI reads or writes (*buffer_out: host
+ * memory, or device memory where the MPI library reads it), and a handle the
+ * core passes back to buffree.  The core keeps its buffers from solve to
+ * solve (no allocation per message) and hands the same addresses to
+ * bufpack/bufunpack.  With them the core never reads or writes a buffer
+ * itself: each message's header travels as a message of its own. */
+typedef int (*mg_BufAllocFn)(mg_App app, size_t size, void **buffer_out, void **handle_out);
+typedef int (*mg_BufFreeFn)(mg_App app, void *handle);
 
-/* The operations the application provides.  Only access may be NULL. */
+/* The operations the application provides.  access, bufalloc and buffree
+ * may be NULL (without buffer callbacks the core allocates its buffers). */
 typedef struct {
   mg_StepFn step;
   mg_InitFn init;
@@ -125,6 +136,8 @@ typedef struct {
   mg_BufPackFn bufpack;
   mg_BufUnpackFn bufunpack;
   mg_AccessFn access;
+  mg_BufAllocFn bufalloc;
+  mg_BufFreeFn buffree;
 } mg_Ops;
 
 /* Counters of one rank (mg_GetStats with reduce = 0) or of all ranks
@@ -137,6 +150,8 @@ typedef struct {
   int64_t calls;                    /* all callback calls                  */
   int64_t messages;                 /* point-to-point messages sent        */
   int64_t bytes;                    /* bytes in those messages             */
+  int64_t buffers;                  /* message buffers allocated (kept for
+                                       the next solves: none per message)  */
   double callback_time;             /* seconds inside user callbacks       */
   double total_time;                /* seconds inside mg_Drive             */
   double virtual_time;              /* modelled parallel time (clock)      */
@@ -181,6 +196,15 @@ int mg_SetLatency(mg_Core core, double latency);            /* virtual clock; de
  * no limit.  Waits then poll (MPI_Test) instead of blocking.  Same on every
  * rank. */
 int mg_SetTimeout(mg_Core core, double seconds);
+/* How a wait without a timeout waits: MG_WAIT_BUSY (MPI_Wait, which may poll
+ * the network busily and keep a core) or MG_WAIT_SLEEP (MPI_Test with naps
+ * from a few microseconds growing to 1 ms: a rank that waits leaves its core
+ * to ranks that work, for the price of some latency).  Default busy. */
+int mg_SetWait(mg_Core core, int wait);
+/* The largest count one MPI call is given, in bytes (default INT_MAX):
+ * longer messages travel as one message of a derived datatype.  Lowering it
+ * exercises that path with small messages. */
+int mg_SetMaxCount(mg_Core core, int64_t max_count);
 /* Take every fine step once at the final state with status->final = 1, e.g.
  * to compute gradients from it; default 0.  When the solve runs to max_iter,
  * the residual sweep of the last iteration is that sweep; when it converges
@@ -244,6 +268,10 @@ int mg_LayerOwner(int64_t N, int P, int64_t n, int *owner);
 int mg_Hierarchy(int64_t nsteps, int max_levels, int64_t min_coarse, const int *cfactor,
                  int ncfactor, int *nlevels, int64_t *n, int64_t *stride);
 const char *mg_ErrorString(int code);
+/* 1 when the MPI library says at run time that it reads and writes CUDA
+ * device memory (MPIX_Query_cuda_support of MPICH >= 4 and Open MPI), else
+ * 0.  May be called before MPI_Init. */
+int mg_MPICudaSupport(void);
 /* Exercise an application's clone/sum/norm/pack/unpack on a vector made by
  * init(t): returns MG_OK, or MG_ERR_CALLBACK with a message in msg. */
 int mg_CheckApp(mg_App app, const mg_Ops *ops, double t, char *msg, size_t msglen);

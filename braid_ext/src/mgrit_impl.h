@@ -21,10 +21,22 @@ typedef struct {
                        point j, measured during the sweep (MG_SW_NORM)      */
 } mg_Level;
 
-/* A posted receive or send. */
+/* A message buffer, kept from solve to solve (a free list in the core).
+ * Core-owned buffers hold [header | payload]; application-owned ones
+ * (mg_BufAllocFn) hold the payload alone and the header travels from head. */
+typedef struct mg_Buf_s {
+  struct mg_Buf_s *next; /* the next free buffer                            */
+  char *data;            /* what MPI reads or writes                         */
+  void *handle;          /* the application's handle, NULL when core-owned   */
+  size_t size;           /* bytes at data                                    */
+  double head[2];        /* the header of an application-owned buffer        */
+} mg_Buf;
+
+/* A posted receive or send: the payload's request, and the header's when
+ * it travels apart (application-owned buffers). */
 typedef struct {
-  MPI_Request req;
-  char *buf;
+  MPI_Request req, hreq;
+  mg_Buf *buf;
   int peer;
   int active;
 } mg_Msg;
@@ -59,8 +71,14 @@ struct mg_Core_s {
   size_t msgsize;    /* header + payload                                   */
   mg_Msg *sends;     /* outstanding sends of the current sweep             */
   int nsends, capsends;
-  char *rbuf;        /* the receive buffer                                 */
-  size_t rbufcap;    /* its size (>= msgsize during a Drive)               */
+  mg_Buf *rbuf;      /* the receive buffer                                 */
+  size_t rbufcap;    /* the message size it was made for (agreed by all)   */
+  mg_Buf *freebufs;  /* send buffers not in use, kept for the next sends    */
+  int app_buffers;   /* the application owns the buffers: header apart     */
+  int64_t max_count; /* the largest count of one MPI call                  */
+  MPI_Datatype bigtype; /* the derived type of bigtype_bytes bytes, or NULL */
+  size_t bigtype_bytes;
+  int wait;          /* MG_WAIT_BUSY or MG_WAIT_SLEEP                      */
   double timeout;    /* seconds a wait may last; 0 = no limit              */
   int broken;        /* a wait timed out: requests may be left pending     */
 
@@ -107,6 +125,8 @@ void mg_CallAccess(mg_Core core, mg_Vector u, int64_t fine_index, int done);
 int mg_CallPack(mg_Core core, mg_Vector u, void *buf);
 mg_Vector mg_CallUnpack(mg_Core core, const void *buf);
 int mg_CallBufSize(mg_Core core, size_t *size);
+mg_Buf *mg_BufNew(mg_Core core);
+void mg_BufDelete(mg_Core core, mg_Buf *b);
 void mg_Assign(mg_Core core, mg_Vector *dst, mg_Vector src);
 
 /* comm.c */
@@ -114,6 +134,8 @@ int mg_SendVector(mg_Core core, int dest, int tag, mg_Vector u);
 int mg_PostRecv(mg_Core core, int source, int tag, mg_Msg *msg);
 int mg_FinishRecv(mg_Core core, mg_Msg *msg, mg_Vector *u_out);
 int mg_WaitSends(mg_Core core);
+int mg_EnsureRecvBuffer(mg_Core core);
+void mg_FreeBuffers(mg_Core core);
 int mg_AgreeNorm(mg_Core core, double local, int64_t bad, double *global,
                  int64_t *bad_global);
 int mg_AgreeFailure(mg_Core core);

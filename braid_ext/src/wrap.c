@@ -10,6 +10,7 @@
  * memory errors: this file calls no other file of the core.
  */
 #include <math.h>
+#include <stdlib.h>
 #include "mgrit_impl.h"
 
 /* A failure on this rank (a callback, or an MPI call or allocation of the
@@ -146,6 +147,48 @@ int mg_CallBufSize(mg_Core core, size_t *size) {
   *size = 0;
   TIMED_CALL(core, core->ops.bufsize(core->app, size), ok);
   return ok;
+}
+
+/* A message buffer for the current message size: from the application
+ * (payload only) or malloc'd (header and payload); NULL on failure, which
+ * is recorded.  Counted: the core keeps its buffers, so a solve that needs
+ * no more than the last one allocates none. */
+mg_Buf *mg_BufNew(mg_Core core) {
+  mg_Buf *b = calloc(1, sizeof(*b));
+  if (!b) {
+    mg_FailLocal(core, MG_ERR_MEMORY);
+    return NULL;
+  }
+  if (core->app_buffers) {
+    b->size = core->bufsize;
+    void *data = NULL;
+    int ok;
+    TIMED_CALL(core, core->ops.bufalloc(core->app, b->size, &data, &b->handle), ok);
+    if (ok && !data && b->size > 0) fail(core), ok = 0;
+    b->data = data;
+    if (!ok) {
+      free(b);
+      return NULL;
+    }
+  } else {
+    b->size = core->msgsize;
+    b->data = malloc(b->size);
+    if (!b->data) {
+      free(b);
+      mg_FailLocal(core, MG_ERR_MEMORY);
+      return NULL;
+    }
+  }
+  core->stats.buffers++;
+  return b;
+}
+
+/* Give a buffer back to whoever made it (also after a failure). */
+void mg_BufDelete(mg_Core core, mg_Buf *b) {
+  if (!b) return;
+  if (core->app_buffers) core->ops.buffree(core->app, b->handle);
+  else free(b->data);
+  free(b);
 }
 
 /* *dst <- a clone of src (the old *dst is freed) */

@@ -12,6 +12,7 @@ reading rank alone: with ``comm`` given, every load ends in one agreement
 every rank, the failing rank its own one-line message and the others that
 message prefixed with the failing rank.
 """
+import dataclasses
 import os
 from typing import Optional
 
@@ -29,7 +30,8 @@ KNOWN_DATASETS = ("peaks", "digits", "mnist", "fashion-mnist", "cifar10")
 
 DEFAULT_VAL_FRACTION = {"peaks": 1 / 6, "digits": 0.2, "mnist": 1 / 6,
                          "fashion-mnist": 1 / 6, "cifar10": 0.1, "files": 0.2}
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_DTYPES = {"float32": torch.float32, "float64": torch.float64,
+           "bfloat16": torch.bfloat16}
 
 
 def load_dataset(name: str, *, root=None, seed: int = 0,
@@ -102,6 +104,10 @@ def load_configured(d, *, need_inputs=True, need_labels=True, comm=None) -> Data
     ``layerpar.config.DEFAULTS``); collective when ``comm`` is given."""
     val_fraction = None if d["val_fraction"] < 0 else d["val_fraction"]
     dtype = _DTYPES[d["dtype"]]
+    if dtype == torch.bfloat16:  # read and normalised in float32, then rounded once
+        data = load_configured(dict(d, dtype="float32"), need_inputs=need_inputs,
+                               need_labels=need_labels, comm=comm)
+        return _rounded(data, dtype)
     normalize = d.get("normalize", True)
     if d["name"] == "files":
         return load_files(d["path"], val_path=d["val_path"] or None, inputs=d["inputs"],
@@ -112,6 +118,16 @@ def load_configured(d, *, need_inputs=True, need_labels=True, comm=None) -> Data
     return load_dataset(d["name"], root=d["root"] or None, seed=d["seed"],
                         val_fraction=val_fraction, dtype=dtype, normalize=normalize,
                         need_inputs=need_inputs, need_labels=need_labels, comm=comm)
+
+
+def _rounded(data, dtype):
+    """``data`` with its inputs in ``dtype``."""
+    def split(sp):
+        if sp is None or sp.inputs is None:
+            return sp
+        return dataclasses.replace(sp, inputs=sp.inputs.to(dtype))
+    return dataclasses.replace(data, train=split(data.train), val=split(data.val),
+                               test=split(data.test))
 
 
 def _collective(comm, what, load):

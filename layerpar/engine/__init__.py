@@ -13,8 +13,12 @@
             passes they run, and the autograd function around them
   pipeline  exact passes: schedules as lists of actions (GPipe, 1F1B, any
             registered generator) run by one interpreter
-  vectors   the apps' vector operations and how a state becomes a message
-  ghosts    the coarse-grid weights sent between ranks before a solve
+  vectors   the apps' vector operations (float64/32, bfloat16, float16) and
+            how a state becomes a message
+  transport how a tensor becomes a message: host-staged or device-direct
+  waiting   busy or sleeping waits, chosen by how many ranks share the cores
+  ghosts    the coarse-grid weights sent between ranks before a solve, only
+            when they changed
   solvers   the cache of forward/adjoint solver pairs and their warm states
   options   the two solves' MGRIT options in the network's names
 

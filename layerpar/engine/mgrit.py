@@ -24,7 +24,7 @@ from braid_ext import MGRITError, NonFiniteResidualError
 from layerpar._collective import agree
 from layerpar._watchdog import guard
 from layerpar.engine.context import PassContext, PassRecords, record
-from layerpar.engine.vectors import TorchVectors
+from layerpar.engine.vectors import HALF, TorchVectors, adjoint_dtype
 
 
 class ForwardApp(TorchVectors):
@@ -109,7 +109,8 @@ class AdjointApp(TorchVectors):
         self.lam_final = None  # dloss/du_N, on the rank holding layer N-1
 
     def begin(self, ctx, lam):
-        self.configure(ctx.meta.shape, ctx.meta.dtype, ctx.meta.device)
+        # a half-precision state's adjoint is carried (summed, sent) in float32
+        self.configure(ctx.meta.shape, adjoint_dtype(ctx.meta.dtype), ctx.meta.device)
         self.ctx, self.lam_final = ctx, lam
 
     def end(self):
@@ -137,14 +138,15 @@ class AdjointApp(TorchVectors):
             # back-propagation through u + h*F(u); frozen parameters
             # (requires_grad False) get no gradient: None
             trainable = tuple(p for p in params if p.requires_grad)
-            grads = torch.autograd.grad(f, (x,) + trainable, grad_outputs=lam * h,
+            grads = torch.autograd.grad(f, (x,) + trainable,
+                                        grad_outputs=(lam * h).to(f.dtype),
                                         allow_unused=True, retain_graph=ctx.retain)
             weights = iter(grads[1:])
             ctx.grads[n] = tuple(next(weights) if p.requires_grad else None for p in params)
             if not ctx.retain:
                 del ctx.graphs[n]  # its last use
             return torch.add(lam, grads[0])
-        (gx,) = torch.autograd.grad(f, x, grad_outputs=lam, retain_graph=True)
+        (gx,) = torch.autograd.grad(f, x, grad_outputs=lam.to(f.dtype), retain_graph=True)
         return torch.add(lam, gx, alpha=h)
 
 
@@ -220,8 +222,9 @@ class MGRITPasses:
         or the adjoint's final value), held on ``root``, on every rank."""
         # root -> every rank: one number
         guard(self.comm, "the norm of a solve's given state")
-        return self.comm.bcast(float(torch.linalg.vector_norm(v.detach()))
-                               if self.comm.Get_rank() == root else None, root=root)
+        return self.comm.bcast(float(torch.linalg.vector_norm(
+            v.detach(), dtype=torch.float32 if v.dtype in HALF else None))
+            if self.comm.Get_rank() == root else None, root=root)
 
     def forward(self, ctx, u0):
         """u_N (last rank) or a placeholder; the layers' graphs stay in ``ctx``."""
@@ -252,9 +255,10 @@ class MGRITPasses:
         meta, rank = ctx.meta, self.comm.Get_rank()
         ctx.grads = {}
         lam = None
+        dtype = adjoint_dtype(meta.dtype)
         if rank == self.last:
-            lam = grad_out if grad_out is not None and grad_out.shape == meta.shape \
-                else torch.zeros(meta.shape, dtype=meta.dtype, device=meta.device)
+            lam = grad_out.to(dtype) if grad_out is not None and grad_out.shape == meta.shape \
+                else torch.zeros(meta.shape, dtype=dtype, device=meta.device)
         solver = self.solvers.bwd
         self.bwd_app.begin(ctx, lam)
         try:
@@ -267,7 +271,8 @@ class MGRITPasses:
             self.bwd_app.end()
         info["input_norm"] = self._input_norm(lam, self.last)
         ctx.records.backward = info
-        grad_u0 = solver.get(self.stage.nlayers).clone() if rank == self.first else None
+        grad_u0 = solver.get(self.stage.nlayers).to(meta.dtype, copy=True) \
+            if rank == self.first else None
         grads = []
         for n in self.stage.indices:
             gs = ctx.grads.get(n)

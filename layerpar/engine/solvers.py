@@ -30,8 +30,10 @@ class SolverPairs:
     the options (``fwd``, ``bwd``) is built at once, so that a bad option
     raises here, on every rank."""
 
-    def __init__(self, apps, comm, nlayers, T, fwd, bwd, *, capacity, store=_STORE):
+    def __init__(self, apps, comm, nlayers, T, fwd, bwd, *, capacity, store=_STORE,
+                 wait="busy"):
         self.apps = apps
+        self.wait = wait  # how the solvers' waits wait ('busy' or 'sleep')
         self.store = store
         self.comm = comm
         self.nlayers, self.T = nlayers, T
@@ -47,7 +49,7 @@ class SolverPairs:
     def _new_solver(self, opts, reverse):
         t0, t1 = (self.T, 0.0) if reverse else (0.0, self.T)
         return Solver(self.apps[1 if reverse else 0], self.comm, t0, t1, self.nlayers, **opts,
-                      reverse=reverse, store=self.store, final_sweep=True)
+                      reverse=reverse, store=self.store, final_sweep=True, wait=self.wait)
 
     def _new_pair(self, fwd, bwd):
         new_fwd = self._new_solver(fwd, reverse=False)

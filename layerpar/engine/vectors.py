@@ -1,31 +1,66 @@
 """The vector operations of the network's MGRIT apps: torch tensors of one
-state shape, and how a state becomes a message (packed into the core's byte
-buffer, unpacked from it).
+state shape, and how a state becomes a message.
+
+Precision: the state's dtype decides (float64, float32, bfloat16, float16);
+the norms the solver compares are computed in float32 for the half types
+(float64 and float32 states in their own precision).  The adjoint of a
+half-precision state is carried in float32 (``adjoint_dtype``).
+
+Messages (``layerpar.engine.transport``): on the host path the solver's
+own buffers (kept from solve to solve) receive a copy of the state; on the
+device path, and on the host path where CUDA is available, the app owns the
+buffers (``alloc_buffer``: tensors on the state's device, or pinned host
+memory), so that MPI reads the device memory itself.
 """
 import warnings
 
 import numpy as np
 import torch
 
-_NUMPY_DTYPES = {
-    torch.float32: np.float32,
-    torch.float64: np.float64,
-    torch.float16: np.float16,
-}
+from layerpar.engine.transport import as_bytes, ready, resolve
+
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+HALF = (torch.bfloat16, torch.float16)
+
+
+def adjoint_dtype(dtype):
+    """The dtype the adjoint of a ``dtype`` state is carried in: float32 for
+    the half types (their adjoint sums would lose the small updates of many
+    layers), the state's own otherwise."""
+    return torch.float32 if dtype in HALF else dtype
+
+
+def check_dtype(dtype):
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype}: layerpar supports {', '.join(map(str, DTYPES))}")
 
 
 class TorchVectors:
     """The vector operations of an MGRIT app for tensors of one shape (set
     with ``configure`` before each solve)."""
 
+    transport = "host"
+
+    def set_transport(self, kind):
+        """Collective in effect (call alike on every rank, before the
+        solvers are built): the message path, an entry of
+        ``transport.KINDS``."""
+        self.transport = resolve(kind)
+        if self.transport == "device" or torch.cuda.is_available():
+            self.alloc_buffer = self._alloc_buffer
+        else:
+            self.__dict__.pop("alloc_buffer", None)
+
     def configure(self, shape, dtype, device):
-        if dtype not in _NUMPY_DTYPES:
-            raise ValueError(f"dtype={dtype}: layerpar supports {sorted(map(str, _NUMPY_DTYPES))}")
+        check_dtype(dtype)
         self.shape = tuple(shape)
         self.dtype = dtype
-        self.device = device
-        self.numel = int(np.prod(self.shape, dtype=np.int64))
-        self._np_dtype = _NUMPY_DTYPES[dtype]
+        self.device = torch.device(device)
+        self.numel = 1
+        for s in self.shape:
+            self.numel *= int(s)
+        self.nbytes = self.numel * torch.empty((), dtype=dtype).element_size()
+        self._norm_dtype = torch.float32 if dtype in HALF else None
 
     def zeros(self):
         return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
@@ -39,22 +74,42 @@ class TorchVectors:
         return y.add_(x, alpha=a)
 
     def norm(self, u):
-        return float(torch.linalg.vector_norm(u))
+        return float(torch.linalg.vector_norm(u, dtype=self._norm_dtype))
 
     def bufsize(self):
-        return self.numel * np.dtype(self._np_dtype).itemsize
+        return self.nbytes
+
+    def _alloc_buffer(self, nbytes):
+        """A message buffer for the solver: a uint8 tensor on the state's
+        device (device path) or in pinned host memory, and its address."""
+        where = self.device if self.transport == "device" else torch.device("cpu")
+        pin = where.type == "cpu" and torch.cuda.is_available()
+        buf = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=where,
+                          pin_memory=pin)
+        return buf, buf.data_ptr()
 
     def pack(self, u, buf):
         # one copy into the message, straight from the device memory
-        torch.frombuffer(buf, dtype=self.dtype, count=self.numel).copy_(u.detach().reshape(-1))
+        src = as_bytes(u.detach().contiguous())
+        if isinstance(buf, torch.Tensor):
+            buf[:self.nbytes].copy_(src)
+            ready(buf.device if buf.device.type == "cuda" else None)
+        else:
+            torch.frombuffer(buf, dtype=torch.uint8, count=self.nbytes).copy_(src)
 
     def unpack(self, buf):
         # the message lives only during the call: one copy out of it
-        a = np.frombuffer(buf, dtype=self._np_dtype, count=self.numel)
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        if isinstance(buf, torch.Tensor):
+            as_bytes(out).copy_(buf[:self.nbytes])
+            return out
+        a = np.frombuffer(buf, dtype=np.uint8, count=self.nbytes)
         if self.device.type == "cpu":
-            return torch.from_numpy(a.copy()).reshape(self.shape)
+            as_bytes(out).numpy()[:] = a
+            return out
         with warnings.catch_warnings():
             # read-only view of the message, only read by the copy to the device
             warnings.simplefilter("ignore", UserWarning)
             view = torch.from_numpy(a)
-        return view.reshape(self.shape).to(self.device)
+        as_bytes(out).copy_(view)
+        return out

@@ -12,7 +12,7 @@ from layerpar.parallel import Network
 from layerpar.models import factories
 from layerpar.training.monitor import ResidualMonitor
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 def mgrit_options(config):
