@@ -129,6 +129,8 @@ class ProcessGrid:
         return self.data, self.layers
 
     def describe(self):
+        """The grid's shape in words, e.g. "2 x 4 (data-parallel groups x
+        layer-parallel ranks)".  Not collective."""
         return f"{self.data} x {self.layers} (data-parallel groups x layer-parallel ranks)"
 
     # ---- the batch share -------------------------------------------------------------
@@ -138,6 +140,8 @@ class ProcessGrid:
         return share_bounds(batch_size, self.data, self.data_rank)
 
     def share_size(self, batch_size):
+        """The number of this group's rows of a global batch of
+        ``batch_size`` rows (0 when the group has none).  Not collective."""
         start, stop = self.share(batch_size)
         return stop - start
 
