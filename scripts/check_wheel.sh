@@ -53,10 +53,12 @@ echo "== install into a fresh environment"
 site=$("$work/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 deps=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 echo "$deps" > "$site/zz-layerpar-deps.pth"   # dependencies only: a plain path, no finders
-# the MPICH wheel keeps libmpi in <prefix>/lib, where mpi4py looks for it:
-# link .venv's there, as installing that wheel into the environment would
-for lib in "$ROOT"/.venv/lib/libmpi*; do
-  [ -e "$lib" ] && ln -s "$lib" "$work/venv/lib/"
+# the MPICH wheel keeps libmpi (and the libraries it loads, lib/mpich/) in
+# <prefix>/lib, where mpi4py looks for it: link .venv's there, as installing
+# that wheel into the environment would
+for lib in "$ROOT"/.venv/lib/*; do
+  case "$(basename "$lib")" in python*) continue ;; esac
+  ln -s "$lib" "$work/venv/lib/"
 done
 "$work/venv/bin/python" -m pip install -q --no-deps "$wheel"
 cd "$work"
