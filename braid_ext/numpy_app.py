@@ -14,10 +14,11 @@ class NumpyApp:
         self._nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
     def clone(self, u):
+        """A copy of the vector ``u``."""
         return u.copy()
 
     def sum(self, a, x, b, y):
-        # y <- a*x + b*y in place
+        """y <- a*x + b*y, in place in ``y``; returns ``y``."""
         if b != 1.0:
             y *= b
         if a == 1.0:
@@ -27,14 +28,18 @@ class NumpyApp:
         return y
 
     def norm(self, u):
+        """The Euclidean norm of ``u`` (a float)."""
         return float(np.sqrt(np.vdot(u, u).real))
 
     def bufsize(self):
+        """Bytes of a packed vector (the message size)."""
         return self._nbytes
 
     def pack(self, u, buf):
+        """Write ``u`` into the writable buffer ``buf`` of ``bufsize()`` bytes."""
         np.frombuffer(buf, dtype=self.dtype, count=u.size)[:] = u.reshape(-1)
 
     def unpack(self, buf):
+        """A new vector from the buffer ``buf`` that ``pack`` wrote."""
         return np.frombuffer(buf, dtype=self.dtype, count=self._nbytes // self.dtype.itemsize)\
             .reshape(self.shape).copy()

@@ -67,7 +67,8 @@ class SilentRankError(MGRITTimeoutError):
     them, ``what``: the wait, ``limit``: the timeout in seconds.  The job
     should end (``comm.Abort``)."""
 
-    def __init__(self, message, rank=-1, *, silent=(), what="", limit=0.0):
+    def __init__(self, message: str, rank: int = -1, *, silent: "tuple[int, ...]" = (),
+                 what: str = "", limit: float = 0.0) -> None:
         super().__init__(message, _TIMEOUT_CODE, rank)
         self.silent = tuple(silent)
         self.what = what
@@ -99,7 +100,7 @@ def env_timeout():
     return check_timeout(value, ENV)
 
 
-def set_timeout(comm, seconds):
+def set_timeout(comm: "MPI.Comm", seconds: "float | None") -> None:
     """The limit of layerpar's waits on ``comm`` and on its later
     duplicates (``comm.Dup()``): a number of seconds (0: no limit, whatever
     $LAYERPAR_TIMEOUT says), or None to follow $LAYERPAR_TIMEOUT again.

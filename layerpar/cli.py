@@ -351,6 +351,8 @@ def _train(args, comm, out, stop):
         if not trainer.resume():
             out(f"no checkpoint in {run_dir}: starting afresh", 1)
     trainer.write_config()
+    from layerpar.training.report import EPOCH_HEADER
+    out(EPOCH_HEADER, 1)
     summary = trainer.run()
     trainer.close()  # collective: solvers freed before MPI finalises
     if summary.get("stopped"):

@@ -43,41 +43,41 @@ DEFAULTS = {
         "normalize": True,     # per feature/channel, from the training split
         "seed": 0,             # split and batch order
         "val_fraction": -1.0,  # < 0: the data set's default
-        "batch_size": 100,
+        "batch_size": 100,     # samples per batch (the global batch on a data x layer grid)
         "dtype": "float64",    # float32, float64 or bfloat16
     },
     "model": {
         "kind": "dense",       # dense or conv
         "width": 8,            # state width (dense) or channels (conv)
-        "nlayers": 32,
+        "nlayers": 32,         # N, the number of residual layers
         "T": 5.0,              # final time: h = T / nlayers
-        "activation": "tanh",
-        "kernel_size": 3,
+        "activation": "tanh",  # of the built-in steps
+        "kernel_size": 3,      # conv: odd, >= 1
         "bias": "vector",      # dense: vector (one per channel) or scalar (one per layer)
         "init_scale": 0.0,     # 0: PyTorch's initialisation; > 0: uniform in [0, init_scale)
         "seed": 0,             # weight initialisation
         "step": "",            # "package.module:Name" of the residual step ("": kind)
         "step_kwargs": {},     # its keyword arguments (a TOML table)
         "opening": "",         # "package.module:Name" of the opening ("": kind)
-        "opening_kwargs": {},
+        "opening_kwargs": {},  # its keyword arguments (a TOML table)
         "closing": "",         # "package.module:Name" of the closing ("": kind)
-        "closing_kwargs": {},
+        "closing_kwargs": {},  # its keyword arguments (a TOML table)
     },
     "mgrit": {
         "mode": "layer-parallel",  # serial, layer-parallel, one-shot
         # 2 levels, cfactor 4, F-relaxation, skipped first down-cycle: the
         # fastest measured setting on one rank, 1.3-1.6x the exact mode's
-        # time per step (benchmarks/bench_mgrit_settings.py --defaults; README,
-        # "Why these defaults")
-        "max_levels": 2,
-        "cfactor": 4,
-        "relax": "F",
-        "cycle": "V",
+        # time per step (benchmarks/bench_mgrit_settings.py --defaults; the
+        # documentation's results, "Why these defaults")
+        "max_levels": 2,       # MGRIT grid levels (1: exact propagation)
+        "cfactor": 4,          # coarsening factor between levels (>= 2)
+        "relax": "F",          # F, FCF, FCFCF, ... (F-relaxation and CF sweeps)
+        "cycle": "V",          # V or F
         "skip": True,          # skip the first down-cycle's relaxation (cold solves)
         "fwd_iters": 0,        # 0: the mode's default (layer-parallel 2, one-shot 1)
         "bwd_iters": 0,        # 0: the mode's default (1)
-        "fwd_tol": 0.0,
-        "bwd_tol": 0.0,
+        "fwd_tol": 0.0,        # forward solve: stop below this residual (0: run fwd_iters)
+        "bwd_tol": 0.0,        # adjoint solve: stop below this residual (0: run bwd_iters)
         "monitor": True,       # raise iterations when the residual stalls
         "monitor_factor": 0.5, # a solve must cut its residual by this per iteration
         "monitor_patience": 3, # stalled updates in a row before acting
@@ -93,15 +93,15 @@ DEFAULTS = {
     },
     "optim": {
         "name": "adam",        # sgd, adam, lbfgs
-        "lr": 0.01,
+        "lr": 0.01,            # learning rate (L-BFGS: the first trial step, default 1)
         "momentum": 0.9,       # sgd
-        "epochs": 40,
+        "epochs": 40,          # L-BFGS: iterations on the whole training set
         "schedule": "cosine",  # constant, step, cosine
         "step_epochs": 10,     # step schedule: decay every this many epochs
         "decay": 0.5,          # step schedule: factor
         "tikhonov": 0.0,       # beta/2 * sum ||theta_n||^2
         "smoothness": 0.0,     # gamma/2 * sum ||(theta_n - theta_{n-1})/h||^2
-        "lbfgs_history": 10,
+        "lbfgs_history": 10,   # lbfgs: pairs of updates kept
         "line_search": "armijo",  # lbfgs: armijo or strong-wolfe
         "lbfgs_curvature": "skip",  # lbfgs: a pair with little or negative curvature is
                                   #   skipped or damped (Powell)

@@ -64,7 +64,7 @@ class ProcessGrid:
     ``data``, before any communicator is made.
     """
 
-    def __init__(self, comm, *, data=1):
+    def __init__(self, comm: "MPI.Intracomm", *, data: int = 1) -> None:
         check_comm(comm)
         size = comm.Get_size()
         ok = isinstance(data, int) and not isinstance(data, bool)
@@ -96,7 +96,7 @@ class ProcessGrid:
             inherit(sub, comm)  # the timeout set on comm (layerpar.set_timeout)
 
     # ---- lifetime ------------------------------------------------------------
-    def close(self):
+    def close(self) -> None:
         """Collective: free the two communicators (closing twice does nothing)."""
         if self.layer_comm is None:
             return
@@ -123,24 +123,29 @@ class ProcessGrid:
         """(D, L)."""
         return self.data, self.layers
 
-    def describe(self):
+    def describe(self) -> str:
+        """The grid's shape in words, e.g. "2 x 4 (data-parallel groups x
+        layer-parallel ranks)".  Not collective."""
         return f"{self.data} x {self.layers} (data-parallel groups x layer-parallel ranks)"
 
     # ---- the batch share -------------------------------------------------------------
-    def share(self, batch_size):
+    def share(self, batch_size: int) -> "tuple[int, int]":
         """(start, stop): this group's rows of a global batch of
         ``batch_size`` rows (empty when the group has none)."""
         return share_bounds(batch_size, self.data, self.data_rank)
 
-    def share_size(self, batch_size):
+    def share_size(self, batch_size: int) -> int:
+        """The number of this group's rows of a global batch of
+        ``batch_size`` rows (0 when the group has none).  Not collective."""
         start, stop = self.share(batch_size)
         return stop - start
 
-    def weight(self, batch_size):
+    def weight(self, batch_size: int) -> float:
         """n_d / B: this group's part of the global batch's mean."""
         return self.share_size(batch_size) / batch_size if batch_size else 0.0
 
-    def shard(self, t, batch_size=None):
+    def shard(self, t: "torch.Tensor | None",
+              batch_size: "int | None" = None) -> "torch.Tensor | None":
         """This group's rows of the global batch ``t`` (None stays None)."""
         if t is None:
             return None

@@ -342,7 +342,7 @@ class LayerParallel(nn.Module):
         self.passes = 0          # forward passes so far: keys the layers' random draws
 
     # ---- lifetime -----------------------------------------------------------
-    def close(self):
+    def close(self) -> None:
         """Collective: free the solvers (and every state they hold) and the
         duplicated communicators.  Using the module afterwards raises;
         closing twice does nothing."""
@@ -518,7 +518,8 @@ class LayerParallel(nn.Module):
         self.passes += 1
         return ctx
 
-    def forward(self, u0=None, *, failure=None):
+    def forward(self, u0: "torch.Tensor | None" = None, *,
+                failure: "BaseException | None" = None) -> torch.Tensor:
         """u_N on the last rank, a placeholder elsewhere; ``failure``: an
         exception raised on the first rank before (the opening layer's),
         raised on every rank instead of a pass."""
@@ -568,7 +569,7 @@ class LayerParallel(nn.Module):
         return [ResidualLayer(load_state(self._make_layer(n), states[n]), self.h)
                 for n in range(self.nlayers)]
 
-    def serial_equivalent(self, root=None):
+    def serial_equivalent(self, root: "int | None" = None) -> "nn.Sequential | None":
         """Collective: an ``nn.Sequential`` of the N residual layers with the
         same weights, for checking and for inference on one process."""
         layers = self.serial_layers(root)
@@ -651,7 +652,7 @@ class Network(nn.Module):
     def is_last(self):
         return self.rank == self.body.last_rank
 
-    def forward(self, x=None):
+    def forward(self, x: "torch.Tensor | None" = None) -> torch.Tensor:
         """Class scores on the last rank; a placeholder elsewhere."""
         tail, self._tail = self._tail, None
         out, self._tail_value = self._run(x, tail)
@@ -704,7 +705,8 @@ class Network(nn.Module):
                 return module(x)
         return module(x)
 
-    def loss_and_backward(self, x, y, loss_fn, *, reduction="mean"):
+    def loss_and_backward(self, x: "torch.Tensor | None", y: "torch.Tensor | None", loss_fn,
+                          *, reduction: str = "mean") -> "tuple[torch.Tensor, torch.Tensor]":
         """Collective: the loss of the batch and its gradient, accumulated in
         every parameter's ``.grad`` as ``self.loss(x, y, loss_fn).backward()``
         does.  Returns (loss, class scores), both detached: on the last rank
@@ -907,7 +909,7 @@ class Network(nn.Module):
             return value
         return out.sum() * 0.0
 
-    def reduce(self, value):
+    def reduce(self, value: "torch.Tensor | float | int | None") -> float:
         """Collective: the last rank's value (a one-element tensor or a real
         number) as a float on every rank; call it on every rank (the value
         of the other ranks is ignored).  A value that is not a number raises
@@ -927,7 +929,7 @@ class Network(nn.Module):
         return from_root(self.comm, self.body.last_rank, number, error_type=TypeError,
                          what="a value from the last rank")
 
-    def close(self):
+    def close(self) -> None:
         """Collective: free the layer-parallel body's solvers and
         communicators (see ``LayerParallel.close``)."""
         self.body.close()
@@ -943,7 +945,7 @@ class Network(nn.Module):
     def __exit__(self, *exc):
         self.close()
 
-    def serial_equivalent(self, root=None):
+    def serial_equivalent(self, root: "int | None" = None) -> "nn.Sequential | None":
         """Collective: opening + N residual layers + closing as one
         ``nn.Sequential`` with the same weights."""
         layers = self.body.serial_layers(root)

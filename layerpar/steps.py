@@ -13,13 +13,13 @@ class SmoothReLU(nn.Module):
     is continuously differentiable:  0 for x <= -eps, x for x >= eps,
     (x + eps)^2 / (4 eps) in between."""
 
-    def __init__(self, eps=0.1):
+    def __init__(self, eps: float = 0.1) -> None:
         super().__init__()
         if not eps > 0:
             raise ValueError(f"eps={eps!r}: must be > 0")
         self.eps = eps
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         e = self.eps
         mid = (x + e) ** 2 / (4 * e)
         return torch.where(x >= e, x, torch.where(x <= -e, torch.zeros_like(x), mid))
@@ -56,7 +56,7 @@ class ScalarBiasLinear(nn.Module):
         self.weight = nn.Parameter(ref.weight.detach().clone())
         self.bias = nn.Parameter(ref.bias.detach()[:1].clone())
 
-    def forward(self, u):
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(u, self.weight) + self.bias
 
     def extra_repr(self):
@@ -76,12 +76,12 @@ class DenseStep(nn.Module):
     vector (``bias='vector'``, default) or one scalar per layer
     (``bias='scalar'``)."""
 
-    def __init__(self, width, activation_name="tanh", bias="vector"):
+    def __init__(self, width: int, activation_name: str = "tanh", bias: str = "vector") -> None:
         super().__init__()
         self.linear = _affine(width, width, bias)
         self.act = activation(activation_name)
 
-    def forward(self, u):
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
         return self.act(self.linear(u))
 
 
@@ -89,14 +89,14 @@ class ConvStep(nn.Module):
     """F(u) = sigma(K * u + b) on states of shape (batch, channels, H, W), with
     padding that keeps the spatial shape (odd kernel sizes)."""
 
-    def __init__(self, channels, kernel_size=3, activation_name="relu"):
+    def __init__(self, channels: int, kernel_size: int = 3, activation_name: str = "relu") -> None:
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size={kernel_size}: must be odd to keep the shape")
         self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)
         self.act = activation(activation_name)
 
-    def forward(self, u):
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
         return self.act(self.conv(u))
 
 
@@ -104,35 +104,37 @@ class DenseOpening(nn.Module):
     """Lifts inputs of shape (batch, in_features) to the network width:
     sigma(W x + b), ``b`` a vector or one scalar (``bias``, as DenseStep)."""
 
-    def __init__(self, in_features, width, activation_name="tanh", bias="vector"):
+    def __init__(self, in_features: int, width: int, activation_name: str = "tanh",
+                 bias: str = "vector") -> None:
         super().__init__()
         self.linear = _affine(in_features, width, bias)
         self.act = activation(activation_name)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.linear(x.flatten(1)))
 
 
 class ConvOpening(nn.Module):
     """Lifts images of shape (batch, in_channels, H, W) to ``channels``."""
 
-    def __init__(self, in_channels, channels, kernel_size=3, activation_name="relu"):
+    def __init__(self, in_channels: int, channels: int, kernel_size: int = 3,
+                 activation_name: str = "relu") -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, channels, kernel_size, padding=kernel_size // 2)
         self.act = activation(activation_name)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.conv(x))
 
 
 class DenseClosing(nn.Module):
     """Classifier: a linear map from the state to class scores."""
 
-    def __init__(self, width, num_classes):
+    def __init__(self, width: int, num_classes: int) -> None:
         super().__init__()
         self.linear = nn.Linear(width, num_classes)
 
-    def forward(self, u):
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
         return self.linear(u.flatten(1))
 
 
@@ -140,12 +142,12 @@ class ConvClosing(nn.Module):
     """Classifier for image states: average pooling to ``pool`` x ``pool``,
     then a linear map to class scores."""
 
-    def __init__(self, channels, num_classes, pool=4):
+    def __init__(self, channels: int, num_classes: int, pool: int = 4) -> None:
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(pool)
         self.linear = nn.Linear(channels * pool * pool, num_classes)
 
-    def forward(self, u):
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
         return self.linear(self.pool(u).flatten(1))
 
 
@@ -154,12 +156,12 @@ class ResidualLayer(nn.Module):
     MGRIT forward step computes it (one fused add), so that exact mode
     (``max_levels=1``) gives the same bits."""
 
-    def __init__(self, F, h):
+    def __init__(self, F: nn.Module, h: float) -> None:
         super().__init__()
         self.F = F
         self.h = h
 
-    def forward(self, u):
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
         return torch.add(u, self.F(u), alpha=self.h)
 
     def extra_repr(self):

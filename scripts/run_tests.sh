@@ -2,8 +2,9 @@
 # The whole test suite: every test on one process (MPI tests on a one-rank
 # COMM_WORLD), then the MPI tests under mpiexec with 2 and 4 ranks (4 is
 # oversubscribed on a 2-core machine), and the layout and transfer tests on 3
-# ranks (blocks of N and r*N layers that do not line up).  Fails if any test
-# fails on any rank.
+# ranks (blocks of N and r*N layers that do not line up), and the
+# documentation build with warnings as errors.  Fails if any test fails on
+# any rank, or the docs have a warning.
 set -u
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -26,6 +27,10 @@ timeout 600 mpiexec -n 3 python scripts/mpi_pytest.py --log-prefix .test-logs/np
 echo "== the C core under AddressSanitizer/UBSan on 1, 2 and 4 ranks"
 scripts/sanitize.sh > .test-logs/sanitize.log 2>&1 || { cat .test-logs/sanitize.log; status=1; }
 tail -1 .test-logs/sanitize.log
+
+echo "== the documentation (sphinx-build -W: a warning is an error)"
+python -m sphinx -W --keep-going -q -b html docs docs/_build/html > .test-logs/docs.log 2>&1 \
+  && echo "docs: built, 0 warnings" || { cat .test-logs/docs.log; status=1; }
 
 python scripts/test_summary.py .test-logs || status=1
 exit $status

@@ -74,3 +74,18 @@ def test_solves_record_the_norm_of_their_given_state():
     fwd, bwd = net.body.last_forward["input_norm"], net.body.last_backward["input_norm"]
     assert fwd == pytest.approx(float(u0.norm()), rel=1e-12)
     assert bwd == pytest.approx(float(lam.norm()), rel=1e-10)
+
+
+def test_monitor_says_what_it_did_in_words():
+    """The monitor's lines name the solve and the new iteration count, and
+    the switch to serial propagation, without jargon ("stalled")."""
+    body = _Body()
+    mon = ResidualMonitor(0.5, 1, 3, 2, 1)
+    body.last_forward.update(residual_norms=[1.0, 0.9])    # contracts by 0.9 > 0.5
+    body.last_backward.update(residual_norms=[1.0, 1e-3])  # fine
+    text = mon.update(body)
+    assert text == ("MGRIT converged too slowly (forward solve: 3 iterations per step from "
+                    "now on, fwd_iters -> 3)")
+    text = mon.update(body)  # past the ceiling of 3
+    assert "exact serial propagation from now on" in text and "stalled" not in text
+    assert body.calls[-1] == {"max_levels": 1}

@@ -54,7 +54,8 @@ def layer_seed(seed, pass_index, layer, part=None):
 
 
 @contextlib.contextmanager
-def layer_rng(seed, pass_index, layer, device=None, part=None):
+def layer_rng(seed: int, pass_index: int, layer: int, device: "torch.device | None" = None,
+              part: "int | None" = None) -> "contextlib.AbstractContextManager[None]":
     """Run the body under the torch RNG seeded for ``layer`` in pass
     ``pass_index`` (of ``device`` too when it is a CUDA device; ``part``: a
     micro-batch, see ``layer_seed``), restoring the global RNG state

@@ -3,6 +3,9 @@ the residual stops contracting, serial propagation past a ceiling."""
 import math
 
 
+_SOLVES = {"fwd": "forward solve", "bwd": "adjoint solve"}
+
+
 class ResidualMonitor:
     """Watches the residual history of each solve.  A solve is stalled when
     its k iterations cut the residual by less than ``factor`` per iteration
@@ -60,10 +63,13 @@ class ResidualMonitor:
                     self.serial = True
         if self.serial:
             body.reconfigure(max_levels=1)
-            return "residual stalled at the iteration ceiling: serial propagation from now on"
+            return (f"MGRIT converged too slowly even with {self.max_iters} iterations per "
+                    "step (mgrit.max_iters): exact serial propagation from now on")
         if change:
             body.reconfigure(**change)
-            return "residual stalled: " + ", ".join(f"{k} -> {v}" for k, v in change.items())
+            return "MGRIT converged too slowly (" + "; ".join(
+                f"{_SOLVES[k[:3]]}: {v} iterations per step from now on, {k} -> {v}"
+                for k, v in change.items()) + ")"
         return None
 
     def escalate(self, body, reason):
@@ -78,7 +84,8 @@ class ResidualMonitor:
             return f"{reason}: serial propagation from now on"
         self.iters = {k: min(v + 1, self.max_iters) for k, v in self.iters.items()}
         body.reconfigure(fwd_iters=self.iters["fwd"], bwd_iters=self.iters["bwd"])
-        return f"{reason}: MGRIT iterations -> {self.iters['fwd']}/{self.iters['bwd']}"
+        return (f"{reason}: MGRIT iterations per step from now on: {self.iters['fwd']} "
+                f"forward, {self.iters['bwd']} adjoint")
 
     def state(self):
         return {"iters": dict(self.iters), "stalls": dict(self.stalls), "serial": self.serial}

@@ -1,5 +1,10 @@
 """Metrics rows as text and training curves as a PNG."""
 
+# What the columns of ``format_row`` are, printed once above the epoch lines.
+EPOCH_HEADER = ("epoch lines: mean training loss; accuracy on the training and validation "
+                "splits; MGRIT iterations per step (forward/adjoint, means over the epoch); "
+                "last MGRIT residuals (forward/adjoint); wall time of the epoch")
+
 
 def batch_len(loader, b):
     """Samples in batch b (known on every rank: only the last is short)."""
