@@ -46,6 +46,46 @@ class NonFiniteResidualError(MGRITError, FloatingPointError):
         self.index = index
 
 
+_MIXED = {}  # the failing exception's type -> a subclass of MGRITError and it
+
+
+def _kinds(err):
+    """How the type of ``err`` travels to another rank: (module, qualified
+    name) of its exception classes, most derived first."""
+    return tuple((c.__module__, c.__qualname__) for c in type(err).__mro__
+                 if issubclass(c, BaseException))
+
+
+def _remote_error(text, code, rank, kinds):
+    """MGRITError(text, code, rank) raised where no callback failed, of the
+    failing exception's type too (the first of ``kinds`` this process knows,
+    among the modules already imported), so that ``except FloatingPointError``
+    catches a layer's NaN report on every rank.  Named MGRITError; plain
+    where the type is unknown here or cannot be a base class."""
+    import sys
+    like = None
+    for module, qualname in kinds or ():
+        obj = sys.modules.get(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            like = obj
+            break
+    cls = MGRITError
+    if like is not None and not issubclass(MGRITError, like):
+        cls = _MIXED.get(like)
+        if cls is None:
+            try:
+                cls = type("MGRITError", (MGRITError, like),
+                           {"__module__": MGRITError.__module__, "__doc__": MGRITError.__doc__,
+                            "like": like, "__str__": BaseException.__str__})
+                cls("a test instance", code, rank)
+            except Exception:  # a type that takes no such subclass: plain MGRITError
+                cls = MGRITError
+            _MIXED[like] = cls
+    return cls(text, code, rank)
+
+
 cdef int CHKERR(int code) except -1:
     """Raise for a non-zero status of a C call that involves no callback."""
     if code == MG_OK:
@@ -709,14 +749,17 @@ cdef class Solver:
                 rc, fail_rank)
         if (rc == MG_ERR_REMOTE and fail_code == MG_ERR_CALLBACK) or rc == MG_ERR_CALLBACK:
             # every rank is here and knows fail_rank: tell them what happened
-            what = None
+            what = kinds = None
             if self.comm.Get_rank() == fail_rank:
                 what = f"{type(err).__name__}: {err}" if err is not None else "unknown error"
-            what = self.comm.bcast(what, root=fail_rank) if fail_rank >= 0 else "unknown error"
+                kinds = _kinds(err) if err is not None else None
+            # the failing rank -> every rank: what it raised, and the exception's type
+            what, kinds = self.comm.bcast((what, kinds), root=fail_rank) if fail_rank >= 0 \
+                else ("unknown error", None)
             if rc == MG_ERR_CALLBACK and err is not None:
                 raise err
-            raise MGRITError(f"MGRIT solve abandoned: a callback raised on rank {fail_rank}: "
-                             f"{what}", rc, fail_rank)
+            raise _remote_error(f"MGRIT solve abandoned: a callback raised on rank {fail_rank}: "
+                                f"{what}", rc, fail_rank, kinds)
         if rc == MG_ERR_REMOTE:
             # an MPI call or an allocation failed there (no message is sent:
             # the communication itself may be what failed)

@@ -10,7 +10,9 @@ Rank 0 alone prints.  Errors in the configuration, the data, the run folder
 or a checkpoint end every rank with one line ``layerpar: error: ...`` on
 stderr (printed by rank 0) and a non-zero exit status (2 for a bad setting,
 1 otherwise).  SIGINT and SIGTERM stop training at the next step on every
-rank together, with a final checkpoint, and exit 130 and 143.  With a
+rank together, with a final checkpoint, and every rank exits 130 or 143 (a
+signal that reaches some ranks only stops them all, with its status).  NaN
+or Inf in a layer is one error line naming the layer.  With a
 timeout (``run.timeout`` or $LAYERPAR_TIMEOUT) a rank that stops answering
 is named in one line by the lowest rank still answering, and the job ends
 (``MPI_Abort``, exit status 1).
@@ -56,6 +58,7 @@ class StopRequest:
         self.signum = None
 
     def install(self):
+        self._saved = {s: signal.getsignal(s) for s in self.SIGNALS}
         for s in self.SIGNALS:
             signal.signal(s, self._handle)
         return self
@@ -67,16 +70,33 @@ class StopRequest:
             return
         self.signum = signum
 
+    def uninstall(self):
+        """Put back the handlers found by install()."""
+        for s, handler in getattr(self, "_saved", {}).items():
+            signal.signal(s, handler)
+
     def requested(self):
         return self.signum is not None
 
+    def agree(self, comm):
+        """Collective: the signal that stopped the run, the same on every
+        rank (a signal may reach some ranks only: ``kill`` of one rank's
+        process, Ctrl-C delivered to rank 0): the one received by the lowest
+        rank that received one, or None.  It becomes this rank's signal."""
+        from layerpar._watchdog import guard
+        # every rank -> every rank: the signal it received, or None
+        guard(comm, "the agreement on the stopping signal")
+        received = comm.allgather(self.signum)
+        self.signum = next((s for s in received if s is not None), None)
+        return self.signum
+
     @property
     def name(self):
-        return signal.Signals(self.signum).name if self.signum else ""
+        return signal.Signals(self.signum).name if self.signum else "a stop request"
 
     @property
     def exit_status(self):
-        return 128 + self.signum
+        return 128 + self.signum if self.signum else 1
 
 
 class Printer:
@@ -147,9 +167,29 @@ def _duration(seconds):
         else f"{seconds // 60}:{seconds % 60:02d}"
 
 
+class _Version(argparse.Action):
+    """--version: one line, ``layerpar <version>``, printed by the first rank
+    alone when a launcher started several (told by the launcher's
+    environment: MPI is not started for it)."""
+
+    RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from layerpar import __version__
+        rank = next((os.environ[v] for v in self.RANK_VARIABLES if v in os.environ), "0")
+        if rank.strip() in ("", "0"):
+            print(f"layerpar {__version__}", flush=True)
+        parser.exit()
+
+
 def _parser():
     p = argparse.ArgumentParser(prog="layerpar", description="Layer-parallel training of "
                                 "deep residual networks with MGRIT over MPI.")
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a network")
     t.add_argument("--config", help="TOML configuration file (default: built-in peaks)")
@@ -193,7 +233,7 @@ def _parser():
 def _grid_text(size, data):
     layers = size // data if data >= 1 and size % data == 0 else None
     if layers is None:
-        return f"grid: --data-parallel {data} does not divide the {size} ranks"
+        return f"grid: --data-parallel {data} does not divide the {_ranks(size)}"
     return (f"grid: {data} x {layers} (data-parallel groups x layer-parallel ranks per "
             "group)")
 
@@ -229,26 +269,23 @@ FIXED_ON_RESUME = {"model": None, "data": ("name", "seed", "val_fraction", "batc
                    "optim": ("name",)}
 
 
-def _stored_config(comm, run_dir, resume_from):
-    """Collective: the configuration of the run being resumed, as (where,
-    dict of sections) or None: the checkpoint's for --resume-from, else the
-    run folder's config.toml."""
-    found = None
-    if comm.Get_rank() == 0:
-        from layerpar import checkpoint as ckpt
-        from layerpar.config import load_file
-        try:
-            if resume_from:
-                found = (resume_from, ckpt.verify_checkpoint(resume_from)["config"])
-            elif os.path.isfile(os.path.join(run_dir, "config.toml")):
-                path = os.path.join(run_dir, "config.toml")
-                found = (path, load_file(path))
-        except Exception:  # noqa: BLE001 - the load reports a damaged checkpoint itself
-            found = None
-    # Rank 0 -> every rank: the stored configuration (or None).
-    from layerpar._watchdog import guard
-    guard(comm, "the stored configuration from rank 0")
-    return comm.bcast(found, root=0)
+def _checkpoint_config(comm, path):
+    """Collective: ("where", the configuration stored in the checkpoint
+    ``path``), which every rank verifies (its share of the parts); a missing
+    or damaged checkpoint raises the same CheckpointError on every rank."""
+    from layerpar import checkpoint as ckpt
+    return path, ckpt.verify_checkpoint(path, comm=comm)["config"]
+
+
+def _run_config(comm, run_dir):
+    """Collective: ("where", the configuration of the run in ``run_dir``)
+    from its config.toml (read on rank 0), or None when it has none; an
+    unreadable file raises the same error on every rank."""
+    from layerpar._collective import on_root
+    from layerpar.config import load_file
+    path = os.path.join(run_dir, "config.toml")
+    return on_root(comm, lambda: (path, load_file(path)) if os.path.isfile(path) else None,
+                   what=f"the run's configuration {path}")
 
 
 def _resumed_config(args, stored):
@@ -288,13 +325,15 @@ def _train(args, comm, out, stop):
         asked = os.path.dirname(os.path.abspath(args.resume_from))
     name = os.path.splitext(os.path.basename(args.config))[0] if args.config \
         else config["data"]["name"]
+    # the checkpoint is checked before the run folder is made or locked
+    stored = _checkpoint_config(comm, args.resume_from) if args.resume_from else None
     run_dir = rundir.prepare(comm, asked, default=("runs", name), resume=resuming,
                              overwrite=args.overwrite)
-    if resuming:
-        stored = _stored_config(comm, run_dir, args.resume_from)
-        if stored is not None:
-            config, notes = _resumed_config(args, stored), []
-            apply_timeout(config, comm)
+    if args.resume:
+        stored = _run_config(comm, run_dir)
+    if stored is not None:
+        config, notes = _resumed_config(args, stored), []
+        apply_timeout(config, comm)
     config["run"]["dir"] = run_dir
     for note in notes:
         out(f"layerpar: {note}", 1)
@@ -315,6 +354,7 @@ def _train(args, comm, out, stop):
     summary = trainer.run()
     trainer.close()  # collective: solvers freed before MPI finalises
     if summary.get("stopped"):
+        stop.agree(comm)  # the signal may have reached some ranks only
         out.error(f"layerpar: stopped by {stop.name} after step {trainer.step} "
                   f"({trainer.epoch} of {config['optim']['epochs']} epochs complete); "
                   f"checkpoint saved in {run_dir}; continue with: "
@@ -322,12 +362,16 @@ def _train(args, comm, out, stop):
         return stop.exit_status
     g, method = config["mgrit"], config["multilevel"]["method"]
     out(f"layerpar: {config['data']['name']} {config['model']['kind']} N={config['model']['nlayers']} "
-        f"on {comm.Get_size()} ranks ({_grid_shape(comm, config)} grid), {g['mode']}"
+        f"on {_ranks(comm.Get_size())} ({_grid_shape(comm, config)} grid), {g['mode']}"
         f"{'' if method == 'none' else ', ' + method}: epoch {summary['epoch']}, "
         f"validation accuracy {100 * summary['val_acc']:.2f}% (exact network), "
         f"loss {summary['val_loss']:.4f}, {summary['total_wall_time']:.1f}s; "
         f"results in {run_dir}", 0)
     return 0
+
+
+def _ranks(n):
+    return f"{n} rank" if n == 1 else f"{n} ranks"
 
 
 def _grid_shape(comm, config):
@@ -360,11 +404,12 @@ def _eval(args, comm, out, stop):
     loader = trainer.loader(split, batch_size=1000)
     t = time.perf_counter()
     loss, acc = trainer.evaluate(loader)
-    if stop.requested():
+    trainer.close()  # collective: solvers freed before MPI finalises
+    if stop.agree(comm):  # a signal on any rank: every rank exits with its status
         out.error(f"layerpar: stopped by {stop.name}")
         return stop.exit_status
     out(f"layerpar eval: {args.checkpoint} (epoch {trainer.epoch}) on {args.split} "
-        f"({len(split)} samples, {comm.Get_size()} ranks, {_grid_shape(comm, config)} "
+        f"({len(split)} samples, {_ranks(comm.Get_size())}, {_grid_shape(comm, config)} "
         f"grid): accuracy {100 * acc:.2f}% "
         f"(exact network), loss {loss:.4f}, {time.perf_counter() - t:.1f}s", 0)
     return 0
@@ -377,9 +422,21 @@ def _plan(args, comm, out, stop):
                      out=out)
 
 
+# what to change when a layer's states turn NaN or Inf
+NONFINITE_HINT = "lower optim.lr or model.T, or use data.dtype = \"float64\""
+
+
 def _describe(e):
     """The one line for an error a user can cause."""
-    if isinstance(e, (MemoryError, RuntimeError)):
+    from braid_ext import NonFiniteResidualError
+    if isinstance(e, NonFiniteResidualError):  # the solve's agreement: on every rank
+        if hasattr(e, "layer"):  # the engine's: the message names the layer
+            return f"{e}: {NONFINITE_HINT}"
+        return f"NaN or Inf at point {e.index} of an MGRIT solve: {NONFINITE_HINT}"
+    if isinstance(e, FloatingPointError):  # the engine names the layer; training the key
+        text = str(e)
+        return text if "optim." in text else f"{text}: {NONFINITE_HINT}"
+    if _out_of_memory(e):
         import re
         size = re.search(r"allocate (\d+) bytes", str(e))
         what = f" allocating {int(size.group(1)) / 2**30:.3g} GiB" if size else ""
@@ -400,6 +457,48 @@ def _out_of_memory(e):
         or "out of memory" in text.lower()))
 
 
+def _relayed(e, rank):
+    """Is ``e`` another rank's failure told to this rank (a collective that
+    failed there: an MGRIT solve, an agreement, a pipelined pass)?"""
+    from braid_ext import MGRITError
+    from layerpar._collective import RemoteError  # the pipeline's failures are ones too
+    if isinstance(e, MGRITError):  # also one of the failing callback's type there
+        return 0 <= e.rank != rank
+    return isinstance(e, RemoteError)
+
+
+def _classify(e, rank):
+    """(exit status, relayed) for an error the command reports in one line,
+    or None for an internal error."""
+    from braid_ext import MGRITError
+    from layerpar.checkpoint import CheckpointError
+    from layerpar.data import DatasetError
+    relayed = _relayed(e, rank)
+    if isinstance(e, FloatingPointError) or _out_of_memory(e):
+        return 1, relayed
+    if isinstance(e, MGRITError):  # a solve that failed here (MPI) or elsewhere
+        return (1, relayed) if e.rank >= 0 else None
+    if relayed:
+        return 1, True
+    if isinstance(e, RuntimeError):
+        return None
+    if isinstance(e, ValueError) and not isinstance(e, (CheckpointError, DatasetError)):
+        return 2, False  # a setting to change
+    if isinstance(e, (ValueError, OSError)):
+        return 1, False  # data, checkpoint, disk
+    return None
+
+
+def _first_cause(exit_comm, line, code, relayed):
+    """Collective over ``exit_comm`` (every rank failed): the line and exit
+    status of the lowest rank whose error is its own, not another rank's
+    relayed (else rank 0's), the same on every rank."""
+    # every rank -> every rank: (relayed, line, status)
+    told = exit_comm.allgather((relayed, line, code))
+    _, line, code = next((t for t in told if not t[0]), told[0])
+    return line, code
+
+
 def _all_failed(exit_comm, grace=30.0):
     """Did every rank reach this point (every rank stopped with an error)?
     A barrier on a communicator used for nothing else, given ``grace``
@@ -414,13 +513,24 @@ def _all_failed(exit_comm, grace=30.0):
     return True
 
 
-def main(argv=None):
+def main(argv=None, *, comm=None):
+    """The command with arguments ``argv`` (default: sys.argv[1:]) on the
+    ranks of ``comm`` (default: MPI.COMM_WORLD); returns the exit status."""
     args = _parser().parse_args(argv)
     stop = StopRequest().install()
     from mpi4py import MPI
 
-    comm = MPI.COMM_WORLD
+    comm = MPI.COMM_WORLD if comm is None else comm
     exit_comm = comm.Dup()  # only for agreeing on how to stop
+    try:
+        code = _run(args, comm, exit_comm, stop)
+    finally:
+        stop.uninstall()
+    exit_comm.Free()
+    return code
+
+
+def _run(args, comm, exit_comm, stop):
     verbosity = 0 if getattr(args, "quiet", False) else 2 if getattr(args, "verbose", False) else 1
     out = Printer(comm.Get_rank(), verbosity)
 
@@ -438,14 +548,16 @@ def main(argv=None):
     except MGRITTimeoutError as e:  # a rank stopped answering (in a solve or elsewhere)
         _end_silent(comm, e)
     except known as e:
-        if isinstance(e, RuntimeError) and not _out_of_memory(e):
+        how = _classify(e, comm.Get_rank())
+        if how is None:
             return _internal_error(comm)
         # 2: a setting to change; 1: anything else (data, checkpoint, disk, numbers)
-        code = 2 if isinstance(e, ValueError) and not isinstance(
-            e, (CheckpointError, DatasetError)) else 1
+        code, relayed = how
         if _all_failed(exit_comm, _grace(comm)):
-            # the usual case: collective checks raise on every rank; rank 0 says it
-            out.error(f"layerpar: error: {_describe(e)}")
+            # the usual case: collective checks raise on every rank; rank 0
+            # says what went wrong where it went wrong
+            line, code = _first_cause(exit_comm, _describe(e), code, relayed)
+            out.error(f"layerpar: error: {line}")
             return code
         sys.stderr.write(f"layerpar: error on rank {comm.Get_rank()}: {_describe(e)}\n")
         _abort(comm, code)

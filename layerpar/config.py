@@ -543,11 +543,28 @@ def resolve(path=None, overrides=(), *, base=None, notes=None):
     return check(config)
 
 
+def _toml_string(text):
+    """``text`` as a TOML basic string: quote, backslash and control
+    characters escaped, every other character as it is (TOML has no escapes
+    for the surrogate halves JSON writes for characters beyond U+FFFF)."""
+    out = []
+    for c in text:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
 def _toml_value(value):
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, str):
+        return _toml_string(value)
     if isinstance(value, dict):
-        items = (f"{k if re.fullmatch(r'[A-Za-z0-9_-]+', k) else json.dumps(k)} = "
+        items = (f"{k if re.fullmatch(r'[A-Za-z0-9_-]+', k) else _toml_string(k)} = "
                  f"{_toml_value(v)}" for k, v in value.items())
         return "{" + ", ".join(items) + "}"
     if isinstance(value, (list, tuple)):

@@ -86,7 +86,8 @@ class ProcessGrid:
         elif data < 1:
             msg = f"data={data}: the number of data-parallel groups must be >= 1"
         elif size % data:
-            msg = (f"data={data} does not divide the {size} ranks: P = data x layers, "
+            msg = (f"data={data} does not divide the {size} rank{'s' * (size != 1)}: "
+                   f"P = data x layers, "
                    f"choose data among {[k for k in range(1, size + 1) if size % k == 0]}")
         agree(comm, msg)  # the same text on every rank (every rank found it)
         self.comm = comm

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Optional
 
@@ -21,6 +22,13 @@ def _h5(path: str, mode: str) -> h5py.File:
     return h5py.File(path, mode, locking=False)
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 class MetricsWriter:
     """Per-epoch metrics in ``<directory>/<name>.h5`` and ``<name>.csv``.
@@ -32,32 +40,65 @@ class MetricsWriter:
     HDF5).  Only rank 0 of ``comm`` writes; on the other ranks every method
     does nothing (``rows()`` returns None).  Not collective.
 
-    The HDF5 file is the record (one resizable dataset per key, opened and
-    closed per row so a crash loses at most the row being written); the CSV
-    mirrors it and is rebuilt from it when they disagree.  Reopening an
-    existing directory appends after the rows there; ``truncate(n)`` drops
-    the rows after the first n (when resuming from an earlier checkpoint).
+    The HDF5 file is the record (one resizable dataset per key); every
+    change is written to a copy that then replaces it, so a crash (a
+    ``kill -9`` in the middle of a write) leaves the file as it was before
+    or after the row, never half-written.  The CSV mirrors it and is rebuilt
+    from it when they disagree.  Reopening an existing directory appends
+    after the rows there; ``truncate(n)`` drops the rows after the first n
+    (when resuming from an earlier checkpoint).  An HDF5 file that cannot be
+    read (written by something else, or damaged on disk) is rebuilt from the
+    CSV, its damaged copy kept beside it.
+
+    The constructor is collective over ``comm`` (rank 0 opens the files; a
+    failure there raises on every rank); the other methods are not.
     """
 
     def __init__(self, directory, comm, *, name: str = "metrics"):
+        from layerpar._collective import on_root
         directory = os.fspath(directory)
         self.h5_path = os.path.join(directory, name + ".h5")
         self.csv_path = os.path.join(directory, name + ".csv")
         self._active = comm.Get_rank() == 0
         self._columns = None   # list of (key, kind)
         self._num_rows = 0
-        if not self._active:
-            return
+        on_root(comm, lambda: self._open(directory), what="opening the metrics files")
+
+    def _open(self, directory):
         os.makedirs(directory, exist_ok=True)
         if os.path.exists(self.h5_path):
-            with _h5(self.h5_path, "r") as f:
-                self._columns = [tuple(c) for c in json.loads(f.attrs["columns"])]
-                self._num_rows = min((len(f[k]) for k, _ in self._columns), default=0)
+            try:
+                with _h5(self.h5_path, "r") as f:
+                    self._columns = [tuple(c) for c in json.loads(f.attrs["columns"])]
+                    self._num_rows = min((len(f[k]) for k, _ in self._columns), default=0)
+            except (OSError, KeyError, ValueError):
+                self._recover()
             if not self._csv_matches():
                 self._rewrite_csv()
         elif os.path.exists(self.csv_path):
             raise ValueError(f"{self.csv_path} exists without {self.h5_path}; move it away "
                              "or restore the HDF5 file before appending")
+
+    def _recover(self):
+        """The HDF5 file cannot be read: keep it as ``<name>.h5.damaged``
+        and rebuild the record from the CSV's complete lines (an empty record
+        without a CSV)."""
+        os.replace(self.h5_path, self.h5_path + ".damaged")
+        self._columns, self._num_rows = None, 0
+        if not os.path.exists(self.csv_path):
+            return
+        with open(self.csv_path, newline="") as fh:
+            text = fh.read()
+        lines = list(csv.reader(io.StringIO(text)))
+        if not text.endswith("\n"):
+            lines = lines[:-1]  # a line cut short by the crash
+        if len(lines) < 2:
+            os.remove(self.csv_path)
+            return
+        keys, body = lines[0], [r for r in lines[1:] if len(r) == len(lines[0])]
+        kinds = [_csv_kind([r[j] for r in body]) for j in range(len(keys))]
+        for r in body:
+            self.append({k: _csv_value(kind, cell) for k, kind, cell in zip(keys, kinds, r)})
 
     @property
     def num_rows(self) -> Optional[int]:
@@ -79,7 +120,7 @@ class MetricsWriter:
                              f"missing {sorted(missing)}, extra {sorted(extra)}")
         values = {str(k): v for k, v in row.items()}
         values = {k: _convert(k, kind, values[k]) for k, kind in self._columns}
-        with _h5(self.h5_path, "a") as f:
+        with self._changing() as f:
             if "columns" not in f.attrs:
                 f.attrs["columns"] = json.dumps(self._columns)
             for k, kind in self._columns:
@@ -98,6 +139,30 @@ class MetricsWriter:
             fh.flush()
             os.fsync(fh.fileno())
         self._num_rows += 1
+
+    def _changing(self):
+        """The HDF5 record opened for a change on a copy, which replaces it
+        when the change is complete (synced to disk first)."""
+        writer = self
+
+        class _Change:
+            def __enter__(self):
+                self.tmp = writer.h5_path + ".tmp"
+                if os.path.exists(writer.h5_path):
+                    shutil.copyfile(writer.h5_path, self.tmp)
+                self.f = _h5(self.tmp, "a")
+                return self.f
+
+            def __exit__(self, kind, *rest):
+                self.f.close()
+                if kind is not None:
+                    os.remove(self.tmp)
+                    return False
+                _fsync(self.tmp)
+                os.replace(self.tmp, writer.h5_path)
+                return False
+
+        return _Change()
 
     def rows(self) -> Optional[list]:
         """All rows so far, read back from the HDF5 file, as dicts."""
@@ -118,7 +183,7 @@ class MetricsWriter:
             return
         if num_rows < 0:
             raise ValueError(f"num_rows must be >= 0, got {num_rows}")
-        with _h5(self.h5_path, "a") as f:
+        with self._changing() as f:
             for k, _ in self._columns:
                 f[k].resize((num_rows,))
         self._num_rows = num_rows
@@ -187,6 +252,28 @@ def _convert(key, kind, v):
     if arr.ndim != 1:
         raise ValueError(f"metrics column {key!r} holds 1-D sequences, got shape {arr.shape}")
     return arr
+
+
+def _csv_kind(cells) -> str:
+    """The column kind of a CSV column's cells (as ``_csv_cell`` wrote them)."""
+    def all_parse(parse):
+        try:
+            for c in cells:
+                parse(c)
+            return True
+        except ValueError:
+            return False
+    if all_parse(int):
+        return "int"
+    if all_parse(float):
+        return "float"
+    if cells and all(c.startswith("[") for c in cells) and all_parse(json.loads):
+        return "seq"
+    return "str"
+
+
+def _csv_value(kind, cell):
+    return {"int": int, "float": float, "seq": json.loads, "str": str}[kind](cell)
 
 
 def _csv_cell(kind, v) -> str:

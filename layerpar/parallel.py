@@ -217,7 +217,8 @@ class LayerParallel(nn.Module):
         self._ghosts.plan(fwd)
         self.pipeline = Pipeline(self.stage, lambda: self.communicator("pipeline"),
                                  microbatches=microbatches)
-        self._mgrit = MGRITPasses(self.stage, self.comm, self.solvers, self._ghosts, apps)
+        self._mgrit = MGRITPasses(self.stage, self.comm, self.solvers, self._ghosts, apps,
+                                  diagnose=self.pipeline.diagnose)
         self._anchor = torch.zeros((), requires_grad=True)  # keeps every rank in autograd
         self.records = PassRecords()
         self._state_meta = None

@@ -180,7 +180,7 @@ def main(*, config_path, ranks, overrides=(), calibration=None, save=None, comm=
     left_out = [name for name, v in (("the solver's own costs", cal.overhead + cal.solve_fixed),
                                      ("opening, closing, loss", cal.ends),
                                      ("optimiser", cal.optimizer)) if not v]
-    out(f"{N} layers, batch {config['data']['batch_size']}, up to {ranks} ranks; modelled: "
+    out(f"{N} layers, batch {config['data']['batch_size']}, up to {ranks} rank{'s' * (ranks != 1)}; modelled: "
         "the solves" + (f" (not included: {'; '.join(left_out)})" if left_out else ""))
     for line in report(predict(cal, config, ranks), ranks, cal.spread):
         out(line)

@@ -108,8 +108,9 @@ def outcome(exc, app):
         return ("none", None)
     if exc is app.raised:
         return ("original", None)
-    if type(exc) is MGRITError:
-        return ("mgrit", (exc.rank, str(exc)))
+    if isinstance(exc, MGRITError) and type(exc).__name__ == "MGRITError":
+        # elsewhere: an MGRITError naming the rank, of the failing type too
+        return ("mgrit", (exc.rank, str(exc), isinstance(exc, Boom)))
     return ("other", repr(exc))
 
 
@@ -142,8 +143,8 @@ def test_failing_callback_raises_on_every_rank(method, at, where):
             assert kind == "original", f"rank {r} (the failing one): {kind} {detail}"
         else:
             assert kind == "mgrit", f"rank {r}: {kind} {detail}"
-            fail_rank, message = detail
-            assert fail_rank == bad and f"rank {bad}" in message
+            fail_rank, message, same_type = detail
+            assert fail_rank == bad and f"rank {bad}" in message and same_type
 
     # the same solver solves again once the app stops failing ...
     solver.solve()

@@ -526,6 +526,46 @@ def test_metrics_csv_repaired_from_hdf5(tmp_path):
     assert glob.glob(str(tmp_path / "*.tmp")) == []
 
 
+def test_metrics_survive_a_write_killed_half_way(tmp_path):
+    """A kill -9 in the middle of writing the HDF5 record leaves it
+    unreadable (here: cut in half, as the write left it before writes went
+    through a copy): reopening rebuilds it from the CSV, keeps the damaged
+    copy, and appending goes on; a write in progress never touches the
+    record itself."""
+    comm = MPI.COMM_SELF
+    rows = [{"epoch": e, "loss": 0.5 ** e, "phase": "fine", "residuals": [0.1 * e, 0.01]}
+            for e in range(3)]
+    w = MetricsWriter(tmp_path, comm)
+    for r in rows:
+        w.append(r)
+    raw = (tmp_path / "metrics.h5").read_bytes()
+    (tmp_path / "metrics.h5").write_bytes(raw[: len(raw) // 2])
+    w = MetricsWriter(tmp_path, comm)
+    assert w.rows() == rows and (tmp_path / "metrics.h5.damaged").exists()
+    w.append({"epoch": 3, "loss": 0.125, "phase": "fine", "residuals": [0.3]})
+    assert MetricsWriter(tmp_path, comm).num_rows == 4
+    # a change that fails half way leaves the record as it was
+    with pytest.raises(ValueError):
+        w.append({"epoch": 4.5, "loss": 0.1, "phase": "fine", "residuals": []})
+    assert MetricsWriter(tmp_path, comm).num_rows == 4
+    assert not (tmp_path / "metrics.h5.tmp").exists()
+
+
+@pytest.mark.mpi
+def test_metrics_that_cannot_be_opened_raise_on_every_rank(shared_dir):
+    comm = MPI.COMM_WORLD
+    if comm.rank == 0:
+        with open(os.path.join(shared_dir, "metrics.csv"), "w") as fh:
+            fh.write("epoch\n1\n")
+    try:
+        MetricsWriter(shared_dir, comm)
+        got = None
+    except ValueError as e:
+        got = str(e)
+    got = comm.allgather(got)
+    assert all(g is not None and "metrics.h5" in g for g in got), got
+
+
 # ------------------------------------------------------ optimiser by name
 
 def make_params(layers, *, first, last):

@@ -1,34 +1,135 @@
-"""The `layerpar` command under mpiexec: the default run, digits in every
-mode, SIGKILL and resume, evaluation on another number of ranks, and the
-one-line errors."""
+"""The `layerpar` command: digits in every mode, evaluation on another
+number of ranks, damaged checkpoints, the one-line errors (NaN/Inf in a
+layer among them), --version.
+
+Most tests run the command in this process, on the ranks of the test
+session (``command``: ``layerpar.cli.main(argv, comm=...)``); the tests
+that need a launcher start it as a child job under mpiexec and are marked
+``e2e`` (the end-to-end tier).  The helpers here are shared with the other
+command tests (test_cli_failures.py, test_user_cli.py)."""
+import contextlib
 import csv
 import hashlib
+import io
 import os
+import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from mpi4py import MPI
+from torch import nn
 
 from conftest import clean_mpi_env
 from layerpar import checkpoint as ckpt
 
-# Each test runs child jobs, each under its own time limit (a hang ends as that
-# test's failure); pytest's limit, which ends the whole session, lies beyond them.
+# A run of the command in this process waits for every rank; a child job
+# runs under its own time limit (a hang ends as that test's failure); pytest's
+# limit, which ends the whole session, lies beyond them.
 pytestmark = pytest.mark.timeout(1200)
 
+WORLD = MPI.COMM_WORLD
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "layerpar", "configs")
 SMALL = ["--set", "model.nlayers=8", "--set", "model.width=4", "--set", "run.plot=false",
          "--set", 'mgrit.mode="serial"', "--set", "data.batch_size=500"]
 
 
-def layerpar(mpiexec, n, *args, timeout=300):
-    cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "layerpar", *args]
-    return subprocess.run(cmd, env=clean_mpi_env(), capture_output=True, text=True,
-                          timeout=timeout)
+# ---- the command in this process ------------------------------------------------------
+
+class CommandAborted(AssertionError):
+    """The command ended the job (MPI_Abort) on a one-rank communicator: the
+    test fails instead of the session ending."""
+
+
+class Result:
+    """What a run of the command gave on every rank that ran it: ``status``
+    (the same on every rank, else the test fails), rank 0's ``out`` and
+    ``err``, and ``text``: every rank's output, as a launcher shows it."""
+
+    def __init__(self, told):
+        self.statuses = [status for status, _, _ in told]
+        assert self.statuses == [self.statuses[0]] * len(told), told
+        self.status = self.statuses[0]
+        _, self.out, self.err = told[0]
+        self.text = "".join(out + err for _, out, err in told)
+        self.quiet_elsewhere = all(not (out or err) for _, out, err in told[1:])
+
+
+def _main_here(argv, comm):
+    """(status, stdout, stderr) of ``layerpar.cli.main(argv)`` on ``comm``
+    in this process.  What it changes in the process is put back: torch's
+    threads, the run folder's lock (the command holds it until its process
+    ends), and an abort of a one-rank communicator raises CommandAborted."""
+    from layerpar import cli, rundir
+    threads = torch.get_num_threads()
+    job = comm.Dup()  # a timeout the run sets stays on this copy
+    abort = cli._abort
+
+    def no_abort(c, code):
+        if c.Get_size() == 1:
+            raise CommandAborted(f"the command ended the job with status {code}")
+        abort(c, code)
+    cli._abort = no_abort
+    locks = len(rundir._held_locks)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = cli.main([str(a) for a in argv], comm=job)
+    finally:
+        cli._abort = abort
+        job.Free()
+        torch.set_num_threads(threads)
+        while len(rundir._held_locks) > locks:  # the locks this run took
+            rundir._held_locks.pop().close()
+    return status, out.getvalue(), err.getvalue()
+
+
+def command(*argv, ranks=None):
+    """Collective over the test session's ranks: ``layerpar *argv`` in this
+    process on the first ``ranks`` of them (default: all); the Result on
+    every rank."""
+    n = WORLD.size if ranks is None else ranks
+    comm = WORLD.Split(0 if WORLD.rank < n else MPI.UNDEFINED, WORLD.rank)
+    mine = error = None
+    if comm != MPI.COMM_NULL:
+        try:
+            mine = _main_here(argv, comm)
+        except Exception as e:  # noqa: BLE001 - raised below, on every rank
+            error = e
+        finally:
+            comm.Free()
+    # every rank -> every rank: what the command gave here, or how it failed
+    told = WORLD.allgather((mine, None if error is None else f"{type(error).__name__}: {error}"))
+    failed = [(rank, e) for rank, (_, e) in enumerate(told) if e is not None]
+    if error is not None:
+        raise error
+    if failed:
+        raise AssertionError(f"the command failed on rank {failed[0][0]}: {failed[0][1]}")
+    return Result([t for t, _ in told if t is not None])
+
+
+def error_line(r):
+    """The one `layerpar: error:` line of a run, printed by rank 0 on
+    stderr, with no traceback anywhere."""
+    assert "Traceback" not in r.text, r.text
+    lines = [ln for ln in r.text.splitlines() if ln.startswith("layerpar: error:")]
+    assert len(lines) == 1 and lines[0] in r.err.splitlines(), r.text
+    return lines[0]
+
+
+def shared_dir(tmp_path_factory, name):
+    """A new folder that every rank of the session names (made by rank 0)."""
+    path = str(tmp_path_factory.mktemp(name)) if WORLD.rank == 0 else None
+    return WORLD.bcast(path, root=0)
+
+
+def on_rank0(fn, *args):
+    """Collective: fn(*args) on rank 0 (file work in a shared folder); its
+    result, or its exception, on every rank."""
+    from layerpar._collective import on_root
+    return on_root(WORLD, lambda: fn(*args))
 
 
 def last_row(run_dir):
@@ -37,46 +138,45 @@ def last_row(run_dir):
 
 
 def final_weights(path):
-    st = ckpt.load_checkpoint(path, _self(), layer_indices=None)
+    st = ckpt.load_checkpoint(path, MPI.COMM_SELF, layer_indices=None)
     out = {f"layers.{n}.{k}": v for n, d in st["layers"].items() for k, v in d.items()}
     out.update({f"opening.{k}": v for k, v in st["opening"].items()})
     out.update({f"closing.{k}": v for k, v in st["closing"].items()})
     return out, st
 
 
-def _self():
-    from mpi4py import MPI
-    return MPI.COMM_SELF
+# ---- the command as a child job (the end-to-end tier) ---------------------------------
+
+def layerpar(mpiexec, n, *args, timeout=300):
+    cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "layerpar", *args]
+    return subprocess.run(cmd, env=clean_mpi_env(), capture_output=True, text=True,
+                          timeout=timeout)
 
 
-@pytest.mark.timeout(1800)
-def test_peaks_default_on_two_ranks(tmp_path, mpiexec):
-    # the README's main job: the default configuration (peaks, dense N=32,
-    # layer-parallel, Adam, 40 epochs) on 2 ranks
-    t = time.perf_counter()
-    r = layerpar(mpiexec, 2, "train", "--run-dir", str(tmp_path), "-q", timeout=1500)
-    elapsed = time.perf_counter() - t
-    assert r.returncode == 0, r.stdout + r.stderr
-    acc = float(last_row(tmp_path)["val_acc"])
-    print(f"\npeaks default, 2 ranks: validation accuracy {100 * acc:.2f}% in {elapsed:.0f} s")
-    assert acc >= 0.90  # README: at least 90% (chance is 20%)
-    assert os.path.exists(tmp_path / "curves.png")
-    assert os.path.exists(tmp_path / "metrics.h5")
-    assert "validation accuracy" in r.stdout.splitlines()[-1]
+def error_lines(r):
+    text = r.stdout + r.stderr
+    assert "Traceback" not in text, text
+    lines = [ln for ln in text.splitlines() if ln.startswith("layerpar: error:")]
+    assert len(lines) == 1, text
+    return lines[0]
 
 
-def test_digits_conv_all_modes(tmp_path, mpiexec):
+# ---- training and evaluation ------------------------------------------------------------
+
+def test_digits_conv_all_modes(tmp_path_factory):
     # 6 of the configuration's 15 epochs (cosine schedule over 6): each mode
-    # reaches about 96.7% already
+    # reaches about 96.7% already.  Once, on one process (the accuracy does
+    # not depend on the number of ranks: tests/test_training.py)
+    base = shared_dir(tmp_path_factory, "digits")
     acc = {}
     for mode in ("serial", "layer-parallel", "one-shot"):
-        run_dir = tmp_path / mode
-        r = layerpar(mpiexec, 2, "train", "--config", os.path.join(CONFIGS, "digits-conv.toml"),
-                     "--run-dir", str(run_dir), "--set", f'mgrit.mode="{mode}"',
-                     "--set", "run.plot=false", "--set", "optim.epochs=6", "-q")
-        assert r.returncode == 0, r.stdout + r.stderr
+        run_dir = os.path.join(base, mode)
+        r = command("train", "--config", os.path.join(CONFIGS, "digits-conv.toml"),
+                    "--run-dir", run_dir, "--set", f'mgrit.mode="{mode}"',
+                    "--set", "run.plot=false", "--set", "optim.epochs=6", "-q")
+        assert r.status == 0, r.text
         acc[mode] = float(last_row(run_dir)["val_acc"])
-    print("\ndigits conv, 2 ranks, validation accuracy: " +
+    print(f"\ndigits conv, {WORLD.size} ranks, validation accuracy: " +
           ", ".join(f"{m} {100 * a:.2f}%" for m, a in acc.items()))
     assert acc["serial"] >= 0.95
     for mode in ("layer-parallel", "one-shot"):
@@ -84,65 +184,35 @@ def test_digits_conv_all_modes(tmp_path, mpiexec):
         assert abs(acc[mode] - acc["serial"]) <= 0.02
 
 
-def test_sigkill_between_checkpoints_and_resume(tmp_path, mpiexec):
-    args = [*SMALL, "--set", "optim.epochs=6", "--set", "run.checkpoint_every=20",
-            "--set", "data.batch_size=50", "-q"]
-    full = tmp_path / "full"
-    r = layerpar(mpiexec, 2, "train", "--run-dir", str(full), *args)
-    assert r.returncode == 0, r.stdout + r.stderr
-
-    def killed_run(run_dir):
-        cmd = [mpiexec, "-n", "2", sys.executable, "-m", "layerpar", "train",
-               "--run-dir", str(run_dir), *args]
-        p = subprocess.Popen(cmd, env=clean_mpi_env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
-        path = run_dir / "checkpoint.h5"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if path.exists():
-                try:
-                    if ckpt.verify_checkpoint(str(path))["step"] >= 40:
-                        break
-                except ckpt.CheckpointError:
-                    pass
-            time.sleep(0.02)
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-        epoch = ckpt.verify_checkpoint(str(path))["epoch"]
-        assert epoch < 6, "the run finished before it could be killed"
-        return epoch
-
-    # resume on the same number of ranks: bit for bit
-    part = tmp_path / "part"
-    killed_run(part)
-    r = layerpar(mpiexec, 2, "train", "--run-dir", str(part), "--resume", *args)
-    assert r.returncode == 0, r.stdout + r.stderr
-    wf, stf = final_weights(str(full / "checkpoint.h5"))
-    wp, stp = final_weights(str(part / "checkpoint.h5"))
-    assert stf["step"] == stp["step"]
-    for k in wf:
-        assert torch.equal(wf[k], wp[k]), k
-
-    # resume on another number of ranks: equal to round-off
-    other = tmp_path / "other"
-    killed_run(other)
-    r = layerpar(mpiexec, 1, "train", "--run-dir", str(other), "--resume", *args)
-    assert r.returncode == 0, r.stdout + r.stderr
-    wo, _ = final_weights(str(other / "checkpoint.h5"))
-    for k in wf:
-        assert torch.allclose(wf[k], wo[k], rtol=1e-12, atol=1e-14), k
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small run of 2 epochs on the session's ranks, shared by the tests
+    that read it (or copy it before they change it)."""
+    run_dir = os.path.join(shared_dir(tmp_path_factory, "trained"), "run")
+    r = command("train", "--run-dir", run_dir, *SMALL, "--set", "optim.epochs=2", "-q")
+    assert r.status == 0, r.text
+    return run_dir
 
 
-def test_eval_on_one_rank_matches_training(tmp_path, mpiexec):
-    r = layerpar(mpiexec, 2, "train", "--run-dir", str(tmp_path), *SMALL,
-                 "--set", "optim.epochs=2", "-q")
-    assert r.returncode == 0, r.stdout + r.stderr
-    acc = float(last_row(tmp_path)["val_acc"])
-    for n in (1, 2):
-        r = layerpar(mpiexec, n, "eval", "--checkpoint", str(tmp_path / "checkpoint.h5"))
-        assert r.returncode == 0, r.stdout + r.stderr
-        line = r.stdout.strip().splitlines()[-1]
+@pytest.mark.mpi
+def test_eval_on_one_rank_matches_training(trained):
+    acc = float(last_row(trained)["val_acc"])
+    for n in sorted({1, WORLD.size}):
+        r = command("eval", "--checkpoint", os.path.join(trained, "checkpoint.h5"), ranks=n)
+        assert r.status == 0, r.text
+        assert r.quiet_elsewhere, r.text  # rank 0 alone prints
+        line = r.out.strip().splitlines()[-1]
         assert f"accuracy {100 * acc:.2f}%" in line, line
+        assert f", {n} rank{'' if n == 1 else 's'}, " in line, line
+
+
+@pytest.mark.mpi
+def test_one_rank_is_named_in_the_singular(tmp_path_factory):
+    run_dir = os.path.join(shared_dir(tmp_path_factory, "one"), "run")
+    r = command("train", "--run-dir", run_dir, *SMALL, "--set", "optim.epochs=1", ranks=1)
+    assert r.status == 0, r.text
+    assert "on 1 rank (1 x 1 grid)" in r.out.splitlines()[-1], r.out
+    assert "1 ranks" not in r.text
 
 
 def weight_offset(path):
@@ -160,75 +230,180 @@ def weight_offset(path):
     return best[1]
 
 
-def error_lines(r):
-    text = r.stdout + r.stderr
-    assert "Traceback" not in text, text
-    lines = [ln for ln in text.splitlines() if ln.startswith("layerpar: error:")]
-    assert len(lines) == 1, text
-    return lines[0]
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
 
 
+def copy_run(trained, tmp_path_factory, name):
+    """A copy of the trained run (its parts with it), in a shared folder."""
+    from pathlib import Path
+    run = os.path.join(shared_dir(tmp_path_factory, name), "run")
+    on_rank0(shutil.copytree, trained, run)
+    return Path(run)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("damage", ["truncate", "bitflip"])
+def test_damaged_checkpoint_falls_back_to_the_previous(trained, tmp_path_factory, damage):
+    run = copy_run(trained, tmp_path_factory, damage)
+    path, prev = run / "checkpoint.h5", run / "checkpoint.prev.h5"
+
+    def damage_it():
+        digest = hashlib.sha256(prev.read_bytes()).hexdigest()
+        step = ckpt.verify_checkpoint(str(prev))["step"]
+        if damage == "truncate":   # the manifest
+            truncate(path)
+        else:   # one bit of one stored weight, in the first rank's part
+            import h5py
+            with h5py.File(path, "r") as f:
+                part = run / f.attrs["parts_dir"] / "part-00000.h5"
+            data = bytearray(part.read_bytes())
+            data[weight_offset(part)] ^= 0x01
+            part.write_bytes(bytes(data))
+        return digest, step
+    prev_digest, prev_step = on_rank0(damage_it)
+    r = command("eval", "--checkpoint", path, ranks=1)
+    assert r.status != 0
+    assert "checkpoint.h5" in error_line(r)
+    # --resume continues from checkpoint.prev.h5 (as --help says), with a warning
+    r = command("train", "--run-dir", run, "--resume", "--set", "optim.epochs=3")
+    assert r.status == 0, r.text
+    assert "checkpoint.prev.h5" in r.out and f"step {prev_step}" in r.out, r.out
+    damaged = [f for f in os.listdir(run) if ".damaged-" in f]
+    assert len(damaged) == 1
+    assert hashlib.sha256((run / damaged[0]).read_bytes()).hexdigest() != prev_digest
+    assert ckpt.verify_checkpoint(str(path))["epoch"] == 3
+    # the good previous checkpoint also resumes explicitly, without repeating the settings
+    other = run.parent / "other"
+
+    def copy_prev():
+        other.mkdir()
+        (other / "base.h5").write_bytes(prev.read_bytes())   # with its parts
+        shutil.copytree(run / "checkpoint.parts", other / "checkpoint.parts")
+    on_rank0(copy_prev)
+    r = command("train", "--resume-from", other / "base.h5", "-q")
+    assert r.status == 0, r.text
+
+
+@pytest.mark.mpi
+def test_both_checkpoints_damaged_sends_the_user_to_neither(trained, tmp_path_factory):
+    run = copy_run(trained, tmp_path_factory, "both")
+    on_rank0(truncate, run / "checkpoint.h5")
+    on_rank0(truncate, run / "checkpoint.prev.h5")
+    r = command("train", "--run-dir", run, "--resume", "--set", "optim.epochs=3")
+    assert r.status == 1
+    line = error_line(r)
+    assert "checkpoint.h5" in line
+    assert "--resume-from" not in line and "checkpoint.prev.h5" not in line, line
+
+
+@pytest.mark.mpi
+def test_resume_from_a_missing_checkpoint_leaves_no_folder(tmp_path_factory):
+    base = shared_dir(tmp_path_factory, "missing")
+    missing = os.path.join(base, "nothing", "checkpoint.h5")
+    for where in ([], ["--run-dir", os.path.join(base, "run")]):
+        r = command("train", "--resume-from", missing, *where, *SMALL)
+        assert r.status == 1
+        assert missing in error_line(r)
+        assert os.listdir(base) == []  # no run folder, no lock
+
+
+# ---- one-line errors ------------------------------------------------------------------
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("setting,named", [
     ("optim.lr=-0.5", "optim.lr"),
     ('data.name="imagenet"', "data.name"),
     ("mgrit.cfactor=1", "mgrit.cfactor"),
     ('mgrit.mode="fast"', "mgrit.mode"),
 ])
-def test_invalid_configuration_one_line_error(tmp_path, mpiexec, setting, named):
-    r = layerpar(mpiexec, 2, "train", "--run-dir", str(tmp_path), "--set", setting, "-q")
-    assert r.returncode != 0
-    assert named in error_lines(r)
-    assert not os.path.exists(tmp_path / "checkpoint.h5")
+def test_invalid_configuration_one_line_error(tmp_path_factory, setting, named):
+    run_dir = shared_dir(tmp_path_factory, "invalid")
+    r = command("train", "--run-dir", run_dir, "--set", setting, "-q")
+    assert r.status != 0
+    assert named in error_line(r)
+    assert not os.path.exists(os.path.join(run_dir, "checkpoint.h5"))
 
 
-def test_missing_data_directory_one_line_error(tmp_path, mpiexec):
-    r = layerpar(mpiexec, 2, "train", "--run-dir", str(tmp_path / "run"),
-                 "--set", 'data.name="mnist"', "--set", f'data.root="{tmp_path}/nothing"', "-q")
-    assert r.returncode != 0
-    line = error_lines(r)
+@pytest.mark.mpi
+def test_missing_data_directory_one_line_error(tmp_path_factory):
+    base = shared_dir(tmp_path_factory, "nodata")
+    r = command("train", "--run-dir", os.path.join(base, "run"),
+                "--set", 'data.name="mnist"', "--set", f'data.root="{base}/nothing"', "-q")
+    assert r.status != 0
+    line = error_line(r)
     assert "nothing" in line and "train-images-idx3-ubyte" in line
 
 
-@pytest.mark.parametrize("damage", ["truncate", "bitflip"])
-def test_damaged_checkpoint_falls_back_to_the_previous(tmp_path, mpiexec, damage):
-    args = [*SMALL, "--set", "optim.epochs=2", "-q"]
-    r = layerpar(mpiexec, 2, "train", "--run-dir", str(tmp_path), *args)
-    assert r.returncode == 0, r.stdout + r.stderr
-    path, prev = tmp_path / "checkpoint.h5", tmp_path / "checkpoint.prev.h5"
-    prev_digest = hashlib.sha256(prev.read_bytes()).hexdigest()
-    prev_step = ckpt.verify_checkpoint(str(prev))["step"]
-    if damage == "truncate":   # the manifest
-        data = bytearray(path.read_bytes())
-        path.write_bytes(bytes(data[: len(data) // 2]))
-    else:   # one bit of one stored weight, in the first rank's part
-        import h5py
-        with h5py.File(path, "r") as f:
-            part = tmp_path / f.attrs["parts_dir"] / "part-00000.h5"
-        data = bytearray(part.read_bytes())
-        data[weight_offset(part)] ^= 0x01
-        part.write_bytes(bytes(data))
-    r = layerpar(mpiexec, 1, "eval", "--checkpoint", str(path))
-    assert r.returncode != 0
-    assert "checkpoint.h5" in error_lines(r)
-    # --resume continues from checkpoint.prev.h5 (as --help says), with a warning
-    r = layerpar(mpiexec, 2, "train", "--run-dir", str(tmp_path), "--resume",
-                 "--set", "optim.epochs=3")
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "checkpoint.prev.h5" in r.stdout and f"step {prev_step}" in r.stdout, r.stdout
-    damaged = [f for f in os.listdir(tmp_path) if ".damaged-" in f]
-    assert len(damaged) == 1
-    assert hashlib.sha256((tmp_path / damaged[0]).read_bytes()).hexdigest() != prev_digest
-    assert ckpt.verify_checkpoint(str(path))["epoch"] == 3
-    # the good previous checkpoint also resumes explicitly, without repeating the settings
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "base.h5").write_bytes(prev.read_bytes())   # with its parts
-    shutil.copytree(tmp_path / "checkpoint.parts", other / "checkpoint.parts")
-    r = layerpar(mpiexec, 2, "train", "--resume-from", str(other / "base.h5"), "-q")
-    assert r.returncode == 0, r.stdout + r.stderr
+# NaN/Inf: with ReLU, T = 1e4 (a step of h = 312) and float32 the states
+# overflow within the first forward pass
+NONFINITE = ["--set", 'model.activation="relu"', "--set", "model.T=1e4",
+             "--set", 'data.dtype="float32"', "--set", "run.plot=false",
+             "--set", "optim.epochs=1", "-q"]
 
 
-def test_info(mpiexec):
-    r = layerpar(mpiexec, 2, "info")
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode", ["layer-parallel", "one-shot", "serial"])
+def test_nan_in_a_layer_is_one_line_naming_the_layer(tmp_path_factory, mode):
+    # layer-parallel and one-shot: the MGRIT solve's NonFiniteResidualError
+    # (an MGRITError, a RuntimeError); serial: the pipeline's FloatingPointError
+    run_dir = os.path.join(shared_dir(tmp_path_factory, "nan"), "run")
+    r = command("train", "--run-dir", run_dir, *NONFINITE, "--set", f'mgrit.mode="{mode}"')
+    assert r.status == 1, r.text
+    line = error_line(r)
+    assert "NaN or Inf" in line and re.search(r"\blayer \d+\b", line), line
+
+
+class NaNOnLastRank(nn.Module):
+    """tanh(W u + b); but on the last rank of COMM_WORLD a call recorded for
+    back-propagation (the final sweep of a layer-parallel solve) finds NaN
+    and raises FloatingPointError naming its layer, as the engine's checks
+    do: the solve fails there, and the other ranks are told (an MGRITError
+    naming the last rank)."""
+
+    def __init__(self, width=4):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.poisoned = WORLD.rank == WORLD.size - 1
+
+    def forward(self, u):
+        if self.poisoned and torch.is_grad_enabled() and u.requires_grad:
+            raise FloatingPointError("layer 7 produced NaN or Inf")
+        return torch.tanh(self.linear(u))
+
+
+@pytest.mark.mpi
+def test_nan_on_one_rank_is_reported_as_it_happened_there(tmp_path_factory):
+    # rank 0 prints the line of the rank where the layer failed, not the
+    # MGRITError that tells the other ranks of it
+    run_dir = os.path.join(shared_dir(tmp_path_factory, "nan1"), "run")
+    r = command("train", "--run-dir", run_dir, "--set", "model.nlayers=8",
+                "--set", "model.width=4", "--set", "data.batch_size=500",
+                "--set", 'mgrit.mode="layer-parallel"', "--set", "mgrit.cfactor=2",
+                "--set", 'model.step="test_cli:NaNOnLastRank"',
+                "--set", "model.step_kwargs={width = 4}", "--set", "optim.epochs=1", "-q")
+    assert r.status == 1, r.text
+    line = error_line(r)
+    assert line.startswith("layerpar: error: layer 7 produced NaN or Inf"), line
+    assert "abandoned" not in line and "rank" not in line, line
+
+
+@pytest.mark.mpi
+def test_info():
+    r = command("info")
+    assert r.status == 0, r.text
+    assert f"ranks: {WORLD.size}" in r.out and "MPI library" in r.out and "torch" in r.out
+
+
+@pytest.mark.e2e
+def test_version(mpiexec):
+    import layerpar
+    r = subprocess.run([sys.executable, "-m", "layerpar", "--version"], env=clean_mpi_env(),
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "ranks: 2" in r.stdout and "MPI library" in r.stdout and "torch" in r.stdout
+    assert r.stdout == f"layerpar {layerpar.__version__}\n"
+    r = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "layerpar", "--version"],
+                       env=clean_mpi_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"layerpar {layerpar.__version__}\n"  # once, not once per rank

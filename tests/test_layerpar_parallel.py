@@ -292,6 +292,51 @@ def test_nonfinite_state_reports_layer_everywhere():
         body(x if WORLD.rank == 0 else None)
 
 
+class _NaNAt(torch.nn.Module):
+    """A dense step whose output is NaN (always, or only in a call recorded
+    for back-propagation: the final sweep of a layer-parallel solve)."""
+
+    def __init__(self, poisoned, only_recorded):
+        super().__init__()
+        self.inner = DenseStep(4)
+        self.poisoned, self.only_recorded = poisoned, only_recorded
+
+    def forward(self, u):
+        out = self.inner(u)
+        recorded = torch.is_grad_enabled() and u.requires_grad
+        if self.poisoned and (recorded or not self.only_recorded):
+            return out * float("nan")
+        return out
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("only_recorded", [False, True])
+@pytest.mark.parametrize("relax", ["F", "FCF"])
+def test_nonfinite_layer_named_exactly_in_every_layer_parallel_path(relax, only_recorded, grad):
+    """NaN made by layer `bad`: found by the core's residual (forward solve,
+    point bad + 1 -> layer bad) or by the final sweep's check (with or
+    without autograd, also when only the recorded final sweep turns NaN):
+    every rank raises a FloatingPointError naming layer `bad`."""
+    if only_recorded and not grad:
+        pytest.skip("nothing is recorded without autograd: no NaN")
+    N = 4 * WORLD.size
+    for bad in sorted({1, N // 2, N - 1}):
+        body = LayerParallel(lambda n: _NaNAt(n == bad, only_recorded), N, 1.0, WORLD,
+                             max_levels=2, cfactor=2, relax=relax, fwd_iters=2)
+        x = torch.randn(3, 4)
+        try:
+            with torch.set_grad_enabled(grad):
+                body(x if WORLD.rank == 0 else None)
+            got = None
+        except FloatingPointError as e:
+            got = str(e)
+        body.close()
+        got = WORLD.allgather(got)
+        assert all(g is not None and f"layer {bad}" in g and "NaN or Inf" in g for g in got), \
+            (bad, got)
+
+
 @pytest.mark.mpi
 def test_two_forwards_then_one_backward():
     # each forward keeps its own layer graphs: the gradient of a sum of two

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from layerpar.engine.pipeline import (SCHEDULES, Action, PipelineFailure, check_schedule,
-                                     gpipe_step, one_f_one_b, register_schedule, split_sizes)
+                                     gpipe_step, one_f_one_b, register_schedule)
 from layerpar.training import Trainer
 
 F64 = torch.float64
@@ -56,13 +56,6 @@ def serial_key(name, nlayers):
 
 def rel_err(a, b):
     return float((a - b).abs().max() / max(float(b.abs().max()), 1e-300))
-
-
-def test_split_sizes_are_tensor_split_sizes():
-    for b in range(1, 20):
-        for m in range(1, 12):
-            sizes = [len(c) for c in torch.arange(b).tensor_split(min(m, b))]
-            assert split_sizes(b, m) == sizes
 
 
 @pytest.mark.mpi

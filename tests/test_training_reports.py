@@ -1,5 +1,6 @@
 """What training reports: the validation accuracy of the exact network, the
-MGRIT work of every solve of a step, threads per rank, a fast --help."""
+MGRIT work of every solve of a step, threads per rank, a fast --help (in a
+child process: the end-to-end tier)."""
 import math
 import os
 import subprocess
@@ -69,6 +70,7 @@ def test_threads_follow_the_layer_width(monkeypatch):
     assert _threads_per_rank(MPI.COMM_SELF, width=8) == 3
 
 
+@pytest.mark.e2e
 def test_help_does_not_import_torch():
     code = ("import sys\n"
             "from layerpar.cli import main\n"

@@ -1,12 +1,12 @@
 """A user's residual block (a frozen parameter and a dropout, from
 tests/userblocks.py) trained by the `layerpar` command on an .npz file the
-test writes; its evaluation outputs on 1, 2 and 4 ranks; resumption with
-dropout; one-line errors for a bad data file or import path."""
+test writes; its evaluation outputs on 1, 2 and 4 ranks (as many as the
+test session has); resumption with dropout; one-line errors for a bad data
+file or import path.  The command runs in this process on the session's
+ranks (``command``, see test_cli.py)."""
 import csv
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
@@ -14,48 +14,19 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from conftest import clean_mpi_env
 from layerpar import DenseClosing, DenseOpening
 from layerpar import checkpoint as ckpt
-from layerpar.config import resolve
+from layerpar.config import check, resolve
 from layerpar.data import load_files
 from layerpar.training import Trainer, build_network
-from test_cli import error_lines
+from test_cli import command, error_line, on_rank0, shared_dir
 from userblocks import Block
 
-TESTS = os.path.dirname(os.path.abspath(__file__))  # where userblocks imports from
 WORLD = MPI.COMM_WORLD
 N, WIDTH = 8, 6
 USER = ['data.name="files"', 'data.dtype="float64"', "data.batch_size=40",
         'model.step="userblocks:Block"', f"model.step_kwargs={{width = {WIDTH}, p = 0.2}}",
         f"model.width={WIDTH}", f"model.nlayers={N}", "run.plot=false"]
-
-# Evaluate a checkpoint in exact mode and model.eval() on the first 1, 2 and
-# 4 ranks of a 4-rank job; the last rank of each saves the validation outputs.
-EVAL_SCRIPT = """
-import os, sys, torch
-from mpi4py import MPI
-from layerpar import checkpoint as ckpt
-from layerpar.config import check
-from layerpar.training import Trainer
-path, out_dir = sys.argv[1:3]
-world = MPI.COMM_WORLD
-for size in (1, 2, 4):
-    comm = world.Split(0 if world.rank < size else MPI.UNDEFINED, world.rank)
-    if comm != MPI.COMM_NULL:
-        config = ckpt.load_checkpoint(path, comm, layer_indices=[])["config"]
-        config["mgrit"]["mode"] = "serial"
-        config["run"].update(dir=os.path.join(out_dir, f"run{size}"), plot=False)
-        trainer = Trainer(check(config), comm)
-        trainer.resume(path)
-        trainer.net.eval()
-        with torch.no_grad():
-            y = trainer.net(trainer.data.val.inputs if trainer.first else None)
-        if trainer.last:
-            torch.save(y, os.path.join(out_dir, f"out{size}.pt"))
-        comm.Free()
-    world.Barrier()
-"""
 
 
 def write_data(path, n=160, seed=0):
@@ -65,13 +36,6 @@ def write_data(path, n=160, seed=0):
     y = (x[:, 0] + x[:, 1] > 0).astype(np.int64) + (x[:, 2] - x[:, 3] > 0.5)
     np.savez(path, x=x, y=y)
     return str(path)
-
-
-def layerpar(mpiexec, n, *args, timeout=240):
-    """The command run in the tests folder, where userblocks imports."""
-    cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "layerpar", *args]
-    return subprocess.run(cmd, env=clean_mpi_env(), capture_output=True, text=True,
-                          timeout=timeout, cwd=TESTS)
 
 
 def sets(*items):
@@ -101,18 +65,42 @@ def serial_eval(path, data):
         return closing(u), st, modules
 
 
-def test_user_block_trains_from_the_command_line_and_evaluates_on_any_ranks(tmp_path, mpiexec):
-    npz = write_data(tmp_path / "train.npz")
-    run = tmp_path / "run"
-    r = layerpar(mpiexec, 2, "train", "--run-dir", str(run), "-q",
-                 *sets(*USER, f'data.path="{npz}"', 'mgrit.mode="layer-parallel"',
-                       "mgrit.max_levels=2", "mgrit.cfactor=2", "optim.epochs=2",
-                       "optim.lr=0.02"))
-    assert r.returncode == 0, r.stdout + r.stderr
-    with open(run / "metrics.csv") as fh:
+def eval_outputs(path, out_dir, size):
+    """Collective: the checkpoint evaluated in exact mode and model.eval()
+    on the first ``size`` ranks of the session; the validation outputs (of
+    the last of them) on every rank."""
+    comm = WORLD.Split(0 if WORLD.rank < size else MPI.UNDEFINED, WORLD.rank)
+    y = None
+    if comm != MPI.COMM_NULL:
+        config = ckpt.load_checkpoint(path, comm, layer_indices=[])["config"]
+        config["mgrit"]["mode"] = "serial"
+        config["run"].update(dir=os.path.join(out_dir, f"run{size}"), plot=False)
+        trainer = Trainer(check(config), comm)
+        trainer.resume(path)
+        trainer.net.eval()
+        with torch.no_grad():
+            out = trainer.net(trainer.data.val.inputs if trainer.first else None)
+        y = out if trainer.last else None
+        trainer.close()
+        comm.Free()
+    return next(v for v in WORLD.allgather(y) if v is not None)
+
+
+@pytest.mark.mpi
+def test_user_block_trains_from_the_command_line_and_evaluates_on_any_ranks(tmp_path_factory):
+    base = shared_dir(tmp_path_factory, "user")
+    npz = os.path.join(base, "train.npz")
+    on_rank0(write_data, npz)
+    run = os.path.join(base, "run")
+    r = command("train", "--run-dir", run, "-q",
+                *sets(*USER, f'data.path="{npz}"', 'mgrit.mode="layer-parallel"',
+                      "mgrit.max_levels=2", "mgrit.cfactor=2", "optim.epochs=2",
+                      "optim.lr=0.02"))
+    assert r.status == 0, r.text
+    with open(os.path.join(run, "metrics.csv")) as fh:
         losses = [float(row["train_loss"]) for row in csv.DictReader(fh)]
     assert len(losses) == 2 and losses[-1] < losses[0]
-    path = str(run / "checkpoint.h5")
+    path = os.path.join(run, "checkpoint.h5")
     data = load_files(npz, dtype=torch.float64)
     expected, st, _ = serial_eval(path, data)
 
@@ -123,31 +111,28 @@ def test_user_block_trains_from_the_command_line_and_evaluates_on_any_ranks(tmp_
         for k, p in init.body.layer(n).named_parameters():
             assert torch.equal(st["layers"][n][k], p.detach()) != p.requires_grad, (n, k)
 
-    script = tmp_path / "eval_outputs.py"
-    script.write_text(EVAL_SCRIPT)
-    cmd = [mpiexec, "-n", "4", sys.executable, str(script), path, str(tmp_path)]
-    res = subprocess.run(cmd, env=clean_mpi_env(), capture_output=True, text=True,
-                         timeout=240, cwd=TESTS)
-    assert res.returncode == 0, res.stdout + res.stderr
-    outs = {ranks: torch.load(tmp_path / f"out{ranks}.pt") for ranks in (1, 2, 4)}
+    outs = {size: eval_outputs(path, base, size) for size in (1, 2, 4) if size <= WORLD.size}
     assert outs[1].shape == (len(data.val), data.num_classes)
-    assert torch.equal(outs[1], outs[2]) and torch.equal(outs[1], outs[4])
+    for size, out in outs.items():
+        assert torch.equal(outs[1], out), size
     assert torch.allclose(outs[1], expected, rtol=1e-14, atol=1e-14)
 
 
-def test_bad_data_file_and_import_path_one_line_errors(tmp_path, mpiexec):
-    npz = str(tmp_path / "d.npz")
-    np.savez(npz, x=np.zeros((10, 4)), labels=np.zeros(10, dtype=np.int64))
-    r = layerpar(mpiexec, 2, "train", "--run-dir", str(tmp_path / "run"), "-q",
-                 *sets(*USER, f'data.path="{npz}"'))
-    assert r.returncode != 0
-    line = error_lines(r)
+@pytest.mark.mpi
+def test_bad_data_file_and_import_path_one_line_errors(tmp_path_factory):
+    base = shared_dir(tmp_path_factory, "baddata")
+    npz = os.path.join(base, "d.npz")
+    on_rank0(lambda: np.savez(npz, x=np.zeros((10, 4)), labels=np.zeros(10, dtype=np.int64)))
+    r = command("train", "--run-dir", os.path.join(base, "run"), "-q",
+                *sets(*USER, f'data.path="{npz}"'))
+    assert r.status != 0
+    line = error_line(r)
     assert npz in line and "no array 'y'" in line and "labels" in line
-    r = layerpar(mpiexec, 2, "train", "--run-dir", str(tmp_path / "run"), "-q",
-                 *sets(*USER, f'data.path="{npz}"', 'data.labels="labels"',
-                       'model.step="userblocks:Blok"'))
-    assert r.returncode != 0
-    line = error_lines(r)
+    r = command("train", "--run-dir", os.path.join(base, "run"), "-q",
+                *sets(*USER, f'data.path="{npz}"', 'data.labels="labels"',
+                      'model.step="userblocks:Blok"'))
+    assert r.status != 0
+    line = error_line(r)
     assert "model.step" in line and "'Blok'" in line
 
 

@@ -20,9 +20,10 @@ Vectors are torch tensors of the state shape (batch, ...).
 """
 import torch
 
-from braid_ext import MGRITError
+from braid_ext import MGRITError, NonFiniteResidualError
+from layerpar._collective import agree
 from layerpar._watchdog import guard
-from layerpar.engine.context import record
+from layerpar.engine.context import PassContext, PassRecords, record
 from layerpar.engine.vectors import TorchVectors
 
 
@@ -39,9 +40,11 @@ class ForwardApp(TorchVectors):
     def begin(self, ctx, u0):
         self.configure(ctx.meta.shape, ctx.meta.dtype, ctx.meta.device)
         self.ctx, self.u0 = ctx, u0
+        self._finite = {}
 
     def end(self):
         self.ctx = self.u0 = None
+        self._finite = {}
 
     def init(self, t, index):
         if index == 0:
@@ -60,26 +63,39 @@ class ForwardApp(TorchVectors):
                 f = stage.call(n, x, ctx, final=True)
             ctx.graphs[n] = (x, f, tuple(F.parameters()))
             out = torch.add(u, f.detach(), alpha=h)
-            if n == stage.indices[-1] and not torch.isfinite(out).all():
-                self._report_nonfinite()
-            return out
-        with torch.no_grad():
-            out = torch.add(u, stage.call(n, u, ctx, final=status.final), alpha=h)
-        if status.final and n == stage.indices[-1] and not torch.isfinite(out).all():
-            first = stage.indices[0]
-            raise FloatingPointError(f"a layer in {first}..{n} produced NaN or Inf")
+        else:
+            with torch.no_grad():
+                out = torch.add(u, stage.call(n, u, ctx, final=status.final), alpha=h)
+        if status.final:
+            self._watch(n, u, out)
         return out
 
-    def _report_nonfinite(self):
-        # NaN and Inf propagate to the following layers, so checking each
-        # rank's last output finds them; only then look for the first one.
-        for n in self.stage.indices:
-            x, f, _ = self.ctx.graphs[n]
-            if not torch.isfinite(x).all():
-                raise FloatingPointError(f"the input of layer {n} is NaN or Inf")
-            if not torch.isfinite(f).all():
-                raise FloatingPointError(f"layer {n} produced NaN or Inf")
-        raise FloatingPointError(f"layer {self.stage.indices[-1]} produced NaN or Inf")
+    def first_bad(self):
+        """Where this solve's final sweep so far first turned NaN or Inf on
+        this rank: layer k's output as k, the input of the first local layer
+        f as f - 0.5 (so that the smallest over the ranks is the first); or
+        None."""
+        flags = self._finite
+        if not flags:
+            return None
+        if not bool(flags.get("input", True)):
+            return self.stage.indices[0] - 0.5
+        return next((k for k in self.stage.indices if k in flags and not bool(flags[k])), None)
+
+    def _watch(self, n, u, out):
+        """The final sweep's outputs, checked once, at this rank's last
+        layer: NaN and Inf propagate, so a bad last output means a bad layer
+        before it; the flags (no synchronisation per layer) say which."""
+        stage = self.stage
+        if n == stage.indices[0]:
+            self._finite = {"input": torch.isfinite(u).all()}
+        self._finite[n] = torch.isfinite(out).all()
+        if n != stage.indices[-1] or bool(self._finite[n]):
+            return
+        bad = self.first_bad()
+        if bad is not None and bad != int(bad):
+            raise FloatingPointError(f"the input of layer {stage.indices[0]} is NaN or Inf")
+        raise FloatingPointError(f"layer {n if bad is None else bad} produced NaN or Inf")
 
 
 class AdjointApp(TorchVectors):
@@ -144,10 +160,60 @@ class MGRITPasses:
     the solver pair in use of ``solvers`` and the coarse-grid weights of
     ``ghosts``; ``apps`` are the (forward, adjoint) apps the solvers step."""
 
-    def __init__(self, stage, comm, solvers, ghosts, apps):
+    def __init__(self, stage, comm, solvers, ghosts, apps, *, diagnose=None):
         self.stage, self.comm, self.solvers, self.ghosts = stage, comm, solvers, ghosts
         self.fwd_app, self.bwd_app = apps
         self.first, self.last = 0, comm.Get_size() - 1
+        # diagnose(ctx, u0): an exact pass that raises a FloatingPointError naming
+        # the first layer whose output is NaN or Inf (Pipeline.diagnose)
+        self.diagnose = diagnose
+
+    def _cfactor(self, solver):
+        cf = solver.options["cfactor"]
+        return cf[0] if isinstance(cf, (list, tuple)) else cf
+
+    def _forward_nonfinite(self, e, ctx, u0, bad):
+        """The core found the forward solve's residual NaN or Inf at point
+        ``e.index`` (a C-point: the layer that made it lies in the interval
+        before).  The final sweep's checks so far (``bad``: this rank's first
+        bad layer) or else an exact pass name the layer, on every rank; when
+        the exact network is finite, the iteration itself diverged."""
+        # every rank -> every rank: its first layer with a NaN/Inf output in the final sweep
+        found = [b for b in agree(self.comm, None, payload=bad,
+                                  what="the search for a NaN/Inf layer") if b is not None]
+        if found:
+            first = min(found)
+            if first != int(first):
+                raise FloatingPointError(f"the input of layer {int(first + 0.5)} is NaN or Inf")
+            raise FloatingPointError(f"layer {first} produced NaN or Inf")
+        if self.diagnose is not None:
+            probe = PassContext(index=ctx.index, meta=ctx.meta, record=False,
+                                records=PassRecords())
+            self.diagnose(probe, u0)  # raises naming the layer where the exact pass fails
+        m = self._cfactor(self.solvers.fwd)
+        lo, hi = max(0, e.index - m), max(0, e.index - 1)
+        out = NonFiniteResidualError(
+            f"the forward MGRIT solve turned NaN or Inf at point {e.index} (after layers "
+            f"{lo}..{hi}) although the exact network's pass is finite: the coarse grids' "
+            f"steps (up to {m}^(levels-1) layers long) overflow; use fewer levels, a smaller "
+            "cfactor or a smaller model.T", e.index)
+        out.layer = None
+        return out
+
+    def _backward_nonfinite(self, e):
+        """The adjoint solve's residual NaN or Inf at reversed point
+        ``e.index`` (a C-point): the gradient at the input of a layer in
+        the interval after it."""
+        N, m, a = self.stage.nlayers, self._cfactor(self.solvers.bwd), e.index
+        if a == 0:
+            text = "the loss gradient given to the backward pass is NaN or Inf"
+        else:
+            lo, hi = N - a, min(N - 1, N - a + m - 1)
+            text = (f"the backward MGRIT solve turned NaN or Inf at the gradient of the "
+                    f"input of layer {lo} (made by layers {lo}..{hi})")
+        out = NonFiniteResidualError(text, a)
+        out.layer = N - a if a > 0 else None
+        return out
 
     def _input_norm(self, v, root):
         """Collective: the 2-norm of a solve's given state (the input state,
@@ -165,8 +231,14 @@ class MGRITPasses:
         self.fwd_app.begin(ctx, u0)
         try:
             info = _solve(solver)
+        except NonFiniteResidualError as e:
+            error, bad = e, self.fwd_app.first_bad()
+        else:
+            error = None
         finally:
             self.fwd_app.end()
+        if error is not None:
+            raise self._forward_nonfinite(error, ctx, u0, bad) from None
         info["input_norm"] = self._input_norm(u0, self.first)
         ctx.records.forward = info
         meta = ctx.meta
@@ -187,6 +259,8 @@ class MGRITPasses:
         self.bwd_app.begin(ctx, lam)
         try:
             info = _solve(solver)
+        except NonFiniteResidualError as e:
+            raise self._backward_nonfinite(e) from None
         finally:
             if not ctx.retain:
                 ctx.graphs.clear()

@@ -443,6 +443,23 @@ class Pipeline:
             return torch.cat(outs) if len(outs) > 1 else outs[0].clone()
         return torch.zeros(0, dtype=meta.dtype, device=meta.device)
 
+    def diagnose(self, ctx, u0):
+        """An exact pass of the whole batch without autograd that leaves
+        every buffer as it was: raises on every rank a FloatingPointError
+        naming the first layer whose output (or the input of the first
+        layer) is NaN or Inf; returns when the exact network is finite.  For
+        reports after an MGRIT solve found NaN or Inf."""
+        saved = [(b, b.detach().clone()) for b in self.stage.layers.buffers()]
+        micro, self.microbatches = self.microbatches, 1
+        try:
+            with torch.no_grad():
+                self.forward(ctx, u0)
+        finally:
+            self.microbatches = micro
+            with torch.no_grad():
+                for b, value in saved:
+                    b.copy_(value)
+
     def backward(self, ctx, grad_out, params):
         """GPipe's backward pass: (dloss/du_0 on the first rank or None,
         gradients of ``params``, the local layers' parameters that the

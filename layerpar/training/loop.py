@@ -236,7 +236,7 @@ class Trainer:
         except ckpt.CheckpointError as e:
             prev = ckpt.previous_path(path)
             hint = f" (the previous checkpoint {prev} is kept: resume from it with " \
-                   f"--resume-from {prev})" if os.path.exists(prev) else ""
+                   f"--resume-from {prev})" if self._verifies(prev) else ""
             raise ckpt.CheckpointError(f"{e}{hint}") from None
         extra = st.get("extra") or {}
         m.restore(st, extra, saved_group_state(extra, self.grid))
@@ -249,6 +249,14 @@ class Trainer:
             self.metrics.truncate(self.epoch)  # rows of epochs finished before the save
         if self.log:
             self.log(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
+        return True
+
+    def _verifies(self, path):
+        """Collective: does the checkpoint ``path`` exist and verify?"""
+        try:
+            ckpt.verify_checkpoint(path, comm=self.comm)
+        except ckpt.CheckpointError:
+            return False
         return True
 
     def _usable_checkpoint(self, path):
