@@ -147,6 +147,9 @@ def _controller_rows(problem, quick=True):
         rows.append(Setting(problem, mode, mode=mode, quick=quick))
         rows.append(Setting(problem, f"{mode} + controller", mode=mode, controller=True,
                             quick=quick))
+        # a tighter bound than the default 0.2 (full runs only)
+        rows.append(Setting(problem, f"{mode} + controller, tol 0.05", mode=mode,
+                            controller=True, sets=("mgrit.controller_tol=0.05",), quick=False))
     return rows
 
 
