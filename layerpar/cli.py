@@ -19,6 +19,7 @@ is named in one line by the lowest rank still answering, and the job ends
 """
 import argparse
 import errno
+import math
 import os
 import signal
 import sys
@@ -146,6 +147,8 @@ class Printer:
                 f"{rate:.1f} it/s{eta}  loss {s['loss']:.4f}  "
                 f"acc {100 * s['correct'] / max(s['size'], 1):5.1f}%  "
                 f"mgrit {s['fwd_iters']}/{s['bwd_iters']}")
+        if not math.isnan(s.get("grad_error", math.nan)):  # the controller measured
+            line += f"  grad err {s['grad_error']:.2g}"
         if self.verbosity >= 2:
             self._close_line()
             sys.stderr.write(line + "\n")

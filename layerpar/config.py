@@ -30,6 +30,7 @@ MULTILEVEL_METHODS = ("none", "nested", "mgopt", "rmtr")
 COARSE_STATES = ("restrict", "keep")
 STARTS = ("fine", "nested", "full-multigrid")
 BATCH_GROWTH = ("none", "schedule", "norm-test")
+CONTROLLER_ACTIONS = ("auto", "iterations", "exact")
 
 DEFAULTS = {
     "data": {
@@ -84,6 +85,17 @@ DEFAULTS = {
         "monitor_max_residual": 1.0,  # also stalled: a last residual above this times
                                # the norm of the solve's given state (0: off)
         "max_iters": 8,        # the monitor's ceiling; past it: serial propagation
+        "controller": True,    # measure the gradient's error on a schedule (one
+                               # exact pass at the same weights and batch) and
+                               # raise the accuracy when it is too large
+        "controller_every": 50,  # steps between measurements (the first at this step)
+        "controller_tol": 0.2,   # the largest relative gradient error accepted
+        "controller_patience": 1,  # measurements above it in a row before acting
+        "controller_action": "auto",  # iterations: one more MGRIT iteration per
+                               # solve (exact past max_iters); exact: exact
+                               # propagation at once (for the rest of training);
+                               # auto: iterations while the step's modelled time
+                               # stays below the exact pass's, else exact
         "microbatches": 1,     # > 1: serial propagation is the exact pipeline
                                # (the batch split into micro-batches that flow
                                # rank to rank, forward and backward)
@@ -182,7 +194,10 @@ _NESTED = ("multilevel.method", ("nested",))
 _CYCLES = ("multilevel.method", ("mgopt", "rmtr"))
 _MGOPT = ("multilevel.method", ("mgopt",))
 _RMTR = ("multilevel.method", ("rmtr",))
+_CONTROLLER = ("mgrit.controller", (True,))
 APPLIES = {
+    **{("mgrit", k): _CONTROLLER for k in ("controller_every", "controller_tol",
+                                           "controller_patience", "controller_action")},
     ("mgrit", "microbatches"): _PIPELINE,
     ("mgrit", "schedule"): _PIPELINE,
     **{("multilevel", k): _MULTILEVEL for k in ("levels", "factor", "prolong")},
@@ -331,6 +346,13 @@ def check(config):
          "mgrit.monitor_max_residual", "must be a finite number >= 0 (0: off)")
     need(g["max_iters"] >= max(g["fwd_iters"], g["bwd_iters"], 2), "mgrit.max_iters",
          "must be >= 2 and >= fwd_iters and bwd_iters")
+    need(g["controller_every"] >= 1, "mgrit.controller_every",
+         "the steps between measurements must be >= 1")
+    need(g["controller_tol"] > 0, "mgrit.controller_tol",
+         "the largest relative gradient error accepted must be > 0")
+    need(g["controller_patience"] >= 1, "mgrit.controller_patience", "must be >= 1")
+    need(g["controller_action"] in CONTROLLER_ACTIONS, "mgrit.controller_action",
+         f"choose one of {', '.join(CONTROLLER_ACTIONS)}")
     need(g["microbatches"] >= 1, "mgrit.microbatches", "the number of micro-batches must be >= 1")
     need(g["schedule"] in PIPELINE_SCHEDULES, "mgrit.schedule",
          f"choose one of {', '.join(PIPELINE_SCHEDULES)}")

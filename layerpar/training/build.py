@@ -10,6 +10,7 @@ from layerpar.config import mode_iterations
 from layerpar.optim import LBFGS, schedule
 from layerpar.parallel import Network
 from layerpar.models import factories
+from layerpar.training.controller import GradientController
 from layerpar.training.monitor import ResidualMonitor
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -79,14 +80,27 @@ def make_optimizer(config, net):
 
 
 def make_monitor(config):
-    """The residual monitor of the parallel modes (None in serial mode or
-    when switched off)."""
+    """The residual monitor of the parallel modes, with the gradient-accuracy
+    controller (``mgrit.controller``) as its ``controller``: None in serial
+    mode or when both are switched off; with the residual monitor off
+    (``mgrit.monitor = false``) it watches no residuals and only holds the
+    MGRIT setting that the controller raises."""
     g = config["mgrit"]
-    if g["mode"] == "serial" or not g["monitor"]:
+    if g["mode"] == "serial" or not (g["monitor"] or g["controller"]):
         return None
     fwd_iters, bwd_iters = mode_iterations(config)
+    controller = make_controller(config) if g["controller"] else None
     return ResidualMonitor(g["monitor_factor"], g["monitor_patience"], g["max_iters"],
-                           fwd_iters, bwd_iters, max_residual=g["monitor_max_residual"])
+                           fwd_iters, bwd_iters, max_residual=g["monitor_max_residual"],
+                           watch=g["monitor"], controller=controller)
+
+
+def make_controller(config):
+    """The gradient-accuracy controller of the ``mgrit.controller_*`` keys."""
+    g = config["mgrit"]
+    return GradientController(every=g["controller_every"], tol=g["controller_tol"],
+                              patience=g["controller_patience"],
+                              action=g["controller_action"])
 
 
 def learning_rate(config, epoch, *, epochs=None):

@@ -40,6 +40,7 @@ is empty runs no solve and contributes nothing.  The work counters and the
 solves' statistics are this group's.
 """
 import json
+import math
 
 import torch
 import torch.nn.functional as Fn
@@ -72,6 +73,8 @@ class Level:
         self.nlayers = self.body.nlayers
         self.optimizer = make_optimizer(config, self.net)
         self.monitor = make_monitor(config)
+        # the gradient-accuracy controller (layerpar.training.controller), or None
+        self.controller = self.monitor.controller if self.monitor else None
         self.lbfgs = config["optim"]["name"] == "lbfgs"
         self.work = {"fwd": 0, "bwd": 0}
         self._linear = None  # {parameter: tensor v}: the objective gets -<v, x>
@@ -227,15 +230,32 @@ class Level:
     # ---- optimiser steps -----------------------------------------------------------
     def step(self, x, y, size):
         """One optimiser step on the batch (x, y) of ``size`` samples; then the
-        residual monitor looks at the solves.  Returns the step's statistics
-        (the objective before the step, the correct count, MGRIT iterations
-        and residuals, virtual time, and ``change``: what the monitor did)."""
+        residual monitor looks at the solves and, on its schedule, the
+        gradient-accuracy controller compares the step's gradient with the
+        exact one.  Returns the step's statistics (the objective before the
+        step, the correct count, MGRIT iterations and residuals, virtual
+        time, ``exact``: whether the step's propagation was exact, the
+        controller's measurement ``grad_error``, ``grad_cosine`` and
+        ``check_work`` (NaN, NaN, 0 when it did not measure), ``grad_acted``
+        (1 when it raised the accuracy), and ``change``: what the monitor
+        or the controller did)."""
         stats = {}
         solves = dict(fwd_iters=0, bwd_iters=0, vtime=0.0, solved=0)
+        ctl = self.controller
+        exact = self.body.pipelined
+        # the exact gradient at the weights of the step, before the step
+        reference = self.exact_gradient(x, y, size) if ctl and ctl.due(self.body) else None
+        measured = {}
 
         def closure():
             value, correct = self._evaluate_with_grad(x, y, size)
+            first = not stats
             stats.update(loss=value, correct=correct)
+            if reference is not None and first:  # the step's gradient at the step's weights
+                vtime = 0.0 if self._reused else \
+                    self.body.last_forward["virtual_time"] + self.body.last_backward["virtual_time"]
+                measured.update(ctl.measure(self.comm, self._grads(), reference["grads"],
+                                            reference["work"], (vtime, reference["vtime"])))
             if self._reused:  # no solve ran: nothing to count or monitor
                 return value
             solves["solved"] += 1
@@ -255,16 +275,70 @@ class Level:
             self.optimizer.step()
         f, b = self.body.last_forward, self.body.last_backward
         change = None
-        if self.monitor and solves["solved"]:
+        if self.monitor and self.monitor.watch and solves["solved"]:
             change = self.monitor.update(self.body)
             status = getattr(self.optimizer, "last_step", {}).get("status")
             if change is None and status == "failed":
                 change = self.monitor.escalate(self.body, "no decrease along the inexact gradient")
+        acted = ctl.step_done(self.monitor, self.body, measured or None) if ctl else None
+        if acted:
+            change = f"{change}; {acted}" if change else acted
+        if reference is not None:
+            solves["vtime"] += reference["vtime"]
         return dict(loss=stats["loss"], correct=stats["correct"], size=size,
                     fwd_iters=solves["fwd_iters"], bwd_iters=solves["bwd_iters"],
                     fwd_res=f["residual_norms"][-1] if f["residual_norms"] else 0.0,
                     bwd_res=b["residual_norms"][-1] if b["residual_norms"] else 0.0,
-                    vtime=solves["vtime"], change=change)
+                    vtime=solves["vtime"], exact=int(exact),
+                    grad_error=measured.get("error", math.nan),
+                    grad_cosine=measured.get("cosine", math.nan),
+                    check_work=measured.get("fwd_work", 0) + measured.get("bwd_work", 0),
+                    grad_acted=int(acted is not None), change=change)
+
+    def _grads(self):
+        """This rank's parameters' gradients (None where there is none)."""
+        return [None if p.grad is None else p.grad.detach().clone()
+                for p in self.net.parameters()]
+
+    def exact_gradient(self, x, y, size=None):
+        """Collective: the objective's gradient at the current weights on the
+        batch with exact propagation (one grid level both ways: serial, or
+        the pipeline with micro-batches), as {"grads": this rank's
+        gradients by parameter (None where there is none), "value": the
+        objective, "work": this rank's layer steps {"fwd", "bwd"}, "vtime":
+        the pass's virtual time}.  The network is left as it was: its MGRIT
+        options (the solver cache keeps the inexact solvers and their warm
+        states), its pass counter (the next pass draws the same random
+        numbers as this one), its buffers (running statistics), the
+        gradients in ``.grad`` and the last passes' records; the layer
+        steps are added to ``work``.  Kept evaluations are neither used nor
+        replaced."""
+        body = self.body
+        params = list(self.net.parameters())
+        held = [p.grad for p in params]
+        buffers = [b.detach().clone() for b in self.net.buffers()]
+        levels = (body.fwd_options["max_levels"], body.bwd_options["max_levels"])
+        passes, records = body.passes, (body.records.forward, body.records.backward)
+        work = dict(self.work)
+        switch = max(levels) > 1
+        if switch:
+            body.reconfigure(max_levels=1)
+        try:
+            value, _ = self._solve_with_grad(x, y, size)
+            grads = self._grads()
+            vtime = body.last_forward["virtual_time"] + body.last_backward["virtual_time"]
+        finally:
+            if switch:
+                body.reconfigure(max_levels=levels[0], bwd_max_levels=levels[1])
+            body.passes = passes
+            body.records.forward, body.records.backward = records
+            with torch.no_grad():
+                for b, saved in zip(self.net.buffers(), buffers):
+                    b.copy_(saved)
+            for p, g in zip(params, held):
+                p.grad = g
+        spent = {k: self.work[k] - work[k] for k in work}
+        return {"grads": grads, "value": value, "work": spent, "vtime": vtime}
 
     def steps(self, k, batches):
         """k optimiser steps, cycling through ``batches`` (a list of

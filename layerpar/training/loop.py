@@ -52,8 +52,8 @@ from layerpar.multilevel import METHODS
 from layerpar.training.build import (apply_timeout, learning_rate, load_data,
                                      load_in_groups, make_loaders, saved_group_state)
 from layerpar.training.level import Level
-from layerpar.training.report import (add_step, batch_len, epoch_sums, format_row,
-                                      plot_metrics)
+from layerpar.training.report import (add_step, batch_len, controller_columns, epoch_sums,
+                                      format_row, plot_metrics)
 from layerpar.training.single import SingleLevel
 
 
@@ -417,6 +417,8 @@ class Trainer:
                "lr": self.optimizer.param_groups[0]["lr"],
                "wall_time": time.perf_counter() - t_epoch,
                "virtual_time": acc["vtime"], **m.tail_columns(acc)}
+        if m.level.controller is not None:  # the network trained now: the finest
+            row.update(controller_columns(acc, m.level.controller))
         if self.metrics:
             self._rank0_file_work(self.metrics.append, row)
         if self.events:

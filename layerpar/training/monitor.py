@@ -1,5 +1,8 @@
 """The residual monitor of the parallel modes: more MGRIT iterations when
-the residual stops contracting, serial propagation past a ceiling."""
+the residual stops contracting, serial propagation past a ceiling.  It
+holds the MGRIT setting of a network in training (iterations, the exact
+fallback), which the gradient-accuracy controller
+(``layerpar.training.controller``) raises through it too."""
 import math
 
 
@@ -16,11 +19,19 @@ class ResidualMonitor:
     contract well from a residual that has grown.  A solve stalled
     ``patience`` updates in a row gets one more iteration; past ``max_iters``
     the network falls back to serial (exact) propagation.  ``max_residual``
-    0 watches contraction only."""
+    0 watches contraction only.
 
-    def __init__(self, factor, patience, max_iters, fwd_iters, bwd_iters, max_residual=0.0):
+    ``watch=False``: the residuals are not watched (``update`` and the
+    line search's escalation do nothing); the monitor only holds the
+    setting that ``controller`` (a ``GradientController``, or None) raises.
+    Its state (``state()``) holds the controller's."""
+
+    def __init__(self, factor, patience, max_iters, fwd_iters, bwd_iters, max_residual=0.0,
+                 *, watch=True, controller=None):
         self.factor, self.patience, self.max_iters = factor, patience, max_iters
         self.max_residual = max_residual
+        self.watch = bool(watch)
+        self.controller = controller
         self.iters = {"fwd": fwd_iters, "bwd": bwd_iters}
         self.stalls = {"fwd": 0, "bwd": 0}
         self.serial = False
@@ -46,7 +57,7 @@ class ResidualMonitor:
     def update(self, body):
         """Look at the last solves; returns a description of a change made to
         ``body`` (collective: every rank sees the same norms), or None."""
-        if self.serial:
+        if self.serial or not self.watch:
             return None
         change = {}
         for key, info in (("fwd", body.last_forward), ("bwd", body.last_backward)):
@@ -87,13 +98,26 @@ class ResidualMonitor:
         return (f"{reason}: MGRIT iterations per step from now on: {self.iters['fwd']} "
                 f"forward, {self.iters['bwd']} adjoint")
 
+    def to_exact(self, body, reason):
+        """Exact (serial or pipelined) propagation from now on.  Collective."""
+        if self.serial:
+            return None
+        self.serial = True
+        body.reconfigure(max_levels=1)
+        return f"{reason}: exact propagation from now on"
+
     def state(self):
-        return {"iters": dict(self.iters), "stalls": dict(self.stalls), "serial": self.serial}
+        out = {"iters": dict(self.iters), "stalls": dict(self.stalls), "serial": self.serial}
+        if self.controller is not None:
+            out["controller"] = self.controller.state()
+        return out
 
     def restore(self, state, body):
         self.iters = dict(state["iters"])
         self.stalls = dict(state["stalls"])
         self.serial = bool(state["serial"])
+        if self.controller is not None and state.get("controller"):
+            self.controller.restore(state["controller"])
         if self.serial:
             body.reconfigure(max_levels=1)
         else:
