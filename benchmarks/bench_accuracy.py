@@ -93,7 +93,7 @@ METHODS = {
     "nested": ('multilevel.method="nested"',),
     "MG/OPT": ('multilevel.method="mgopt"',),
     "globalised": ('multilevel.method="rmtr"',),
-    "full multigrid": ('multilevel.method="fmg"',),
+    "full multigrid": ('multilevel.method="rmtr"', 'multilevel.start="full-multigrid"'),
 }
 
 
