@@ -46,6 +46,7 @@ FIXED = (
     "penalty.from_left",           # the smoothness penalty's neighbour layers (optim.py)
     "penalty.from_right",
     "calibration.ping_pong",       # the latency measurement (perfmodel.py)
+    "context.batch",               # a pass's context, first rank -> its users (engine/carry.py)
 )
 FIXED_ROOM = 64  # fixed tags lie below this; indexed bands start here
 
