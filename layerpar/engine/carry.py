@@ -48,10 +48,11 @@ def context_spec(context, batch):
 def share(comm, root, context, receivers, device):
     """Collective over ``root`` and the ranks of ``receivers``: the context
     (``root``'s, a checked dict of tensors) on ``device``, detached, on
-    ``root`` and on the receivers; None elsewhere."""
+    the receivers (``root`` among them or not); None elsewhere."""
     rank = comm.Get_rank()
     if rank == root:
-        out = {k: v.detach().to(device) for k, v in context.items()}
+        out = {k: v.detach().to(device) for k, v in context.items()} \
+            if root in receivers else None
         payload = {k: v.detach().cpu() for k, v in context.items()}
         # root -> each rank that steps with a layer taking the context: the arrays
         requests = [(comm.isend(payload, dest=q, tag=tag("context.batch")), q)
