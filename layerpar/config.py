@@ -44,6 +44,7 @@ DEFAULTS = {
                                #   (nonzero: a token, 0: padding); "": no padding
         "normalize": True,     # per feature/channel, from the training split
         "seed": 0,             # split and batch order
+        "num_samples": 0,      # peaks, recall: samples generated (0: the set's default)
         "val_fraction": -1.0,  # < 0: the data set's default
         "batch_size": 100,
         "dtype": "float64",    # float32 or float64
@@ -176,6 +177,7 @@ APPLIES = {
     **{("model", k): _TRANSFORMER for k in ("heads", "mlp_ratio", "dropout", "max_length",
                                             "vocab", "pool", "causal")},
     **{("data", k): _FILES for k in ("tokens", "mask")},
+    ("data", "num_samples"): ("data.name", ("peaks", "recall")),
 }
 
 
@@ -272,6 +274,8 @@ def check(config):
     need(d["name"] in KNOWN_DATASETS + ("files",), "data.name",
          f"unknown data set; known: {', '.join(KNOWN_DATASETS)}, files")
     need(d["seed"] >= 0, "data.seed", "must be >= 0")
+    need(d["num_samples"] == 0 or d["num_samples"] >= 2, "data.num_samples",
+         "must be >= 2 (0: the data set's default)")
     need(d["val_fraction"] < 0 or 0 < d["val_fraction"] < 1, "data.val_fraction",
          "must be in (0, 1), or negative for the data set's default")
     need(d["batch_size"] >= 1, "data.batch_size", "must be >= 1")

@@ -273,3 +273,63 @@ def test_context_keyword_is_what_makes_a_step_take_it():
     assert takes_context(MaskedMix(4)) and takes_context(Flagged())
     assert not takes_context(nn.Linear(2, 2)) and takes_context(TokenOpening(3, 4, 5))
     assert takes_context(PoolClosing(4, 2))
+
+
+@pytest.mark.mpi
+def test_transformer_prolonged_to_twice_the_depth_and_restricted_back():
+    """A transformer of N/2 blocks prolonged to N (piecewise constant in
+    layer-time: fine block k takes coarse block k // 2, every weight of the
+    block together) and restricted back by injection gives the coarse
+    weights again, bit for bit; the fine network then runs with the mask."""
+    from layerpar.transfer import prolong_network, restrict_network
+
+    def make(nlayers):
+        return Network(lambda: TokenOpening(TOKENS, WIDTH, LENGTH),
+                       lambda n: TransformerBlock(WIDTH, HEADS, 2),
+                       lambda: PoolClosing(WIDTH, CLASSES), nlayers=nlayers, T=2.0,
+                       comm=WORLD, seed=5 + nlayers).double()
+    coarse, fine, back = make(N // 2), make(N), make(N // 2)
+    prolong_network(coarse, fine)
+    restrict_network(fine, back)
+    layers = {}
+    for part in WORLD.allgather({n: coarse.body.state_by_layer()[n]
+                                 for n in coarse.body.layer_indices}):
+        layers.update(part)
+    fine_layers = {}
+    for part in WORLD.allgather(fine.body.state_by_layer()):
+        fine_layers.update(part)
+    back_layers = {}
+    for part in WORLD.allgather(back.body.state_by_layer()):
+        back_layers.update(part)
+    x, y = tokens()
+    loss, _ = fine.loss_and_backward(x if fine.is_first else None, y, Fn.cross_entropy)
+    value = fine.reduce(loss)
+    seq = fine.serial_equivalent()
+    for net_ in (coarse, fine, back):
+        net_.close()
+
+    def check():
+        for k in range(N):
+            for name, t in fine_layers[k].items():
+                assert torch.equal(t, layers[k // 2][name]), (k, name)
+        for j in range(N // 2):
+            for name, t in back_layers[j].items():
+                assert torch.equal(t, layers[j][name]), (j, name)
+        with torch.no_grad():
+            assert abs(float(Fn.cross_entropy(seq(x), y)) - value) < 1e-12
+    outcomes(check)
+
+
+def test_causal_attention_ignores_later_tokens():
+    torch.manual_seed(0)
+    block = TransformerBlock(WIDTH, HEADS, 2, causal=True).double()
+    u = torch.randn(3, LENGTH, WIDTH, dtype=F64)
+    v = u.clone()
+    v[:, 4:] += torch.randn(3, LENGTH - 4, WIDTH, dtype=F64)  # later positions changed
+    a, b = block(u), block(v)
+    assert torch.equal(a[:, :4], b[:, :4]) and not torch.allclose(a[:, 4:], b[:, 4:])
+    closing = PoolClosing(WIDTH, CLASSES, pool="last").double()
+    mask = torch.arange(LENGTH)[None, :] < torch.tensor([2, 5, 6])[:, None]
+    out = closing(u, context={"mask": mask})
+    ref = closing.linear(closing.ln(u)[torch.arange(3), torch.tensor([1, 4, 5])])
+    assert torch.allclose(out, ref, rtol=0, atol=1e-15)

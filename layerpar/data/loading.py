@@ -122,7 +122,8 @@ def load_configured(d, *, need_inputs=True, need_labels=True, comm=None) -> Data
                           mask=d.get("mask") or None, comm=comm)
     return load_dataset(d["name"], root=d["root"] or None, seed=d["seed"],
                         val_fraction=val_fraction, dtype=dtype, normalize=normalize,
-                        need_inputs=need_inputs, need_labels=need_labels, comm=comm)
+                        need_inputs=need_inputs, need_labels=need_labels,
+                        num_samples=d.get("num_samples") or None, comm=comm)
 
 
 def _tokens(path, x, shape, inputs, mask, labels, need_inputs):
