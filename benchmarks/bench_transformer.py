@@ -134,8 +134,8 @@ def main(argv=None):
     comm = MPI.COMM_WORLD
     name = "transformer_quick" if a.quick else "transformer"
     curves, rows = {}, []
-    for depth in a.depths:
-        for seed in a.seeds:
+    for seed in a.seeds:  # each seed's depths and methods, the CSV rewritten after each run
+        for depth in a.depths:
             target = None
             for method in ("exact",) + tuple(m for m in a.methods if m != "exact"):
                 cs = curves[(depth, seed, method)] = _train(a, comm, depth, seed, method)
@@ -152,13 +152,16 @@ def main(argv=None):
                     print(f"N={depth} seed={seed} {method:15s} acc {100 * r['final_val_acc']:.1f}% "
                           f"(target {100 * target:.1f}%) work to target {work} "
                           f"time {time:.1f}s", flush=True)
-    if comm.rank == 0:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, name + ".csv"), "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=FIELDS)
-            w.writeheader()
-            w.writerows(rows)
-        _plot(curves, os.path.join(a.out, name + ".png"))
+                    _write(a, name, rows, curves)
+
+
+def _write(a, name, rows, curves):
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, name + ".csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    _plot(curves, os.path.join(a.out, name + ".png"))
 
 
 if __name__ == "__main__":
