@@ -48,6 +48,7 @@ FIXED = (
     "calibration.ping_pong",       # the latency measurement (perfmodel.py)
     "ghost.header",                # coarse-grid weights: versions, flags (engine/ghosts.py)
     "ghost.weights",               # ... the changed layers' tensors, flat
+    "context.batch",               # a pass's context, first rank -> its users (engine/carry.py)
 )
 FIXED_ROOM = 64  # fixed tags lie below this; indexed bands start here
 

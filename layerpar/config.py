@@ -22,6 +22,7 @@ from layerpar.data import DEFAULT_VAL_FRACTION, FILE_SUFFIXES, KNOWN_DATASETS
 from layerpar.optim import CURVATURE_RULES, LINE_SEARCHES
 from layerpar.engine.pipeline import SCHEDULES as PIPELINE_SCHEDULES
 from layerpar.steps import ACTIVATIONS, BIASES
+from layerpar.transformer import POOLS
 
 MODES = ("serial", "layer-parallel", "one-shot")
 OPTIMIZERS = ("sgd", "adam", "lbfgs")
@@ -31,24 +32,29 @@ COARSE_STATES = ("restrict", "keep")
 STARTS = ("fine", "nested", "full-multigrid")
 BATCH_GROWTH = ("none", "schedule", "norm-test")
 CONTROLLER_ACTIONS = ("auto", "iterations", "exact")
+MODEL_KINDS = ("dense", "conv", "transformer")
 
 DEFAULTS = {
     "data": {
-        "name": "peaks",       # peaks, digits, mnist, fashion-mnist, cifar10, files
+        "name": "peaks",       # peaks, digits, recall, mnist, fashion-mnist, cifar10, files
         "root": "",            # directory of the data files (mnist, cifar10)
         "path": "",            # files: the .npz, .h5/.hdf5 or .csv file
         "val_path": "",        # files: a validation file ("": val_fraction of path)
         "inputs": "x",         # files: the inputs' array (npz, HDF5)
         "labels": "y",         # files: the labels' array, or CSV column
         "num_classes": 0,      # files: 0 = the largest label + 1
+        "tokens": False,       # files: the inputs are (n, L) token ids 0..model.vocab-1
+        "mask": "",            # files with tokens: the (n, L) padding mask's array
+                               #   (nonzero: a token, 0: padding); "": no padding
         "normalize": True,     # per feature/channel, from the training split
         "seed": 0,             # split and batch order
+        "num_samples": 0,      # peaks, recall: samples generated (0: the set's default)
         "val_fraction": -1.0,  # < 0: the data set's default
         "batch_size": 100,     # samples per batch (the global batch on a data x layer grid)
         "dtype": "float64",    # float32, float64 or bfloat16
     },
     "model": {
-        "kind": "dense",       # dense or conv
+        "kind": "dense",       # dense, conv or transformer
         "width": 8,            # state width (dense) or channels (conv)
         "nlayers": 32,         # N, the number of residual layers
         "T": 5.0,              # final time: h = T / nlayers
@@ -63,6 +69,13 @@ DEFAULTS = {
         "opening_kwargs": {},  # its keyword arguments (a TOML table)
         "closing": "",         # "package.module:Name" of the closing ("": kind)
         "closing_kwargs": {},  # its keyword arguments (a TOML table)
+        "heads": 4,            # transformer: attention heads (must divide width)
+        "mlp_ratio": 4.0,      # transformer: MLP hidden features / width
+        "dropout": 0.0,        # transformer: on attention weights and MLP outputs
+        "max_length": 0,       # transformer: positions (0: the data's sequence length)
+        "vocab": 0,            # transformer: token ids (0: the built-in data set's)
+        "pool": "mean",        # transformer closing: mean (over tokens), first or last
+        "causal": False,       # transformer: attend only to earlier positions
     },
     "mgrit": {
         "mode": "layer-parallel",  # serial, layer-parallel, one-shot
@@ -177,7 +190,7 @@ DEFAULTS = {
 # set the key: L-BFGS takes unit trial steps with a line search, and a
 # decaying schedule would only shorten them.
 OPTIMIZER_DEFAULTS = {"lbfgs": {"lr": 1.0, "schedule": "constant"}}
-GENERATED_DATASETS = ("peaks", "digits")  # need no files: data.root does not apply
+GENERATED_DATASETS = ("peaks", "digits", "recall")  # need no files: data.root does not apply
 # the MGRIT solves' min_coarse: LayerParallel's default, which the command uses
 MIN_COARSE = 2
 # mgrit keys that are Solver options of the same name: braid_ext checks them
@@ -195,6 +208,8 @@ _CYCLES = ("multilevel.method", ("mgopt", "rmtr"))
 _MGOPT = ("multilevel.method", ("mgopt",))
 _RMTR = ("multilevel.method", ("rmtr",))
 _CONTROLLER = ("mgrit.controller", (True,))
+_TRANSFORMER = ("model.kind", ("transformer",))
+_FILES = ("data.name", ("files",))
 APPLIES = {
     **{("mgrit", k): _CONTROLLER for k in ("controller_every", "controller_tol",
                                            "controller_patience", "controller_action")},
@@ -208,6 +223,10 @@ APPLIES = {
     **{("multilevel", k): _RMTR for k in ("radius", "accept_ratio", "coarse_state",
                                           "cycle_batches", "batch_growth", "max_cycle_batches",
                                           "growth_epochs", "norm_test")},
+    **{("model", k): _TRANSFORMER for k in ("heads", "mlp_ratio", "dropout", "max_length",
+                                            "vocab", "pool", "causal")},
+    **{("data", k): _FILES for k in ("tokens", "mask")},
+    ("data", "num_samples"): ("data.name", ("peaks", "recall")),
 }
 # nested iteration's keys: for multilevel.method = "nested", and for the cycling
 # methods with multilevel.start = "nested" (full multigrid)
@@ -307,12 +326,14 @@ def check(config):
     need(d["name"] in KNOWN_DATASETS + ("files",), "data.name",
          f"unknown data set; known: {', '.join(KNOWN_DATASETS)}, files")
     need(d["seed"] >= 0, "data.seed", "must be >= 0")
+    need(d["num_samples"] == 0 or d["num_samples"] >= 2, "data.num_samples",
+         "must be >= 2 (0: the data set's default)")
     need(d["val_fraction"] < 0 or 0 < d["val_fraction"] < 1, "data.val_fraction",
          "must be in (0, 1), or negative for the data set's default")
     need(d["batch_size"] >= 1, "data.batch_size", "must be >= 1")
     need(d["dtype"] in ("float32", "float64", "bfloat16"), "data.dtype",
          "must be float32, float64 or bfloat16")
-    need(m["kind"] in ("dense", "conv"), "model.kind", "must be dense or conv")
+    need(m["kind"] in MODEL_KINDS, "model.kind", f"choose one of {', '.join(MODEL_KINDS)}")
     for role in ("step", "opening", "closing"):
         spec = m[role].strip()
         need(spec == "" or (spec.count(":") == 1 and all(spec.split(":"))), f"model.{role}",
@@ -388,10 +409,37 @@ def check(config):
                  f"the file type is told by its suffix: {', '.join(FILE_SUFFIXES)}")
         need(d["labels"] != "", "data.labels", "must name the labels' array or column")
         need(d["num_classes"] >= 0, "data.num_classes", "must be >= 0 (0: the largest label + 1)")
+    if m["kind"] == "transformer":
+        _check_transformer(config, need)
+    elif d["name"] == "recall":
+        need(m["opening"] != "", "model.kind",
+             "the recall set's inputs are token ids: use model.kind = \"transformer\" or "
+             "give model.opening")
+    need(d["mask"] == "" or d["tokens"], "data.mask", "a padding mask is for token inputs: "
+         "set data.tokens = true")
     if d["name"] in GENERATED_DATASETS:
         need(d["root"] == "", "data.root",
              f"data set {d['name']} is built in and reads no files: remove data.root")
     return config
+
+
+def _check_transformer(config, need):
+    # the transformer kind's keys (layerpar.transformer)
+    d, m = config["data"], config["model"]
+    need(m["heads"] >= 1 and m["width"] % m["heads"] == 0, "model.heads",
+         f"must divide model.width = {m['width']} (each head takes width / heads features)")
+    need(m["mlp_ratio"] > 0 and m["mlp_ratio"] * m["width"] >= 1, "model.mlp_ratio",
+         "must be > 0 (the MLP's hidden features / width)")
+    need(0 <= m["dropout"] < 1, "model.dropout", "must be in [0, 1)")
+    need(m["max_length"] >= 0, "model.max_length", "must be >= 0 (0: the data's length)")
+    need(m["vocab"] >= 0, "model.vocab", "must be >= 0 (0: the built-in data set's)")
+    need(m["pool"] in POOLS, "model.pool", f"choose one of {', '.join(POOLS)}")
+    tokens = d["name"] == "recall" or (d["name"] == "files" and d["tokens"])
+    need(tokens or m["opening"] != "", "model.kind",
+         f"the transformer needs token inputs, and data set {d['name']!r} has none: use "
+         "data.name = \"recall\", or \"files\" with data.tokens = true, or give model.opening")
+    need(m["vocab"] > 0 or d["name"] != "files" or m["opening"] != "", "model.vocab",
+         "token files need the number of token ids (the largest id + 1)")
 
 
 def _check_multilevel(config, need):

@@ -11,8 +11,13 @@ gives the opening, step and closing factories of a ``[model]`` section:
 ``step``, ``opening`` and ``closing`` name a class (an ``nn.Module``
 subclass) or a function returning an ``nn.Module``, built with the keyword
 arguments of ``step_kwargs``, ``opening_kwargs``, ``closing_kwargs``; an
-empty spec takes the built-in module of ``kind`` (dense or conv) and
-``width``.  A user step must keep the state's shape, so the opening it is
+empty spec takes the built-in module of ``kind`` (dense, conv or
+transformer) and ``width``; the transformer kind (``layerpar.transformer``)
+takes ``heads``, ``mlp_ratio``, ``dropout``, ``causal`` for its blocks, a
+token opening of ``vocab`` ids (0: the built-in ``recall`` set's) and
+``max_length`` positions (0: the data's length), and a closing that pools
+(``pool``).  A step module whose ``forward`` takes a ``context`` keyword
+receives the batch's context (a padding mask; ``layerpar.engine.policy``).  A user step must keep the state's shape, so the opening it is
 paired with must produce the state it expects.  Errors
 (:class:`ModelSpecError`) name the configuration key.
 
@@ -28,7 +33,9 @@ import sys
 import torch
 from torch import nn
 
+from layerpar.data.readers.generated import RECALL_VOCAB
 from layerpar.steps import ConvClosing, ConvOpening, ConvStep, DenseClosing, DenseOpening, DenseStep
+from layerpar.transformer import PoolClosing, TokenOpening, TransformerBlock, check_heads
 
 __all__ = ["ModelSpecError", "resolve", "factories"]
 
@@ -115,7 +122,9 @@ def factories(model, input_shape, num_classes):
     bias = model.get("bias", "vector")
     specs = {role: model.get(role, "") for role in _ROLES}
     built_in = {}
-    if model["kind"] == "dense":
+    if model["kind"] == "transformer":
+        built_in = _transformer(model, input_shape, num_classes, specs)
+    elif model["kind"] == "dense":
         features = int(math.prod(input_shape))
         built_in = {"opening": lambda: DenseOpening(features, width, act, bias),
                     "step": lambda: DenseStep(width, act, bias),
@@ -141,6 +150,33 @@ def factories(model, input_shape, num_classes):
             made[role] = _initialised(built_in[role], model.get("init_scale", 0.0))
     step = made["step"]
     return made["opening"], (lambda n: step()), made["closing"]
+
+
+def _transformer(model, input_shape, num_classes, specs):
+    """The built-in factories of ``kind = "transformer"``: checked now, so a
+    bad value fails before any module is built, naming its key."""
+    width = model["width"]
+    try:
+        check_heads(width, model.get("heads", 4))
+    except ValueError as e:
+        raise ModelSpecError(str(e)) from None
+    heads, ratio = model.get("heads", 4), model.get("mlp_ratio", 4.0)
+    dropout, causal = model.get("dropout", 0.0), model.get("causal", False)
+    out = {"step": lambda: TransformerBlock(width, heads, ratio, dropout, causal)}
+    if not specs["opening"]:
+        if len(input_shape) != 1:
+            raise ModelSpecError(f"model.kind = 'transformer' needs token inputs (n, length); "
+                                 f"the data set gives inputs of shape {tuple(input_shape)}")
+        length = int(input_shape[0])
+        positions = model.get("max_length", 0) or length
+        if length > positions:
+            raise ModelSpecError(f"model.max_length = {positions}: the data's sequences have "
+                                 f"length {length}, longer than the positions")
+        tokens = (model.get("vocab", 0) or RECALL_VOCAB) + 1  # id 0: padding
+        out["opening"] = lambda: TokenOpening(tokens, width, positions, dropout=dropout)
+    pool = model.get("pool", "mean")
+    out["closing"] = lambda: PoolClosing(width, num_classes, pool)
+    return out
 
 
 def _initialised(factory, scale):

@@ -42,17 +42,18 @@ from layerpar._collective import agree, check_comm, collective, from_root
 from layerpar._watchdog import (SilentRankError, check_timeout, guard, set_timeout, set_wait,
                                 timeout_of)
 from layerpar.engine import options as solve_options
+from layerpar.engine.carry import context_spec, share
 from layerpar.engine.context import PassContext, PassRecords, StateMeta
 from layerpar.engine.ghosts import Ghosts
 from layerpar.engine import waiting
 from layerpar.engine.mgrit import AdjointApp, ForwardApp, MGRITFunction, MGRITPasses
 from layerpar.engine.transport import Transport
 from layerpar.engine.pipeline import SCHEDULES, Pipeline, PipelineFunction, split_sizes
-from layerpar.engine.policy import is_stochastic, layer_rng, training_flags
+from layerpar.engine.policy import is_stochastic, layer_rng, takes_context, training_flags
 from layerpar.engine.solvers import SolverPairs
 from layerpar.engine.stage import Stage, load_state
 from layerpar.grid import ProcessGrid
-from layerpar.steps import ResidualLayer
+from layerpar.steps import ResidualLayer, SerialStack
 
 
 def _seeded(seed, n, make):
@@ -61,6 +62,15 @@ def _seeded(seed, n, make):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed((seed * 1_000_003 + n) % (2**63))
         return make()
+
+
+def _split_context(context, m):
+    """The context of each of ``m`` micro-batches (``torch.tensor_split``
+    rows), or m Nones."""
+    if context is None:
+        return [None] * m
+    cut = {k: v.tensor_split(m) for k, v in context.items()}
+    return [{k: v[i] for k, v in cut.items()} for i in range(m)]
 
 
 def _collect(comm, obj, root):
@@ -242,9 +252,16 @@ class LayerParallel(nn.Module):
     in the final sweep).  ``passes`` counts the forward passes (it keys the
     random draws; a checkpoint stores it).
 
-    forward(u0): u0 is the input state on rank 0 (other ranks may pass None).
-    Returns u_N on the last rank and a zero-size placeholder elsewhere; call
-    backward on every rank (``Network`` does this for you).
+    forward(u0, context=None): u0 is the input state on rank 0 (other ranks
+    may pass None).  Returns u_N on the last rank and a zero-size
+    placeholder elsewhere; call backward on every rank (``Network`` does
+    this for you).  ``context`` (first rank): the batch's context, a dict
+    of tensors whose first dimension is the batch (a padding mask,
+    positions), given to every step module whose ``forward`` takes a
+    ``context`` keyword (``layerpar.engine.policy``); it is sent once per
+    pass to the ranks whose layers take it (``layerpar.engine.carry``),
+    sliced per micro-batch in the pipeline, and no gradient flows into it.
+    Plain steps are called without it.
 
     ``close()`` (collective) frees the solvers and the communicators the
     module duplicated; ``with LayerParallel(...) as body:`` closes at the end.
@@ -339,6 +356,9 @@ class LayerParallel(nn.Module):
         self._anchor = torch.zeros((), requires_grad=True)  # keeps every rank in autograd
         self.records = PassRecords()
         self._state_meta = None
+        self._context_users = None     # (pipelined, ranks whose layers take the context)
+        self.closing_takes_context = False  # the last rank's closing does (Network)
+        self.last_context = None       # this rank's context of the last pass
         self.passes = 0          # forward passes so far: keys the layers' random draws
 
     # ---- lifetime -----------------------------------------------------------
@@ -402,6 +422,7 @@ class LayerParallel(nn.Module):
         solve_options.check(self.nlayers, self.size, fwd, bwd)
         self.fwd_options, self.bwd_options = fwd, bwd
         self._ghosts.plan(fwd)
+        self._context_users = None
 
     def warm_states(self):
         """This rank's solver states, for a checkpoint: a list of (state meta,
@@ -480,12 +501,13 @@ class LayerParallel(nn.Module):
         return self.size - 1
 
     # ---- passes ----------------------------------------------------------------
-    def _prepare(self, u0, failure=None):
+    def _prepare(self, u0, failure=None, context=None):
         """Collective: agree on the state's shape, dtype and device (from the
-        rank holding the input) and rebuild what depends on them: a
-        ``StateMeta``.  A bad input on the first rank (or its ``failure``,
-        an exception raised there before: in the opening layer) raises an
-        exception of the same type on every rank."""
+        rank holding the input) and on the arrays of its ``context``, and
+        rebuild what depends on them: (``StateMeta``, {name: (shape, dtype)}
+        of the context or None).  A bad input or context on the first rank
+        (or its ``failure``, an exception raised there before: in the
+        opening layer) raises an exception of the same type on every rank."""
         self._check_open()
 
         def meta_of_input():
@@ -494,37 +516,64 @@ class LayerParallel(nn.Module):
             if not isinstance(u0, torch.Tensor):
                 raise TypeError(f"the input state on rank {self.rank} must be a tensor, "
                                 f"not {type(u0).__name__}")
-            return (tuple(u0.shape), u0.dtype, str(u0.device))
+            spec = context_spec(context, u0.shape[0] if u0.dim() else 0)
+            return (tuple(u0.shape), u0.dtype, str(u0.device)), spec
 
-        key = from_root(self.comm, self.first_rank, meta_of_input,
-                        what="the input state's shape from the first rank")
-        if key != self._state_meta:
-            agree(self.comm, self.stage.check_state(StateMeta.of(key)))
-            self._state_meta = key
+        key, spec = from_root(self.comm, self.first_rank, meta_of_input,
+                              what="the input state's shape from the first rank")
+        if (key, spec) != self._state_meta:
+            agree(self.comm, self.stage.check_state(StateMeta.of(key), spec))
+            self._state_meta = (key, spec)
         # the solvers (and warm states) for this state and the current options
         self.solvers.use(key, self.fwd_options, self.bwd_options)
-        return StateMeta.of(key)
+        return StateMeta.of(key), spec
 
-    def start_pass(self, u0, *, record, failure=None, retain=None):
+    def _context_ranks(self):
+        """Collective: the ranks whose layers (local, or ghosts of the
+        coarse grids) or closing take the context, for the current options;
+        found once per set of options."""
+        if self._context_users is None or self._context_users[0] != self.pipelined:
+            ghosts = () if self.pipelined else self._ghosts.receives
+            need, error = False, None
+            try:
+                need = self.closing_takes_context or self.stage.needs_context(ghosts)
+            except Exception as e:  # noqa: BLE001 - a ghost that cannot be built: every rank
+                error = e
+            # every rank -> every rank: whether it uses the context
+            flags = agree(self.comm, error, payload=bool(need),
+                          what="which ranks take the context")
+            self._context_users = (self.pipelined,
+                                   tuple(r for r, f in enumerate(flags) if f))
+        return self._context_users[1]
+
+    def start_pass(self, u0, *, record, failure=None, retain=None, context=None):
         """Collective: the context of the next forward pass (and of the
         backward pass through its result), the state's meta agreed from the
         first rank (``_prepare``); ``record``: autograd records the pass;
         ``retain``: keep its graphs after backward (default
-        ``retain_graphs``).  For schedules that run a whole training step
-        (``Network.loss_and_backward``); ``forward`` uses it too."""
-        meta = self._prepare(u0, failure)
+        ``retain_graphs``); ``context`` (first rank): the batch's context,
+        carried to the ranks that use it.  For schedules that run a whole
+        training step (``Network.loss_and_backward``); ``forward`` uses it
+        too."""
+        meta, spec = self._prepare(u0, failure, context)
         ctx = PassContext(index=self.passes, meta=meta, record=record, records=self.records,
                           retain=self.retain_graphs if retain is None else retain)
+        if spec is not None:
+            users = self._context_ranks()
+            ctx.context = share(self.comm, self.first_rank, context, users, meta.device)
+        self.last_context = ctx.context
         self.passes += 1
         return ctx
 
     def forward(self, u0: "torch.Tensor | None" = None, *,
-                failure: "BaseException | None" = None) -> torch.Tensor:
+                failure: "BaseException | None" = None, context=None) -> torch.Tensor:
         """u_N on the last rank, a placeholder elsewhere; ``failure``: an
         exception raised on the first rank before (the opening layer's),
-        raised on every rank instead of a pass."""
+        raised on every rank instead of a pass; ``context`` (first rank):
+        the batch's context for the layers that take it."""
         # without autograd (evaluation) no layer graphs are kept
-        ctx = self.start_pass(u0, record=torch.is_grad_enabled(), failure=failure)
+        ctx = self.start_pass(u0, record=torch.is_grad_enabled(), failure=failure,
+                              context=context)
         meta = ctx.meta
         if self.rank != self.first_rank or u0 is None:
             u0 = torch.zeros((), dtype=meta.dtype, device=meta.device)
@@ -571,9 +620,11 @@ class LayerParallel(nn.Module):
 
     def serial_equivalent(self, root: "int | None" = None) -> "nn.Sequential | None":
         """Collective: an ``nn.Sequential`` of the N residual layers with the
-        same weights, for checking and for inference on one process."""
+        same weights, for checking and for inference on one process
+        (``SerialStack``: called ``(u, context=...)`` it gives the context to
+        the layers that take it)."""
         layers = self.serial_layers(root)
-        return None if layers is None else nn.Sequential(*layers)
+        return None if layers is None else SerialStack(*layers)
 
     def extra_repr(self):
         return (f"nlayers={self.nlayers}, T={self.T}, ranks={self.size}, "
@@ -612,6 +663,15 @@ class Network(nn.Module):
     ValueError (an option out of range, ``comm`` not the grid's layer
     communicator, a closed grid).  Collective: every rank constructs it
     with the same arguments.
+
+    Context: ``net(x, context=c)``, ``net.loss(x, y, loss_fn, context=c)``
+    and ``loss_and_backward(..., context=c)`` take the batch's context on the
+    first rank (see ``LayerParallel``); the opening and the closing take it
+    too when their ``forward`` has a ``context`` keyword.  An opening may
+    also derive it from the input: returning ``(state, context)`` (a
+    padding mask from the pad token, say), its context joins the given one
+    (given arrays win), so that a training loop that knows only ``(x, y)``
+    carries a mask to every rank.
     """
 
     def __init__(self, opening_factory, step_factory, closing_factory, *, nlayers, T,
@@ -638,6 +698,7 @@ class Network(nn.Module):
                 if self.rank == self.body.last_rank:
                     self.closing = (_seeded(seed, -2, closing_factory) if modules is None
                                     else _given(closing, "modules[2] (the closing)"))
+                    self.body.closing_takes_context = takes_context(self.closing)
         except BaseException:
             self.body.close()
             raise
@@ -652,25 +713,26 @@ class Network(nn.Module):
     def is_last(self):
         return self.rank == self.body.last_rank
 
-    def forward(self, x: "torch.Tensor | None" = None) -> torch.Tensor:
-        """Class scores on the last rank; a placeholder elsewhere."""
+    def forward(self, x: "torch.Tensor | None" = None, *, context=None) -> torch.Tensor:
+        """Class scores on the last rank; a placeholder elsewhere.
+        ``context`` (first rank): the batch's context."""
         tail, self._tail = self._tail, None
-        out, self._tail_value = self._run(x, tail)
+        out, self._tail_value = self._run(x, tail, context)
         return out
 
-    def _with_tail(self, x, tail):
+    def _with_tail(self, x, tail, context=None):
         """Collective: (``self(x)``, ``tail(scores)`` on the last rank or
         None): the call goes through the module's hooks, and a failure of
         the tail is agreed with the forward pass's own agreement."""
         self._tail = tail
         try:
-            out = self(x)
+            out = self(x) if context is None else self(x, context=context)
         finally:
             self._tail = None
         value, self._tail_value = self._tail_value, None
         return out, value
 
-    def _run(self, x, tail=None):
+    def _run(self, x, tail=None, context=None):
         """Collective: (class scores on the last rank or the body's
         placeholder, ``tail(scores)`` on the last rank or None).  A failure
         of the opening layer (first rank), of the closing layer or of
@@ -679,14 +741,14 @@ class Network(nn.Module):
         u0, failure = None, None
         if self.is_first:
             try:
-                u0 = self._call_end(self.opening, x, p, -1)
+                u0, context = self._open(x, p, context)
             except Exception as e:  # noqa: BLE001 - raised on every rank by the body
                 failure = e
-        uN = self.body(u0, failure=failure)
+        uN = self.body(u0, failure=failure, context=context)
         out, value, error = uN, None, None
         if self.is_last:
             try:
-                out = self._call_end(self.closing, uN, p, -2)
+                out = self._call_end(self.closing, uN, p, -2, self.body.last_context)
                 if tail is not None:
                     value = tail(out)
             except Exception as e:  # noqa: BLE001 - raised on every rank below
@@ -697,16 +759,31 @@ class Network(nn.Module):
             raise error
         return out, value
 
-    def _call_end(self, module, x, pass_index, layer):
+    def _open(self, x, pass_index, context):
+        """(the opening's state of ``x``, the context: the given one, joined
+        by the one the opening derives when it returns ``(state, context)``)."""
+        out = self._call_end(self.opening, x, pass_index, -1, context)
+        if isinstance(out, tuple):
+            if len(out) != 2 or not isinstance(out[1], dict):
+                raise TypeError("the opening returned a tuple: it must be (state, context) "
+                                "with the context a dict {name: tensor}")
+            out, derived = out
+            context = {**derived, **(context or {})}
+        return out, context
+
+    def _call_end(self, module, x, pass_index, layer, context=None):
         """The opening (layer -1) or closing (-2), with its random draws
-        seeded like a layer's: the same on any number of ranks."""
+        seeded like a layer's: the same on any number of ranks; given the
+        context when it takes it."""
+        kwargs = {"context": context} if takes_context(module) else {}
         if is_stochastic(module) and any(training_flags(module)):
             with layer_rng(self.body.seed, pass_index, layer, x.device):
-                return module(x)
-        return module(x)
+                return module(x, **kwargs)
+        return module(x, **kwargs)
 
     def loss_and_backward(self, x: "torch.Tensor | None", y: "torch.Tensor | None", loss_fn,
-                          *, reduction: str = "mean") -> "tuple[torch.Tensor, torch.Tensor]":
+                          *, reduction: str = "mean",
+                          context=None) -> "tuple[torch.Tensor, torch.Tensor]":
         """Collective: the loss of the batch and its gradient, accumulated in
         every parameter's ``.grad`` as ``self.loss(x, y, loss_fn).backward()``
         does.  Returns (loss, class scores), both detached: on the last rank
@@ -720,46 +797,62 @@ class Network(nn.Module):
         per micro-batch, so ``loss_fn`` must be a mean
         (``reduction='mean'``, like ``cross_entropy``'s default: micro-batch
         losses weighted by their share of the batch) or a sum
-        (``reduction='sum'``) over the samples."""
+        (``reduction='sum'``) over the samples.  ``context`` (first rank):
+        the batch's context."""
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction={reduction!r}: choose mean or sum")
         body = self.body
         if not (body.pipelined and body.schedule != "gpipe"):
             # the loss is checked within the pass's agreement: a loss that
             # backward cannot start from fails on every rank, not on the last
-            out, loss = self._with_tail(x, lambda out: _scalar_loss(loss_fn(out, y)))
+            out, loss = self._with_tail(x, lambda out: _scalar_loss(loss_fn(out, y)),
+                                          context)
             if not self.is_last:
                 loss = out.sum() * 0.0
             loss.backward()
             return loss.detach(), out.detach()
-        return self._train_step(x, y, loss_fn, reduction)
+        return self._train_step(x, y, loss_fn, reduction, context)
 
-    def _train_step(self, x, y, loss_fn, reduction):
+    def _train_step(self, x, y, loss_fn, reduction, context=None):
         body = self.body
         p = body.passes  # the pass the body is about to run
         parts = head = probe = failure = None
+        heads, given = None, None
         if self.is_first:
             try:
                 if not isinstance(x, torch.Tensor):
                     raise TypeError(f"the input on rank {self.rank} must be a tensor, "
                                     f"not {type(x).__name__}")
-                parts = x.tensor_split(len(split_sizes(len(x), body.microbatches)))
-                head = self._call_end(self.opening, parts[0], p, -1)  # its state's shape
+                m = len(split_sizes(len(x), body.microbatches))
+                parts = x.tensor_split(m)
+                context_spec(context, len(x))  # refused here, naming the array
+                given = _split_context(context, m)
+                head, c0 = self._open(parts[0], p, given[0])  # its state's shape
+                if c0 is not given[0]:
+                    # the opening derives the context: every micro-batch's now,
+                    # so that the pass carries the whole batch's
+                    opened = [(head, c0)] + [self._open(parts[i], p, given[i])
+                                             for i in range(1, m)]
+                    heads = [o[0] for o in opened]
+                    context = {k: torch.cat([o[1][k] for o in opened]) for k in c0}
                 # a state of the batch's shape (no storage): what the body checks
                 probe = head.detach().new_zeros(()).expand((len(x),) + tuple(head.shape[1:]))
             except Exception as e:  # noqa: BLE001 - raised on every rank by the body
                 failure = e
-        ctx = body.start_pass(probe, record=True, failure=failure, retain=False)
+        ctx = body.start_pass(probe, record=True, failure=failure, retain=False,
+                              context=context)
         B = ctx.meta.shape[0]
         labels, scores = [], []
 
         def first(i):
-            return head if i == 0 else self._call_end(self.opening, parts[i], p, -1)
+            if heads is not None:
+                return heads[i]
+            return head if i == 0 else self._open(parts[i], p, given[i])[0]
 
         def last(i, u):
             if not labels:  # here, inside the pass: a bad label fails it on every rank
                 labels.extend(y.tensor_split(len(split_sizes(B, body.microbatches))))
-            out = self._call_end(self.closing, u, p, -2)
+            out = self._call_end(self.closing, u, p, -2, ctx.context_of(i))
             scores.append(out.detach())
             loss = _scalar_loss(loss_fn(out, labels[i]))
             return loss * (len(labels[i]) / B) if reduction == "mean" else loss
@@ -771,7 +864,7 @@ class Network(nn.Module):
         return (torch.zeros((), dtype=meta.dtype, device=meta.device),
                 torch.zeros(0, dtype=meta.dtype, device=meta.device))
 
-    def step(self, x, y, loss_fn, *, reduction="mean"):
+    def step(self, x, y, loss_fn, *, reduction="mean", context=None):
         """Collective: one training step's loss and gradients, in one call
         (as ``schedule.step`` of torch.distributed.pipelining).
 
@@ -793,7 +886,10 @@ class Network(nn.Module):
         ignored elsewhere); ``y``: its targets (needed on the last);
         ``loss_fn(scores, y)``: the loss of the batch, one number that is a
         mean over the samples (``reduction='mean'``, e.g. the default of
-        ``cross_entropy``) or a sum (``reduction='sum'``).
+        ``cross_entropy``) or a sum (``reduction='sum'``); ``context`` (first
+        rank): the batch's context for the layers that take it (a dict of
+        tensors whose first dimension is the batch; on a grid each group
+        takes its share's rows).
 
         On a grid (``grid=`` given to the constructor, D data-parallel
         groups) every rank passes the global batch (x where its group's
@@ -821,7 +917,8 @@ class Network(nn.Module):
             raise ValueError(f"reduction={reduction!r}: choose mean or sum")
         grid = self.grid if self.grid is not None and self.grid.data > 1 else None
         if grid is None:
-            loss, _ = self.loss_and_backward(x, y, loss_fn, reduction=reduction)
+            loss, _ = self.loss_and_backward(x, y, loss_fn, reduction=reduction,
+                                             context=context)
             return self.reduce(loss)
         size = grid.global_batch(x, y, need_x=self.is_first, need_y=self.is_last)
         weight = grid.weight(size) if reduction == "mean" else 1.0
@@ -834,8 +931,10 @@ class Network(nn.Module):
         error, value = None, 0.0
         try:
             if grid.share_size(size) > 0:
+                share = (None if context is None
+                         else {k: grid.shard(v, size) for k, v in context.items()})
                 loss, _ = self.loss_and_backward(grid.shard(x, size), grid.shard(y, size),
-                                                 loss_fn, reduction=reduction)
+                                                 loss_fn, reduction=reduction, context=share)
                 value = self.reduce(loss)
             else:  # no rows here: no pass (it is still counted, for the random draws)
                 self.body.passes += 1
@@ -899,12 +998,12 @@ class Network(nn.Module):
                     g.mul_(coef)
         return torch.tensor(total, dtype=torch.float64)
 
-    def loss(self, x, y, loss_fn):
+    def loss(self, x, y, loss_fn, *, context=None):
         """The loss on the last rank; elsewhere a zero connected to the
         layer-parallel pass, so that ``loss.backward()`` on every rank runs
-        the adjoint solve everywhere.  Only the first rank needs ``x`` and
-        only the last ``y``."""
-        out, value = self._with_tail(x, lambda out: loss_fn(out, y))
+        the adjoint solve everywhere.  Only the first rank needs ``x`` (and
+        ``context``) and only the last ``y``."""
+        out, value = self._with_tail(x, lambda out: loss_fn(out, y), context)
         if self.is_last:
             return value
         return out.sum() * 0.0
@@ -957,4 +1056,4 @@ class Network(nn.Module):
                              ends[self.body.first_rank][0])
         closing = load_state(_seeded(self.body.seed, -2, self._closing_factory),
                              ends[self.body.last_rank][1])
-        return nn.Sequential(opening, *layers, closing)
+        return SerialStack(opening, *layers, closing)

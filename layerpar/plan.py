@@ -149,6 +149,8 @@ def state_setting(config):
     B = config["data"]["batch_size"]
     with torch.no_grad():
         state = opening().to(dtype)(torch.zeros((B,) + tuple(data.input_shape), dtype=dtype))
+    if isinstance(state, tuple):  # an opening that derives the context: (state, context)
+        state = state[0]
     return step(0), tuple(state.shape), dtype
 
 

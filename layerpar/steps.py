@@ -7,6 +7,8 @@ serve as F.
 import torch
 from torch import nn
 
+from layerpar.engine.policy import takes_context
+
 
 class SmoothReLU(nn.Module):
     """ReLU with the corner replaced by a parabola on [-eps, eps], so that it
@@ -161,8 +163,25 @@ class ResidualLayer(nn.Module):
         self.F = F
         self.h = h
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return torch.add(u, self.F(u), alpha=self.h)
+    def forward(self, u: torch.Tensor, context=None) -> torch.Tensor:
+        f = self.F(u, context=context) if takes_context(self.F) else self.F(u)
+        return torch.add(u, f, alpha=self.h)
 
     def extra_repr(self):
         return f"h={self.h}"
+
+
+class SerialStack(nn.Sequential):
+    """The serial network (opening, residual layers, closing) as one
+    ``nn.Sequential``: ``stack(x, context=c)`` gives the context to the
+    modules that take it (``layerpar.engine.policy.takes_context``); an
+    opening that returns ``(state, context)`` adds its context (the given
+    arrays win), as ``layerpar.Network`` does."""
+
+    def forward(self, x, *, context=None):
+        for module in self:
+            x = module(x, context=context) if takes_context(module) else module(x)
+            if isinstance(x, tuple):
+                x, derived = x
+                context = {**derived, **(context or {})}
+        return x

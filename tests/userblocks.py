@@ -43,3 +43,20 @@ NOT_A_MODULE = 3
 
 class NotAModule:
     pass
+
+
+class MaskedBlock(nn.Module):
+    """A step on token states (batch, length, width) that takes the pass's
+    context: F(u) = tanh(W u + mean over the kept tokens of V u), the
+    padded tokens (context["mask"] False) left out of the mean."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.mix = nn.Linear(width, width)
+
+    def forward(self, u, *, context=None):
+        v = self.mix(u)
+        keep = context["mask"].to(u.dtype).unsqueeze(-1)
+        mean = (v * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1.0)
+        return torch.tanh(self.linear(u) + mean)

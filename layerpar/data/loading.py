@@ -16,6 +16,7 @@ import dataclasses
 import os
 from typing import Optional
 
+import numpy as np
 import torch
 
 from layerpar._collective import collective
@@ -26,9 +27,9 @@ from layerpar.data.readers.files import read_arrays
 
 __all__ = ["KNOWN_DATASETS", "DEFAULT_VAL_FRACTION", "load_dataset", "load_files", "load_configured"]
 
-KNOWN_DATASETS = ("peaks", "digits", "mnist", "fashion-mnist", "cifar10")
+KNOWN_DATASETS = ("peaks", "digits", "recall", "mnist", "fashion-mnist", "cifar10")
 
-DEFAULT_VAL_FRACTION = {"peaks": 1 / 6, "digits": 0.2, "mnist": 1 / 6,
+DEFAULT_VAL_FRACTION = {"peaks": 1 / 6, "digits": 0.2, "recall": 1 / 6, "mnist": 1 / 6,
                          "fashion-mnist": 1 / 6, "cifar10": 0.1, "files": 0.2}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64,
            "bfloat16": torch.bfloat16}
@@ -64,7 +65,7 @@ def load_files(path, *, val_path=None, inputs: str = "x", labels: str = "y",
                num_classes: Optional[int] = None, seed: int = 0,
                val_fraction: Optional[float] = None, dtype=torch.float32,
                normalize: bool = True, need_inputs: bool = True, need_labels: bool = True,
-               comm=None) -> Dataset:
+               tokens: bool = False, mask: Optional[str] = None, comm=None) -> Dataset:
     """A :class:`Dataset` from the user's ``.npz``, HDF5 or CSV file (see
     ``layerpar.data.readers.files`` for the formats).
 
@@ -78,22 +79,31 @@ def load_files(path, *, val_path=None, inputs: str = "x", labels: str = "y",
     the file's metadata elsewhere); the labels are read on every rank (they
     give the split and the number of classes) and kept where
     ``need_labels``.  Inputs holding NaN or Inf are refused where they are
-    read, naming the file and the array.  Other arguments as for
-    :func:`load_dataset`.
+    read, naming the file and the array.  ``tokens``: the inputs are
+    ``(n, L)`` integer token ids ``t >= 0``, stored as ``t + 1`` with 0 for
+    padding where the array named ``mask`` (same shape; nonzero: a token)
+    is 0, never normalised (``layerpar.transformer.TokenOpening``).  Other
+    arguments as for :func:`load_dataset`.
     """
+    def read(where):
+        x, y, shape = read_arrays(where, inputs=inputs, labels=labels, need_inputs=need_inputs)
+        if tokens:
+            x = _tokens(where, x, shape, inputs, mask, labels, need_inputs)
+        return x, y, shape
+
     def load():
-        x, y, shape = read_arrays(path, inputs=inputs, labels=labels, need_inputs=need_inputs)
+        x, y, shape = read(path)
         xv = yv = None
         if val_path is not None:
-            xv, yv, vshape = read_arrays(val_path, inputs=inputs, labels=labels,
-                                         need_inputs=need_inputs)
+            xv, yv, vshape = read(val_path)
             if vshape != shape:
                 raise DatasetError(f"{os.fspath(val_path)}: inputs of shape {vshape} but "
                                    f"{os.fspath(path)} has inputs of shape {shape}")
         # read_arrays has checked the inputs for NaN and Inf, naming the file
         return assemble(x, y, val_inputs=xv, val_labels=yv, input_shape=shape,
                         num_classes=num_classes, seed=seed, val_fraction=val_fraction,
-                        dtype=dtype, normalize=normalize, need_labels=need_labels,
+                        dtype=dtype, normalize=normalize and not tokens,
+                        need_labels=need_labels,
                         name="files", source=os.fspath(path),
                         val_source=None if val_path is None else os.fspath(val_path))
     return _collective(comm, repr(os.fspath(path)), load)
@@ -114,10 +124,35 @@ def load_configured(d, *, need_inputs=True, need_labels=True, comm=None) -> Data
                           labels=d["labels"], num_classes=d["num_classes"] or None,
                           seed=d["seed"], val_fraction=val_fraction, dtype=dtype,
                           normalize=normalize, need_inputs=need_inputs,
-                          need_labels=need_labels, comm=comm)
+                          need_labels=need_labels, tokens=d.get("tokens", False),
+                          mask=d.get("mask") or None, comm=comm)
     return load_dataset(d["name"], root=d["root"] or None, seed=d["seed"],
                         val_fraction=val_fraction, dtype=dtype, normalize=normalize,
-                        need_inputs=need_inputs, need_labels=need_labels, comm=comm)
+                        need_inputs=need_inputs, need_labels=need_labels,
+                        num_samples=d.get("num_samples") or None, comm=comm)
+
+
+def _tokens(path, x, shape, inputs, mask, labels, need_inputs):
+    """Token inputs as stored: ids t as t + 1, 0 where ``mask`` pads."""
+    where = f"{os.fspath(path)}: array {inputs!r}"
+    if len(shape) != 1:
+        raise DatasetError(f"{where} has shape (n, {', '.join(map(str, shape))}); token "
+                           "inputs must be (n, length)")
+    if not need_inputs:
+        return None
+    if not (np.issubdtype(x.dtype, np.integer) or np.array_equal(x, np.round(x))):
+        raise DatasetError(f"{where}: token ids must be integers")
+    if x.size and x.min() < 0:
+        raise DatasetError(f"{where}: token id {int(x.min())} is negative")
+    keep = np.ones(x.shape, dtype=bool)
+    if mask:
+        m, _, _ = read_arrays(path, inputs=mask, labels=labels)
+        if tuple(m.shape) != tuple(x.shape):
+            raise DatasetError(f"{os.fspath(path)}: mask array {mask!r} has shape "
+                               f"{tuple(m.shape)}; the token array {inputs!r} has "
+                               f"{tuple(x.shape)}")
+        keep = m != 0
+    return np.where(keep, x.astype(np.int64) + 1, 0)
 
 
 def _rounded(data, dtype):
@@ -153,11 +188,15 @@ def _load_known(name, root, seed, val_fraction, dtype, normalize,
         val_fraction = DEFAULT_VAL_FRACTION[key]
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
-    if num_samples is not None and key != "peaks":
-        raise ValueError("num_samples applies to the generated 'peaks' set only")
+    if num_samples is not None and key not in ("peaks", "recall"):
+        raise ValueError("num_samples applies to the generated 'peaks' and 'recall' sets only")
     if key == "peaks":
         raw = generated.peaks(seed, generated.PEAKS_DEFAULT_SAMPLES if num_samples is None
                               else num_samples)
+    elif key == "recall":  # stored token ids (0: padding): never normalised
+        raw = generated.recall(seed, generated.RECALL_DEFAULT_SAMPLES if num_samples is None
+                               else num_samples)
+        normalize = False
     elif key == "digits":
         raw = generated.digits()
     elif key in ("mnist", "fashion-mnist"):

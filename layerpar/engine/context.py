@@ -71,7 +71,10 @@ class PassContext:
     backward pass differentiates; ``grads``: {layer: weight gradients} of an
     MGRIT backward pass; ``retain``: keep the graphs after backward (a
     second backward of the same forward); ``records``: where the passes
-    write their statistics."""
+    write their statistics; ``context``: the batch's context on this rank
+    (``{name: tensor}``, dimension 0 the batch; None: the pass has none or
+    no layer here takes it), which ``context_of(part)`` gives the layers,
+    per micro-batch once ``split_context`` has cut it."""
     index: int
     meta: StateMeta
     record: bool
@@ -80,3 +83,19 @@ class PassContext:
     plan: dict = field(default_factory=dict)
     graphs: dict = field(default_factory=dict)
     grads: dict = field(default_factory=dict)
+    context: dict = None
+    parts: list = None
+
+    def split_context(self, m):
+        """Cut the context into the rows of ``m`` micro-batches
+        (``torch.tensor_split`` sizes, as the pipeline cuts the batch)."""
+        self.parts = None
+        if self.context is not None and m > 1:
+            cut = {k: v.tensor_split(m) for k, v in self.context.items()}
+            self.parts = [{k: v[i] for k, v in cut.items()} for i in range(m)]
+
+    def context_of(self, part=None):
+        """The context of micro-batch ``part`` (None: the whole batch)."""
+        if part is None or self.parts is None:
+            return self.context
+        return self.parts[part]

@@ -190,7 +190,7 @@ class MGRITPasses:
             raise FloatingPointError(f"layer {first} produced NaN or Inf")
         if self.diagnose is not None:
             probe = PassContext(index=ctx.index, meta=ctx.meta, record=False,
-                                records=PassRecords())
+                                records=PassRecords(), context=ctx.context)
             self.diagnose(probe, u0)  # raises naming the layer where the exact pass fails
         m = self._cfactor(self.solvers.fwd)
         lo, hi = max(0, e.index - m), max(0, e.index - 1)

@@ -391,7 +391,10 @@ class Pipeline:
         return self._communicator()
 
     def _sizes(self, ctx):
-        return split_sizes(ctx.meta.shape[0], self.microbatches)
+        """The micro-batch sizes of the pass; its context cut to match."""
+        sizes = split_sizes(ctx.meta.shape[0], self.microbatches)
+        ctx.split_context(len(sizes))
+        return sizes
 
     def on_graph(self, ctx, u0):
         """The exact pass on one rank with the whole batch: the block

@@ -28,18 +28,31 @@ For the result to be that of the serial network:
 * **Frozen parameters** (``requires_grad=False``) get no gradient (None);
   the adjoint asks only for the gradients of trainable parameters.
 
+* **Context** (``takes_context``).  A module whose ``forward`` has a
+  parameter named ``context`` (or that sets ``takes_context = True``) is
+  called ``module(u, context=c)``: ``c`` is the pass's context, a dict of
+  tensors whose first dimension is the batch (a padding mask, positions:
+  anything constant across the layers of one pass), or None when the pass
+  has none; in a pipelined pass with several micro-batches, the rows of
+  the micro-batch.  Every call of every layer of one pass (fine or coarse,
+  owner or ghost) sees the same context; no gradient flows into it.  A
+  module without such a parameter is called ``module(u)`` as before.
+
 The backward (adjoint) solve calls no module: it differentiates the graphs
 recorded in the final forward sweep, i.e. the training-mode computation with
 the batch statistics and masks of that sweep.
 """
 import contextlib
+import inspect
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["layer_seed", "layer_rng", "is_stochastic", "training_flags", "set_training_flags",
-           "call_module"]
+__all__ = ["layer_seed", "layer_rng", "is_stochastic", "takes_context", "training_flags",
+           "set_training_flags", "call_module"]
+
+_ANY = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
 def layer_seed(seed, pass_index, layer, part=None):
@@ -80,6 +93,20 @@ def is_stochastic(module):
                for m in module.modules())
 
 
+def takes_context(module):
+    """Does ``module`` take the pass's context: ``module(u, context=c)``?
+    Its attribute ``takes_context`` when it has one, else whether its
+    ``forward`` has a parameter named ``context``."""
+    flag = getattr(module, "takes_context", None)
+    if flag is not None:
+        return bool(flag)
+    try:
+        param = inspect.signature(module.forward).parameters.get("context")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.kind in _ANY
+
+
 def training_flags(module):
     """The ``training`` flag of every submodule, in ``modules()`` order."""
     return [m.training for m in module.modules()]
@@ -92,19 +119,21 @@ def set_training_flags(module, flags):
     return module
 
 
-def call_module(module, x, *, rng=None, keep_buffers=False):
-    """``module(x)`` under the policy: ``rng`` is None or the arguments of
-    :func:`layer_rng` (seed, pass_index, layer, device[, part]) when the module is
-    random and in training mode; ``keep_buffers`` restores its buffers after
-    the call (a call outside the final sweep)."""
+def call_module(module, x, *, rng=None, keep_buffers=False, kwargs=None):
+    """``module(x, **kwargs)`` under the policy: ``rng`` is None or the
+    arguments of :func:`layer_rng` (seed, pass_index, layer, device[, part])
+    when the module is random and in training mode; ``keep_buffers``
+    restores its buffers after the call (a call outside the final sweep);
+    ``kwargs``: ``{"context": ...}`` for a module that takes context."""
+    kwargs = kwargs or {}
     saved = None
     if keep_buffers:
         saved = [b.detach().clone() for b in module.buffers()]
     try:
         if rng is None:
-            return module(x)
+            return module(x, **kwargs)
         with layer_rng(*rng):
-            return module(x)
+            return module(x, **kwargs)
     finally:
         if saved:
             with torch.no_grad():

@@ -5,13 +5,16 @@ of global indices) and the ghost copies of other ranks' layers that its
 coarse-grid steps use (filled by ``layerpar.engine.ghosts``).  Every call of
 a layer goes through ``Stage.call``, which applies the module-state policy
 (``layerpar.engine.policy``) of the pass: random draws seeded by (seed, pass,
-layer[, micro-batch]), buffers kept outside the final sweep.  Both the MGRIT
+layer[, micro-batch]), buffers kept outside the final sweep, the pass's
+context given to the layers that take it.  Both the MGRIT
 apps and the pipeline step through a stage and a pass context; neither knows
 the network around them.
 """
 import torch
 
-from layerpar.engine.policy import call_module, is_stochastic, training_flags
+from layerpar.engine.policy import call_module, is_stochastic, takes_context, training_flags
+
+_PLAIN = (False, False, False)  # the call plan of a plain layer: F(u)
 
 
 def load_state(module, state, device=None):
@@ -39,7 +42,7 @@ class Stage:
         self.make_layer = make_layer
         self.ghosts = {}      # {n: module} of other ranks' layers stepped with here
         self._modules = None  # per local layer (module, submodules, shares a parameter)
-        self._kinds = {}      # {n: (random, has buffers)}: fixed by the module's build
+        self._kinds = {}      # {n: (random, has buffers, takes context)}: fixed by the build
 
     # ---- modules and parameters ------------------------------------------------
     def module(self, n):
@@ -80,25 +83,41 @@ class Stage:
     def _kind(self, n, F):
         kind = self._kinds.get(n)
         if kind is None:
-            kind = self._kinds[n] = (is_stochastic(F), next(F.buffers(), None) is not None)
+            kind = self._kinds[n] = (is_stochastic(F), next(F.buffers(), None) is not None,
+                                     takes_context(F))
         return kind
 
     def plan_calls(self):
         """For a pass: {n: (draws random numbers, keeps its buffers outside
-        the final sweep)} for the step modules that do either (random and in
-        training mode; buffers and in training mode; ghosts' buffers are
-        replaced before every solve).  Modules that do neither are left out."""
+        the final sweep, takes the context)} for the step modules that do
+        any (random and in training mode; buffers and in training mode;
+        ghosts' buffers are replaced before every solve).  Modules that do
+        none are left out."""
         plan = {}
         for n, (F, subs, _) in zip(self.indices, self._local_modules()):
             kind = self._kind(n, F)
-            if kind[0] or kind[1]:
+            if any(kind):
                 training = any(m.training for m in subs)
-                plan[n] = (training and kind[0], training and kind[1])
+                plan[n] = (training and kind[0], training and kind[1], kind[2])
         for n, F in self.ghosts.items():
             kind = self._kind(n, F)
-            if kind[0]:
-                plan[n] = (any(training_flags(F)), False)
+            if kind[0] or kind[2]:
+                plan[n] = (kind[0] and any(training_flags(F)), False, kind[2])
         return plan
+
+    def needs_context(self, ghost_layers=()):
+        """Whether a layer this rank steps with takes the context: a local
+        layer, or one of ``ghost_layers`` (other ranks' layers its coarse
+        grids step with; their ghost copies are built now if not yet)."""
+        for n in self.indices:
+            if self._kind(n, self.layers[str(n)])[2]:
+                return True
+        for n in ghost_layers:
+            if n not in self.ghosts:
+                self.ghosts[n] = self.make_layer(n)
+            if self._kind(n, self.ghosts[n])[2]:
+                return True
+        return False
 
     def call(self, n, u, ctx, *, final, part=None):
         """F_n(u) under the module-state policy of pass ``ctx``: random
@@ -108,11 +127,12 @@ class Stage:
         return self._call(n, self.module(n), u, ctx, final, part)
 
     def _call(self, n, F, u, ctx, final, part):
-        stochastic, buffered = ctx.plan.get(n, (False, False))
+        stochastic, buffered, context = ctx.plan.get(n, _PLAIN)
         if not stochastic and not (buffered and not final):
-            return F(u)
+            return F(u, context=ctx.context_of(part)) if context else F(u)
         rng = (self.seed, ctx.index, n, u.device, part) if stochastic else None
-        return call_module(F, u, rng=rng, keep_buffers=buffered and not final)
+        kwargs = {"context": ctx.context_of(part)} if context else None
+        return call_module(F, u, rng=rng, keep_buffers=buffered and not final, kwargs=kwargs)
 
     # ---- the block ----------------------------------------------------------------
     def block(self, x, ctx, record, *, detach=True, part=None):
@@ -140,14 +160,17 @@ class Stage:
         return f"layer {self.indices[-1]} produced NaN or Inf"
 
     # ---- checks --------------------------------------------------------------------
-    def check_state(self, meta):
+    def check_state(self, meta, context=None):
         """The first thing wrong with states of ``meta`` for the local
         layers (a parameter of another dtype, a layer that changes the
-        shape or raises), or None.  Local; leaves buffers and the global RNG
-        as they were."""
+        shape or raises, given a context of the arrays ``context``: {name:
+        (shape, dtype)}, filled with ones), or None.  Local; leaves buffers
+        and the global RNG as they were."""
         shape, dtype, device = meta.shape, meta.dtype, meta.device
         try:
             probe = torch.zeros(shape, dtype=dtype, device=device)
+            given = None if context is None else {
+                k: torch.ones(s, dtype=d, device=device) for k, (s, d) in context.items()}
             for n in self.indices:
                 F = self.layers[str(n)]
                 for p in F.parameters():
@@ -155,9 +178,10 @@ class Stage:
                         return (f"dtype mismatch: the input state is {dtype} but layer "
                                 f"{n} has parameters of {p.dtype}; convert the model "
                                 "(e.g. .double()) or the input")
+                kwargs = {"context": given} if takes_context(F) else None
                 with torch.no_grad():
                     out = call_module(F, probe, rng=(self.seed, 0, n, device),
-                                      keep_buffers=True)
+                                      keep_buffers=True, kwargs=kwargs)
                 if not isinstance(out, torch.Tensor) or out.shape != probe.shape:
                     got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                     return (f"layer {n}: step_factory's module maps a state of shape "
