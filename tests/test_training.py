@@ -242,7 +242,7 @@ def test_residual_monitor_raises_iterations_then_falls_back():
 def test_residual_monitor_escalates_after_failed_line_search():
     body = _Body()
     mon = ResidualMonitor(0.5, 3, 3, 1, 2)
-    assert "2/3" in mon.escalate(body, "no decrease")
+    assert "2 forward, 3 adjoint" in mon.escalate(body, "no decrease")
     assert body.calls[-1] == {"fwd_iters": 2, "bwd_iters": 3}
     assert "serial" in mon.escalate(body, "no decrease")
     assert body.calls[-1] == {"max_levels": 1} and mon.serial
