@@ -39,8 +39,7 @@ from mpi4py import MPI
 from torch import nn
 
 from layerpar._collective import agree, check_comm, collective, from_root
-from layerpar._watchdog import (SilentRankError, check_timeout, guard, set_timeout, set_wait,
-                                timeout_of)
+from layerpar._watchdog import check_timeout, set_timeout, set_wait, timeout_of
 from layerpar.engine import options as solve_options
 from layerpar.engine.carry import context_spec, share
 from layerpar.engine.context import PassContext, PassRecords, StateMeta
@@ -51,9 +50,11 @@ from layerpar.engine.transport import Transport
 from layerpar.engine.pipeline import SCHEDULES, Pipeline, PipelineFunction, split_sizes
 from layerpar.engine.policy import is_stochastic, layer_rng, takes_context, training_flags
 from layerpar.engine.solvers import SolverPairs
+from layerpar.engine.layers import LayersByIndex, collect as _collect
 from layerpar.engine.stage import Stage, load_state
 from layerpar.grid import ProcessGrid
-from layerpar.steps import ResidualLayer, SerialStack
+from layerpar.stepping import TrainingStep
+from layerpar.steps import SerialStack
 
 
 def _seeded(seed, n, make):
@@ -71,13 +72,6 @@ def _split_context(context, m):
         return [None] * m
     cut = {k: v.tensor_split(m) for k, v in context.items()}
     return [{k: v[i] for k, v in cut.items()} for i in range(m)]
-
-
-def _collect(comm, obj, root):
-    """Collective: every rank's obj, on ``root`` (None = every rank); None
-    on the other ranks."""
-    guard(comm, "collecting the layers")
-    return comm.allgather(obj) if root is None else comm.gather(obj, root=root)
 
 
 def _timeout(value, comm):
@@ -127,53 +121,13 @@ def _scalar_loss(value):
     return value
 
 
-def _norm_order(max_norm, norm_type):
-    """The order p of a gradient norm (a float; inf), the arguments checked."""
-    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) \
-            or not max_norm >= 0:
-        raise ValueError(f"max_norm={max_norm!r}: must be a number >= 0")
-    if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) \
-            or not norm_type > 0:
-        raise ValueError(f"norm_type={norm_type!r}: must be a number > 0 or inf")
-    return float(norm_type)
-
-
-def _local_norm_part(grads, p):
-    """This rank's part of the p-norm of ``grads``: the sum of |g|^p (the
-    largest |g| for p = inf; NaN where a gradient holds NaN), in float64."""
-    part = 0.0
-    for g in grads:
-        a = g.abs().to(torch.float64)
-        if math.isinf(p):
-            part = _largest([part, float(a.max())]) if a.numel() else part
-        else:
-            part += float((a * a).sum()) if p == 2.0 else float(a.pow(p).sum())
-    return part
-
-
-def _largest(values):
-    """max(values), NaN when one of them is NaN (Python's max may skip it)."""
-    return math.nan if any(v != v for v in values) else max(values)
-
-
-def _norm_of_parts(parts, p):
-    """The p-norm from the ranks' parts (``_local_norm_part``), added in rank
-    order: the same float on every rank."""
-    if math.isinf(p):
-        return _largest(parts)
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    return total ** (1.0 / p)
-
-
 def _count(value, name, what):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}={value!r}: {what} must be an integer >= 1")
     return value
 
 
-class LayerParallel(nn.Module):
+class LayerParallel(LayersByIndex, nn.Module):
     """N residual layers u <- u + h*F_n(u), h = T/N, split over ``comm``.
 
     step_factory(n) builds F_n, an ``nn.Module`` that keeps the state's
@@ -453,44 +407,6 @@ class LayerParallel(nn.Module):
         """The statistics of the last backward pass (as ``last_forward``)."""
         return self.records.backward
 
-    # ---- the local layers by global index ----------------------------------
-    def layer(self, n):
-        """The module of local layer ``n`` (a global index this rank holds)."""
-        try:
-            return self.layers[str(n)]
-        except KeyError:
-            raise KeyError(f"layer {n} is not held by rank {self.rank} (it holds "
-                           f"{self.layer_indices.start}..{self.layer_indices.stop - 1})") from None
-
-    def params_by_layer(self, *, buffers=False):
-        """{global layer index: {name: tensor}} of the local layers'
-        parameters themselves (for optimisers and gradients), and with
-        ``buffers`` their buffers too (running statistics)."""
-        out = {}
-        for n in self.layer_indices:
-            F = self.layers[str(n)]
-            d = dict(F.named_parameters())
-            if buffers:
-                d.update(F.named_buffers())
-            out[n] = d
-        return out
-
-    def state_by_layer(self):
-        """{global layer index: state dict} of the local layers (detached
-        parameters and persistent buffers): what a checkpoint or a transfer
-        between depths moves."""
-        return {n: self.layers[str(n)].state_dict() for n in self.layer_indices}
-
-    def load_state_by_layer(self, states):
-        """Load {global layer index: state dict} into the local layers: every
-        local layer must be given (other layers are ignored)."""
-        missing = [n for n in self.layer_indices if n not in states]
-        if missing:
-            raise KeyError(f"load_state_by_layer: no state for local layers {missing} on "
-                           f"rank {self.rank}")
-        with torch.no_grad():
-            for n in self.layer_indices:
-                self.layers[str(n)].load_state_dict(states[n])
 
     @property
     def first_rank(self):
@@ -595,36 +511,6 @@ class LayerParallel(nn.Module):
         one autograd graph per micro-batch, instead of through the solvers."""
         return self.fwd_options["max_levels"] == 1 and self.bwd_options["max_levels"] == 1
 
-    # ---- whole-model helpers ------------------------------------------------
-    def gather_layers(self, root=None):
-        """Collective: {global layer index: state_dict} of all layers, on
-        ``root`` (None = every rank)."""
-        mine = {n: {k: v.cpu().clone() for k, v in state.items()}
-                for n, state in self.state_by_layer().items()}
-        parts = _collect(self.comm, mine, root)
-        if parts is None:
-            return None
-        out = {}
-        for p in parts:
-            out.update(p)
-        return out
-
-    def serial_layers(self, root=None):
-        """Collective: the N layers as ordinary ``ResidualLayer`` modules with
-        the same weights, on ``root`` (None = every rank)."""
-        states = self.gather_layers(root)
-        if states is None:
-            return None
-        return [ResidualLayer(load_state(self._make_layer(n), states[n]), self.h)
-                for n in range(self.nlayers)]
-
-    def serial_equivalent(self, root: "int | None" = None) -> "nn.Sequential | None":
-        """Collective: an ``nn.Sequential`` of the N residual layers with the
-        same weights, for checking and for inference on one process
-        (``SerialStack``: called ``(u, context=...)`` it gives the context to
-        the layers that take it)."""
-        layers = self.serial_layers(root)
-        return None if layers is None else SerialStack(*layers)
 
     def extra_repr(self):
         return (f"nlayers={self.nlayers}, T={self.T}, ranks={self.size}, "
@@ -632,7 +518,7 @@ class LayerParallel(nn.Module):
                 f"max_levels={self.fwd_options['max_levels']}")
 
 
-class Network(nn.Module):
+class Network(TrainingStep, nn.Module):
     """Opening layer (first rank) + LayerParallel + closing layer (last rank).
 
     opening_factory() and closing_factory() build the opening and closing
@@ -864,139 +750,6 @@ class Network(nn.Module):
         return (torch.zeros((), dtype=meta.dtype, device=meta.device),
                 torch.zeros(0, dtype=meta.dtype, device=meta.device))
 
-    def step(self, x, y, loss_fn, *, reduction="mean", context=None):
-        """Collective: one training step's loss and gradients, in one call
-        (as ``schedule.step`` of torch.distributed.pipelining).
-
-        Runs the forward and backward passes of the batch in the network's
-        mode (exact, pipelined GPipe or 1F1B, layer-parallel, one-shot) and
-        accumulates the gradients in every parameter's ``.grad`` as
-        ``loss.backward()`` would (zero them before, with the optimiser's
-        ``zero_grad``); returns the loss as a float, the same on every
-        rank.  A loop of plain PyTorch runs unchanged around it::
-
-            for x, y in loader:                 # the same batches on every rank
-                opt.zero_grad()
-                loss = net.step(x, y, torch.nn.functional.cross_entropy)
-                net.clip_grad_norm_(1.0)        # optional: see clip_grad_norm_
-                opt.step()
-                scheduler.step()
-
-        ``x``: the batch's inputs (needed on the first rank of the layers,
-        ignored elsewhere); ``y``: its targets (needed on the last);
-        ``loss_fn(scores, y)``: the loss of the batch, one number that is a
-        mean over the samples (``reduction='mean'``, e.g. the default of
-        ``cross_entropy``) or a sum (``reduction='sum'``); ``context`` (first
-        rank): the batch's context for the layers that take it (a dict of
-        tensors whose first dimension is the batch; on a grid each group
-        takes its share's rows).
-
-        On a grid (``grid=`` given to the constructor, D data-parallel
-        groups) every rank passes the global batch (x where its group's
-        first rank needs it, y on the last); each group takes its share
-        (the rows ``grid.shard`` gives, the sizes of ``torch.tensor_split``;
-        none when the batch has fewer rows than groups), the loss returned
-        is the global batch's (the shares' means weighted by their sizes,
-        ``grid.weight``; with ``reduction='sum'`` the sum) and the new
-        gradients are averaged over the data axis with those weights
-        (``grid.average_gradients``) before they are added to ``.grad``:
-        every group then holds the gradient of the global batch's loss, and
-        an optimiser step keeps the groups' weights the same.  Batch-norm
-        statistics (buffers) are each group's, of its shares (as DDP with
-        ``broadcast_buffers=False``).
-
-        Raises on every rank (of the grid) alike: ValueError for a bad
-        ``reduction``, a loss that is not one number on the graph, batches
-        of different sizes on the ranks of a grid; TypeError for inputs or
-        targets missing on a grid (``ProcessGrid.global_batch``); any
-        failure of a layer, of the opening, closing or loss, with its type
-        (see ``_collective``).  On a grid the gradients are then as they
-        were.
-        """
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction={reduction!r}: choose mean or sum")
-        grid = self.grid if self.grid is not None and self.grid.data > 1 else None
-        if grid is None:
-            loss, _ = self.loss_and_backward(x, y, loss_fn, reduction=reduction,
-                                             context=context)
-            return self.reduce(loss)
-        size = grid.global_batch(x, y, need_x=self.is_first, need_y=self.is_last)
-        weight = grid.weight(size) if reduction == "mean" else 1.0
-        params = [p for p in self.parameters() if p.requires_grad]
-        # the gradients of this step alone are averaged, then added to the
-        # ones there were (accumulation, as backward does)
-        kept = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        error, value = None, 0.0
-        try:
-            if grid.share_size(size) > 0:
-                share = (None if context is None
-                         else {k: grid.shard(v, size) for k, v in context.items()})
-                loss, _ = self.loss_and_backward(grid.shard(x, size), grid.shard(y, size),
-                                                 loss_fn, reduction=reduction, context=share)
-                value = self.reduce(loss)
-            else:  # no rows here: no pass (it is still counted, for the random draws)
-                self.body.passes += 1
-        except SilentRankError:
-            raise
-        except Exception as e:  # noqa: BLE001 - raised on every rank of the grid below
-            error = e
-        try:
-            total = grid.sum_over_groups(weight * value, error, what="a training step")
-        except BaseException:
-            for p, g in zip(params, kept):
-                p.grad = g
-            raise
-        grid.average_gradients(params, weight)
-        for p, g in zip(params, kept):
-            if g is not None:
-                p.grad = g if p.grad is None else g.add_(p.grad)
-        return total
-
-    def clip_grad_norm_(self, max_norm, norm_type=2.0, *, error_if_nonfinite=False):
-        """Collective: clip the gradients of the whole network by their
-        global norm, as ``torch.nn.utils.clip_grad_norm_`` clips a model on
-        one process: the norm over every rank's parameters (the opening and
-        closing once; on a grid one group's, which holds the global batch's
-        gradient after ``step``), and every ``.grad`` scaled by the same
-        factor ``max_norm / (norm + 1e-6)`` where that is below 1.  Returns
-        the norm before clipping (a float64 tensor), the same on every rank.
-
-        Why not ``torch.nn.utils.clip_grad_norm_(net.parameters(), ...)``:
-        each rank's ``parameters()`` are only its own layers (with the
-        opening on the first rank, the closing on the last), so each rank
-        would measure a different part of the gradient and scale its part
-        by a different factor: the step's direction would no longer be the
-        gradient's, and would change with the number of ranks.
-
-        ``max_norm``: a number >= 0; ``norm_type``: p > 0 of the p-norm
-        (default 2) or ``inf`` (the largest absolute value).
-        ``error_if_nonfinite``: raise RuntimeError (on every rank) when the
-        norm is NaN or Inf, leaving the gradients as they are.  Bad
-        arguments raise ValueError naming them, on every rank.
-        """
-        error, local, grads = None, 0.0, []
-        try:
-            p = _norm_order(max_norm, norm_type)
-            grads = [q.grad.detach() for q in self.parameters() if q.grad is not None]
-            local = _local_norm_part(grads, p)
-        except Exception as e:  # noqa: BLE001 - raised on every rank below
-            error = e
-        self.body._check_open()
-        comm = self.grid.comm if self.grid is not None else self.comm
-        # every rank (of the grid) -> every rank: its part of the norm
-        parts = agree(comm, error, what="the gradients' norm", payload=local)
-        total = _norm_of_parts(parts[:self.body.size], p)  # on a grid: group 0's
-        if error_if_nonfinite and not math.isfinite(total):
-            raise RuntimeError(f"the total norm of order {norm_type} of the gradients is "
-                               f"{total}: non-finite (error_if_nonfinite=True)")
-        coef = max_norm / (total + 1e-6)
-        if coef < 1.0:
-            with torch.no_grad():
-                for g in grads:
-                    g.mul_(coef)
-        return torch.tensor(total, dtype=torch.float64)
 
     def loss(self, x, y, loss_fn, *, context=None):
         """The loss on the last rank; elsewhere a zero connected to the

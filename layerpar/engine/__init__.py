@@ -21,6 +21,8 @@
             when they changed
   solvers   the cache of forward/adjoint solver pairs and their warm states
   options   the two solves' MGRIT options in the network's names
+  layers    ``LayersByIndex`` (a base of ``LayerParallel``): the local
+            layers and their states by global index; the N layers gathered
 
 Data flows down: ``layerpar.parallel`` (the facades) builds a stage, the
 solvers, the ghosts and the pipeline, and hands each pass a context; the
