@@ -35,6 +35,9 @@ never frees them.  The timeout set on ``comm`` (``layerpar.set_timeout``,
 else $LAYERPAR_TIMEOUT) bounds every wait of the grid's sums: a rank that
 does not arrive makes the others raise ``layerpar.SilentRankError``.
 """
+import torch
+from mpi4py import MPI
+
 from layerpar._collective import agree, check_comm
 from layerpar._watchdog import guard, inherit
 from layerpar.reducer import BUCKET_BYTES, GradientReducer
