@@ -376,7 +376,8 @@ def main(argv=None):
                       f"|x|={g[1] if g else None!r}")
         else:
             print(f"{name}: {len(got)} values identical")
-    print(f"{len(results) - bad} of {len(results)} cases bit-identical on {size} ranks")
+    ranks = "1 rank" if size == 1 else f"{size} ranks"
+    print(f"{len(results) - bad} of {len(results)} cases bit-identical on {ranks}")
     return 1 if bad else 0
 
 
