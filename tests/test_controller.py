@@ -183,7 +183,7 @@ def test_controller_raises_the_accuracy_when_the_gradient_is_biased(action):
         assert third["exact"] == 1 and math.isnan(third["grad_error"])  # no more checks
     else:
         assert not state[0] and state[1:] == (2, 2)
-        assert "MGRIT iterations -> 2/2" in second["change"]
+        assert "MGRIT iterations per step from now on: 2 forward, 2 adjoint" in second["change"]
         assert third["fwd_iters"] == 2 and third["bwd_iters"] == 2
 
 
@@ -195,7 +195,7 @@ def test_iterations_past_the_ceiling_become_exact_propagation():
     changes = [level.step(*batches[i])["change"] for i in range(3)]
     exact = level.body.pipelined
     level.close()
-    assert "2/2" in changes[0] and "propagation from now on" in changes[1] and changes[2] is None
+    assert "2 forward, 2 adjoint" in changes[0] and "propagation from now on" in changes[1] and changes[2] is None
     assert exact
 
 
