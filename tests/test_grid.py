@@ -350,8 +350,14 @@ def test_grid_step_model():
                        **opts)
     assert big["group"] == pm.training_step(cal, 32, 16, "layer-parallel", batch=63,
                                             **opts)["time"]
-    assert big["allreduce"] == pm.allreduce(2 * 4096, 16, latency=2e-6, bandwidth=1e9)
+    # the default reducer sums in group order (an allgather of every
+    # group's buckets); MPI's allreduce is the other choice
+    assert big["allreduce"] == pm.ordered_sum(2 * 4096, 16, latency=2e-6, bandwidth=1e9)
     assert big["time"] == big["group"] + big["allreduce"]
+    mpi = pm.grid_step(cal, 32, 16, 16, "layer-parallel", layer_bytes=4096, batch=1000,
+                       reducer="allreduce", **opts)
+    assert mpi["allreduce"] == pm.allreduce(2 * 4096, 16, latency=2e-6, bandwidth=1e9)
+    assert mpi["time"] == mpi["group"] + mpi["allreduce"]
     with pytest.raises(ValueError, match="batch"):
         pm.grid_step(cal, 32, 16, 2, "serial", layer_bytes=1, batch=8)
 
