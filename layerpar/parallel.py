@@ -257,7 +257,7 @@ class LayerParallel(LayersByIndex, nn.Module):
                                    "the number of solver pairs to keep")
         timeout = _timeout(timeout, comm)
         self.transport = Transport(transport)
-        wait = waiting.resolve(wait, comm)
+        waiting.check(wait)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"seed={seed!r}: must be an integer")
         for name, v in (("warm_start", warm_start), ("retain_graphs", retain_graphs)):
@@ -273,6 +273,8 @@ class LayerParallel(LayersByIndex, nn.Module):
         self.comm = comm.Dup()  # our own messages never meet the user's
         # the limit of every wait on it and its duplicates, outside the solves too
         set_timeout(self.comm, timeout or 0.0)
+        # 'auto' is agreed collectively: only once every option passed its checks
+        wait = waiting.resolve(wait, self.comm)
         set_wait(self.comm, wait)
         self.wait = wait
         self._comms = {}  # further duplicates by purpose (communicator())

@@ -33,11 +33,17 @@ def oversubscribed(comm):
     return bool(comm.allreduce(over, op=MPI.LOR))
 
 
+def check(wait):
+    """Raise ValueError naming ``wait`` unless it is one of WAITS (local: no
+    message, so that a bad option is refused before any)."""
+    if wait not in WAITS:
+        raise ValueError(f"wait={wait!r}: choose one of {', '.join(WAITS)}")
+
+
 def resolve(wait, comm):
     """'busy' or 'sleep' for the option ``wait`` (collective for 'auto', so
     that every rank chooses alike)."""
-    if wait not in WAITS:
-        raise ValueError(f"wait={wait!r}: choose one of {', '.join(WAITS)}")
+    check(wait)
     if wait != "auto":
         return wait
     if comm.Get_size() == 1:
