@@ -100,12 +100,15 @@ def add_pair(comm, hist, s, y, *, keep, curvature_eps, bs=None, damping=0.0):
     S, Y, rho, gamma = hist
     damped = False
     if damping > 0 and bs is not None:
-        ys, sbs = allsum(comm, [dot(y, s), dot(s, bs)])
+        # one collective for the damping test and an undamped pair's curvature
+        ys, yy, ss, sbs = allsum(comm, [dot(y, s), dot(y, y), dot(s, s), dot(s, bs)])
         if sbs > 0 and ys < damping * sbs:  # False for NaN
             theta = (1.0 - damping) * sbs / (sbs - ys)
             y = y.mul(theta).add_(bs, alpha=1.0 - theta)
             damped = True
-    ys, yy, ss = allsum(comm, [dot(y, s), dot(y, y), dot(s, s)])
+            ys, yy, ss = allsum(comm, [dot(y, s), dot(y, y), dot(s, s)])
+    else:
+        ys, yy, ss = allsum(comm, [dot(y, s), dot(y, y), dot(s, s)])
     if not ys > curvature_eps * math.sqrt(yy * ss):  # also catches NaN
         return hist, False, damped
     m = keep
