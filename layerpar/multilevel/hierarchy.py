@@ -78,6 +78,42 @@ def assign(layers, new):
                 p.copy_(new[n][k])
 
 
+# ---- a level's weights as one vector: (local layer dict, {end key: tensor}) -----------
+def point(level):
+    """A detached copy of this rank's weights of ``level`` (a ``Level``)."""
+    return (values(level.body.params_by_layer()),
+            {k: p.detach().clone() for k, p in level.end_params().items()})
+
+
+def set_point(level, new):
+    """Copy the vector ``new`` (``point``'s form) into ``level``'s weights."""
+    layers, ends = new
+    assign(level.body.params_by_layer(), layers)
+    with torch.no_grad():
+        for k, p in level.end_params().items():
+            p.copy_(ends[k])
+
+
+def gradient(level):
+    """A copy of the gradients of this rank's weights of ``level``, in
+    ``point``'s form (zeros where there is none)."""
+    return (values(level.body.params_by_layer(), "grad"),
+            {k: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+             for k, p in level.end_params().items()})
+
+
+def linear_term(level, v):
+    """The vector ``v`` (``point``'s form) as ``Level.set_linear_term`` takes
+    it: {parameter: tensor}."""
+    linear = {}
+    for n, ps in level.body.params_by_layer().items():
+        for k, p in ps.items():
+            linear[p] = v[0][n][k]
+    for key, p in level.end_params().items():
+        linear[p] = v[1][key]
+    return linear
+
+
 def _copy_ends(src, dst):
     with torch.no_grad():
         ends = end_params(src)

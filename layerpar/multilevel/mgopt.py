@@ -27,7 +27,7 @@ instead of solving again.
 import torch
 
 from layerpar.multilevel.cycling import CyclingMethod
-from layerpar.multilevel.hierarchy import assign, values
+from layerpar.multilevel.hierarchy import gradient, linear_term, point, set_point
 from layerpar.optim.linesearch import Trial, backtracking, decrease
 
 
@@ -68,22 +68,17 @@ class MGOpt(CyclingMethod):
         needed on a grid of several groups)."""
         fine, coarse = self.levels[l], self.levels[l + 1]
         f_h = fine.loss_and_grad(x, y, size)
-        g_h = values(fine.body.params_by_layer(), "grad")
-        g_h_ends = {k: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-                    for k, p in fine.end_params().items()}
+        g_h, g_h_ends = gradient(fine)
         # x_H0 = R x_h; opening and closing: identity
         x_H0, ends_H0 = self.hierarchy.restrict_level(fine, coarse)
         # v = grad f_H(x_H0) - P^T grad f_h(x_h)
         coarse.set_linear_term(None)
         coarse.loss_and_grad(x, y, size)
         Pt_g = self.hierarchy.restrict_gradient(g_h, fine, coarse)
-        v = {}
-        for n, ps in coarse.body.params_by_layer().items():
-            for k, p in ps.items():
-                v[p] = p.grad.detach() - Pt_g[n][k]
-        for key, p in coarse.end_params().items():
-            v[p] = p.grad.detach() - g_h_ends[key]
-        coarse.set_linear_term(v)
+        v = ({n: {k: p.grad.detach() - Pt_g[n][k] for k, p in ps.items()}
+              for n, ps in coarse.body.params_by_layer().items()},
+             {key: p.grad.detach() - g_h_ends[key] for key, p in coarse.end_params().items()})
+        coarse.set_linear_term(linear_term(coarse, v))
         return x_H0, ends_H0, f_h
 
     def _cycle(self, l, x, y, size):
@@ -125,8 +120,8 @@ class MGOpt(CyclingMethod):
         (0, f0) when rejected.  ``grad_first``: the trial alpha = 1 also
         evaluates the gradient (kept for reuse).  Collective."""
         layers, ends = lev.body.params_by_layer(), lev.end_params()
-        x0 = values(layers)
-        x0_ends = {k: p.detach().clone() for k, p in ends.items()}
+        start = point(lev)
+        x0, x0_ends = start
         trials = []
 
         def phi(alpha):
@@ -145,8 +140,5 @@ class MGOpt(CyclingMethod):
                               max_trials=self.config["multilevel"]["line_search_steps"])
         if search.best is not None:
             return search.best.t, search.best.f
-        assign(layers, x0)
-        with torch.no_grad():
-            for key, p in ends.items():
-                p.copy_(x0_ends[key])
+        set_point(lev, start)
         return 0.0, f0

@@ -64,7 +64,7 @@ import torch
 from layerpar.multilevel import trust
 from layerpar.multilevel.batching import CycleBatches
 from layerpar.multilevel.cycling import CyclingMethod
-from layerpar.multilevel.hierarchy import assign, values
+from layerpar.multilevel.hierarchy import gradient, linear_term, point, set_point
 
 
 def _ordered_sum(comm, local):
@@ -86,26 +86,7 @@ def _end_key(key):
     return (0, -1, name) if sec == "opening" else (2, 0, name)
 
 
-# ---- vectors of a level: ({layer: {name: tensor}}, {end key: tensor}) ------------------
-def _point(lev):
-    return (values(lev.body.params_by_layer()),
-            {k: p.detach().clone() for k, p in lev.end_params().items()})
-
-
-def _set_point(lev, point):
-    layers, ends = point
-    assign(lev.body.params_by_layer(), layers)
-    with torch.no_grad():
-        for k, p in lev.end_params().items():
-            p.copy_(ends[k])
-
-
-def _grads(lev):
-    return (values(lev.body.params_by_layer(), "grad"),
-            {k: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-             for k, p in lev.end_params().items()})
-
-
+# ---- vectors of a level: ``hierarchy.point``'s form ------------------------------------
 def _set_grads(lev, grads):
     layers, ends = grads
     for n, ps in lev.body.params_by_layer().items():
@@ -212,7 +193,7 @@ class RMTR(CyclingMethod):
                      fwd_res=f["residual_norms"][-1] if f["residual_norms"] else 0.0,
                      bwd_res=b["residual_norms"][-1] if b["residual_norms"] else 0.0,
                      vtime=f["virtual_time"] + b["virtual_time"], change=change)
-        return value, _grads(lev), stats
+        return value, gradient(lev), stats
 
     def _value(self, lev, x, y, size):
         before = lev.work["fwd"] + lev.work["bwd"]
@@ -244,10 +225,10 @@ class RMTR(CyclingMethod):
                 lev.optimizer.step()
             known = None
             if math.isfinite(bound):
-                d = _combine(_point(lev), start, -1.0)
+                d = _combine(point(lev), start, -1.0)
                 norm = self.fine_norm(l, d)
                 if norm > bound:
-                    _set_point(lev, _combine(start, d, bound / norm))
+                    set_point(lev, _combine(start, d, bound / norm))
                     return None, first, True
         return known, first, False
 
@@ -296,7 +277,7 @@ class RMTR(CyclingMethod):
         evaluation, whether it reached the boundary)."""
         ml = self.config["multilevel"]
         lev = self.levels[l]
-        start = _point(lev) if math.isfinite(bound) else None
+        start = point(lev) if math.isfinite(bound) else None
         if l == len(self.levels) - 1:
             return self._smooth(l, ml["coarse_steps"], x, y, size, known, start, bound)
         known, first, hit = self._smooth(l, ml["pre_steps"], x, y, size, known, start, bound)
@@ -310,7 +291,7 @@ class RMTR(CyclingMethod):
             if first is not None:
                 self.last_correct = first["correct"]
             self._norm_test(known[1])
-        used = 0.0 if start is None else self.fine_norm(l, _combine(_point(lev), start, -1.0))
+        used = 0.0 if start is None else self.fine_norm(l, _combine(point(lev), start, -1.0))
         radius = self.radius[self._radius_index(l)]
         known = self._correct(l, x, y, size, known, min(radius, bound - used))
         known, post, hit = self._smooth(l, ml["post_steps"], x, y, size, known, start, bound)
@@ -329,13 +310,7 @@ class RMTR(CyclingMethod):
         f0, g_H, _ = self._evaluate(coarse, x, y, size)
         Pt_g = (self.hierarchy.restrict_gradient(grads[0], fine, coarse), grads[1])
         v = _combine(g_H, Pt_g, -1.0)
-        linear = {}
-        for n, ps in coarse.body.params_by_layer().items():
-            for k, p in ps.items():
-                linear[p] = v[0][n][k]
-        for key, p in coarse.end_params().items():
-            linear[p] = v[1][key]
-        coarse.set_linear_term(linear)
+        coarse.set_linear_term(linear_term(coarse, v))
         return y0, (f0 - self._dot(v, y0), Pt_g)
 
     @property
@@ -359,7 +334,7 @@ class RMTR(CyclingMethod):
             return known
         y0, coarse_known = self._coarse_problem(l, x, y, size, known[1])
         self._cycle(l + 1, x, y, size, coarse_known, bound)
-        e = _combine(_point(coarse), y0, -1.0)
+        e = _combine(point(coarse), y0, -1.0)
         s = (self.hierarchy.prolong(e[0], coarse, lev), e[1])
         norm = self.fine_norm(l, s)
         predicted = coarse_known[0] - self._value(coarse, x, y, size) if norm > 0 else 0.0
@@ -369,8 +344,8 @@ class RMTR(CyclingMethod):
             _, self.radius[ri] = trust.update(self.radius[ri], -math.inf, norm, bound,
                                               accept=ml["accept_ratio"])
             return known
-        x0 = _point(lev)
-        _set_point(lev, _combine(x0, s))
+        x0 = point(lev)
+        set_point(lev, _combine(x0, s))
         # the trial's gradient serves a post-smoothing step, or (one batch per
         # epoch) the next cycle
         with_grad = (ml["post_steps"] > 0 or (l == 0 and self.batches_per_epoch == 1)) \
@@ -385,7 +360,7 @@ class RMTR(CyclingMethod):
                                                  accept=ml["accept_ratio"])
         outcome.update(rho=rho, accepted=accepted)
         if not accepted:
-            _set_point(lev, x0)
+            set_point(lev, x0)
             return known
         outcome["f_after"] = f1
         if l == 0 and with_grad:
