@@ -93,19 +93,23 @@ class Ghosts:
         by_peer = {}
         for q, n in self.sends:
             by_peer.setdefault(q, []).append(n)
+        # each layer's state, version, layout and flags, once however many peers take it
+        local = {}
+        for n in {n for _, n in self.sends}:
+            F = stage.layers[str(n)]
+            state = F.state_dict()
+            local[n] = (state, self._version(n, state), _layout_of(state), training_flags(F))
         requests = []
         for q, layers in by_peer.items():
             header, changed = {}, []
             for n in layers:
-                F = stage.layers[str(n)]
-                state = F.state_dict()
-                version, layout = self._version(n, state), _layout_of(state)
+                state, version, layout, flags = local[n]
                 held = self._sent.get((q, n))
                 new_layout = held is None or held[1] != layout
                 if held is None or held[0] != version or new_layout:
                     changed.append(state)
                     self._sent[(q, n)] = (version, layout)
-                header[n] = (version, layout if new_layout else None, training_flags(F))
+                header[n] = (version, layout if new_layout else None, flags)
             # to rank q: the versions, flags (and new layouts) of the layers it steps with
             requests.append((comm.isend(header, dest=q, tag=tag("ghost.header")), q))
             self.stats["messages"] += 1
