@@ -110,10 +110,12 @@ class Ghosts:
                     changed.append(state)
                     self._sent[(q, n)] = (version, layout)
                 header[n] = (version, layout if new_layout else None, flags)
-            # to rank q: the versions, flags (and new layouts) of the layers it steps with
-            requests.append((comm.isend(header, dest=q, tag=tag("ghost.header")), q))
+            # to rank q: the versions, flags (and new layouts) of the layers it steps
+            # with, pickled once (its size is counted in stats)
+            data = pickle.dumps(header, pickle.HIGHEST_PROTOCOL)
+            requests.append((comm.isend(data, dest=q, tag=tag("ghost.header")), q))
             self.stats["messages"] += 1
-            self.stats["header_bytes"] += len(pickle.dumps(header, pickle.HIGHEST_PROTOCOL))
+            self.stats["header_bytes"] += len(data)
             if changed:
                 # then the changed layers' tensors, flat, in state-dict order
                 parts = [as_bytes(v.detach().contiguous()) for s in changed for v in s.values()]
@@ -126,8 +128,8 @@ class Ghosts:
         for n in self.receives:
             by_owner.setdefault(self.layout.owner(n), []).append(n)
         for q, layers in by_owner.items():
-            header = recv(comm, q, tag("ghost.header"),
-                          f"the versions of the coarse-grid weights of layers {layers}")
+            header = pickle.loads(recv(comm, q, tag("ghost.header"),
+                                       f"the versions of the coarse-grid weights of layers {layers}"))
             targets = []
             for n in layers:
                 version, layout, flags = header[n]
