@@ -118,12 +118,13 @@ class Ghosts:
             self.stats["header_bytes"] += len(data)
             if changed:
                 # then the changed layers' tensors, flat, in state-dict order
-                parts = [as_bytes(v.detach().contiguous()) for s in changed for v in s.values()]
-                flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
-                msg = tr.message(flat, ("ghost.send", q))
+                parts = [v for s in changed for v in s.values()]
+                if not parts:
+                    parts = [torch.zeros(0, dtype=torch.uint8)]
+                msg = tr.message(parts, ("ghost.send", q))
                 requests.append((comm.Isend(msg, dest=q, tag=tag("ghost.weights")), q))
                 self.stats["messages"] += 1
-                self.stats["bytes"] += flat.numel()
+                self.stats["bytes"] += sum(v.numel() * v.element_size() for v in parts)
         by_owner = {}
         for n in self.receives:
             by_owner.setdefault(self.layout.owner(n), []).append(n)
