@@ -48,6 +48,13 @@ def as_bytes(t):
     return t.reshape(-1).view(torch.uint8)
 
 
+def byte_buffer(nbytes, where):
+    """A new uint8 tensor of ``nbytes`` (at least 1) on device ``where``,
+    pinned when it is host memory and CUDA is available."""
+    pin = where.type == "cpu" and torch.cuda.is_available()
+    return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=where, pin_memory=pin)
+
+
 class Transport:
     """The message path of one network (``kind``: an entry of ``KINDS``),
     with the host buffers it keeps for the senders outside the solvers."""
@@ -70,10 +77,7 @@ class Transport:
         buf = self._host.get(key)
         where = torch.device(device) if self.device_direct else torch.device("cpu")
         if buf is None or buf.numel() < nbytes or buf.device != where:
-            pin = where.type == "cpu" and torch.cuda.is_available()
-            buf = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=where,
-                              pin_memory=pin)
-            self._host[key] = buf
+            buf = self._host[key] = byte_buffer(nbytes, where)
             self.allocations += 1
         return buf
 

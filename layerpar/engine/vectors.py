@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from layerpar.engine.transport import as_bytes, ready, resolve
+from layerpar.engine.transport import as_bytes, byte_buffer, ready, resolve
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 HALF = (torch.bfloat16, torch.float16)
@@ -82,10 +82,8 @@ class TorchVectors:
     def _alloc_buffer(self, nbytes):
         """A message buffer for the solver: a uint8 tensor on the state's
         device (device path) or in pinned host memory, and its address."""
-        where = self.device if self.transport == "device" else torch.device("cpu")
-        pin = where.type == "cpu" and torch.cuda.is_available()
-        buf = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=where,
-                          pin_memory=pin)
+        buf = byte_buffer(nbytes, self.device if self.transport == "device"
+                          else torch.device("cpu"))
         return buf, buf.data_ptr()
 
     def pack(self, u, buf):
