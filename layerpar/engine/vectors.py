@@ -91,7 +91,7 @@ class TorchVectors:
         src = as_bytes(u.detach().contiguous())
         if isinstance(buf, torch.Tensor):
             buf[:self.nbytes].copy_(src)
-            ready(buf.device if buf.device.type == "cuda" else None)
+            ready(buf.device)  # a no-op for host memory
         else:
             torch.frombuffer(buf, dtype=torch.uint8, count=self.nbytes).copy_(src)
 
