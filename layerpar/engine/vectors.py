@@ -30,6 +30,13 @@ def adjoint_dtype(dtype):
     return torch.float32 if dtype in HALF else dtype
 
 
+def norm_dtype(dtype):
+    """The dtype the norm of a ``dtype`` state is computed in (the
+    ``dtype`` argument of ``torch.linalg.vector_norm``): float32 for the
+    half types, None (the state's own) otherwise."""
+    return torch.float32 if dtype in HALF else None
+
+
 def check_dtype(dtype):
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype}: layerpar supports {', '.join(map(str, DTYPES))}")
@@ -60,7 +67,7 @@ class TorchVectors:
         for s in self.shape:
             self.numel *= int(s)
         self.nbytes = self.numel * torch.empty((), dtype=dtype).element_size()
-        self._norm_dtype = torch.float32 if dtype in HALF else None
+        self._norm_dtype = norm_dtype(dtype)
 
     def zeros(self):
         return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
