@@ -21,10 +21,10 @@ soon as its last gradient has been accumulated (a post-accumulate hook), and
 import torch
 
 from layerpar._watchdog import guard, wait
+from layerpar.engine.vectors import HALF
 
 # gradients are sent in buckets of at most this many bytes (one gather each)
 BUCKET_BYTES = 1 << 22
-HALF = (torch.bfloat16, torch.float16)
 
 
 def buckets_of(params, bucket_bytes):
