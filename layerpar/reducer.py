@@ -100,8 +100,8 @@ class GradientReducer:
         bucket = self.buckets[b]
         dtype = torch.float32 if bucket[0].dtype in HALF else bucket[0].dtype
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p))
-                          .detach().reshape(-1).to(dtype) for p in bucket]) * self.weight
-        send = flat.cpu().contiguous()
+                          .detach().reshape(-1).to(dtype) for p in bucket])
+        send = flat.mul_(self.weight).cpu()
         parts = torch.empty((self.comm.Get_size(), send.numel()), dtype=dtype)
         req = self.comm.Iallgather(send.view(torch.uint8).numpy(),
                                    parts.view(torch.uint8).numpy())
