@@ -21,10 +21,10 @@ soon as its last gradient has been accumulated (a post-accumulate hook), and
 import torch
 
 from layerpar._watchdog import guard, wait
+from layerpar.engine.vectors import HALF
 
 # gradients are sent in buckets of at most this many bytes (one gather each)
 BUCKET_BYTES = 1 << 22
-HALF = (torch.bfloat16, torch.float16)
 
 
 def buckets_of(params, bucket_bytes):
@@ -100,8 +100,8 @@ class GradientReducer:
         bucket = self.buckets[b]
         dtype = torch.float32 if bucket[0].dtype in HALF else bucket[0].dtype
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p))
-                          .detach().reshape(-1).to(dtype) for p in bucket]) * self.weight
-        send = flat.cpu().contiguous()
+                          .detach().reshape(-1).to(dtype) for p in bucket])
+        send = flat.mul_(self.weight).cpu()
         parts = torch.empty((self.comm.Get_size(), send.numel()), dtype=dtype)
         req = self.comm.Iallgather(send.view(torch.uint8).numpy(),
                                    parts.view(torch.uint8).numpy())

@@ -93,37 +93,44 @@ class Ghosts:
         by_peer = {}
         for q, n in self.sends:
             by_peer.setdefault(q, []).append(n)
+        # each layer's state, version, layout and flags, once however many peers take it
+        local = {}
+        for n in {n for _, n in self.sends}:
+            F = stage.layers[str(n)]
+            state = F.state_dict()
+            local[n] = (state, self._version(n, state), _layout_of(state), training_flags(F))
         requests = []
         for q, layers in by_peer.items():
             header, changed = {}, []
             for n in layers:
-                F = stage.layers[str(n)]
-                state = F.state_dict()
-                version, layout = self._version(n, state), _layout_of(state)
+                state, version, layout, flags = local[n]
                 held = self._sent.get((q, n))
                 new_layout = held is None or held[1] != layout
                 if held is None or held[0] != version or new_layout:
                     changed.append(state)
                     self._sent[(q, n)] = (version, layout)
-                header[n] = (version, layout if new_layout else None, training_flags(F))
-            # to rank q: the versions, flags (and new layouts) of the layers it steps with
-            requests.append((comm.isend(header, dest=q, tag=tag("ghost.header")), q))
+                header[n] = (version, layout if new_layout else None, flags)
+            # to rank q: the versions, flags (and new layouts) of the layers it steps
+            # with, pickled once (its size is counted in stats)
+            data = pickle.dumps(header, pickle.HIGHEST_PROTOCOL)
+            requests.append((comm.isend(data, dest=q, tag=tag("ghost.header")), q))
             self.stats["messages"] += 1
-            self.stats["header_bytes"] += len(pickle.dumps(header, pickle.HIGHEST_PROTOCOL))
+            self.stats["header_bytes"] += len(data)
             if changed:
                 # then the changed layers' tensors, flat, in state-dict order
-                parts = [as_bytes(v.detach().contiguous()) for s in changed for v in s.values()]
-                flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
-                msg = tr.message(flat, ("ghost.send", q))
+                parts = [v for s in changed for v in s.values()]
+                if not parts:
+                    parts = [torch.zeros(0, dtype=torch.uint8)]
+                msg = tr.message(parts, ("ghost.send", q))
                 requests.append((comm.Isend(msg, dest=q, tag=tag("ghost.weights")), q))
                 self.stats["messages"] += 1
-                self.stats["bytes"] += flat.numel()
+                self.stats["bytes"] += sum(v.numel() * v.element_size() for v in parts)
         by_owner = {}
         for n in self.receives:
             by_owner.setdefault(self.layout.owner(n), []).append(n)
         for q, layers in by_owner.items():
-            header = recv(comm, q, tag("ghost.header"),
-                          f"the versions of the coarse-grid weights of layers {layers}")
+            header = pickle.loads(recv(comm, q, tag("ghost.header"),
+                                       f"the versions of the coarse-grid weights of layers {layers}"))
             targets = []
             for n in layers:
                 version, layout, flags = header[n]

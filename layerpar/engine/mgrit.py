@@ -24,7 +24,7 @@ from braid_ext import MGRITError, NonFiniteResidualError
 from layerpar._collective import agree
 from layerpar._watchdog import guard
 from layerpar.engine.context import PassContext, PassRecords, record
-from layerpar.engine.vectors import HALF, TorchVectors, adjoint_dtype
+from layerpar.engine.vectors import TorchVectors, adjoint_dtype, norm_dtype
 
 
 class ForwardApp(TorchVectors):
@@ -223,7 +223,7 @@ class MGRITPasses:
         # root -> every rank: one number
         guard(self.comm, "the norm of a solve's given state")
         return self.comm.bcast(float(torch.linalg.vector_norm(
-            v.detach(), dtype=torch.float32 if v.dtype in HALF else None))
+            v.detach(), dtype=norm_dtype(v.dtype)))
             if self.comm.Get_rank() == root else None, root=root)
 
     def forward(self, ctx, u0):

@@ -48,6 +48,13 @@ def as_bytes(t):
     return t.reshape(-1).view(torch.uint8)
 
 
+def byte_buffer(nbytes, where):
+    """A new uint8 tensor of ``nbytes`` (at least 1) on device ``where``,
+    pinned when it is host memory and CUDA is available."""
+    pin = where.type == "cpu" and torch.cuda.is_available()
+    return torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=where, pin_memory=pin)
+
+
 class Transport:
     """The message path of one network (``kind``: an entry of ``KINDS``),
     with the host buffers it keeps for the senders outside the solvers."""
@@ -70,24 +77,27 @@ class Transport:
         buf = self._host.get(key)
         where = torch.device(device) if self.device_direct else torch.device("cpu")
         if buf is None or buf.numel() < nbytes or buf.device != where:
-            pin = where.type == "cpu" and torch.cuda.is_available()
-            buf = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=where,
-                              pin_memory=pin)
-            self._host[key] = buf
+            buf = self._host[key] = byte_buffer(nbytes, where)
             self.allocations += 1
         return buf
 
-    def message(self, t, key):
-        """What to hand to mpi4py to send tensor ``t``: its own bytes on the
-        device path, else a copy in the host buffer of ``key`` (a numpy view).
-        The buffer must stay untouched until the send completes."""
-        t = t.detach().contiguous()
+    def message(self, parts, key):
+        """What to hand to mpi4py to send the bytes of the tensors ``parts``
+        one after the other: on the device path their own bytes (joined into
+        one tensor when there are several), else a copy of each straight into
+        the host buffer of ``key`` (a numpy view).  What is returned must stay
+        untouched until the send completes."""
+        raw = [as_bytes(t.detach().contiguous()) for t in parts]
         if self.device_direct:
-            ready(t.device)
-            return as_bytes(t)
-        raw = as_bytes(t)
-        buf = self.buffer(key, raw.numel(), "cpu")[:raw.numel()]
-        buf.copy_(raw)
+            flat = raw[0] if len(raw) == 1 else torch.cat(raw)
+            ready(flat.device)
+            return flat
+        nbytes = sum(r.numel() for r in raw)
+        buf = self.buffer(key, nbytes, "cpu")[:nbytes]
+        at = 0
+        for r in raw:
+            buf[at:at + r.numel()].copy_(r)
+            at += r.numel()
         return buf.numpy()
 
     def receive_buffer(self, nbytes, device, key):

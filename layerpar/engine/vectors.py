@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from layerpar.engine.transport import as_bytes, ready, resolve
+from layerpar.engine.transport import as_bytes, byte_buffer, ready, resolve
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 HALF = (torch.bfloat16, torch.float16)
@@ -28,6 +28,13 @@ def adjoint_dtype(dtype):
     the half types (their adjoint sums would lose the small updates of many
     layers), the state's own otherwise."""
     return torch.float32 if dtype in HALF else dtype
+
+
+def norm_dtype(dtype):
+    """The dtype the norm of a ``dtype`` state is computed in (the
+    ``dtype`` argument of ``torch.linalg.vector_norm``): float32 for the
+    half types, None (the state's own) otherwise."""
+    return torch.float32 if dtype in HALF else None
 
 
 def check_dtype(dtype):
@@ -60,7 +67,7 @@ class TorchVectors:
         for s in self.shape:
             self.numel *= int(s)
         self.nbytes = self.numel * torch.empty((), dtype=dtype).element_size()
-        self._norm_dtype = torch.float32 if dtype in HALF else None
+        self._norm_dtype = norm_dtype(dtype)
 
     def zeros(self):
         return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
@@ -82,10 +89,8 @@ class TorchVectors:
     def _alloc_buffer(self, nbytes):
         """A message buffer for the solver: a uint8 tensor on the state's
         device (device path) or in pinned host memory, and its address."""
-        where = self.device if self.transport == "device" else torch.device("cpu")
-        pin = where.type == "cpu" and torch.cuda.is_available()
-        buf = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=where,
-                          pin_memory=pin)
+        buf = byte_buffer(nbytes, self.device if self.transport == "device"
+                          else torch.device("cpu"))
         return buf, buf.data_ptr()
 
     def pack(self, u, buf):
@@ -93,7 +98,7 @@ class TorchVectors:
         src = as_bytes(u.detach().contiguous())
         if isinstance(buf, torch.Tensor):
             buf[:self.nbytes].copy_(src)
-            ready(buf.device if buf.device.type == "cuda" else None)
+            ready(buf.device)  # a no-op for host memory
         else:
             torch.frombuffer(buf, dtype=torch.uint8, count=self.nbytes).copy_(src)
 
