@@ -23,6 +23,8 @@ from layerpar.optim import (LINE_SEARCHES, SCHEDULES, LBFGS, LineSearchError, re
                             schedule, scheduler)
 from layerpar.optim.linesearch import Trial, armijo, backtracking, decrease, strong_wolfe
 
+from conftest import network_name
+
 F64 = torch.float64
 WORLD = MPI.COMM_WORLD
 SELF = MPI.COMM_SELF
@@ -921,16 +923,6 @@ def serial_penalty(seq, beta, gamma, ends):
     return R
 
 
-def serial_key(name, nlayers):
-    idx, rest = name.split(".", 1)
-    idx = int(idx)
-    if idx == 0:
-        return "opening." + rest
-    if idx == nlayers + 1:
-        return "closing." + rest
-    return f"body.layers.{idx - 1}.{rest.removeprefix('F.')}"
-
-
 @pytest.mark.mpi
 @pytest.mark.parametrize("with_loss", [True, False])
 @pytest.mark.parametrize("beta,gamma,ends", [(0.3, 0.0, False), (0.0, 0.05, False),
@@ -964,7 +956,7 @@ def test_penalty_equals_serial_autograd(kind, nlayers, beta, gamma, ends, with_l
     assert value == value_only
     assert abs(value - float(R.detach())) <= 1e-12 * float(R.detach())
     assert WORLD.allgather(value) == [value] * WORLD.size  # bitwise the same everywhere
-    expected = {serial_key(k, nlayers): p.grad for k, p in seq.named_parameters()
+    expected = {network_name(k, nlayers): p.grad for k, p in seq.named_parameters()
                 if p.grad is not None}
     assert expected.keys() <= grads.keys()
     for k in grads:  # a parameter autograd did not reach has gradient zero
