@@ -56,10 +56,10 @@ import argparse
 import csv
 import math
 import os
-import shutil
 import statistics
-import tempfile
 from dataclasses import dataclass, field
+
+import _common as common
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -193,23 +193,11 @@ SUMMARY_FIELDS = ["problem", "label", "seeds", "ranks", "final_acc_median", "fin
 
 def train(comm, setting, seed, epochs, quick):
     """The run's per-epoch curve (rank 0; None elsewhere)."""
-    import torch
     from layerpar.config import resolve
-    from layerpar.training import make_trainer
-    torch.set_num_threads(1)
-    tmp = comm.bcast(tempfile.mkdtemp(prefix="lp-bench-acc-") if comm.rank == 0 else None)
     path = os.path.join(CONFIGS, PROBLEMS[setting.problem]["config"])
-    try:
-        trainer = make_trainer(resolve(path, setting.overrides(seed, epochs, tmp, quick)), comm)
-        try:
-            trainer.run()
-            rows = trainer.metrics.rows()
-        finally:
-            trainer.close()
-    finally:
-        comm.Barrier()
-        if comm.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+    rows = common.train(comm, lambda tmp: resolve(path, setting.overrides(seed, epochs, tmp,
+                                                                          quick)),
+                        prefix="lp-bench-acc-", read=lambda trainer: trainer.metrics.rows())
     if comm.rank != 0:
         return None
     curve, t = [], 0.0
@@ -226,16 +214,8 @@ def train(comm, setting, seed, epochs, quick):
     return curve
 
 
-def to_target(curve, target):
-    """(work, time) at the end of the first epoch that reaches ``target``."""
-    for c in curve:
-        if c["val_acc"] >= target - 1e-12:
-            return c["work"], c["time"]
-    return math.nan, math.nan
-
-
 def run_record(setting, seed, curve, target, ranks):
-    work, time = to_target(curve, target)
+    work, time = common.to_target(curve, target, "work", "time")
     last = curve[-1]
     return {"problem": setting.problem, "label": setting.label, "mode": setting.mode,
             "method": setting.method, "optimizer": setting.optimizer,

@@ -28,8 +28,6 @@ only).  One run of 130 iterations takes 1-3 minutes of one idle core.
 import argparse
 import csv
 import os
-import shutil
-import tempfile
 import time
 
 import torch
@@ -37,6 +35,8 @@ from mpi4py import MPI
 
 from layerpar.config import resolve
 from layerpar.training import Trainer
+
+import _common as common
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -53,8 +53,7 @@ def tikhonov_term(trainer, beta):
 
 
 def run(comm, mode, rule, seed, iters):
-    run_dir = comm.bcast(tempfile.mkdtemp(prefix="lp-lbfgs-paper-") if comm.rank == 0 else None)
-    try:
+    with common.run_dir(comm, "lp-lbfgs-paper-") as run_dir:
         cfg = resolve(CONFIG, [f'mgrit.mode="{mode}"', f'optim.lbfgs_curvature="{rule}"',
                                f"optim.epochs={iters}", f"model.seed={seed}",
                                f'run.dir="{run_dir}"', "run.plot=false",
@@ -72,10 +71,6 @@ def run(comm, mode, rule, seed, iters):
             objective = train_loss + tikhonov_term(trainer, cfg["optim"]["tikhonov"])
         finally:
             trainer.close()
-    finally:
-        comm.Barrier()
-        if comm.rank == 0:
-            shutil.rmtree(run_dir, ignore_errors=True)
     return dict(mode=mode, ranks=comm.size, rule=rule, seed=seed, iters=iters,
                 train_loss=f"{train_loss:.6f}", objective=f"{objective:.6f}",
                 val_acc=f"{val_acc:.4f}", work=f"{work:.0f}", seconds=f"{seconds:.1f}")

@@ -71,12 +71,14 @@ import argparse
 import csv
 import math
 import os
-import shutil
 import statistics
-import tempfile
+
+import _common as common
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
+# what a curve gives at the first epoch that reaches the target
+TARGET_KEYS = ("time", "work", "samples_work")
 
 PEAKS = ['data.name="peaks"', 'data.dtype="float64"', 'model.kind="dense"', "model.width=8",
          "model.T=5.0", 'model.activation="tanh"']
@@ -143,12 +145,12 @@ def _nested_budgets(e, levels):
 
 def _config(a, problem, seed, method, run_dir):
     from layerpar.config import resolve
-    common = [f'mgrit.mode="{a.mode}"', f"model.seed={seed}", f"data.seed={seed}",
+    run_sets = [f'mgrit.mode="{a.mode}"', f"model.seed={seed}", f"data.seed={seed}",
               "run.plot=false", f'run.dir="{run_dir}"', "run.checkpoint_every=-1"]
     if a.suite == "deterministic":
-        return resolve(None, _deterministic(a, method) + common + list(a.set))
+        return resolve(None, _deterministic(a, method) + run_sets + list(a.set))
     e = a.epochs or EPOCHS[problem]
-    sets = PROBLEMS[problem] + common + ['optim.name="adam"', f"optim.epochs={e}",
+    sets = PROBLEMS[problem] + run_sets + ['optim.name="adam"', f"optim.epochs={e}",
                                          'optim.schedule="cosine"']
     if method == "nested":
         sets += ['multilevel.method="nested"', "multilevel.levels=3", "multilevel.factor=2",
@@ -197,22 +199,9 @@ def _deterministic(a, method):
 
 
 def _train(a, comm, problem, seed, method):
-    import torch
-
-    from layerpar.training import make_trainer
-    torch.set_num_threads(1)
-    tmp = comm.bcast(tempfile.mkdtemp(prefix="lp-bench-ml-") if comm.rank == 0 else None, root=0)
-    try:
-        trainer = make_trainer(_config(a, problem, seed, method, tmp), comm)
-        trainer.run()
-        rows = trainer.metrics.rows()
-        train_size = len(trainer.data.train)
-        batches = len(trainer.train_loader)
-        trainer.close()
-    finally:
-        comm.Barrier()
-        if comm.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+    rows, train_size, batches = common.train(
+        comm, lambda tmp: _config(a, problem, seed, method, tmp), prefix="lp-bench-ml-",
+        read=lambda tr: (tr.metrics.rows(), len(tr.data.train), len(tr.train_loader)))
     if comm.rank != 0:
         return None
     curve, t = [], 0.0
@@ -226,13 +215,6 @@ def _train(a, comm, problem, seed, method):
                       "work": work, "samples_work": samples, "accepted": r.get("accepted", ""),
                       "radius": r.get("radius", ""), "cycle_batches": r.get("cycle_batches", "")})
     return curve
-
-
-def _to_target(curve, target):
-    for c in curve:
-        if c["val_acc"] >= target - 1e-12:
-            return c["time"], c["work"], c["samples_work"]
-    return math.nan, math.nan, math.nan
 
 
 def _median(xs):
@@ -338,9 +320,9 @@ def main(argv=None):
             if comm.rank != 0:
                 continue
             target = by_method["single"][-1]["val_acc"]
-            _, w_single, s_single = _to_target(by_method["single"], target)
+            _, w_single, s_single = common.to_target(by_method["single"], target, *TARGET_KEYS)
             for method, c in by_method.items():
-                t, w, s = _to_target(c, target)
+                t, w, s = common.to_target(c, target, *TARGET_KEYS)
                 runs.append({"problem": pr, "seed": seed, "method": method,
                              "ranks": comm.size, "epochs": len(c), "target_acc": target,
                              "final_val_acc": c[-1]["val_acc"],

@@ -31,10 +31,9 @@ transformer_quick.csv) and the PNG beside it (accuracy against work).
 """
 import argparse
 import csv
-import math
 import os
-import shutil
-import tempfile
+
+import _common as common
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -65,31 +64,14 @@ def _config(a, depth, seed, method, run_dir):
 
 
 def _train(a, comm, depth, seed, method):
-    import torch
-    from layerpar.training import make_trainer
-    torch.set_num_threads(1)
-    tmp = comm.bcast(tempfile.mkdtemp(prefix="lp-bench-tf-") if comm.rank == 0 else None, root=0)
-    try:
-        trainer = make_trainer(_config(a, depth, seed, method, tmp), comm)
-        trainer.run()
-        rows = comm.bcast(trainer.metrics.rows(), root=0)  # written on rank 0
-        trainer.close()
-    finally:
-        comm.Barrier()
-        if comm.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+    rows = common.train(comm, lambda tmp: _config(a, depth, seed, method, tmp),
+                        prefix="lp-bench-tf-",
+                        read=lambda tr: comm.bcast(tr.metrics.rows(), root=0))  # written on rank 0
     curve, t = [], 0.0
     for r in rows:
         t += r["wall_time"]
         curve.append({"val_acc": r["val_acc"], "time": t, "work": r["fwd_work"] + r["bwd_work"]})
     return curve
-
-
-def _to_target(curve, target):
-    for c in curve:
-        if c["val_acc"] >= target - 1e-12:
-            return c["work"], c["time"]
-    return math.nan, math.nan
 
 
 def _plot(curves, path):
@@ -141,7 +123,7 @@ def main(argv=None):
                 cs = curves[(depth, seed, method)] = _train(a, comm, depth, seed, method)
                 if method == "exact":
                     target = cs[-1]["val_acc"]
-                work, time = _to_target(cs, target)
+                work, time = common.to_target(cs, target, "work", "time")
                 rows.append({"depth": depth, "seed": seed, "method": method,
                              "ranks": comm.size, "epochs": a.epochs, "width": a.width,
                              "target_acc": target, "final_val_acc": cs[-1]["val_acc"],

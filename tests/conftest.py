@@ -36,3 +36,24 @@ def mpiexec():
     if not path:
         pytest.skip("no mpiexec found")
     return path
+
+
+def network_name(serial_name, nlayers):
+    """The Network's name of a parameter of its serial_equivalent()
+    (module 0 the opening, 1..nlayers the layers, nlayers + 1 the closing)."""
+    idx, rest = serial_name.split(".", 1)
+    idx = int(idx)
+    if idx == 0:
+        return "opening." + rest
+    if idx == nlayers + 1:
+        return "closing." + rest
+    return f"body.layers.{idx - 1}.{rest.removeprefix('F.')}"
+
+
+def gathered(comm, named):
+    """Collective: every rank's (name, tensor) pairs in one dict of detached
+    copies, on every rank."""
+    out = {}
+    for part in comm.allgather({k: v.detach().clone() for k, v in named}):
+        out.update(part)
+    return out

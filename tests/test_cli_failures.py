@@ -119,6 +119,19 @@ def stopped_line(text, sig):
     return stopped[0]
 
 
+def assert_resumes_bit_for_bit(mpiexec, full, part):
+    """Resume the stopped run in ``part`` on 2 ranks: its final weights and
+    step equal the uninterrupted run's (``full``) bit for bit; those weights."""
+    r = layerpar(mpiexec, 2, "train", "--run-dir", str(part), "--resume", "-q")
+    assert r.returncode == 0, r.stdout + r.stderr
+    wf, stf = final_weights(str(full / "checkpoint.h5"))
+    wp, stp = final_weights(str(part / "checkpoint.h5"))
+    assert stf["step"] == stp["step"]
+    for k in wf:
+        assert torch.equal(wf[k], wp[k]), k
+    return wf
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_every_rank_saves_and_resume_continues(tmp_path, mpiexec, uninterrupted,
@@ -141,13 +154,7 @@ def test_signal_stops_every_rank_saves_and_resume_continues(tmp_path, mpiexec, u
     assert not glob.glob(str(part / ".*.tmp.*"))
     assert not glob.glob(str(part / "checkpoint.parts" / ".tmp.*"))
 
-    r = layerpar(mpiexec, 2, "train", "--run-dir", str(part), "--resume", "-q")
-    assert r.returncode == 0, r.stdout + r.stderr
-    wf, stf = final_weights(str(full / "checkpoint.h5"))
-    wp, stp = final_weights(str(part / "checkpoint.h5"))
-    assert stf["step"] == stp["step"]
-    for k in wf:
-        assert torch.equal(wf[k], wp[k]), k
+    assert_resumes_bit_for_bit(mpiexec, full, part)
     assert last_row(full)["train_loss"] == last_row(part)["train_loss"]
 
 
@@ -193,13 +200,7 @@ def test_sigkill_between_checkpoints_and_resume(tmp_path, mpiexec, uninterrupted
     # resume on the same number of ranks: bit for bit
     part = tmp_path / "part"
     killed_run(part)
-    r = layerpar(mpiexec, 2, "train", "--run-dir", str(part), "--resume", "-q")
-    assert r.returncode == 0, r.stdout + r.stderr
-    wf, stf = final_weights(str(full / "checkpoint.h5"))
-    wp, stp = final_weights(str(part / "checkpoint.h5"))
-    assert stf["step"] == stp["step"]
-    for k in wf:
-        assert torch.equal(wf[k], wp[k]), k
+    wf = assert_resumes_bit_for_bit(mpiexec, full, part)
 
     # resume on another number of ranks: equal to round-off
     other = tmp_path / "other"

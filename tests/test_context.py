@@ -17,6 +17,8 @@ from layerpar import LayerParallel, Network
 from layerpar.engine.policy import layer_rng, takes_context
 from layerpar.transformer import PoolClosing, TokenOpening, TransformerBlock
 
+from conftest import gathered, network_name
+
 F64 = torch.float64
 WORLD = MPI.COMM_WORLD
 N, WIDTH, HEADS, TOKENS, LENGTH, CLASSES = 8, 8, 2, 9, 6, 3
@@ -47,22 +49,11 @@ def net(comm=WORLD, dropout=0.0, **opts):
 
 
 def gathered_grads(network):
-    grads = {k: p.grad.detach().clone() for k, p in network.named_parameters()}
-    out = {}
-    for part in network.comm.allgather(grads):
-        out.update(part)
-    return out
+    return gathered(network.comm, ((k, p.grad) for k, p in network.named_parameters()))
 
 
 def serial_grads(seq):
-    grads = {}
-    for name, p in seq.named_parameters():
-        idx, rest = name.split(".", 1)
-        idx = int(idx)
-        key = ("opening." + rest if idx == 0 else "closing." + rest if idx == N + 1
-               else f"body.layers.{idx - 1}.{rest.removeprefix('F.')}")
-        grads[key] = p.grad.detach().clone()
-    return grads
+    return {network_name(k, N): p.grad.detach().clone() for k, p in seq.named_parameters()}
 
 
 def outcomes(check):

@@ -22,6 +22,8 @@ from layerpar.training.build import load_data, make_loaders, make_monitor
 from layerpar.training.controller import GradientController, gradient_error
 from layerpar.training.report import batch_len
 
+from conftest import gathered, network_name
+
 WORLD = MPI.COMM_WORLD
 
 # far from converged: one MGRIT iteration each way, two levels, cfactor 4,
@@ -55,13 +57,6 @@ def level_and_batches(cfg, comm=WORLD):
     return level, batches
 
 
-def gathered(tensors_by_name, comm):
-    out = {}
-    for part in comm.allgather({k: v.detach().clone() for k, v in tensors_by_name.items()}):
-        out.update(part)
-    return out
-
-
 def serial_gradient(level, x, y):
     """The objective's gradient by ordinary autograd through the serial
     network with the same weights (every rank builds it), by the
@@ -71,20 +66,13 @@ def serial_gradient(level, x, y):
     y = comm.bcast(y if level.last else None, root=comm.Get_size() - 1)
     seq = level.net.serial_equivalent()  # opening, the layers, closing
     Fn.cross_entropy(seq(x), y).backward()
-    n = level.nlayers
-    grads = {}
-    for name, p in seq.named_parameters():
-        idx, rest = name.split(".", 1)
-        idx = int(idx)
-        key = "opening." + rest if idx == 0 else "closing." + rest if idx == n + 1 \
-            else f"body.layers.{idx - 1}.{rest.removeprefix('F.')}"
-        grads[key] = p.grad.detach().clone()
-    return grads
+    return {network_name(k, level.nlayers): p.grad.detach().clone()
+            for k, p in seq.named_parameters()}
 
 
 def named_grads(level, grads):
-    return gathered({k: g for (k, _), g in zip(level.net.named_parameters(), grads)},
-                    level.comm)
+    names = (k for k, _ in level.net.named_parameters())
+    return gathered(level.comm, zip(names, grads))
 
 
 # ---- the measurement ------------------------------------------------------------------
@@ -284,10 +272,7 @@ def _train(comm, *sets, stop_after=None, resume=False, run_dir=None, log=None, s
     tr.run()
     if states is not None:
         states.append(tr.level.monitor.state())
-    mine = {k: v.detach().clone() for k, v in tr.net.named_parameters()}
-    out = {}
-    for part in comm.allgather(mine):
-        out.update(part)
+    out = gathered(comm, tr.net.named_parameters())
     rows = comm.bcast(tr.metrics.rows(), root=0)
     tr.close()
     comm.Barrier()

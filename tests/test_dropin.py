@@ -7,6 +7,7 @@ every mode, grids); rank 0's weights; the global gradient norm; the
 arguments; memory (no reference to other ranks' blocks); the example."""
 import copy
 import gc
+import importlib.util
 import itertools
 import math
 import os
@@ -41,19 +42,14 @@ MODES = {
 }
 
 
-# ---- a ResNet as a PyTorch user writes it ---------------------------------------------
+# ---- a ResNet as a PyTorch user writes it: the example's block ---------------------------
 
-class BasicBlock(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-
-    def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(x + self.bn2(self.conv2(out)))
+EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples",
+                       "dropin_resnet.py")
+_spec = importlib.util.spec_from_file_location("dropin_resnet", EXAMPLE)
+example = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(example)
+BasicBlock = example.BasicBlock
 
 
 class Residual(nn.Module):
@@ -632,11 +628,10 @@ def test_dtype_follows_the_modules():
 @pytest.mark.e2e
 def test_dropin_example_trains_on_two_ranks(mpiexec):
     # the end-to-end tier (a child job under mpiexec): -m 'not e2e' leaves it out
-    example = os.path.join(os.path.dirname(__file__), "..", "examples", "dropin_resnet.py")
     env = clean_mpi_env()
     env["PYTHONPATH"] = os.pathsep.join(
         [os.path.dirname(os.path.dirname(layerpar.__file__)), env.get("PYTHONPATH", "")])
-    r = subprocess.run([mpiexec, "-n", "2", sys.executable, example, "--steps", "20"],
+    r = subprocess.run([mpiexec, "-n", "2", sys.executable, EXAMPLE, "--steps", "20"],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.strip().splitlines()

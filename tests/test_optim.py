@@ -23,6 +23,8 @@ from layerpar.optim import (LINE_SEARCHES, SCHEDULES, LBFGS, LineSearchError, re
                             schedule, scheduler)
 from layerpar.optim.linesearch import Trial, armijo, backtracking, decrease, strong_wolfe
 
+from conftest import network_name
+
 F64 = torch.float64
 WORLD = MPI.COMM_WORLD
 SELF = MPI.COMM_SELF
@@ -293,34 +295,25 @@ def test_pair_with_negative_curvature_is_damped():
     assert abs(float(opt.state[x]["y"]) - y_damped) <= 1e-15
 
 
-class DoubleWell:
-    """f(x) = sum_i (x_i^2 - 1)^2/4 + x.Cx/2 - b.x: non-convex near 0,
-    where L-BFGS meets pairs of negative curvature; its variables are split
-    over the ranks like Quadratic's."""
+class SplitScalars:
+    """n scalar variables, one parameter of one entry per
+    ``partition.local_layers(n, P, rank)`` index; a subclass gives f and
+    grad of the whole x, an ``array`` of its kind (torch or numpy)."""
 
-    def __init__(self, comm, n=6, seed=3):
-        g = torch.Generator().manual_seed(seed)
-        M = torch.randn(n, n, generator=g, dtype=F64)
-        self.C = 0.1 * (M @ M.T) / n
-        self.b = 0.05 * torch.randn(n, generator=g, dtype=F64)
-        self.x_start = 0.05 * torch.randn(n, generator=g, dtype=F64)
-        self.comm, self.n = comm, n
-        self.blocks = list(partition.local_layers(n, comm.Get_size(), comm.Get_rank()))
-        self.params = [torch.nn.Parameter(self.x_start[i:i + 1].clone()) for i in self.blocks]
-
-    def f(self, x):
-        return float(((x * x - 1) ** 2).sum() / 4 + 0.5 * x @ (self.C @ x) - self.b @ x)
-
-    def grad(self, x):
-        return x * (x * x - 1) + self.C @ x - self.b
+    def __init__(self, comm, start):
+        self.comm, self.n = comm, len(start)
+        self.blocks = list(partition.local_layers(self.n, comm.Get_size(), comm.Get_rank()))
+        self.params = [torch.nn.Parameter(torch.tensor([float(start[i])], dtype=F64))
+                       for i in self.blocks]
 
     def x(self):
-        x = torch.empty(self.n, dtype=F64)
-        for part in self.comm.allgather({i: p.detach().clone()
-                                         for i, p in zip(self.blocks, self.params)}):
+        """Collective: the whole x on every rank."""
+        x = [None] * self.n
+        for part in self.comm.allgather({i: float(p.detach()) for i, p in
+                                         zip(self.blocks, self.params)}):
             for i, v in part.items():
                 x[i] = v
-        return x
+        return self.array(x)
 
     def closure(self, opt):
         def closure():
@@ -328,9 +321,32 @@ class DoubleWell:
             x = self.x()
             g = self.grad(x)
             for i, p in zip(self.blocks, self.params):
-                p.grad = g[i:i + 1].clone()
+                p.grad = torch.tensor([float(g[i])], dtype=F64)
             return self.f(x)
         return closure
+
+
+class DoubleWell(SplitScalars):
+    """f(x) = sum_i (x_i^2 - 1)^2/4 + x.Cx/2 - b.x: non-convex near 0,
+    where L-BFGS meets pairs of negative curvature; in torch."""
+
+    def __init__(self, comm, n=6, seed=3):
+        g = torch.Generator().manual_seed(seed)
+        M = torch.randn(n, n, generator=g, dtype=F64)
+        self.C = 0.1 * (M @ M.T) / n
+        self.b = 0.05 * torch.randn(n, generator=g, dtype=F64)
+        self.x_start = 0.05 * torch.randn(n, generator=g, dtype=F64)
+        super().__init__(comm, self.x_start)
+
+    @staticmethod
+    def array(x):
+        return torch.tensor(x, dtype=F64)
+
+    def f(self, x):
+        return float(((x * x - 1) ** 2).sum() / 4 + 0.5 * x @ (self.C @ x) - self.b @ x)
+
+    def grad(self, x):
+        return x * (x * x - 1) + self.C @ x - self.b
 
 
 def reference_damped_lbfgs(f, grad, x, steps, *, history, delta=0.2, c1=1e-4, shrink=0.5):
@@ -457,18 +473,15 @@ def test_bad_options_are_rejected():
 # ---------------------------------------------------------------------------
 # the strong Wolfe line search
 # ---------------------------------------------------------------------------
-class Rosenbrock:
-    """f(x) = sum_i 100 (x_{i+1} - x_i^2)^2 + (1 - x_i)^2 over n variables,
-    one parameter of one entry per ``partition.local_layers(n, P, rank)``
-    index; minimiser x = 1.  Values and gradients from the formula in
-    numpy (independent of autograd)."""
+class Rosenbrock(SplitScalars):
+    """f(x) = sum_i 100 (x_{i+1} - x_i^2)^2 + (1 - x_i)^2 over n variables;
+    minimiser x = 1.  Values and gradients from the formula in numpy
+    (independent of autograd)."""
+
+    array = staticmethod(np.array)
 
     def __init__(self, comm, n=6):
-        self.comm, self.n = comm, n
-        start = np.array([-1.2 if i % 2 == 0 else 1.0 for i in range(n)])
-        self.blocks = list(partition.local_layers(n, comm.Get_size(), comm.Get_rank()))
-        self.params = [torch.nn.Parameter(torch.tensor([start[i]], dtype=F64))
-                       for i in self.blocks]
+        super().__init__(comm, [-1.2 if i % 2 == 0 else 1.0 for i in range(n)])
 
     @staticmethod
     def f(x):
@@ -481,25 +494,6 @@ class Rosenbrock:
         g[:-1] += -400.0 * x[:-1] * r - 2.0 * (1.0 - x[:-1])
         g[1:] += 200.0 * r
         return g
-
-    def x(self):
-        """Collective: the whole x on every rank."""
-        x = np.empty(self.n)
-        for part in self.comm.allgather({i: float(p.detach()) for i, p in
-                                         zip(self.blocks, self.params)}):
-            for i, v in part.items():
-                x[i] = v
-        return x
-
-    def closure(self, opt):
-        def closure():
-            opt.zero_grad()
-            x = self.x()
-            g = self.grad(x)
-            for i, p in zip(self.blocks, self.params):
-                p.grad = torch.tensor([g[i]], dtype=F64)
-            return self.f(x)
-        return closure
 
 
 def check_strong_wolfe(f, grad, x0, x1, c1, c2):
@@ -921,16 +915,6 @@ def serial_penalty(seq, beta, gamma, ends):
     return R
 
 
-def serial_key(name, nlayers):
-    idx, rest = name.split(".", 1)
-    idx = int(idx)
-    if idx == 0:
-        return "opening." + rest
-    if idx == nlayers + 1:
-        return "closing." + rest
-    return f"body.layers.{idx - 1}.{rest.removeprefix('F.')}"
-
-
 @pytest.mark.mpi
 @pytest.mark.parametrize("with_loss", [True, False])
 @pytest.mark.parametrize("beta,gamma,ends", [(0.3, 0.0, False), (0.0, 0.05, False),
@@ -964,7 +948,7 @@ def test_penalty_equals_serial_autograd(kind, nlayers, beta, gamma, ends, with_l
     assert value == value_only
     assert abs(value - float(R.detach())) <= 1e-12 * float(R.detach())
     assert WORLD.allgather(value) == [value] * WORLD.size  # bitwise the same everywhere
-    expected = {serial_key(k, nlayers): p.grad for k, p in seq.named_parameters()
+    expected = {network_name(k, nlayers): p.grad for k, p in seq.named_parameters()
                 if p.grad is not None}
     assert expected.keys() <= grads.keys()
     for k in grads:  # a parameter autograd did not reach has gradient zero

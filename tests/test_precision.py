@@ -26,6 +26,8 @@ from mpi4py import MPI
 
 from layerpar import DenseClosing, DenseOpening, DenseStep, Network
 
+from conftest import gathered, network_name
+
 WORLD = MPI.COMM_WORLD
 BF16 = torch.bfloat16
 U = 2.0 ** -8  # unit round-off of bfloat16
@@ -56,9 +58,7 @@ def run(net, steps=1):
         net.zero_grad()
         loss = net.loss(x, y, Fn.cross_entropy)
         loss.backward()
-        grads = {}
-        for part in net.comm.allgather({k: p.grad.clone() for k, p in net.named_parameters()}):
-            grads.update(part)
+        grads = gathered(net.comm, ((k, p.grad) for k, p in net.named_parameters()))
         hist = (net.body.last_forward.get("residual_norms"),
                 net.body.last_backward.get("residual_norms"))
         out.append((net.reduce(loss), grads, hist))
@@ -74,15 +74,8 @@ def serial(net, dtype):
     seq = net.serial_equivalent().to(dtype)
     x, y = batch(BF16)
     Fn.cross_entropy(seq(x.to(dtype)), y).backward()
-    N = net.body.nlayers
-    grads = {}
-    for name, p in seq.named_parameters():
-        idx, rest = name.split(".", 1)
-        idx = int(idx)
-        key = ("opening." + rest if idx == 0 else "closing." + rest if idx == N + 1
-               else f"body.layers.{idx - 1}.{rest.removeprefix('F.')}")
-        grads[key] = p.grad.double()
-    return grads
+    return {network_name(k, net.body.nlayers): p.grad.double()
+            for k, p in seq.named_parameters()}
 
 
 def flat(grads):

@@ -9,6 +9,7 @@ from mpi4py import MPI
 
 from layerpar import DenseClosing, DenseOpening, Network
 from layerpar.engine.policy import layer_rng
+from conftest import gathered, network_name
 from userblocks import Block, NormBlock
 
 F64 = torch.float64
@@ -39,22 +40,9 @@ def serial_forward(seq, x, pass_index):
     return seq[-1](u)
 
 
-def gathered(comm, named):
-    out = {}
-    for part in comm.allgather({k: v.detach().clone() for k, v in named}):
-        out.update(part)
-    return out
-
-
 def serial_names(seq):
     """serial_equivalent()'s parameter names -> the Network's."""
-    names = {}
-    for name, _ in seq.named_parameters():
-        idx, rest = name.split(".", 1)
-        idx = int(idx)
-        names[name] = ("opening." + rest if idx == 0 else "closing." + rest if idx == N + 1
-                       else f"body.layers.{idx - 1}.{rest.removeprefix('F.')}")
-    return names
+    return {name: network_name(name, N) for name, _ in seq.named_parameters()}
 
 
 @pytest.mark.mpi

@@ -12,6 +12,8 @@ from mpi4py import MPI
 
 from layerpar import DenseClosing, DenseOpening, DenseStep, Network
 
+from conftest import gathered
+
 F64 = torch.float64
 WORLD = MPI.COMM_WORLD
 
@@ -193,10 +195,7 @@ def _one_shot_run(run_dir, stop_after=None, resume=False, epochs=2, data=1, cold
     if cold:
         tr.body.load_warm_states([])  # the solves of the resumed run start cold
     tr.run()
-    mine = {k: v.detach().clone() for k, v in tr.net.named_parameters()}
-    out = {}
-    for part in WORLD.allgather(mine):
-        out.update(part)
+    out = gathered(WORLD, tr.net.named_parameters())
     rows = WORLD.bcast(tr.metrics.rows(), root=0)
     tr.close()
     return out, [(r["train_loss"], r["val_loss"]) for r in rows]

@@ -1,0 +1,46 @@
+"""What the training benchmarks share: a temporary run directory on the
+benchmark's ranks, a run of layerpar's Trainer in one, and the point of a
+curve where it first reaches a target accuracy."""
+import contextlib
+import math
+import shutil
+import tempfile
+
+
+@contextlib.contextmanager
+def run_dir(comm, prefix):
+    """A fresh folder made on rank 0, its path on every rank; removed once
+    every rank has left the block."""
+    path = comm.bcast(tempfile.mkdtemp(prefix=prefix) if comm.rank == 0 else None, root=0)
+    try:
+        yield path
+    finally:
+        comm.Barrier()
+        if comm.rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def train(comm, config, *, prefix, read):
+    """Run layerpar's Trainer (``make_trainer``) on ``config(run_dir)`` in a
+    temporary run directory, one torch thread a rank; ``read(trainer)``
+    after the run, before the trainer closes."""
+    import torch
+
+    from layerpar.training import make_trainer
+    torch.set_num_threads(1)
+    with run_dir(comm, prefix) as path:
+        trainer = make_trainer(config(path), comm)
+        try:
+            trainer.run()
+            return read(trainer)
+        finally:
+            trainer.close()
+
+
+def to_target(curve, target, *keys):
+    """The values of ``keys`` at the first epoch of ``curve`` whose
+    ``val_acc`` reaches ``target`` (to 1e-12); NaN for each if none does."""
+    for c in curve:
+        if c["val_acc"] >= target - 1e-12:
+            return tuple(c[k] for k in keys)
+    return (math.nan,) * len(keys)
