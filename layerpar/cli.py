@@ -84,10 +84,9 @@ class StopRequest:
         rank (a signal may reach some ranks only: ``kill`` of one rank's
         process, Ctrl-C delivered to rank 0): the one received by the lowest
         rank that received one, or None.  It becomes this rank's signal."""
-        from layerpar._watchdog import guard
+        from layerpar._collective import agree
         # every rank -> every rank: the signal it received, or None
-        guard(comm, "the agreement on the stopping signal")
-        received = comm.allgather(self.signum)
+        received = agree(comm, payload=self.signum, label="the agreement on the stopping signal")
         self.signum = next((s for s in received if s is not None), None)
         return self.signum
 

@@ -207,9 +207,11 @@ class RMTR(CyclingMethod):
         ``bound``, the level's displacement from ``start`` stays within it
         (a step beyond is scaled back onto the boundary and ends the
         steps).  Returns (the known evaluation now or None, the first
-        evaluation's statistics or None, whether it reached the boundary)."""
+        evaluation's statistics or None, whether it reached the boundary,
+        the fine norm of the displacement from ``start``: 0 without a bound
+        or a step)."""
         lev = self.levels[l]
-        first = None
+        first, norm = None, 0.0
         for _ in range(count):
             if lev.lbfgs:  # closure-driven: it evaluates where it needs to
                 before = lev.work["fwd"] + lev.work["bwd"]
@@ -229,8 +231,8 @@ class RMTR(CyclingMethod):
                 norm = self.fine_norm(l, d)
                 if norm > bound:
                     set_point(lev, _combine(start, d, bound / norm))
-                    return None, first, True
-        return known, first, False
+                    return None, first, True, bound
+        return known, first, False, norm
 
     # ---- the cycle ------------------------------------------------------------------------
     def step(self, x, y, size):
@@ -279,8 +281,9 @@ class RMTR(CyclingMethod):
         lev = self.levels[l]
         start = point(lev) if math.isfinite(bound) else None
         if l == len(self.levels) - 1:
-            return self._smooth(l, ml["coarse_steps"], x, y, size, known, start, bound)
-        known, first, hit = self._smooth(l, ml["pre_steps"], x, y, size, known, start, bound)
+            return self._smooth(l, ml["coarse_steps"], x, y, size, known, start, bound)[:3]
+        known, first, hit, used = self._smooth(l, ml["pre_steps"], x, y, size, known, start,
+                                               bound)
         if hit:
             return known, first, True
         if known is None:
@@ -291,10 +294,9 @@ class RMTR(CyclingMethod):
             if first is not None:
                 self.last_correct = first["correct"]
             self._norm_test(known[1])
-        used = 0.0 if start is None else self.fine_norm(l, _combine(point(lev), start, -1.0))
         radius = self.radius[self._radius_index(l)]
         known = self._correct(l, x, y, size, known, min(radius, bound - used))
-        known, post, hit = self._smooth(l, ml["post_steps"], x, y, size, known, start, bound)
+        known, post, hit, _ = self._smooth(l, ml["post_steps"], x, y, size, known, start, bound)
         return known, first or post, hit
 
     def _coarse_problem(self, l, x, y, size, grads):
