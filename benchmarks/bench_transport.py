@@ -240,7 +240,7 @@ def model(args):
                                  variant=f"{reducer}{' overlapped' if over else ''}",
                                  ranks=256, value=f"{m['time'] * 1e3:.3f}", unit="ms",
                                  note=f"conv {N} layers x {width} ch, batch {args.batch * 16}, "
-                                      f"sum {m['reduction'] * 1e3:.3f} ms of which the step "
+                                      f"buckets {args.bucket} B, sum {m['reduction'] * 1e3:.3f} ms of which the step "
                                       f"waits {m['allreduce'] * 1e3:.3f} ms; calibrated here"))
     write(rows)
 
