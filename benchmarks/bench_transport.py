@@ -2,6 +2,7 @@
 
     mpiexec -n 4 python benchmarks/bench_transport.py ghosts    # ghost traffic per pass
     mpiexec -n 2 python benchmarks/bench_transport.py overlap   # grid 2x1: reducer with/without overlap
+    mpiexec -n 2 python benchmarks/bench_transport.py overlap --mode layer-parallel
     mpiexec -n 4 python benchmarks/bench_transport.py wait      # pipeline, busy vs sleeping waits
     python benchmarks/bench_transport.py exact                  # exact mode vs nn.Sequential, one rank
     python benchmarks/bench_transport.py model                  # the reducer at 16 x 16, modelled
@@ -13,7 +14,10 @@ when changed), for a training pass (every weight changed) and an evaluation
 pass (nothing changed).  Counts, not times: load does not move them.
 overlap/wait/exact: median wall time per training step, the variants'
 repetitions alternating so that load affects them alike (wall times on a
-shared machine).  Appends to benchmarks/results/transport.csv.
+shared machine).  overlap runs the groups' passes exact (``--mode exact``:
+the one-rank graph, gradients from post-accumulate hooks) or
+layer-parallel (``--mode layer-parallel``: MGRIT, 2 levels, the residual
+layers' gradients from the adjoint solve's final sweep).  Appends to benchmarks/results/transport.csv.
 """
 import argparse
 import csv
@@ -127,9 +131,10 @@ def overlap(args):
     grid = ProcessGrid(WORLD, data=WORLD.size)
     x, y = batch("conv", args.batch)
     xs, ys = grid.shard(x, args.batch), grid.shard(y, args.batch)
-    nets, steps = {}, {}
+    nets, steps, reds = {}, {}, {}
     for name, over in (("overlap", True), ("after backward", False)):
-        net = conv(grid.layer_comm, nlayers=args.layers, channels=args.width, max_levels=1)
+        opts = dict(max_levels=1) if args.mode == "exact" else dict(max_levels=2, cfactor=4)
+        net = conv(grid.layer_comm, nlayers=args.layers, channels=args.width, **opts)
         opt = torch.optim.SGD(net.parameters(), lr=0.01)
         red = grid.reducer(net.parameters(), overlap=over, bucket_bytes=args.bucket)
 
@@ -144,16 +149,20 @@ def overlap(args):
                 grid.average_gradients(net.parameters(), grid.weight(args.batch),
                                        bucket_bytes=args.bucket)
             opt.step()
-        nets[name], steps[name] = net, step
+        nets[name], steps[name], reds[name] = net, step, red
     t = timed(steps, args.reps)
-    note = (f"grid {grid.data}x{grid.layers}, conv {args.layers} layers x {args.width} ch, "
-            f"batch {args.batch}, buckets {args.bucket} B; wall, shared machine")
+    red = reds["overlap"]
+    early = f"{red.early} of {len(red.buckets)}"
+    note = (f"grid {grid.data}x{grid.layers}, {args.mode}, conv {args.layers} layers x "
+            f"{args.width} ch, batch {args.batch}, buckets {args.bucket} B, "
+            f"{early} buckets started during backward; wall, shared machine")
     write([dict(what="time per step", variant=k, ranks=WORLD.size, value=f"{v * 1e3:.2f}",
                 unit="ms", note=note) for k, v in t.items()]
           + [dict(what="time per step ratio", variant="overlap / after backward",
                   ranks=WORLD.size, value=f"{t['overlap'] / t['after backward']:.3f}",
                   unit="ratio", note=note)])
-    for net in nets.values():
+    for name, net in nets.items():
+        reds[name].close()
         net.close()
     grid.close()
 
@@ -231,7 +240,7 @@ def model(args):
                                  variant=f"{reducer}{' overlapped' if over else ''}",
                                  ranks=256, value=f"{m['time'] * 1e3:.3f}", unit="ms",
                                  note=f"conv {N} layers x {width} ch, batch {args.batch * 16}, "
-                                      f"sum {m['reduction'] * 1e3:.3f} ms of which the step "
+                                      f"buckets {args.bucket} B, sum {m['reduction'] * 1e3:.3f} ms of which the step "
                                       f"waits {m['allreduce'] * 1e3:.3f} ms; calibrated here"))
     write(rows)
 
@@ -245,6 +254,8 @@ def main():
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--bucket", type=int, default=1 << 16)
     p.add_argument("--reps", type=int, default=21)
+    p.add_argument("--mode", choices=["exact", "layer-parallel"], default="exact",
+                   help="overlap: the groups' passes")
     args = p.parse_args()
     torch.set_num_threads(1)
     defaults = {"ghosts": (15, 16), "overlap": (16, 8), "wait": (16, 8), "exact": (16, 16),

@@ -235,7 +235,8 @@ class ProcessGrid:
     def reducer(self, params, *, bucket_bytes=BUCKET_BYTES, overlap=True):
         """A ``GradientReducer`` of ``params`` over ``data_comm``: ``start(weight)``
         before backward, ``finish()`` before the optimiser step; each bucket's
-        sum starts as soon as backward has made its gradients.  The same
+        sum starts as soon as backward has made its gradients (a residual
+        layer's: as the adjoint solve's final sweep makes it).  The same
         sums, bitwise, as ``average_gradients``."""
         return GradientReducer(self.data_comm, params, bucket_bytes=bucket_bytes,
                                overlap=overlap)

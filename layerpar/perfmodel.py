@@ -113,8 +113,14 @@ stay bitwise identical: every rank gathers the column's buckets,
 
 (the same volume as the allreduce for D = 2).  With ``overlap`` the buckets'
 sums run while the backward pass makes the gradients of the layers before
-them: all but the last bucket's share of the sum hides behind the backward
-pass, so the step pays max(sum - backward (k-1)/k, sum/k) for k buckets.
+them: all but the last bucket's share of the sum hides behind the time in
+which the gradients are made, so the step pays max(sum - window (k-1)/k,
+sum/k) for k buckets.  The window is the whole backward pass in the exact
+modes (serial, pipeline); in the MGRIT modes the residual layers' gradients
+are made by the adjoint solve's final sweep only (the reducer is fed from
+it), so the window is that sweep: ceil(N/L) steps of the ``adj_w`` kind.
+layerpar's reducer checks what it sent early: one agreement over the
+column more, ceil(log2 D) latencies.
 """
 import gc
 import itertools
@@ -762,8 +768,9 @@ def grid_step(cal, N, D, L, mode, *, layer_bytes, batch=None, reducer="ordered",
     bytes of one residual layer's parameters; the opening and closing layers
     are left out).  ``reducer``: 'ordered' (layerpar's sum in group order,
     ``ordered_sum``) or 'allreduce' (MPI's, ``allreduce``); ``overlap``:
-    the buckets of ``bucket_bytes`` are summed while backward runs
-    (``exposed``).  ``options`` are those of ``training_step``.  A dict with
+    the buckets of ``bucket_bytes`` are summed while backward makes the
+    gradients (``exposed``: the whole backward pass in the exact modes, the
+    adjoint solve's final sweep in the MGRIT modes).  ``options`` are those of ``training_step``.  A dict with
     "time", "group" (the group's step), "reduction" (the sum's own time) and
     "allreduce" (the part of it the step waits for)."""
     if not (isinstance(D, int) and isinstance(L, int) and D >= 1 and 1 <= L <= N):
@@ -779,5 +786,12 @@ def grid_step(cal, N, D, L, mode, *, layer_bytes, batch=None, reducer="ordered",
     nbytes = -(-N // L) * layer_bytes
     sum_fn = ordered_sum if reducer == "ordered" else allreduce
     red = sum_fn(nbytes, D, latency=cal.latency, bandwidth=cal.bandwidth)
-    wait = exposed(red, step["backward"], -(-nbytes // bucket_bytes)) if overlap else red
+    wait = red
+    if overlap and D > 1:
+        window = step["backward"]
+        if mode not in ("serial", "pipeline"):  # the adjoint solve's final sweep
+            window = min(window, -(-N // L) * (cal.step("adj_w", share) + cal.overhead))
+        wait = exposed(red, window, -(-nbytes // bucket_bytes))
+        if reducer == "ordered":  # the column agrees on the check of what was sent early
+            wait += math.ceil(math.log2(D)) * cal.latency
     return {"time": group + wait, "group": group, "reduction": red, "allreduce": wait}

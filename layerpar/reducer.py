@@ -14,13 +14,40 @@ it is (D - 1) buckets in, against about 2 (D - 1)/D for a ring allreduce
 and summed in float32 and rounded once.
 
 Buckets hold consecutive parameters of one dtype and device in reverse
-order (the last layers' gradients exist first); a bucket's gather starts as
-soon as its last gradient has been accumulated (a post-accumulate hook), and
-``finish`` waits for all of them before the optimiser step.
+order (the last layers' gradients exist first).  A parameter's gradient is
+ready when it is final:
+
+* in a layer-parallel backward pass (the MGRIT adjoint solve, layer-parallel
+  or one-shot), as soon as the solve's final sweep has made its layer's
+  weight gradient (``layerpar.engine.gradhooks``), long before the solve
+  returns; the value summed is the ``.grad`` autograd will then hold
+  (``.grad + grad``, or ``grad`` when there was none);
+* elsewhere (the opening and closing layers, the one-rank graph path, the
+  exact pipeline) once autograd has accumulated it (a post-accumulate hook).
+
+Buckets are started in bucket order, each as soon as it and every bucket
+before it are ready, so that every rank of the column starts the same
+gathers in the same order whatever the order in which its gradients came
+(a group with no rows runs no backward pass and starts them all in
+``finish``).  The first bucketing takes the parameters in reverse; after
+the first backward pass the buckets are made again in the order in which
+its gradients became ready (that of the lowest rank of the column that ran
+one, so the same on every rank), as the network's layers come in
+``parameters()`` in an order of their own (the opening's may come before
+the residual layers' although its gradient is made last).  ``finish`` waits for all of them before the optimiser step.
+Before it sums, it checks that every gradient sent early is bitwise the
+``.grad`` autograd made (it is not where a parameter took gradients from
+two passes through the network in one backward pass); the column agrees on the check (one small allgather), and where it failed on
+any rank every rank sends every bucket again from ``.grad`` and takes no
+gradient early from then on.  The result is therefore always bitwise that
+of the reducer that starts after backward.
 """
 import torch
+from mpi4py import MPI
 
+from layerpar._collective import agree
 from layerpar._watchdog import guard, wait
+from layerpar.engine import gradhooks
 from layerpar.engine.vectors import HALF
 
 # gradients are sent in buckets of at most this many bytes (one gather each)
@@ -44,6 +71,13 @@ def buckets_of(params, bucket_bytes):
     return out
 
 
+def _same(a, b):
+    """Whether two gradients (None: none) are bitwise the same."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a is b or (a.dtype == b.dtype and torch.equal(a, b))
+
+
 class GradientReducer:
     """Each parameter's ``.grad`` <- the sum over the ranks of ``comm`` (the
     data-parallel column) of ``weight_d * grad_d``, in rank order.
@@ -52,61 +86,117 @@ class GradientReducer:
     (frozen ones are skipped; a missing ``.grad`` counts as zero).  With
     ``overlap`` (default), call ``start(weight)`` before the backward pass
     and ``finish()`` after it: each bucket's gather starts when its
-    gradients are accumulated.  Without, ``finish`` does all the work.
-    ``close()`` removes the hooks."""
+    gradients are final (made by the final sweep of a layer-parallel
+    backward solve, or accumulated by autograd).  Without, ``finish`` does
+    all the work.  One backward pass between ``start`` and ``finish``.
+    ``close()`` removes the hooks.
+
+    ``early`` counts, for the last ``finish``, the buckets started before
+    it (during the backward pass); ``early_gradients`` whether gradients
+    are still taken from the final sweep (False after a failed check)."""
 
     def __init__(self, comm, params, *, bucket_bytes=BUCKET_BYTES, overlap=True):
         self.comm = comm
         self.params = [p for p in params if p.requires_grad]
-        self.buckets = buckets_of(list(reversed(self.params)), bucket_bytes)
+        self.bucket_bytes = bucket_bytes
         self.overlap = overlap
-        self._bucket_of = {}
-        for b, bucket in enumerate(self.buckets):
-            for p in bucket:
-                self._bucket_of[id(p)] = b
-        self._hooks = []
+        self._make_buckets(list(reversed(self.params)))
+        self._rebuilt = False  # the buckets follow the order of readiness
+        self._position = {id(p): i for i, p in enumerate(self.params)}
+        self._hooks, self._sweep_hooks = [], []
         if overlap and comm.Get_size() > 1:
-            self._hooks = [p.register_post_accumulate_grad_hook(self._ready)
+            self._hooks = [p.register_post_accumulate_grad_hook(self._accumulated)
                            for p in self.params]
+            self._sweep_hooks = [gradhooks.register_gradient_hook(p, self._made)
+                                 for p in self.params]
         self._armed = False
         self.weight = 1.0
+        self.early = 0
         self._missing = []
-        self._posted = {}
+        self._state = {}    # id(p) -> "made" (by the sweep), "done" (accumulated)
+        self._value = {}    # id(p) -> the .grad the sweep's gradient will give
+        self._sent = []     # (p, value) sent before autograd accumulated it
+        self._posted = {}   # bucket -> (request, send buffer, receive buffer)
+        self._next = 0      # the first bucket not started
+        self._order = []    # the parameters' positions in the order they became ready
+        self._abandoned = []  # gathers of a pass that never finished (kept alive)
+
+    def _make_buckets(self, params):
+        self.buckets = buckets_of(params, self.bucket_bytes)
+        self._bucket_of = {id(p): b for b, bucket in enumerate(self.buckets) for p in bucket}
+
+    @property
+    def early_gradients(self):
+        return bool(self._sweep_hooks)
 
     def close(self):
-        for h in self._hooks:
+        for h in self._hooks + self._sweep_hooks:
             h.remove()
-        self._hooks = []
+        self._hooks, self._sweep_hooks = [], []
 
     def start(self, weight):
         """Arm for one backward pass whose gradients are weighted by
         ``weight`` (n_d/B of this group)."""
+        if self._posted:  # a pass that never finished: MPI may still use its buffers
+            self._abandoned.extend(self._posted.values())
         self.weight = float(weight)
         self._missing = [len(bucket) for bucket in self.buckets]
-        self._posted = {}
+        self._state, self._value, self._sent, self._posted = {}, {}, [], {}
+        self._next, self._order = 0, []
         self._armed = True
 
-    def _ready(self, p):
+    # ---- readiness -------------------------------------------------------------
+    def _made(self, p, grad):
+        """The final sweep made ``grad``, which autograd will add to p.grad."""
+        key = id(p)
+        if not self._armed or key not in self._bucket_of:
+            return
+        if key in self._state:  # a second gradient in this pass: finish's check sees it
+            return
+        with torch.no_grad():
+            value = p.grad if grad is None else grad if p.grad is None else p.grad + grad
+        self._state[key], self._value[key] = "made", value
+        self._ready(p)
+
+    def _accumulated(self, p):
+        """Autograd accumulated p.grad."""
+        key = id(p)
         if not self._armed:
             return
+        state = self._state.get(key)
+        self._state[key] = "done"
+        if state is None:
+            self._ready(p)
+
+    def _ready(self, p):
+        self._order.append(p)
         b = self._bucket_of[id(p)]
         self._missing[b] -= 1
-        if self._missing[b] == 0:
-            self._post(b)
+        while self._next < len(self.buckets) and self._missing[self._next] == 0:
+            self._post(self._next)
+            self._next += 1
+        # let MPI move the buckets started so far along
+        MPI.Request.Testall([req for req, _, _ in self._posted.values()])
 
     def _post(self, b):
         """Start bucket b's gather: every rank of the column -> every rank of
         the column: its weighted bucket."""
         bucket = self.buckets[b]
         dtype = torch.float32 if bucket[0].dtype in HALF else bucket[0].dtype
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p))
-                          .detach().reshape(-1).to(dtype) for p in bucket])
-        send = flat.mul_(self.weight).cpu()
-        parts = torch.empty((self.comm.Get_size(), send.numel()), dtype=dtype)
+        parts = []
+        for p in bucket:
+            g = self._value.get(id(p), p.grad) if self._armed else p.grad
+            if self._armed and id(p) in self._value:
+                self._sent.append((p, g))
+            parts.append((g if g is not None else torch.zeros_like(p))
+                         .detach().reshape(-1).to(dtype))
+        send = torch.cat(parts).mul_(self.weight).cpu()
+        recv = torch.empty((self.comm.Get_size(), send.numel()), dtype=dtype)
         req = self.comm.Iallgather(send.view(torch.uint8).numpy(),
-                                   parts.view(torch.uint8).numpy())
-        self._posted[b] = (req, send, parts)
+                                   recv.view(torch.uint8).numpy())
+        self._posted[b] = (req, send, recv)
 
+    # ---- the sums ------------------------------------------------------------------
     def finish(self):
         """Collective over the column: wait for every bucket (starting those
         not started) and write the sums into the ``.grad``s."""
@@ -115,14 +205,37 @@ class GradientReducer:
             return
         if not self._armed:
             raise RuntimeError("GradientReducer.finish() without start(weight)")
-        guard(self.comm, "the gradient sum over the data-parallel groups")
-        for b in range(len(self.buckets)):
-            if b not in self._posted:
-                self._post(b)
-        self._armed = False
+        what = "the gradient sum over the data-parallel groups"
+        self._armed = False  # from here on every bucket is read from .grad
+        self.early = len(self._posted)
+        guard(self.comm, what)
+        order = None
+        if self._sweep_hooks or (self._hooks and not self._rebuilt):
+            # every rank of the column -> every rank: whether what it sent early
+            # is bitwise the .grad autograd made, and (until the buckets are
+            # made again) the order in which its gradients became ready
+            ok = all(_same(p.grad, v) for p, v in self._sent)
+            if not self._rebuilt and self._order:
+                seen = {id(p) for p in self._order}
+                order = [self._position[id(p)] for p in self._order] + [
+                    self._position[id(p)] for bucket in self.buckets for p in bucket
+                    if id(p) not in seen]
+            found = agree(self.comm, None, payload=(ok, order), what=what)
+            if not all(ok for ok, _ in found):
+                for req, _, _ in self._posted.values():
+                    wait(self.comm, req, what, None)
+                self._posted, self._next = {}, 0
+                for h in self._sweep_hooks:
+                    h.remove()
+                self._sweep_hooks = []
+            order = next((o for _, o in found if o is not None), None)
+        self._value, self._sent = {}, []
+        for b in range(self._next, len(self.buckets)):
+            self._post(b)
+        self._next = len(self.buckets)
         for b, bucket in enumerate(self.buckets):
             req, _, parts = self._posted.pop(b)
-            wait(self.comm, req, "the gradient sum over the data-parallel groups", None)
+            wait(self.comm, req, what, None)
             total = parts[0].clone()
             for d in range(1, parts.shape[0]):
                 total += parts[d]
@@ -133,6 +246,9 @@ class GradientReducer:
                         p.grad = value.clone()
                     else:
                         p.grad.copy_(value)
+        if order is not None and not self._rebuilt:
+            self._make_buckets([self.params[i] for i in order])
+            self._rebuilt = True
 
     def reduce(self, weight):
         """``start(weight)`` and ``finish()`` at once (no overlap): after a

@@ -21,6 +21,8 @@
             when they changed
   solvers   the cache of forward/adjoint solver pairs and their warm states
   options   the two solves' MGRIT options in the network's names
+  gradhooks hooks called with each layer's weight gradient as soon as the
+            adjoint solve's final sweep has made it
   layers    ``LayersByIndex`` (a base of ``LayerParallel``): the local
             layers and their states by global index; the N layers gathered
 

@@ -16,13 +16,16 @@ Vectors are torch tensors of the state shape (batch, ...).
   a vector-Jacobian product through the kept graph of layer n (on coarse
   grids: the coarse step linearised at the forward state of its C-point).  In
   the final fine sweep the same product also gives the weight gradient
-  h*(dF_n/dtheta_n)^T lambda_{n+1} (None for frozen parameters).
+  h*(dF_n/dtheta_n)^T lambda_{n+1} (None for frozen parameters), which is
+  final there: the parameters' gradient hooks (``engine.gradhooks``) are
+  called with it at once, long before the solve returns it to autograd.
 """
 import torch
 
 from braid_ext import MGRITError, NonFiniteResidualError
 from layerpar._collective import agree
 from layerpar._watchdog import guard
+from layerpar.engine import gradhooks
 from layerpar.engine.context import PassContext, PassRecords, record
 from layerpar.engine.vectors import TorchVectors, adjoint_dtype, norm_dtype
 
@@ -143,6 +146,7 @@ class AdjointApp(TorchVectors):
                                         allow_unused=True, retain_graph=ctx.retain)
             weights = iter(grads[1:])
             ctx.grads[n] = tuple(next(weights) if p.requires_grad else None for p in params)
+            gradhooks.made(params, ctx.grads[n])  # final: e.g. a data-parallel sum starts
             if not ctx.retain:
                 del ctx.graphs[n]  # its last use
             return torch.add(lam, grads[0])
