@@ -439,12 +439,13 @@ class LayerParallel(LayersByIndex, nn.Module):
 
         key, spec = from_root(self.comm, self.first_rank, meta_of_input,
                               what="the input state's shape from the first rank")
-        if (key, spec) != self._state_meta:
-            agree(self.comm, self.stage.check_state(StateMeta.of(key), spec))
-            self._state_meta = (key, spec)
+        if self._state_meta is None or (key, spec) != self._state_meta[:2]:
+            meta = StateMeta.of(key)
+            agree(self.comm, self.stage.check_state(meta, spec))
+            self._state_meta = (key, spec, meta)
         # the solvers (and warm states) for this state and the current options
         self.solvers.use(key, self.fwd_options, self.bwd_options)
-        return StateMeta.of(key), spec
+        return self._state_meta[2], spec
 
     def _context_ranks(self):
         """Collective: the ranks whose layers (local, or ghosts of the
