@@ -48,7 +48,7 @@ from layerpar.engine import waiting
 from layerpar.engine.mgrit import AdjointApp, ForwardApp, MGRITFunction, MGRITPasses
 from layerpar.engine.transport import Transport
 from layerpar.engine.pipeline import SCHEDULES, Pipeline, PipelineFunction, split_sizes
-from layerpar.engine.policy import is_stochastic, layer_rng, takes_context, training_flags
+from layerpar.engine.policy import CallKinds, layer_rng, takes_context, training_flags
 from layerpar.engine.solvers import SolverPairs
 from layerpar.engine.layers import LayersByIndex, collect as _collect
 from layerpar.engine.stage import Stage, load_state
@@ -593,6 +593,7 @@ class Network(TrainingStep, nn.Module):
             raise
         self._opening_factory, self._closing_factory = opening_factory, closing_factory
         self._tail = self._tail_value = None  # a loss computed within forward (_with_tail)
+        self._end_kinds = CallKinds()  # the opening's and closing's, read once
 
     @property
     def is_first(self):
@@ -664,8 +665,9 @@ class Network(TrainingStep, nn.Module):
         """The opening (layer -1) or closing (-2), with its random draws
         seeded like a layer's: the same on any number of ranks; given the
         context when it takes it."""
-        kwargs = {"context": context} if takes_context(module) else {}
-        if is_stochastic(module) and any(training_flags(module)):
+        kinds = self._end_kinds
+        kwargs = {"context": context} if kinds.takes_context(module) else {}
+        if kinds.is_stochastic(module) and any(training_flags(module)):
             with layer_rng(self.body.seed, pass_index, layer, x.device):
                 return module(x, **kwargs)
         return module(x, **kwargs)

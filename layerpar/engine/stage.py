@@ -11,29 +11,11 @@ apps and the pipeline step through a stage and a pass context; neither knows
 the network around them.
 """
 import torch
-from torch.nn.modules.module import (register_module_buffer_registration_hook,
-                                     register_module_module_registration_hook,
-                                     register_module_parameter_registration_hook)
 
-from layerpar.engine.policy import call_module, is_stochastic, takes_context, training_flags
+from layerpar.engine.policy import (call_module, is_stochastic, structure, takes_context,
+                                    training_flags)
 
 _PLAIN = (False, False, False)  # the call plan of a plain layer: F(u)
-
-# A counter of the module structure of the whole process: torch calls these
-# hooks whenever any module registers (or replaces) a submodule, a parameter
-# or a buffer, so a stage's cached walk of its layers is valid as long as the
-# counter has not moved.
-_structure = [0]
-
-
-def _structure_changed(module, name, value):
-    _structure[0] += 1
-
-
-for _register in (register_module_module_registration_hook,
-                  register_module_parameter_registration_hook,
-                  register_module_buffer_registration_hook):
-    _register(_structure_changed)
 
 
 def load_state(module, state, device=None):
@@ -64,7 +46,7 @@ class Stage:
         self._params = None   # the local layers' parameters, in parameters() order
         self._special = None  # [(n, F, submodules, kind)] of the local layers not plain
         self._kinds = {}      # {n: (random, has buffers, takes context)}
-        self._version = None  # the module structure (_structure) these were read from
+        self._version = None  # the module structure (policy.structure) they were read at
 
     # ---- modules and parameters ------------------------------------------------
     def module(self, n):
@@ -79,8 +61,8 @@ class Stage:
         again only after a module somewhere registered or replaced a
         submodule, parameter or buffer (a layer replaced in the network's
         ``ModuleDict`` too)."""
-        if self._modules is None or self._version != _structure[0]:
-            self._version = _structure[0]
+        if self._modules is None or self._version != structure():
+            self._version = structure()
             mods = []
             for n in self.indices:
                 F = self.layers[str(n)]
