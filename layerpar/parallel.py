@@ -48,7 +48,7 @@ from layerpar.engine import waiting
 from layerpar.engine.mgrit import AdjointApp, ForwardApp, MGRITFunction, MGRITPasses
 from layerpar.engine.transport import Transport
 from layerpar.engine.pipeline import SCHEDULES, Pipeline, PipelineFunction, split_sizes
-from layerpar.engine.policy import is_stochastic, layer_rng, takes_context, training_flags
+from layerpar.engine.policy import CallKinds, layer_rng, takes_context, training_flags
 from layerpar.engine.solvers import SolverPairs
 from layerpar.engine.layers import LayersByIndex, collect as _collect
 from layerpar.engine.stage import Stage, load_state
@@ -439,12 +439,13 @@ class LayerParallel(LayersByIndex, nn.Module):
 
         key, spec = from_root(self.comm, self.first_rank, meta_of_input,
                               what="the input state's shape from the first rank")
-        if (key, spec) != self._state_meta:
-            agree(self.comm, self.stage.check_state(StateMeta.of(key), spec))
-            self._state_meta = (key, spec)
+        if self._state_meta is None or (key, spec) != self._state_meta[:2]:
+            meta = StateMeta.of(key)
+            agree(self.comm, self.stage.check_state(meta, spec))
+            self._state_meta = (key, spec, meta)
         # the solvers (and warm states) for this state and the current options
         self.solvers.use(key, self.fwd_options, self.bwd_options)
-        return StateMeta.of(key), spec
+        return self._state_meta[2], spec
 
     def _context_ranks(self):
         """Collective: the ranks whose layers (local, or ghosts of the
@@ -592,6 +593,7 @@ class Network(TrainingStep, nn.Module):
             raise
         self._opening_factory, self._closing_factory = opening_factory, closing_factory
         self._tail = self._tail_value = None  # a loss computed within forward (_with_tail)
+        self._end_kinds = CallKinds()  # the opening's and closing's, read once
 
     @property
     def is_first(self):
@@ -663,8 +665,9 @@ class Network(TrainingStep, nn.Module):
         """The opening (layer -1) or closing (-2), with its random draws
         seeded like a layer's: the same on any number of ranks; given the
         context when it takes it."""
-        kwargs = {"context": context} if takes_context(module) else {}
-        if is_stochastic(module) and any(training_flags(module)):
+        kinds = self._end_kinds
+        kwargs = {"context": context} if kinds.takes_context(module) else {}
+        if kinds.is_stochastic(module) and any(training_flags(module)):
             with layer_rng(self.body.seed, pass_index, layer, x.device):
                 return module(x, **kwargs)
         return module(x, **kwargs)

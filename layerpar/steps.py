@@ -7,7 +7,7 @@ serve as F.
 import torch
 from torch import nn
 
-from layerpar.engine.policy import takes_context
+from layerpar.engine.policy import CallKinds
 
 
 class SmoothReLU(nn.Module):
@@ -162,9 +162,11 @@ class ResidualLayer(nn.Module):
         super().__init__()
         self.F = F
         self.h = h
+        self._kinds = CallKinds()
 
     def forward(self, u: torch.Tensor, context=None) -> torch.Tensor:
-        f = self.F(u, context=context) if takes_context(self.F) else self.F(u)
+        F = self.F
+        f = F(u, context=context) if self._kinds.takes_context(F) else F(u)
         return torch.add(u, f, alpha=self.h)
 
     def extra_repr(self):
@@ -178,7 +180,12 @@ class SerialStack(nn.Sequential):
     opening that returns ``(state, context)`` adds its context (the given
     arrays win), as ``layerpar.Network`` does."""
 
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._kinds = CallKinds()
+
     def forward(self, x, *, context=None):
+        takes_context = self._kinds.takes_context
         for module in self:
             x = module(x, context=context) if takes_context(module) else module(x)
             if isinstance(x, tuple):

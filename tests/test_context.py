@@ -15,6 +15,7 @@ from torch import nn
 
 from layerpar import LayerParallel, Network
 from layerpar.engine.policy import layer_rng, takes_context
+from layerpar.steps import ResidualLayer, SerialStack
 from layerpar.transformer import PoolClosing, TokenOpening, TransformerBlock
 
 from conftest import gathered, network_name
@@ -264,6 +265,24 @@ def test_context_keyword_is_what_makes_a_step_take_it():
     assert takes_context(MaskedMix(4)) and takes_context(Flagged())
     assert not takes_context(nn.Linear(2, 2)) and takes_context(TokenOpening(3, 4, 5))
     assert takes_context(PoolClosing(4, 2))
+
+
+def test_serial_layers_see_a_step_put_in_place_of_another():
+    # ResidualLayer and SerialStack read which modules take the context once
+    # per module: a step replaced after a call, by one that takes the context
+    # and back, is called as it needs
+    class Seen(nn.Module):
+        def forward(self, u, context=None):
+            return u * context["scale"]
+    u, ctx = torch.ones(2, 3), {"scale": torch.full((2, 1), 3.0)}
+    layer = ResidualLayer(nn.Identity(), 0.5)
+    stack = SerialStack(nn.Identity(), layer)
+    assert torch.equal(stack(u, context=ctx), 1.5 * u)
+    layer.F = Seen()
+    stack[0] = Seen()
+    assert torch.equal(stack(u, context=ctx), 3.0 * u + 0.5 * 9.0 * u)
+    layer.F = nn.Identity()
+    assert torch.equal(layer(u, context=ctx), 1.5 * u)
 
 
 @pytest.mark.mpi

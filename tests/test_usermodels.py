@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as Fn
 from mpi4py import MPI
 
-from layerpar import DenseClosing, DenseOpening, Network
+from layerpar import DenseClosing, DenseOpening, DenseStep, Network
 from layerpar.engine.policy import layer_rng
 from conftest import gathered, network_name
 from userblocks import Block, NormBlock
@@ -101,6 +101,74 @@ def test_pipelined_micro_batches_draw_their_own_masks_on_any_number_of_ranks():
     assert grads.keys() == sgrads.keys() and len(grads) == 2 * N + 4
     for k, g in grads.items():
         assert torch.allclose(g, sgrads[k], rtol=1e-12, atol=1e-15), k
+
+
+def _change_layers(layers):
+    """The same changes on both networks: layer 2 replaced, layer 3's weight
+    replaced by a new Parameter, layer 4's bias frozen, layer 5's linear map
+    replaced by a new module (values seeded per layer).  ``layers``: {n:
+    set(module=None) -> the module of layer n} for the layers to change."""
+    def make(n, shape):
+        g = torch.Generator().manual_seed(100 + n)
+        return torch.randn(shape, generator=g, dtype=F64) * 0.5
+
+    def filled(module, n):
+        with torch.no_grad():
+            for q in module.parameters():
+                q.copy_(make(n, q.shape))
+        return module
+    if 2 in layers:
+        layers[2](filled(DenseStep(WIDTH, "tanh").double(), 2))
+    if 3 in layers:
+        layers[3]().linear.weight = torch.nn.Parameter(make(3, (WIDTH, WIDTH)))
+    if 4 in layers:
+        layers[4]().linear.bias.requires_grad_(False)
+    if 5 in layers:
+        layers[5]().linear = filled(torch.nn.Linear(WIDTH, WIDTH).double(), 5)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("micro", [1, 3])
+def test_layers_changed_between_passes_are_seen(micro):
+    # the engine keeps its walk of the layers (modules, parameters, call plan)
+    # between passes; a layer replaced, a parameter replaced, a bias frozen
+    # and a submodule replaced after a pass are seen by the next one: loss and
+    # gradients equal serial autograd with the same changes
+    m = net(WORLD, step=lambda n: DenseStep(WIDTH, "tanh"), microbatches=micro)
+    x, y = batch()
+    m.loss(x, y, Fn.cross_entropy).backward()  # a first pass fills the caches
+    seq = m.serial_equivalent()
+
+    def setter(n):
+        def set_layer(module=None):
+            if module is not None:
+                m.body.layers[str(n)] = module
+            return m.body.layer(n)
+        return set_layer
+
+    def serial_setter(n):
+        def set_layer(module=None):
+            if module is not None:
+                seq[n + 1].F = module
+            return seq[n + 1].F
+        return set_layer
+
+    local = m.body.layer_indices
+    _change_layers({n: setter(n) for n in range(N) if n in local})
+    _change_layers({n: serial_setter(n) for n in range(N)})
+    m.zero_grad()
+    loss = m.loss(x, y, Fn.cross_entropy)
+    loss.backward()
+    ref = Fn.cross_entropy(seq(x), y)
+    ref.backward()
+    assert abs(m.reduce(loss) - float(ref.detach())) <= 1e-13 * float(ref.detach())
+    grads = gathered(WORLD, ((k, q.grad) for k, q in m.named_parameters() if q.requires_grad))
+    names = serial_names(seq)
+    sgrads = {names[k]: q.grad for k, q in seq.named_parameters() if q.requires_grad}
+    assert grads.keys() == sgrads.keys() and len(grads) == 2 * N + 4 - 1
+    for k, gk in grads.items():
+        assert torch.allclose(gk, sgrads[k], rtol=1e-12, atol=1e-15), k
+    assert all(q.grad is None for q in m.parameters() if not q.requires_grad)
 
 
 @pytest.mark.mpi

@@ -48,9 +48,36 @@ import inspect
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.module import (register_module_buffer_registration_hook,
+                                     register_module_module_registration_hook,
+                                     register_module_parameter_registration_hook)
 
 __all__ = ["layer_seed", "layer_rng", "is_stochastic", "takes_context", "training_flags",
-           "set_training_flags", "call_module"]
+           "set_training_flags", "call_module", "structure", "CallKinds"]
+
+# A counter of the module structure of the whole process: torch calls these
+# hooks whenever any module registers (or replaces) a submodule, a parameter
+# or a buffer, so what was read from a module's tree stays valid as long as
+# the counter has not moved.
+_structure = [0]
+
+
+def _structure_changed(module, name, value):
+    _structure[0] += 1
+
+
+for _register in (register_module_module_registration_hook,
+                  register_module_parameter_registration_hook,
+                  register_module_buffer_registration_hook):
+    _register(_structure_changed)
+
+
+def structure():
+    """The module-structure counter: it moves whenever any module registers
+    or replaces a submodule, parameter or buffer (``setattr``,
+    ``add_module``, ``register_*``, a ``ModuleDict`` entry set), so a walk
+    of a module tree made at one value holds while it has that value."""
+    return _structure[0]
 
 _ANY = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
@@ -105,6 +132,32 @@ def takes_context(module):
     except (TypeError, ValueError):
         return False
     return param is not None and param.kind in _ANY
+
+
+class CallKinds:
+    """``takes_context`` and ``is_stochastic`` of the modules called again
+    and again (the network's ends, the serial network's layers), read once
+    per module and module structure (``structure``) instead of at every
+    call.  Modules are held by identity: a module put in another's place is
+    read anew."""
+
+    def __init__(self):
+        self._kinds, self._version = {}, None
+
+    def _of(self, module):
+        if self._version != _structure[0]:
+            self._kinds, self._version = {}, _structure[0]
+        kind = self._kinds.get(id(module))
+        if kind is None or kind[0] is not module:
+            kind = self._kinds[id(module)] = (module, takes_context(module),
+                                              is_stochastic(module))
+        return kind
+
+    def takes_context(self, module):
+        return self._of(module)[1]
+
+    def is_stochastic(self, module):
+        return self._of(module)[2]
 
 
 def training_flags(module):

@@ -45,6 +45,7 @@ class SolverPairs:
         # the pair in use is bound to a state meta at the first pass
         self._key = _key(None, fwd, bwd)
         self._options[self._key] = (fwd, bwd)
+        self._last = (None, None, None)  # the last use's (meta, fwd, bwd)
 
     def _new_solver(self, opts, reverse):
         t0, t1 = (self.T, 0.0) if reverse else (0.0, self.T)
@@ -73,6 +74,7 @@ class SolverPairs:
         pairs = list(self._pairs.values()) + [(self.fwd, self.bwd)]
         self._pairs = {}
         self.fwd = self.bwd = None
+        self._last = (None, None, None)
         for pair in pairs:
             for solver in pair:
                 if solver is not None:
@@ -83,7 +85,16 @@ class SolverPairs:
         (``fwd``, ``bwd``) the one in use: from the cache, with its warm
         states, or new.  The pair in use goes to the cache (unless it never
         solved); past ``capacity`` pairs the least recently used is closed.
-        Every rank switches alike (same calls, same order)."""
+        Every rank switches alike (same calls, same order).  The options
+        are dicts that are replaced, never changed in place: the same
+        objects with the same state meta are the pair in use, found without
+        forming the key."""
+        if meta == self._last[0] and fwd is self._last[1] and bwd is self._last[2]:
+            return
+        self._use(meta, fwd, bwd)
+        self._last = (meta, fwd, bwd)
+
+    def _use(self, meta, fwd, bwd):
         key = _key(meta, fwd, bwd)
         if key == self._key:
             return
@@ -173,6 +184,7 @@ class SolverPairs:
             self._options[key] = (fwd, bwd)
         self.fwd, self.bwd = pair
         self._key = key
+        self._last = (None, None, None)
 
 
 def _carry_states(old, new):

@@ -12,7 +12,8 @@ the network around them.
 """
 import torch
 
-from layerpar.engine.policy import call_module, is_stochastic, takes_context, training_flags
+from layerpar.engine.policy import (call_module, is_stochastic, structure, takes_context,
+                                    training_flags)
 
 _PLAIN = (False, False, False)  # the call plan of a plain layer: F(u)
 
@@ -42,7 +43,10 @@ class Stage:
         self.make_layer = make_layer
         self.ghosts = {}      # {n: module} of other ranks' layers stepped with here
         self._modules = None  # per local layer (module, submodules, shares a parameter)
-        self._kinds = {}      # {n: (random, has buffers, takes context)}: fixed by the build
+        self._params = None   # the local layers' parameters, in parameters() order
+        self._special = None  # [(n, F, submodules, kind)] of the local layers not plain
+        self._kinds = {}      # {n: (random, has buffers, takes context)}
+        self._version = None  # the module structure (policy.structure) they were read at
 
     # ---- modules and parameters ------------------------------------------------
     def module(self, n):
@@ -53,7 +57,12 @@ class Stage:
         return self.ghosts[n]
 
     def _local_modules(self):
-        if self._modules is None:
+        """Per local layer (module, submodules, shares a parameter), walked
+        again only after a module somewhere registered or replaced a
+        submodule, parameter or buffer (a layer replaced in the network's
+        ``ModuleDict`` too)."""
+        if self._modules is None or self._version != structure():
+            self._version = structure()
             mods = []
             for n in self.indices:
                 F = self.layers[str(n)]
@@ -63,21 +72,24 @@ class Stage:
                     p is not None for m in subs for p in m._parameters.values())
                 mods.append((F, subs, shared))
             self._modules = mods
+            self._params = self._special = None
+            self._kinds = {}
         return self._modules
 
     def params(self):
         """The parameters of the local layers in ``parameters()`` order,
-        layer by layer, read from each submodule's own table: the layers'
-        module structure is fixed at construction (a parameter replaced on
-        a submodule is seen), so the walk through the module tree is done
-        once, not at every pass."""
-        out = []
-        for F, subs, shared in self._local_modules():
-            if shared:
-                out.extend(F.parameters())
-            else:
-                out.extend(p for m in subs for p in m._parameters.values() if p is not None)
-        return tuple(out)
+        layer by layer: a tuple kept until the module structure changes
+        (``_local_modules``), so that a pass does not walk the modules."""
+        mods = self._local_modules()
+        if self._params is None:
+            out = []
+            for F, subs, shared in mods:
+                if shared:
+                    out.extend(F.parameters())
+                else:
+                    out.extend(p for m in subs for p in m._parameters.values() if p is not None)
+            self._params = tuple(out)
+        return self._params
 
     # ---- the module-state policy ------------------------------------------------
     def _kind(self, n, F):
@@ -93,12 +105,15 @@ class Stage:
         any (random and in training mode; buffers and in training mode;
         ghosts' buffers are replaced before every solve).  Modules that do
         none are left out."""
+        mods = self._local_modules()
+        if self._special is None:
+            self._special = [(n, F, subs, self._kind(n, F))
+                             for n, (F, subs, _) in zip(self.indices, mods)]
+            self._special = [entry for entry in self._special if any(entry[3])]
         plan = {}
-        for n, (F, subs, _) in zip(self.indices, self._local_modules()):
-            kind = self._kind(n, F)
-            if any(kind):
-                training = any(m.training for m in subs)
-                plan[n] = (training and kind[0], training and kind[1], kind[2])
+        for n, F, subs, kind in self._special:
+            training = any(m.training for m in subs)
+            plan[n] = (training and kind[0], training and kind[1], kind[2])
         for n, F in self.ghosts.items():
             kind = self._kind(n, F)
             if kind[0] or kind[2]:
@@ -140,11 +155,17 @@ class Stage:
         whole batch), as the final sweep runs them: (input leaf, output);
         with ``detach=False`` x itself is the input (its graph continues)."""
         h = self.h
+        plan = ctx.plan
         with torch.set_grad_enabled(record):
             x_in = x.detach().requires_grad_(record) if detach else x
             y = x_in
-            for n, (F, _, _) in zip(self.indices, self._local_modules()):
-                y = torch.add(y, self._call(n, F, y, ctx, True, part), alpha=h)
+            if not plan:
+                # every local layer plain: F(u), nothing else to decide per layer
+                for F, _, _ in self._local_modules():
+                    y = torch.add(y, F(y), alpha=h)
+            else:
+                for n, (F, _, _) in zip(self.indices, self._local_modules()):
+                    y = torch.add(y, self._call(n, F, y, ctx, True, part), alpha=h)
         return x_in, y
 
     def first_nonfinite(self, x, ctx, part=None):
