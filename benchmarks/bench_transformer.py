@@ -95,11 +95,14 @@ def _plot(curves, path):
     fig, axes = plt.subplots(1, len(depths), figsize=(5.5 * len(depths), 3.8), squeeze=False)
     colors = dict(zip(METHODS, ("C0", "C1", "C2", "C3")))
     for ax, depth in zip(axes[0], depths):
+        labelled = set()
         for (d, seed, method), cs in sorted(curves.items()):
             if d != depth:
                 continue
             ax.plot([c["work"] for c in cs], [100 * c["val_acc"] for c in cs], "o-", ms=3,
-                    color=colors[method], alpha=0.7, label=method if seed == 0 else None)
+                    color=colors[method], alpha=0.7,
+                    label=None if method in labelled else method)
+            labelled.add(method)
         ax.set_xlabel("work [layer steps, forward + adjoint]")
         ax.set_ylabel(f"N = {depth}: validation accuracy [%]")
         ax.legend()
