@@ -34,7 +34,8 @@ reaches it are recorded (empty when never reached).  Wall times on a loaded
 machine are indicative only; work and accuracy are not affected by load.
 
 Writes benchmarks/results/transformer.csv (one row per run; ``--quick``:
-transformer_quick.csv) and the PNG beside it (accuracy against work).
+transformer_quick.csv), the runs' per-epoch curves (transformer_curves.csv)
+and the PNG beside them (accuracy against work).
 """
 import argparse
 import csv
