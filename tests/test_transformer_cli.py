@@ -108,9 +108,9 @@ def _dropout_run(run_dir, mode, *, dropout=0.1, stop_after=None, resume=False):
     the final weights gathered on every rank."""
     from layerpar.config import resolve
     from layerpar.training import Trainer
-    cfg = resolve(None, [*TINY, "data.num_samples=450", "optim.epochs=2", f"model.dropout={dropout}",
-                         f'mgrit.mode="{mode}"', "mgrit.cfactor=2", 'data.dtype="float64"',
-                         f'run.dir="{run_dir}"'])
+    cfg = resolve(None, [*TINY, "data.num_samples=450", "optim.epochs=2",
+                         f"model.dropout={dropout}", f'mgrit.mode="{mode}"', "mgrit.cfactor=2",
+                         'data.dtype="float64"', f'run.dir="{run_dir}"'])
     steps = [0]
 
     def should_stop():
