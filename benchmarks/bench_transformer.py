@@ -1,11 +1,16 @@
 """Transformer blocks on the built-in recall task: exact propagation vs
-layer-parallel (MGRIT, default settings, with and without the residual
-monitor) vs nested iteration, by final accuracy and by work and wall time
-to the exact run's accuracy.
+layer-parallel (MGRIT, default settings, with and without the accuracy
+controller) vs nested iteration, by final accuracy and by work and wall
+time to the exact run's accuracy.
 
     python benchmarks/bench_transformer.py                      # N = 32 and 128, seeds 0 1 2
     mpiexec -n 2 python benchmarks/bench_transformer.py         # the same on 2 ranks
-    nice -n 10 mpiexec -n 2 python benchmarks/bench_transformer.py --quick   # a 2-core machine
+    nice -n 10 python benchmarks/bench_transformer.py --quick   # a check that every method runs
+
+The runs are independent: on a shared machine they may go one process per
+seed and method (``--seeds 0 --methods nested --name s0-nested``, ...),
+joined afterwards by ``--merge s0-exact s0-nested ... --name transformer``,
+which takes each depth and seed's target from its exact run.
 
 The problem: ``layerpar/configs/recall.toml``'s task (associative recall,
 sequences of 13 tokens with per-sample padding carried as the batch's
@@ -15,8 +20,10 @@ T = 4, Adam with a cosine schedule, ``--epochs`` epochs.  Methods:
 * ``exact``          one level (``mgrit.mode = "serial"``)
 * ``layer-parallel`` MGRIT with the configuration's defaults (2 levels,
                      cfactor 4, F-relaxation, 2 forward / 1 adjoint
-                     iterations, the residual monitor on)
-* ``lp-nomonitor``   the same without the monitor (fixed iterations)
+                     iterations, the residual monitor and the accuracy
+                     controller on)
+* ``lp-nocontroller`` the same without the controller
+                     (``mgrit.controller = false``)
 * ``nested``         nested iteration over depths N/4, N/2, N (exact
                      propagation; the coarser depths get fewer epochs)
 
@@ -27,24 +34,28 @@ reaches it are recorded (empty when never reached).  Wall times on a loaded
 machine are indicative only; work and accuracy are not affected by load.
 
 Writes benchmarks/results/transformer.csv (one row per run; ``--quick``:
-transformer_quick.csv) and the PNG beside it (accuracy against work).
+transformer_quick.csv), the runs' per-epoch curves (transformer_curves.csv)
+and the PNG beside them (accuracy against work).
 """
 import argparse
 import csv
+import math
 import os
 
 import _common as common
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
-METHODS = ("exact", "layer-parallel", "lp-nomonitor", "nested")
-FIELDS = ["depth", "seed", "method", "ranks", "epochs", "width", "target_acc", "final_val_acc",
-          "work_to_target", "time_to_target", "total_work", "total_time"]
+METHODS = ("exact", "layer-parallel", "lp-nocontroller", "nested")
+FIELDS = ["depth", "seed", "method", "ranks", "epochs", "steps", "width", "batch", "lr", "dtype",
+          "target_acc", "final_val_acc", "work_to_target", "time_to_target", "total_work",
+          "total_time", "exact_steps"]
 
 
 def _config(a, depth, seed, method, run_dir):
     from layerpar.config import resolve
     sets = ['data.name="recall"', f"data.batch_size={a.batch}", f"data.seed={seed}",
+            f'data.dtype="{a.dtype}"', f"data.num_samples={a.samples}",
             'model.kind="transformer"', f"model.width={a.width}", "model.heads=4",
             "model.mlp_ratio=2.0", f"model.nlayers={depth}", "model.T=4.0", 'model.pool="first"',
             f"model.seed={seed}", 'optim.name="adam"', f"optim.lr={a.lr}",
@@ -54,8 +65,8 @@ def _config(a, depth, seed, method, run_dir):
         sets.append('mgrit.mode="serial"')
     else:
         sets.append('mgrit.mode="layer-parallel"')
-        if method == "lp-nomonitor":
-            sets.append("mgrit.monitor=false")
+        if method == "lp-nocontroller":
+            sets.append("mgrit.controller=false")
     if method == "nested":
         budgets = [max(1, a.epochs // 4), max(1, a.epochs // 2), a.epochs]
         sets += ['multilevel.method="nested"', "multilevel.levels=3",
@@ -67,10 +78,13 @@ def _train(a, comm, depth, seed, method):
     rows = common.train(comm, lambda tmp: _config(a, depth, seed, method, tmp),
                         prefix="lp-bench-tf-",
                         read=lambda tr: comm.bcast(tr.metrics.rows(), root=0))  # written on rank 0
-    curve, t = [], 0.0
+    curve, t, exact, steps = [], 0.0, 0.0, 0
     for r in rows:
         t += r["wall_time"]
-        curve.append({"val_acc": r["val_acc"], "time": t, "work": r["fwd_work"] + r["bwd_work"]})
+        n, steps = r["step"] - steps, r["step"]
+        exact += r.get("exact_steps", 1.0 if method in ("exact", "nested") else math.nan) * n
+        curve.append({"val_acc": r["val_acc"], "time": t, "work": r["fwd_work"] + r["bwd_work"],
+                      "steps": steps, "exact_steps": exact / max(steps, 1)})
     return curve
 
 
@@ -82,11 +96,14 @@ def _plot(curves, path):
     fig, axes = plt.subplots(1, len(depths), figsize=(5.5 * len(depths), 3.8), squeeze=False)
     colors = dict(zip(METHODS, ("C0", "C1", "C2", "C3")))
     for ax, depth in zip(axes[0], depths):
+        labelled = set()
         for (d, seed, method), cs in sorted(curves.items()):
             if d != depth:
                 continue
             ax.plot([c["work"] for c in cs], [100 * c["val_acc"] for c in cs], "o-", ms=3,
-                    color=colors[method], alpha=0.7, label=method if seed == 0 else None)
+                    color=colors[method], alpha=0.7,
+                    label=None if method in labelled else method)
+            labelled.add(method)
         ax.set_xlabel("work [layer steps, forward + adjoint]")
         ax.set_ylabel(f"N = {depth}: validation accuracy [%]")
         ax.legend()
@@ -105,45 +122,91 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--lr", type=float, default=0.003)
+    p.add_argument("--samples", type=int, default=0,
+                   help="data.num_samples: sequences generated (0: the set's default, 6000)")
+    p.add_argument("--dtype", default="float64", choices=("float32", "float64"))
     p.add_argument("--quick", action="store_true",
-                   help="N = 8 and 16, width 16, batch 500, 3 epochs, lr 0.01, without "
-                        "lp-nomonitor: what a loaded 2-core machine allows")
+                   help="N = 8 and 16, width 16, batch 500, 3 epochs, lr 0.01: a check "
+                        "that every method runs")
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--name", default="",
+                   help="the files' name in --out (default transformer, transformer_quick)")
+    p.add_argument("--merge", nargs="+", default=[], metavar="NAME",
+                   help="run nothing: join the CSVs of these names in --out (runs split over "
+                        "processes, e.g. one seed or method each) into --name's CSVs and PNG, "
+                        "the targets taken from the exact runs")
     a = p.parse_args(argv)
     if a.quick:
         a.depths, a.width, a.batch, a.epochs, a.lr = [8, 16], 16, 500, 3, 0.01
-        a.methods = [m for m in a.methods if m != "lp-nomonitor"]
+    name = a.name or ("transformer_quick" if a.quick else "transformer")
+    if a.merge:
+        _merge(a, name)
+        return
     comm = MPI.COMM_WORLD
-    name = "transformer_quick" if a.quick else "transformer"
     curves, rows = {}, []
     for seed in a.seeds:  # each seed's depths and methods, the CSV rewritten after each run
         for depth in a.depths:
-            target = None
-            for method in ("exact",) + tuple(m for m in a.methods if m != "exact"):
+            for method in [m for m in METHODS if m in a.methods]:  # exact first: the target
                 cs = curves[(depth, seed, method)] = _train(a, comm, depth, seed, method)
-                if method == "exact":
-                    target = cs[-1]["val_acc"]
-                work, time = common.to_target(cs, target, "work", "time")
                 rows.append({"depth": depth, "seed": seed, "method": method,
-                             "ranks": comm.size, "epochs": a.epochs, "width": a.width,
-                             "target_acc": target, "final_val_acc": cs[-1]["val_acc"],
-                             "work_to_target": work, "time_to_target": time,
+                             "ranks": comm.size, "epochs": a.epochs,
+                             "steps": cs[-1]["steps"], "width": a.width, "batch": a.batch,
+                             "lr": a.lr, "dtype": a.dtype, "exact_steps": cs[-1]["exact_steps"],
+                             "final_val_acc": cs[-1]["val_acc"],
                              "total_work": cs[-1]["work"], "total_time": cs[-1]["time"]})
+                _targets(rows, curves)
                 if comm.rank == 0:
                     r = rows[-1]
                     print(f"N={depth} seed={seed} {method:15s} acc {100 * r['final_val_acc']:.1f}% "
-                          f"(target {100 * target:.1f}%) work to target {work} "
-                          f"time {time:.1f}s", flush=True)
+                          f"(target {100 * r['target_acc']:.1f}%) work to target "
+                          f"{r['work_to_target']} time {r['time_to_target']:.1f}s", flush=True)
                     _write(a, name, rows, curves)
 
 
+def _targets(rows, curves):
+    """Each row's target (its depth and seed's exact run's final validation
+    accuracy; NaN before that run is in) and the work and time to reach it."""
+    for r in rows:
+        exact = curves.get((int(r["depth"]), int(r["seed"]), "exact"))
+        target = exact[-1]["val_acc"] if exact else math.nan
+        work, time = common.to_target(curves[(int(r["depth"]), int(r["seed"]), r["method"])],
+                                      target, "work", "time")
+        r.update(target_acc=target, work_to_target=work, time_to_target=time)
+
+
+CURVE_FIELDS = ["depth", "seed", "method", "epoch", "steps", "work", "time", "val_acc",
+                "exact_steps"]
+
+
 def _write(a, name, rows, curves):
+    """The runs' CSV, their per-epoch curves (``<name>_curves.csv``) and the PNG."""
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, name + ".csv"), "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=FIELDS)
         w.writeheader()
         w.writerows(rows)
+    with open(os.path.join(a.out, name + "_curves.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CURVE_FIELDS)
+        w.writeheader()
+        for (depth, seed, method), cs in curves.items():
+            for e, c in enumerate(cs, 1):
+                w.writerow({"depth": depth, "seed": seed, "method": method, "epoch": e, **c})
     _plot(curves, os.path.join(a.out, name + ".png"))
+
+
+def _merge(a, name):
+    rows, curves = [], {}
+    for part in a.merge:
+        with open(os.path.join(a.out, part + ".csv"), newline="") as fh:
+            rows += list(csv.DictReader(fh))
+        with open(os.path.join(a.out, part + "_curves.csv"), newline="") as fh:
+            for r in csv.DictReader(fh):
+                key = (int(r["depth"]), int(r["seed"]), r["method"])
+                curves.setdefault(key, []).append(
+                    {k: float(r[k]) for k in ("steps", "work", "time", "val_acc", "exact_steps")})
+    rows.sort(key=lambda r: (int(r["seed"]), int(r["depth"]), METHODS.index(r["method"])))
+    _targets(rows, curves)
+    _write(a, name, rows, curves)
 
 
 if __name__ == "__main__":
