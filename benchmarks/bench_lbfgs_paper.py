@@ -2,7 +2,9 @@
 training loss and validation accuracy after 130 iterations, per seed, for
 each curvature rule of ``optim.lbfgs_curvature`` ('skip': the default, a
 pair of little or negative curvature dropped; 'damped': Powell-damped and
-kept).
+kept) and each Armijo constant ``optim.lbfgs_c1`` (1e-4: the default; 0.5:
+the paper's code, whose backtracking factor 0.5 is also its Armijo
+constant).
 
 The problem is layerpar/configs/peaks-paper.toml (Guenther et al., SIMODS
 2020): built-in peaks with raw inputs, an opening dense layer 2 -> 8 with the
@@ -15,10 +17,10 @@ Trainer with that configuration on every rank of COMM_WORLD:
     python benchmarks/bench_lbfgs_paper.py --mode serial
     mpiexec -n 2 python benchmarks/bench_lbfgs_paper.py --mode one-shot
 
-    [--seeds 0,1,2] [--rules skip,damped] [--iters 130]
+    [--seeds 0,1,2] [--rules skip,damped] [--c1 1e-4] [--iters 130]
 
 Rows are merged into benchmarks/results/lbfgs_paper.csv (a row of the same
-mode, ranks, rule and seed is replaced): mode, ranks, rule, seed, iters,
+mode, ranks, rule, c1 and seed is replaced): mode, ranks, rule, c1, seed, iters,
 train_loss (mean cross-entropy over the training set at the final weights,
 exact network), objective (train_loss + the Tikhonov term), val_acc,
 evaluations (fine forward+backward work: the metrics' fwd_work + bwd_work,
@@ -41,7 +43,7 @@ import _common as common
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 CONFIG = os.path.join(HERE, os.pardir, "layerpar", "configs", "peaks-paper.toml")
-FIELDS = ["mode", "ranks", "rule", "seed", "iters", "train_loss", "objective", "val_acc",
+FIELDS = ["mode", "ranks", "rule", "c1", "seed", "iters", "train_loss", "objective", "val_acc",
           "work", "seconds"]
 
 
@@ -52,9 +54,10 @@ def tikhonov_term(trainer, beta):
     return 0.5 * beta * trainer.comm.allreduce(local)
 
 
-def run(comm, mode, rule, seed, iters):
+def run(comm, mode, rule, c1, seed, iters):
     with common.run_dir(comm, "lp-lbfgs-paper-") as run_dir:
         cfg = resolve(CONFIG, [f'mgrit.mode="{mode}"', f'optim.lbfgs_curvature="{rule}"',
+                               f"optim.lbfgs_c1={c1!r}",
                                f"optim.epochs={iters}", f"model.seed={seed}",
                                f'run.dir="{run_dir}"', "run.plot=false",
                                "run.checkpoint_every=-1"])
@@ -71,20 +74,21 @@ def run(comm, mode, rule, seed, iters):
             objective = train_loss + tikhonov_term(trainer, cfg["optim"]["tikhonov"])
         finally:
             trainer.close()
-    return dict(mode=mode, ranks=comm.size, rule=rule, seed=seed, iters=iters,
+    return dict(mode=mode, ranks=comm.size, rule=rule, c1=f"{c1:g}", seed=seed, iters=iters,
                 train_loss=f"{train_loss:.6f}", objective=f"{objective:.6f}",
                 val_acc=f"{val_acc:.4f}", work=f"{work:.0f}", seconds=f"{seconds:.1f}")
 
 
 def merge(path, new):
-    key = lambda r: (r["mode"], str(r["ranks"]), r["rule"], str(r["seed"]))
+    key = lambda r: (r["mode"], str(r["ranks"]), r["rule"], r["c1"], str(r["seed"]))
     old = []
     if os.path.exists(path):
         with open(path, newline="") as fh:
-            old = list(csv.DictReader(fh))
+            old = [dict(r, c1=r.get("c1") or "0.0001") for r in csv.DictReader(fh)]
     fresh = {key(r) for r in new}
     rows = [r for r in old if key(r) not in fresh] + new
-    rows.sort(key=lambda r: (r["mode"], int(r["ranks"]), r["rule"], int(r["seed"])))
+    rows.sort(key=lambda r: (r["mode"], int(r["ranks"]), r["rule"], float(r["c1"]),
+                             int(r["seed"])))
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=FIELDS)
         w.writeheader()
@@ -97,18 +101,20 @@ def main():
     p.add_argument("--mode", default="serial", choices=("serial", "one-shot", "layer-parallel"))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rules", default="skip,damped")
+    p.add_argument("--c1", default="1e-4", help="Armijo constants, comma-separated")
     p.add_argument("--iters", type=int, default=130)
     p.add_argument("--out", default=os.path.join(RESULTS, "lbfgs_paper.csv"))
     a = p.parse_args()
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD
     for seed in (int(s) for s in a.seeds.split(",")):
-        for rule in a.rules.split(","):
-            row = run(comm, a.mode, rule, seed, a.iters)
+        for rule, c1 in ((r, float(c)) for r in a.rules.split(",") for c in a.c1.split(",")):
+            row = run(comm, a.mode, rule, c1, seed, a.iters)
             if comm.rank == 0:  # merged at once: a stopped run keeps what it measured
                 os.makedirs(os.path.dirname(a.out), exist_ok=True)
                 merge(a.out, [row])
-                print(f"{a.mode:9s} {comm.size} rank(s)  {rule:7s} seed {seed}: train loss "
+                print(f"{a.mode:9s} {comm.size} rank(s)  {rule:7s} c1 {c1:g} seed {seed}: "
+                      f"train loss "
                       f"{row['train_loss']}  val {100 * float(row['val_acc']):.1f}%  "
                       f"({row['seconds']} s), merged into {a.out}", flush=True)
 

@@ -19,7 +19,7 @@ except ImportError:  # Python < 3.11
 from braid_ext import OptionError, hierarchy
 from braid_ext.options import check_option
 from layerpar.data import DEFAULT_VAL_FRACTION, FILE_SUFFIXES, KNOWN_DATASETS
-from layerpar.optim import CURVATURE_RULES, LINE_SEARCHES
+from layerpar.optim import CURVATURE_RULES, LINE_SEARCHES, STRONG_WOLFE_C2
 from layerpar.engine.pipeline import SCHEDULES as PIPELINE_SCHEDULES
 from layerpar.steps import ACTIVATIONS, BIASES
 from layerpar.transformer import POOLS
@@ -130,6 +130,7 @@ DEFAULTS = {
         "line_search": "armijo",  # lbfgs: armijo or strong-wolfe
         "lbfgs_curvature": "skip",  # lbfgs: a pair with little or negative curvature is
                                   #   skipped or damped (Powell)
+        "lbfgs_c1": 1e-4,      # lbfgs: the sufficient-decrease (Armijo) constant
         "tikhonov_ends": False,   # the Tikhonov term also on the opening and closing layers
     },
     "multilevel": {
@@ -393,6 +394,10 @@ def check(config):
          f"choose one of {', '.join(LINE_SEARCHES)}")
     need(o["lbfgs_curvature"] in CURVATURE_RULES, "optim.lbfgs_curvature",
          f"choose one of {', '.join(CURVATURE_RULES)}")
+    need(math.isfinite(o["lbfgs_c1"]) and 0 < o["lbfgs_c1"] < 1, "optim.lbfgs_c1",
+         "the Armijo constant must be in (0, 1)")
+    need(o["line_search"] != "strong-wolfe" or o["lbfgs_c1"] < STRONG_WOLFE_C2, "optim.lbfgs_c1",
+         f"the strong Wolfe search needs it below its curvature constant {STRONG_WOLFE_C2}")
     need(r["log_every"] >= 0, "run.log_every", "must be >= 0")
     need(math.isfinite(r["timeout"]) and r["timeout"] >= 0, "run.timeout",
          "must be a number of seconds >= 0 (0: $LAYERPAR_TIMEOUT, else no limit)")

@@ -53,6 +53,9 @@ def test_file_and_overrides(tmp_path):
     ('optim.line_search="wolfe"', "optim.line_search"),
     ('optim.lbfgs_curvature="powell"', "optim.lbfgs_curvature"),
     ("optim.lbfgs_curvature=1", "optim.lbfgs_curvature"),
+    ("optim.lbfgs_c1=0.0", "optim.lbfgs_c1"),
+    ("optim.lbfgs_c1=1.0", "optim.lbfgs_c1"),
+    ('optim.lbfgs_c1="half"', "optim.lbfgs_c1"),
     ('model.bias="none"', "model.bias"),
     ('model.kind="conv"', "model.bias"),
     ("model.init_scale=-1e-3", "model.init_scale"),
@@ -91,6 +94,7 @@ def test_paper_peaks_configuration():
     assert c["optim"]["tikhonov_ends"] is True
     assert c["data"]["normalize"] is False  # raw inputs, as the paper's code reads them
     assert c["optim"]["lbfgs_curvature"] == "skip"  # the default
+    assert c["optim"]["lbfgs_c1"] == 1e-4  # the default
 
 
 # ---- keys that do not apply, values that cannot work ---------------------------------
@@ -130,6 +134,8 @@ def test_a_key_that_does_not_apply_is_refused(overrides, named):
     (['mgrit.mode="serial"', "mgrit.microbatches=101"], "mgrit.microbatches", "at most 100"),
     (['mgrit.mode="serial"', "data.batch_size=10", "parallel.data=4",
       "mgrit.microbatches=3"], "mgrit.microbatches", "at most 2"),
+    (['optim.line_search="strong-wolfe"', "optim.lbfgs_c1=0.95"], "optim.lbfgs_c1",
+     "below its curvature constant 0.9"),
 ])
 def test_a_value_that_cannot_work_is_refused(overrides, named, says):
     with pytest.raises(ConfigError) as e:

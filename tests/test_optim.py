@@ -171,6 +171,39 @@ def test_lbfgs_iterates_equal_dense_bfgs_reference():
 
 
 @pytest.mark.mpi
+def test_lbfgs_with_a_large_armijo_constant_equals_dense_reference():
+    # c1 = 0.45 (a step must give nearly half the decrease its slope
+    # predicts) rejects unit steps that c1 = 1e-4 accepts; the backtracked
+    # path is the numpy reference's, on any number of ranks
+    def backtracking_run(**opts):
+        q = Quadratic(WORLD)
+        opt = LBFGS(q.params, WORLD, history=5, **opts)
+        xs, backtracks = [q.x()], 0
+        for _ in range(30):
+            opt.step(q.closure(opt))
+            backtracks += opt.last_step["backtracks"]
+            xs.append(q.x())
+        return q, xs, backtracks
+
+    q, xs, backtracks = backtracking_run(c1=0.45)
+    _, _, default_backtracks = backtracking_run()
+    ref = reference_lbfgs(q.A, q.b, q.x_start, 30, history=5, c1=0.45)
+    worst = max(float((a - r).norm()) for a, r in zip(xs, ref)) / float(q.minimiser().norm())
+    assert worst <= 1e-12, worst
+    assert backtracks > default_backtracks, (backtracks, default_backtracks)
+    assert rel(xs[-1], q.minimiser()) < 1e-2 * rel(xs[0], q.minimiser())
+
+
+def test_configured_armijo_constant_reaches_the_optimizer():
+    from layerpar.config import resolve
+    from layerpar.training.build import make_optimizer
+    net = dense_net(SELF, nlayers=2)
+    for sets, c1 in [([], 1e-4), (["optim.lbfgs_c1=0.5"], 0.5)]:
+        config = resolve(None, ['optim.name="lbfgs"'] + sets)
+        assert make_optimizer(config, net).param_groups[0]["c1"] == c1
+
+
+@pytest.mark.mpi
 def test_lbfgs_iterates_independent_of_ranks():
     _, _, world = run_quadratic(WORLD, 25, history=5)
     _, _, single = run_quadratic(SELF, 25, history=5)

@@ -30,12 +30,13 @@ Modules, one per job:
   penalties    ``regularize``
 
 Public names: ``LBFGS``, ``LineSearchError``, ``regularize``, ``schedule``,
-``scheduler`` (and ``SCHEDULES``, ``LINE_SEARCHES``, ``CURVATURE_RULES``).
+``scheduler`` (and ``SCHEDULES``, ``LINE_SEARCHES``, ``CURVATURE_RULES``,
+``STRONG_WOLFE_C2``).
 """
-from layerpar.optim.lbfgs import CURVATURE_RULES, LBFGS
+from layerpar.optim.lbfgs import CURVATURE_RULES, LBFGS, STRONG_WOLFE_C2
 from layerpar.optim.linesearch import LINE_SEARCHES, LineSearchError
 from layerpar.optim.penalties import regularize
 from layerpar.optim.schedules import SCHEDULES, schedule, scheduler
 
 __all__ = ["LBFGS", "LineSearchError", "regularize", "schedule", "scheduler", "SCHEDULES",
-           "LINE_SEARCHES", "CURVATURE_RULES"]
+           "LINE_SEARCHES", "CURVATURE_RULES", "STRONG_WOLFE_C2"]

@@ -20,9 +20,10 @@ from layerpar.optim._sums import allsum as _allsum, dot as _dot, flat as _flat
 from layerpar.optim.linesearch import (LINE_SEARCHES, LineSearchError, Trial, armijo,
                                        backtracking, strong_wolfe)
 
-__all__ = ["LBFGS", "CURVATURE_RULES"]
+__all__ = ["LBFGS", "CURVATURE_RULES", "STRONG_WOLFE_C2"]
 
 _ON_FAILURE = ("reset", "raise")
+STRONG_WOLFE_C2 = 0.9  # the default curvature constant of the strong Wolfe search
 # the curvature rules and their Powell damping threshold (0: none)
 CURVATURE_RULES = {"skip": 0.0, "damped": 0.2}
 _OPTIONS = ("lr", "history", "max_iter", "max_backtracks", "c1", "shrink", "grad_tol",
@@ -126,8 +127,8 @@ class LBFGS(torch.optim.Optimizer):
 
     def __init__(self, params, comm, *, lr=1.0, history=10, max_iter=1, max_backtracks=20,
                  c1=1e-4, shrink=0.5, grad_tol=0.0, curvature_eps=1e-10, on_failure="reset",
-                 line_search="armijo", c2=0.9, max_line_evals=25, reuse_evaluation=False,
-                 curvature="skip"):
+                 line_search="armijo", c2=STRONG_WOLFE_C2, max_line_evals=25,
+                 reuse_evaluation=False, curvature="skip"):
         check_comm(comm)
         _check_options(lr=lr, history=history, max_iter=max_iter,
                        max_backtracks=max_backtracks, c1=c1, shrink=shrink, grad_tol=grad_tol,

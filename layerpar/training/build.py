@@ -75,7 +75,7 @@ def make_optimizer(config, net):
     # serial mode: the full-batch objective is the same at every step, so
     # a step starts from the previous step's last evaluation
     return LBFGS(params, net.body.comm, lr=o["lr"], history=o["lbfgs_history"],
-                 line_search=o["line_search"], curvature=o["lbfgs_curvature"],
+                 line_search=o["line_search"], curvature=o["lbfgs_curvature"], c1=o["lbfgs_c1"],
                  reuse_evaluation=config["mgrit"]["mode"] == "serial")
 
 
