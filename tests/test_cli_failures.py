@@ -35,6 +35,10 @@ SIGNALLED = [*STEPS, "--set", f"optim.epochs={SIGNALLED_EPOCHS}",
 
 # ---- signals and SIGKILL: child jobs (the end-to-end tier) ----------------------------
 
+# the tests that use it run in one pytest-xdist worker (--dist loadgroup)
+SHARES_UNINTERRUPTED = pytest.mark.xdist_group("uninterrupted")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, mpiexec):
     """The run that the stopped or killed runs continue, on 2 ranks."""
@@ -133,6 +137,7 @@ def assert_resumes_bit_for_bit(mpiexec, full, part):
 
 
 @pytest.mark.e2e
+@SHARES_UNINTERRUPTED
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_every_rank_saves_and_resume_continues(tmp_path, mpiexec, uninterrupted,
                                                             sig, status):
@@ -180,6 +185,7 @@ def test_signal_to_one_rank_stops_every_rank_with_its_status(tmp_path, mpiexec, 
 
 
 @pytest.mark.e2e
+@SHARES_UNINTERRUPTED
 def test_sigkill_between_checkpoints_and_resume(tmp_path, mpiexec, uninterrupted):
     full = uninterrupted
 
