@@ -27,8 +27,9 @@ pytestmark = pytest.mark.timeout(1200)
 
 STEPS = [*SMALL, "--set", "data.batch_size=100", "-q"]  # 50 steps per epoch
 # long enough that a launcher which passes the signal on late (Open MPI's mpirun
-# took about a second) still finds the run training
-SIGNALLED_EPOCHS = 10
+# took about a second) still finds the run training: the signal follows the
+# first checkpoint (step 10) by 190 steps, SIGKILL the one at step 60 by 140
+SIGNALLED_EPOCHS = 4
 SIGNALLED = [*STEPS, "--set", f"optim.epochs={SIGNALLED_EPOCHS}",
              "--set", "run.checkpoint_every=10"]
 
