@@ -215,6 +215,8 @@ def test_same_result_on_any_number_of_ranks(method, sets, run_dirs):
 
 
 @pytest.mark.mpi
+# on 4 ranks the inexact passes are those of one rank (tests/test_layerpar_parallel.py)
+@pytest.mark.max_ranks(2, invariance="test_training_losses_independent_of_ranks")
 @pytest.mark.parametrize("method", ["nested", "mgopt"])
 @pytest.mark.parametrize("mode", ["layer-parallel", "one-shot"])
 def test_parallel_modes_train(method, mode, run_dirs):
