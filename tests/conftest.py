@@ -23,8 +23,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 # Settings a user gives Open MPI (run as root, MCA parameters such as
-# oversubscription) that a child mpiexec needs as much as this process.
-KEPT_MPI_SETTINGS = ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_MCA_", "PRTE_MCA_")
+# oversubscription) or MPICH (control variables, MPIR_CVAR_*) that a child
+# mpiexec needs as much as this process.
+KEPT_MPI_SETTINGS = ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_MCA_", "PRTE_MCA_", "MPIR_CVAR_")
 
 
 def clean_mpi_env():
