@@ -9,9 +9,23 @@ import torch
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test marked ``max_ranks(n)`` is skipped on a COMM_WORLD of more
+    than n ranks (on every rank alike)."""
+    from mpi4py import MPI
+    size = MPI.COMM_WORLD.Get_size()
+    for item in items:
+        mark = item.get_closest_marker("max_ranks")
+        if mark is not None and size > mark.args[0]:
+            item.add_marker(pytest.mark.skip(
+                reason=f"checked on up to {mark.args[0]} ranks (its rank invariance: "
+                       f"{mark.kwargs.get('invariance', 'another test')})"))
+
+
 # Settings a user gives Open MPI (run as root, MCA parameters such as
-# oversubscription) that a child mpiexec needs as much as this process.
-KEPT_MPI_SETTINGS = ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_MCA_", "PRTE_MCA_")
+# oversubscription) or MPICH (control variables, MPIR_CVAR_*) that a child
+# mpiexec needs as much as this process.
+KEPT_MPI_SETTINGS = ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_MCA_", "PRTE_MCA_", "MPIR_CVAR_")
 
 
 def clean_mpi_env():

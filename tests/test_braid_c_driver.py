@@ -23,6 +23,9 @@ SRC = ROOT / "braid_ext" / "src"
 DRIVER = ROOT / "braid_ext" / "examples" / "c" / "scalar_driver.c"
 RANKS = (1, 2, 4)
 
+# one build of the driver: the tests run in one pytest-xdist worker (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("c_driver")
+
 
 def tool(name, env_var=None):
     if env_var and os.environ.get(env_var):

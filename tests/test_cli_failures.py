@@ -27,13 +27,18 @@ pytestmark = pytest.mark.timeout(1200)
 
 STEPS = [*SMALL, "--set", "data.batch_size=100", "-q"]  # 50 steps per epoch
 # long enough that a launcher which passes the signal on late (Open MPI's mpirun
-# took about a second) still finds the run training
-SIGNALLED_EPOCHS = 10
+# took about a second) still finds the run training: the signal follows the
+# first checkpoint (step 10) by 190 steps, SIGKILL the one at step 60 by 140
+SIGNALLED_EPOCHS = 4
 SIGNALLED = [*STEPS, "--set", f"optim.epochs={SIGNALLED_EPOCHS}",
              "--set", "run.checkpoint_every=10"]
 
 
 # ---- signals and SIGKILL: child jobs (the end-to-end tier) ----------------------------
+
+# the tests that use it run in one pytest-xdist worker (--dist loadgroup)
+SHARES_UNINTERRUPTED = pytest.mark.xdist_group("uninterrupted")
+
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, mpiexec):
@@ -133,6 +138,7 @@ def assert_resumes_bit_for_bit(mpiexec, full, part):
 
 
 @pytest.mark.e2e
+@SHARES_UNINTERRUPTED
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_every_rank_saves_and_resume_continues(tmp_path, mpiexec, uninterrupted,
                                                             sig, status):
@@ -180,6 +186,7 @@ def test_signal_to_one_rank_stops_every_rank_with_its_status(tmp_path, mpiexec, 
 
 
 @pytest.mark.e2e
+@SHARES_UNINTERRUPTED
 def test_sigkill_between_checkpoints_and_resume(tmp_path, mpiexec, uninterrupted):
     full = uninterrupted
 

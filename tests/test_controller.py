@@ -26,6 +26,12 @@ from conftest import gathered, network_name
 
 WORLD = MPI.COMM_WORLD
 
+# Checks made on 1 and 2 ranks: on 4 the controller measures and acts as on
+# one (test_decisions_are_the_same_on_any_number_of_ranks,
+# test_resume_on_another_number_of_ranks_continues_the_controller)
+UP_TO_2_RANKS = pytest.mark.max_ranks(
+    2, invariance="test_decisions_are_the_same_on_any_number_of_ranks")
+
 # far from converged: one MGRIT iteration each way, two levels, cfactor 4,
 # large steps (T = 5 over 16 layers)
 BIASED = ['mgrit.mode="layer-parallel"', "model.nlayers=16", "model.width=4", "model.T=5.0",
@@ -287,6 +293,7 @@ USER_STEPS = {"dropout": ['model.step="userblocks:Block"', "model.step_kwargs={w
 
 
 @pytest.mark.mpi
+@UP_TO_2_RANKS
 @pytest.mark.parametrize("mode,step", [("one-shot", "dense"), ("layer-parallel", "dropout"),
                                        ("layer-parallel", "batchnorm")])
 def test_measuring_without_acting_changes_nothing(mode, step):
@@ -388,6 +395,7 @@ STOP = 11  # steps before the stop: mid-epoch 2, the controller acted before and
 
 
 @pytest.mark.mpi
+@UP_TO_2_RANKS
 def test_resume_continues_the_controller():
     # stopped mid-epoch after the controller has acted, resumed: the
     # controller's state (schedule, counters, work, last measurement) and

@@ -162,6 +162,19 @@ def check_quick(r, where):
 def check_multilevel(r, where):
     out = [ln for ln in r.stdout.splitlines() if "validation accuracy" in ln]
     assert len(out) == 2 and "nested" in out[0] and "mgopt" in out[1], r.stdout
+    # nested iteration trains N/4, N/2 and N layers (an epoch each), MG/OPT N
+    # (with N/2 in its cycles); the work only grows, and is the sum of the
+    # depths' work (a column fwd_work_l<l> per depth)
+    for run, depths, levels in (("nested", [8, 16, 32], 3), ("mgopt", [32], 2)):
+        with open(where / "runs" / run / "metrics.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        assert [int(row["nlayers"]) for row in rows] == depths, run
+        work = [float(row["fwd_work"]) for row in rows]
+        assert work[0] > 0 and all(b > a for a, b in zip(work, work[1:])), (run, work)
+        for row in rows:
+            per_depth = [float(v) for k, v in row.items() if k.startswith("fwd_work_l")]
+            assert len(per_depth) == levels, (run, row)
+            assert float(row["fwd_work"]) == sum(per_depth), (run, row)
 
 
 def check_library_loop(r, where):

@@ -28,6 +28,10 @@ from layerpar.training import Trainer
 
 WORLD = MPI.COMM_WORLD
 
+# Checks made on 1 and 2 ranks: on 4 a run is the run on one, full multigrid
+# among the cases (test_same_result_on_any_number_of_ranks)
+UP_TO_2_RANKS = pytest.mark.max_ranks(2, invariance="test_same_result_on_any_number_of_ranks")
+
 
 # ---- the trust region's rule ----------------------------------------------------------
 def tr_minimise(f, grad, curvature, x, radius, iterations):
@@ -146,6 +150,7 @@ def flat(weights):
 
 
 @pytest.mark.mpi
+@UP_TO_2_RANKS
 @pytest.mark.parametrize("levels", [2, 3])
 def test_ratio_test_and_radius_recomputed_independently(levels, run_dirs):
     # every cycle's actual decrease (serial autograd before and after), its
@@ -319,6 +324,7 @@ def test_stop_and_resume_here_and_on_one_rank(sets, run_dirs):
 
 
 @pytest.mark.mpi
+@UP_TO_2_RANKS
 @pytest.mark.parametrize("start", ["nested", "full-multigrid"])
 def test_full_multigrid_builds_the_depths_then_cycles(start, run_dirs):
     # nested iteration's depths 4, 8, 16; cycles (corrections counted) on
