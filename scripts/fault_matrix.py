@@ -320,6 +320,16 @@ def mpiexec():
     return path if os.path.exists(path) else "mpiexec"
 
 
+def records(out, tag):
+    """The JSON records a job printed after ``tag`` ("CASE", "LOSS"), in
+    order.  The ranks' lines reach the launcher's stdout through one pipe, so
+    one rank's record may end where another's begins, without its newline:
+    each record is read from its tag to its closing brace."""
+    decoder = json.JSONDecoder()
+    return [decoder.raw_decode(chunk)[0] for chunk in out.split(tag + " ")[1:]
+            if chunk.startswith("{")]
+
+
 def run_job(ranks, extra, timeout, env):
     cmd = [mpiexec(), "-n", str(ranks), sys.executable, os.path.abspath(__file__),
            "--worker"] + extra
@@ -347,7 +357,7 @@ def main(argv=None):
     rows = []
     for ranks in args.ranks:
         out, err, hung = run_job(ranks, [], args.job_timeout, child_env())
-        got = [json.loads(line[5:]) for line in out.splitlines() if line.startswith("CASE ")]
+        got = records(out, "CASE")
         rows += got
         expected = len(solver_cases(ranks)) + len(network_cases(ranks))
         if len(got) < expected:
@@ -360,7 +370,7 @@ def main(argv=None):
         env = child_env()
         env["LAYERPAR_TIMEOUT"] = "60"  # armed, never reached: the loss's failure is agreed
         out, err, hung = run_job(ranks, ["--loss-case"], args.job_timeout, env)
-        res = [json.loads(line[5:]) for line in out.splitlines() if line.startswith("LOSS ")]
+        res = records(out, "LOSS")
         passed = not hung and len(res) == ranks and all(r["good"] for r in res)
         rows.append(dict(ranks=ranks, target="train-loss", kind="loss", fail_rank=ranks - 1,
                          at=1, passed=passed,

@@ -7,7 +7,6 @@ callback kinds of test_braid_failures.py on 1, 2 and 4 ranks and writes
 the counts to a CSV).
 """
 import importlib.util
-import json
 import os
 
 import pytest
@@ -56,7 +55,7 @@ def test_a_loss_failing_on_one_rank_raises_on_every_rank_and_the_network_goes_on
     env["LAYERPAR_TIMEOUT"] = "60"  # armed (the agreement's guarded path), never reached
     out, err, hung = fm.run_job(2, ["--loss-case"], 120, env)
     assert not hung, out + err
-    res = [json.loads(line[5:]) for line in out.splitlines() if line.startswith("LOSS ")]
+    res = fm.records(out, "LOSS")
     assert len(res) == 2 and all(r["good"] for r in res), out + err[-1000:]
 
 
