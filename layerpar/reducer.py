@@ -34,13 +34,17 @@ the first backward pass the buckets are made again in the order in which
 its gradients became ready (that of the lowest rank of the column that ran
 one, so the same on every rank), as the network's layers come in
 ``parameters()`` in an order of their own (the opening's may come before
-the residual layers' although its gradient is made last).  ``finish`` waits for all of them before the optimiser step.
-Before it sums, it checks that every gradient sent early is bitwise the
-``.grad`` autograd made (it is not where a parameter took gradients from
-two passes through the network in one backward pass); the column agrees on the check (one small allgather), and where it failed on
-any rank every rank sends every bucket again from ``.grad`` and takes no
-gradient early from then on.  The result is therefore always bitwise that
-of the reducer that starts after backward.
+the residual layers' although its gradient is made last).  ``finish``
+waits for all of them before the optimiser step.
+
+Before it sums, ``finish`` checks that every bucket started early is
+bitwise the one the final ``.grad``s give: it is not where a parameter took
+gradients more than once in one backward pass (micro-batches of a pipeline
+schedule on one rank, a parameter used twice); the column agrees on the
+check (one small allgather per step), and where it failed on any rank every
+rank sends every bucket again from ``.grad`` and starts no sum early from
+then on.  The result is therefore always bitwise that of the reducer that
+starts after backward.
 """
 import torch
 from mpi4py import MPI
@@ -71,13 +75,6 @@ def buckets_of(params, bucket_bytes):
     return out
 
 
-def _same(a, b):
-    """Whether two gradients (None: none) are bitwise the same."""
-    if a is None or b is None:
-        return a is None and b is None
-    return a is b or (a.dtype == b.dtype and torch.equal(a, b))
-
-
 class GradientReducer:
     """Each parameter's ``.grad`` <- the sum over the ranks of ``comm`` (the
     data-parallel column) of ``weight_d * grad_d``, in rank order.
@@ -92,8 +89,8 @@ class GradientReducer:
     ``close()`` removes the hooks.
 
     ``early`` counts, for the last ``finish``, the buckets started before
-    it (during the backward pass); ``early_gradients`` whether gradients
-    are still taken from the final sweep (False after a failed check)."""
+    it (during the backward pass); ``early_gradients`` whether sums still
+    start during the backward pass (False after a failed check)."""
 
     def __init__(self, comm, params, *, bucket_bytes=BUCKET_BYTES, overlap=True):
         self.comm = comm
@@ -115,7 +112,6 @@ class GradientReducer:
         self._missing = []
         self._state = {}    # id(p) -> "made" (by the sweep), "done" (accumulated)
         self._value = {}    # id(p) -> the .grad the sweep's gradient will give
-        self._sent = []     # (p, value) sent before autograd accumulated it
         self._posted = {}   # bucket -> (request, send buffer, receive buffer)
         self._next = 0      # the first bucket not started
         self._order = []    # the parameters' positions in the order they became ready
@@ -127,7 +123,7 @@ class GradientReducer:
 
     @property
     def early_gradients(self):
-        return bool(self._sweep_hooks)
+        return bool(self._hooks)
 
     def close(self):
         for h in self._hooks + self._sweep_hooks:
@@ -141,7 +137,7 @@ class GradientReducer:
             self._abandoned.extend(self._posted.values())
         self.weight = float(weight)
         self._missing = [len(bucket) for bucket in self.buckets]
-        self._state, self._value, self._sent, self._posted = {}, {}, [], {}
+        self._state, self._value, self._posted = {}, {}, {}
         self._next, self._order = 0, []
         self._armed = True
 
@@ -178,19 +174,23 @@ class GradientReducer:
         # let MPI move the buckets started so far along
         MPI.Request.Testall([req for req, _, _ in self._posted.values()])
 
-    def _post(self, b):
-        """Start bucket b's gather: every rank of the column -> every rank of
-        the column: its weighted bucket."""
+    def _flat(self, b):
+        """Bucket b's gradients, weighted, as one host tensor: while armed,
+        those the final sweep made where it made them, else the ``.grad``s."""
         bucket = self.buckets[b]
         dtype = torch.float32 if bucket[0].dtype in HALF else bucket[0].dtype
         parts = []
         for p in bucket:
             g = self._value.get(id(p), p.grad) if self._armed else p.grad
-            if self._armed and id(p) in self._value:
-                self._sent.append((p, g))
             parts.append((g if g is not None else torch.zeros_like(p))
                          .detach().reshape(-1).to(dtype))
-        send = torch.cat(parts).mul_(self.weight).cpu()
+        return torch.cat(parts).mul_(self.weight).cpu()
+
+    def _post(self, b):
+        """Start bucket b's gather: every rank of the column -> every rank of
+        the column: its weighted bucket."""
+        send = self._flat(b)
+        dtype = send.dtype
         recv = torch.empty((self.comm.Get_size(), send.numel()), dtype=dtype)
         req = self.comm.Iallgather(send.view(torch.uint8).numpy(),
                                    recv.view(torch.uint8).numpy())
@@ -210,11 +210,12 @@ class GradientReducer:
         self.early = len(self._posted)
         guard(self.comm, what)
         order = None
-        if self._sweep_hooks or (self._hooks and not self._rebuilt):
-            # every rank of the column -> every rank: whether what it sent early
-            # is bitwise the .grad autograd made, and (until the buckets are
-            # made again) the order in which its gradients became ready
-            ok = all(_same(p.grad, v) for p, v in self._sent)
+        if self._hooks:  # overlapping: the same on every rank of the column
+            # every rank of the column -> every rank: whether every bucket it
+            # started early is bitwise the one the .grads now give, and (until
+            # the buckets are made again) the order in which its gradients
+            # became ready
+            ok = all(torch.equal(self._flat(b), send) for b, (_, send, _) in self._posted.items())
             if not self._rebuilt and self._order:
                 seen = {id(p) for p in self._order}
                 order = [self._position[id(p)] for p in self._order] + [
@@ -225,11 +226,9 @@ class GradientReducer:
                 for req, _, _ in self._posted.values():
                     wait(self.comm, req, what, None)
                 self._posted, self._next = {}, 0
-                for h in self._sweep_hooks:
-                    h.remove()
-                self._sweep_hooks = []
+                self.close()  # no early sums from now on
             order = next((o for _, o in found if o is not None), None)
-        self._value, self._sent = {}, []
+        self._value = {}
         for b in range(self._next, len(self.buckets)):
             self._post(b)
         self._next = len(self.buckets)
@@ -249,6 +248,23 @@ class GradientReducer:
         if order is not None and not self._rebuilt:
             self._make_buckets([self.params[i] for i in order])
             self._rebuilt = True
+
+    def abandon(self):
+        """Collective over the column, in place of ``finish`` after a
+        backward pass that failed on some rank (every rank of the column
+        knows it: the failure was agreed): the gathers not yet started are
+        started, in bucket order as on every rank, and every gather is
+        waited for, so that the column's later gathers match theirs.  The
+        ``.grad``s are left as they are; nothing is summed."""
+        armed, self._armed = self._armed, False
+        if self.comm.Get_size() == 1 or not armed:
+            return
+        what = "the gradient sums of a failed step"
+        for b in range(self._next, len(self.buckets)):
+            self._post(b)
+        for req, _, _ in self._posted.values():
+            wait(self.comm, req, what, None)
+        self._posted, self._next, self._value = {}, len(self.buckets), {}
 
     def reduce(self, weight):
         """``start(weight)`` and ``finish()`` at once (no overlap): after a

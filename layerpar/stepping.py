@@ -7,6 +7,7 @@ What it needs of the class it is mixed into: ``loss_and_backward``,
 ``is_last``.
 """
 import math
+import weakref
 
 import torch
 
@@ -54,6 +55,11 @@ def _norm_of_parts(parts, p):
     return total ** (1.0 / p)
 
 
+# network -> (its grid and parameters, the GradientReducer of its steps); not
+# an attribute, so that copying or pickling a network never meets a communicator
+_STEP_REDUCERS = weakref.WeakKeyDictionary()
+
+
 class TrainingStep:
     """``step`` and ``clip_grad_norm_`` of ``Network``."""
 
@@ -92,7 +98,11 @@ class TrainingStep:
         is the global batch's (the shares' means weighted by their sizes,
         ``grid.weight``; with ``reduction='sum'`` the sum) and the new
         gradients are averaged over the data axis with those weights
-        (``grid.average_gradients``) before they are added to ``.grad``:
+        (a ``GradientReducer``: each bucket's sum starts as soon as the
+        backward pass has made its gradients, the layer-parallel solve's
+        final sweep included, and is waited for before this returns; the
+        same sums, bitwise, as ``grid.average_gradients``) before they are
+        added to ``.grad``:
         every group then holds the gradient of the global batch's loss, and
         an optimiser step keeps the groups' weights the same.  Batch-norm
         statistics (buffers) are each group's, of its shares (as DDP with
@@ -121,6 +131,8 @@ class TrainingStep:
         kept = [p.grad for p in params]
         for p in params:
             p.grad = None
+        reducer = self._step_reducer(grid, params)
+        reducer.start(weight)
         error, value = None, 0.0
         try:
             if grid.share_size(size) > 0:
@@ -137,15 +149,31 @@ class TrainingStep:
             error = e
         try:
             total = grid.sum_over_groups(weight * value, error, what="a training step")
-        except BaseException:
+        except BaseException as e:
+            if not isinstance(e, SilentRankError):
+                reducer.abandon()  # every rank of the column knows of the failure
             for p, g in zip(params, kept):
                 p.grad = g
             raise
-        grid.average_gradients(params, weight)
+        reducer.finish()
         for p, g in zip(params, kept):
             if g is not None:
                 p.grad = g if p.grad is None else g.add_(p.grad)
         return total
+
+    def _step_reducer(self, grid, params):
+        """The ``GradientReducer`` of ``step`` on ``grid`` for ``params``,
+        kept from step to step (its buckets, hooks and the order in which
+        gradients become ready) and made again when they change."""
+        key = (id(grid), tuple(id(p) for p in params))
+        kept = _STEP_REDUCERS.get(self)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        if kept is not None:
+            kept[1].close()
+        reducer = grid.reducer(params)
+        _STEP_REDUCERS[self] = (key, reducer)
+        return reducer
 
     def clip_grad_norm_(self, max_norm, norm_type=2.0, *, error_if_nonfinite=False):
         """Collective: clip the gradients of the whole network by their

@@ -583,6 +583,45 @@ def test_missing_or_unequal_batches_on_a_grid_fail_on_every_rank():
     agreed(WORLD, ok, str(got))
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize("opts", [{}, LAYER_PARALLEL], ids=["exact", "layer-parallel"])
+def test_a_step_failing_in_one_group_leaves_the_gradient_sums_in_step(opts):
+    # the loss fails in the second data group only: the first group's backward
+    # pass has started its gradient sums; every rank raises, and the steps after
+    # it give bitwise the weights of a run that never had the failed step (the
+    # sums of the failed step were all completed and dropped, so the next
+    # step's gathers meet their own)
+    P = WORLD.size
+    if P % 2:
+        pytest.skip("a grid of two groups needs an even number of ranks")
+    with ProcessGrid(WORLD, data=2) as grid:
+        nets = [dropin(resnet(), grid=grid, **opts) for _ in range(2)]
+        opts_ = [torch.optim.SGD(n.parameters(), lr=0.1) for n in nets]
+        x, y = data(6)
+
+        def failing(o, t):
+            if grid.data_rank == 1:
+                raise RuntimeError("a loss failing in one group")
+            return Fn.cross_entropy(o, t)
+
+        got = outcome(lambda: nets[0].step(x, y, failing))
+        failed = got is not None and issubclass(got[0], RuntimeError) and "one group" in got[1]
+        same_grads = all(p.grad is None for p in nets[0].parameters())
+        for k in range(3):
+            xs, ys = data(6, seed=k + 1)
+            for n, o in zip(nets, opts_):
+                o.zero_grad()
+                n.step(xs, ys, Fn.cross_entropy)
+                o.step()
+        same = all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
+        mine = torch.cat([p.detach().reshape(-1) for p in nets[0].parameters()])
+        groups = all(torch.equal(mine, w) for w in grid.data_comm.allgather(mine))
+        for n in nets:
+            n.close()
+    agreed(WORLD, failed and same_grads and same and groups,
+           str((got, same_grads, same, groups)))
+
+
 # ---- memory, dtypes ---------------------------------------------------------------------
 
 @pytest.mark.mpi

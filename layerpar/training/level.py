@@ -185,6 +185,10 @@ class Level:
         self.optimizer.zero_grad()
         if self.grid is not None and size is None:
             raise ValueError("on a process grid the global batch size must be given")
+        reducer = None
+        if self.grid is not None:  # the gradient sums start while backward runs
+            reducer = self._reducer()
+            reducer.start(self.grid.weight(size))
         if self.grid is None or self.grid.share_size(size) > 0:
             # forward and backward together (the pipeline's 1F1B schedule
             # interleaves them); otherwise loss.backward() after the forward pass
@@ -198,7 +202,7 @@ class Level:
         if self.grid is not None:
             value, correct = self.grid.sum_values([self.grid.weight(size) * value, correct])
             correct = int(correct)
-            self.grid.average_gradients(self.net.parameters(), self.grid.weight(size))
+            reducer.finish()  # the same sums, bitwise, as grid.average_gradients
         value += self._penalty(add_grad=True)
         if self._linear:
             for p, v in self._linear.items():
@@ -207,6 +211,19 @@ class Level:
                 p.grad.sub_(v)
             value -= self._linear_value()
         return value, correct
+
+    def _reducer(self):
+        """The data-parallel ``GradientReducer`` of the network's parameters,
+        kept from pass to pass and made again when they change."""
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        key = tuple(id(p) for p in params)
+        kept = getattr(self, "_kept_reducer", None)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        if kept is not None:
+            kept[1].close()
+        self._kept_reducer = (key, self.grid.reducer(params))
+        return self._kept_reducer[1]
 
     def loss_and_grad(self, x, y, size=None):
         """The objective at the current weights; its gradient in the
