@@ -357,7 +357,7 @@ STALL = textwrap.dedent("""
     import sys, time
     from mpi4py import MPI
     from layerpar import cli
-    from layerpar.grid import ProcessGrid
+    from layerpar.reducer import GradientReducer
 
     silent, where = int(sys.argv[1]), sys.argv[2]
     calls = [0]
@@ -372,8 +372,8 @@ STALL = textwrap.dedent("""
 
     if where == "stop":  # the signal check after each step, before the ranks agree
         cli.StopRequest.requested = stalled(cli.StopRequest.requested)
-    else:  # before the gradient sum over the data-parallel groups
-        ProcessGrid.average_gradients = stalled(ProcessGrid.average_gradients)
+    else:  # before the gradient sum over the data-parallel groups is waited for
+        GradientReducer.finish = stalled(GradientReducer.finish)
     sys.exit(cli.main(sys.argv[3:]))
 """)
 
