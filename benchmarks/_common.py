@@ -44,3 +44,24 @@ def to_target(curve, target, *keys):
         if c["val_acc"] >= target - 1e-12:
             return tuple(c[k] for k in keys)
     return (math.nan,) * len(keys)
+
+
+def conv_pipeline_args(p, *, reps):
+    """The conv network and batch of the pipeline benchmarks, as options of
+    the parser ``p``."""
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--channels", type=int, default=8)
+    p.add_argument("--size", type=int, default=28)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--microbatches", type=int, default=8)
+    p.add_argument("--reps", type=int, default=reps)
+
+
+def chosen(p, flag, value, allowed):
+    """The comma-separated names of ``value`` (option ``flag``), each one of
+    ``allowed``; else the parser ``p`` stops naming the option."""
+    names = [s for s in value.split(",") if s]
+    for s in names:
+        if s not in allowed:
+            p.error(f"{flag}: {s!r} is not one of {', '.join(allowed)}")
+    return names

@@ -34,6 +34,8 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
+import _common as common
+
 from layerpar import ConvStep, DenseStep, LayerParallel
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -153,10 +155,7 @@ def main():
     p.add_argument("--presets", default=",".join(PRESETS),
                    help=f"comma-separated, of {', '.join(PRESETS)}")
     a = p.parse_args()
-    presets = [s for s in a.presets.split(",") if s]
-    for s in presets:
-        if s not in PRESETS:
-            p.error(f"--presets: {s!r} is not one of {', '.join(PRESETS)}")
+    presets = common.chosen(p, "--presets", a.presets, PRESETS)
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {a.device}: this torch has no CUDA device")

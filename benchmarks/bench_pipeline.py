@@ -30,6 +30,8 @@ from mpi4py import MPI
 
 from layerpar import ConvClosing, ConvOpening, ConvStep, Network
 
+import _common as common
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -76,12 +78,7 @@ class _Saved:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--channels", type=int, default=8)
-    p.add_argument("--size", type=int, default=28)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--microbatches", type=int, default=8)
-    p.add_argument("--reps", type=int, default=7)
+    common.conv_pipeline_args(p, reps=7)
     a = p.parse_args()
     torch.set_num_threads(1)
     world = MPI.COMM_WORLD
@@ -139,7 +136,7 @@ def main():
             timed(k)
         memory[k] = world.allreduce(meter.peak, op=MPI.MAX)
         net = alone if k == "serial_P1" else nets[k]
-        mine = net.body._pipeline.peak_held if net is not None and net.body.pipelined else 0
+        mine = net.body.pipeline.peak_held if net is not None and net.body.pipelined else 0
         held[k] = world.allreduce(mine, op=MPI.MAX)
     med = {k: statistics.median(v) for k, v in times.items()}
     vt = {k: nets[k].body.last_forward["virtual_time"] + nets[k].body.last_backward["virtual_time"]

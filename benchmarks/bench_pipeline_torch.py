@@ -42,6 +42,8 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from layerpar import ConvClosing, ConvOpening, ConvStep, Network
 
+import _common as common
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 FIELDS = ["ranks", "schedule", "microbatches", "layers", "batch", "wait", "layerpar_s",
@@ -180,19 +182,11 @@ def quartiles(v):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--channels", type=int, default=8)
-    p.add_argument("--size", type=int, default=28)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--microbatches", type=int, default=8)
-    p.add_argument("--reps", type=int, default=21)
+    common.conv_pipeline_args(p, reps=21)
     p.add_argument("--schedules", default="gpipe,1f1b",
                    help=f"comma-separated, of {', '.join(SCHEDULES)}")
     a = p.parse_args()
-    schedules = [s for s in a.schedules.split(",") if s]
-    for s in schedules:
-        if s not in SCHEDULES:
-            p.error(f"--schedules: {s!r} is not one of {', '.join(SCHEDULES)}")
+    schedules = common.chosen(p, "--schedules", a.schedules, SCHEDULES)
     if a.batch % a.microbatches:
         p.error(f"--batch {a.batch} must be a multiple of --microbatches {a.microbatches} "
                 "(torch's loss is the mean of the micro-batches' means)")

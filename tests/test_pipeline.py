@@ -16,6 +16,8 @@ from layerpar import (ConvClosing, ConvOpening, ConvStep, DenseClosing, DenseOpe
                       DenseStep, LayerParallel, Network)
 from layerpar.config import resolve
 from hypothesis import given, settings
+
+from conftest import network_name
 from hypothesis import strategies as st
 
 from layerpar.engine.pipeline import (SCHEDULES, Action, PipelineFailure, check_schedule,
@@ -44,16 +46,6 @@ def batch(kind, size, seed=0):
     return torch.randn(size, 1, 6, 6, generator=g, dtype=F64), torch.randint(0, 4, (size,), generator=g)
 
 
-def serial_key(name, nlayers):
-    idx, rest = name.split(".", 1)
-    idx = int(idx)
-    if idx == 0:
-        return "opening." + rest
-    if idx == nlayers + 1:
-        return "closing." + rest
-    return f"body.layers.{idx - 1}.{rest.removeprefix('F.')}"
-
-
 def rel_err(a, b):
     return float((a - b).abs().max() / max(float(b.abs().max()), 1e-300))
 
@@ -76,7 +68,8 @@ def test_pipeline_equals_serial_autograd(kind, microbatches):
     ref = seq(x)
     Fn.cross_entropy(ref, y).backward()
     assert rel_err(out, ref.detach()) <= TOL
-    sgrads = {serial_key(k, 8 if kind == "conv" else 12): p.grad for k, p in seq.named_parameters()}
+    n = 8 if kind == "conv" else 12
+    sgrads = {network_name(k, n): p.grad for k, p in seq.named_parameters()}
     assert grads.keys() == sgrads.keys()
     worst = max(rel_err(grads[k], sgrads[k]) for k in grads)
     assert worst <= TOL, worst
@@ -149,7 +142,7 @@ def test_evaluation_without_autograd_and_two_forwards():
         assert rel_err(out, ref.detach()) <= TOL
     (2 * Fn.cross_entropy(ref, y)).backward()
     for k, p in seq.named_parameters():
-        assert rel_err(grads[serial_key(k, 8)], p.grad) <= TOL
+        assert rel_err(grads[network_name(k, 8)], p.grad) <= TOL
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "4", None])
@@ -247,7 +240,8 @@ def test_1f1b_equals_serial_autograd(kind, microbatches):
     sloss.backward()
     assert rel_err(out, ref.detach()) <= TOL
     assert abs(float(loss) - float(sloss)) <= TOL * abs(float(sloss))
-    sgrads = {serial_key(k, 8 if kind == "conv" else 12): p.grad for k, p in seq.named_parameters()}
+    n = 8 if kind == "conv" else 12
+    sgrads = {network_name(k, n): p.grad for k, p in seq.named_parameters()}
     assert grads.keys() == sgrads.keys()
     worst = max(rel_err(grads[k], sgrads[k]) for k in grads)
     assert worst <= TOL, worst
@@ -290,7 +284,7 @@ def test_1f1b_sum_reduction_and_accumulation():
     for _ in range(2):
         Fn.cross_entropy(seq(x), y, reduction="sum").backward()
     for k, p in seq.named_parameters():
-        assert rel_err(grads[serial_key(k, 8)], p.grad) <= TOL
+        assert rel_err(grads[network_name(k, 8)], p.grad) <= TOL
 
 
 @pytest.mark.mpi
@@ -420,7 +414,7 @@ def test_a_registered_schedule_trains_through_the_one_interpreter(name, generate
         sloss.backward()
         assert rel_err(out, ref.detach()) <= TOL
         assert abs(float(loss) - float(sloss)) <= TOL * abs(float(sloss))
-        sgrads = {serial_key(k, 12): p.grad for k, p in seq.named_parameters()}
+        sgrads = {network_name(k, 12): p.grad for k, p in seq.named_parameters()}
         assert grads.keys() == sgrads.keys()
         assert max(rel_err(grads[k], sgrads[k]) for k in grads) <= TOL
         net.close()
