@@ -586,6 +586,9 @@ ONE_SHOT = {"mgrit.mode": '"one-shot"', "mgrit.max_levels": 2, "mgrit.cfactor": 
 
 
 @pytest.mark.mpi
+# a stop on one rank of several and its resume; results across rank counts:
+@pytest.mark.max_ranks(2, invariance="test_same_result_on_any_number_of_ranks, "
+                       "test_resume_on_another_number_of_ranks")
 @pytest.mark.parametrize("method,sets", METHODS[:2] + [
     ("nested", dict(METHODS[0][1], **ONE_SHOT)), ("mgopt", dict(METHODS[1][1], **ONE_SHOT)),
     ("nested", dict(METHODS[0][1], **ONE_SHOT, **{"parallel.data": 2})),

@@ -286,6 +286,7 @@ def test_same_result_on_any_number_of_ranks(sets, run_dirs):
 
 
 @pytest.mark.mpi
+@UP_TO_2_RANKS
 @pytest.mark.parametrize("sets", RMTR_CASES[1:])
 def test_stop_and_resume_here_and_on_one_rank(sets, run_dirs):
     # stopped after the 3rd batch (a cycle's batch half gathered with two

@@ -111,6 +111,7 @@ def test_lbfgs_paper_setting_independent_of_ranks(line_search, run_dirs):
 
 
 @pytest.mark.mpi
+@pytest.mark.max_ranks(2, invariance="test_resume_on_another_number_of_ranks")
 @pytest.mark.parametrize("mode", ["serial", "layer-parallel"])
 def test_resume_gives_the_uninterrupted_weights(mode, run_dirs):
     sets = {"mgrit.mode": f'"{mode}"', "optim.epochs": 3, "run.checkpoint_every": 7}

@@ -202,6 +202,9 @@ def _one_shot_run(run_dir, stop_after=None, resume=False, epochs=2, data=1, cold
 
 
 @pytest.mark.mpi
+# bit for bit on the same ranks (each group's warm states on 4 ranks: the grid test)
+@pytest.mark.max_ranks(
+    2, invariance="test_resumed_one_shot_run_on_a_grid_equals_the_uninterrupted_one")
 @pytest.mark.parametrize("stop", ["mid-epoch", "epoch-end"])
 def test_resumed_one_shot_run_equals_the_uninterrupted_one(stop):
     full = _one_shot_run(_shared_dir())

@@ -174,6 +174,8 @@ def test_guarded_collectives_give_the_same_results_with_a_limit():
 
 
 @pytest.mark.mpi
+@pytest.mark.max_ranks(
+    2, invariance="tests/test_multilevel.py::test_same_result_on_any_number_of_ranks")
 def test_mgopt_with_a_run_timeout_trains_as_without(tmp_path_factory):
     """MG/OPT restricts and prolongs the weights across ranks between its
     levels (9 and 3 layers) while the watchdog serves (run.timeout set): the
