@@ -132,6 +132,8 @@ DEFAULTS = {
                                   #   skipped or damped (Powell)
         "lbfgs_c1": 1e-4,      # lbfgs: the sufficient-decrease (Armijo) constant
         "tikhonov_ends": False,   # the Tikhonov term also on the opening and closing layers
+        "master_weights": True,   # sgd, adam: bfloat16 weights stepped through float32
+                                  #   copies (no effect on float32/float64 weights)
     },
     "multilevel": {
         "method": "none",       # none, nested (nested iteration), mgopt (MG/OPT V-cycles),

@@ -56,6 +56,7 @@ def test_file_and_overrides(tmp_path):
     ("optim.lbfgs_c1=0.0", "optim.lbfgs_c1"),
     ("optim.lbfgs_c1=1.0", "optim.lbfgs_c1"),
     ('optim.lbfgs_c1="half"', "optim.lbfgs_c1"),
+    ("optim.master_weights=1", "optim.master_weights"),
     ('model.bias="none"', "model.bias"),
     ('model.kind="conv"', "model.bias"),
     ("model.init_scale=-1e-3", "model.init_scale"),

@@ -131,3 +131,132 @@ def test_half_norms_and_adjoint_dtype():
     buf = bytearray(v.bufsize())
     v.pack(u, memoryview(buf))
     assert torch.equal(v.unpack(memoryview(bytes(buf))), u)
+
+
+# ---- float32 master weights (layerpar.optim.SGD, layerpar.optim.Adam) --------------------
+
+OPTIMIZERS = {"sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
+              "adam": (torch.optim.Adam, dict(lr=1e-3))}
+
+
+def master_optimizer(name, params):
+    import layerpar.optim as lo
+    cls, kw = OPTIMIZERS[name]
+    return getattr(lo, cls.__name__)(params, **kw)
+
+
+def gradients(step, shapes, dtype):
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_master_optimizer_steps_other_dtypes_as_torch(name, dtype):
+    # no copy for float32/float64 parameters: the torch optimiser's steps, bit for bit
+    shapes = [(4, 3), (3,)]
+    ours = [torch.nn.Parameter(g) for g in gradients(-1, shapes, dtype)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    a, b = master_optimizer(name, ours), OPTIMIZERS[name][0](ref, **OPTIMIZERS[name][1])
+    for k in range(4):
+        for p, q, g in zip(ours, ref, gradients(k, shapes, dtype)):
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, ref))
+    assert all("master" not in a.state[p] for p in ours)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_master_weights_are_a_float32_run_rounded(name):
+    # independent computation: the torch optimiser on float32 parameters,
+    # fed the bfloat16 gradients; the bfloat16 weights are its rounding
+    shapes = [(5, 4), (4,)]
+    g0 = torch.Generator().manual_seed(3)
+    start = [torch.randn(s, generator=g0).to(BF16) for s in shapes]
+    ours = [torch.nn.Parameter(t.clone()) for t in start]
+    ref = [torch.nn.Parameter(t.float()) for t in start]
+    a, b = master_optimizer(name, ours), OPTIMIZERS[name][0](ref, **OPTIMIZERS[name][1])
+    for k in range(6):
+        for p, q, g in zip(ours, ref, gradients(k, shapes, BF16)):
+            p.grad, q.grad = g.clone(), g.float()
+        a.step()
+        b.step()
+        for p, q in zip(ours, ref):
+            assert p.dtype == BF16 and p.grad.dtype == BF16
+            assert a.state[p]["master"].dtype == torch.float32
+            assert torch.equal(a.state[p]["master"], q.detach())
+            assert torch.equal(p.detach(), q.detach().to(BF16))
+            assert all(v.dtype == torch.float32 for k2, v in a.state[p].items()
+                       if k2 != "step" and isinstance(v, torch.Tensor))
+
+
+def test_master_weights_keep_updates_that_bfloat16_rounds_away():
+    # 1 + 1e-4 is 1 in bfloat16 (u = 2^-8): plain bfloat16 SGD never moves,
+    # the master weight accumulates 200 such steps and the weight follows
+    w0 = torch.ones(3, dtype=BF16)
+    plain, kept = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    import layerpar.optim as lo
+    a, b = torch.optim.SGD([plain], lr=1e-4), lo.SGD([kept], lr=1e-4)
+    for _ in range(200):
+        plain.grad = torch.full((3,), -1.0, dtype=BF16)
+        kept.grad = plain.grad.clone()
+        a.step()
+        b.step()
+    assert torch.equal(plain.detach(), w0)
+    assert torch.allclose(b.state[kept]["master"], torch.full((3,), 1.02), rtol=0, atol=1e-5)
+    assert torch.equal(kept.detach(), torch.full((3,), 1.02).to(BF16))
+
+
+def test_master_weight_restarts_when_the_parameter_is_changed_elsewhere():
+    import layerpar.optim as lo
+    p = torch.nn.Parameter(torch.ones(4, dtype=BF16))
+    opt = lo.Adam([p], lr=1e-3)
+    p.grad = torch.ones(4, dtype=BF16)
+    opt.step()
+    with torch.no_grad():
+        p.fill_(2.0)  # e.g. loaded or transferred
+    p.grad = torch.zeros(4, dtype=BF16)
+    moments = opt.state[p]["exp_avg"].clone()
+    opt.step()
+    # Adam with a zero gradient: the update is -lr * m_hat / (sqrt(v_hat) + eps),
+    # from the new value 2, not from the old master near 1
+    ref = torch.nn.Parameter(torch.full((4,), 2.0))
+    r = torch.optim.Adam([ref], lr=1e-3)
+    ref.grad = torch.ones(4)
+    r.step()
+    with torch.no_grad():
+        ref.fill_(2.0)
+    ref.grad = torch.zeros(4)
+    r.step()
+    assert torch.equal(opt.state[p]["master"], ref.detach())
+    assert torch.equal(r.state[ref]["exp_avg"], opt.state[p]["exp_avg"])
+    assert not torch.equal(moments, opt.state[p]["exp_avg"])
+
+
+def test_master_state_survives_a_checkpoint_round_trip():
+    # optimizer_state / restore_optimizer_state keep the float32 master and
+    # moments of a bfloat16 parameter: the resumed steps equal the uninterrupted ones
+    import layerpar.optim as lo
+    from layerpar.checkpoint import optimizer_state, restore_optimizer_state
+
+    def steps(p, opt, ks):
+        for k in ks:
+            p.grad = gradients(k, [(6,)], BF16)[0]
+            opt.step()
+
+    full = torch.nn.Parameter(torch.linspace(-1, 1, 6).to(BF16))
+    part = torch.nn.Parameter(full.detach().clone())
+    a, b = lo.Adam([full], lr=1e-2), lo.Adam([part], lr=1e-2)
+    steps(full, a, range(6))
+    steps(part, b, range(3))
+    saved = optimizer_state(b, {"layers": {0: {"w": part}}})
+    assert saved["layers"][0]["w"]["master"].dtype == torch.float32
+    again = torch.nn.Parameter(part.detach().clone())
+    c = lo.Adam([again], lr=1e-2)
+    restore_optimizer_state(c, {"layers": {0: {"w": again}}}, saved)
+    assert c.state[again]["master"].dtype == torch.float32
+    assert c.state[again]["exp_avg"].dtype == torch.float32
+    steps(again, c, range(3, 6))
+    assert torch.equal(again.detach(), full.detach())
+    assert torch.equal(c.state[again]["master"], a.state[full]["master"])

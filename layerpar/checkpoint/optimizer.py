@@ -78,7 +78,11 @@ def restore_optimizer_state(optimizer: torch.optim.Optimizer, params: Mapping,
     """Inverse of :func:`optimizer_state`: set the state of each parameter in
     ``params`` from ``saved`` (a loaded ``state["optimizer"]``) and the
     groups' hyper-parameters.  Tensors follow the parameter's device, and
-    its dtype when floating (``step`` counters keep theirs)."""
+    when floating the dtype of the optimiser's state for that parameter
+    (``optimizer.state_dtype(p)`` where the optimiser says, as
+    layerpar.optim.Adam does for half-precision parameters; else the
+    parameter's dtype); ``step`` counters keep theirs."""
+    state_dtype = getattr(optimizer, "state_dtype", lambda p: p.dtype)
     hyper = saved.get("hyper")
     if hyper is not None:
         if len(hyper) != len(optimizer.param_groups):
@@ -97,7 +101,7 @@ def restore_optimizer_state(optimizer: torch.optim.Optimizer, params: Mapping,
         for k, v in node.items():
             if isinstance(v, torch.Tensor):
                 cast = v.is_floating_point() and k != "step"
-                v = v.to(device=p.device, dtype=p.dtype if cast else v.dtype)
+                v = v.to(device=p.device, dtype=state_dtype(p) if cast else v.dtype)
             st[k] = v
         if st:
             optimizer.state[p] = st

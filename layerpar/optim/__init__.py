@@ -28,15 +28,19 @@ Modules, one per job:
                MG/OPT's coarse-correction search
   schedules    ``schedule``, ``scheduler``
   penalties    ``regularize``
+  master       ``SGD`` and ``Adam`` that step bfloat16/float16 parameters
+               through float32 copies ("master weights"); the torch
+               optimisers' steps, bit for bit, for other dtypes
 
 Public names: ``LBFGS``, ``LineSearchError``, ``regularize``, ``schedule``,
-``scheduler`` (and ``SCHEDULES``, ``LINE_SEARCHES``, ``CURVATURE_RULES``,
+``scheduler``, ``SGD``, ``Adam`` (and ``SCHEDULES``, ``LINE_SEARCHES``, ``CURVATURE_RULES``,
 ``STRONG_WOLFE_C2``).
 """
 from layerpar.optim.lbfgs import CURVATURE_RULES, LBFGS, STRONG_WOLFE_C2
 from layerpar.optim.linesearch import LINE_SEARCHES, LineSearchError
+from layerpar.optim.master import SGD, Adam
 from layerpar.optim.penalties import regularize
 from layerpar.optim.schedules import SCHEDULES, schedule, scheduler
 
-__all__ = ["LBFGS", "LineSearchError", "regularize", "schedule", "scheduler", "SCHEDULES",
-           "LINE_SEARCHES", "CURVATURE_RULES", "STRONG_WOLFE_C2"]
+__all__ = ["LBFGS", "LineSearchError", "regularize", "schedule", "scheduler", "SGD", "Adam",
+           "SCHEDULES", "LINE_SEARCHES", "CURVATURE_RULES", "STRONG_WOLFE_C2"]

@@ -7,7 +7,7 @@ from layerpar._collective import agree
 from layerpar._watchdog import env_timeout, set_timeout
 
 from layerpar.config import mode_iterations
-from layerpar.optim import LBFGS, schedule
+from layerpar.optim import LBFGS, master, schedule
 from layerpar.parallel import Network
 from layerpar.models import factories
 from layerpar.training.controller import GradientController
@@ -68,10 +68,13 @@ def make_optimizer(config, net):
     """The configured optimiser over all of ``net``'s parameters on this rank."""
     o = config["optim"]
     params = list(net.parameters())
+    # with master weights: the same steps for float32/float64 parameters, and
+    # float32 copies of bfloat16 ones (layerpar.optim.master)
+    optim = master if o["master_weights"] else torch.optim
     if o["name"] == "sgd":
-        return torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"])
+        return optim.SGD(params, lr=o["lr"], momentum=o["momentum"])
     if o["name"] == "adam":
-        return torch.optim.Adam(params, lr=o["lr"])
+        return optim.Adam(params, lr=o["lr"])
     # serial mode: the full-batch objective is the same at every step, so
     # a step starts from the previous step's last evaluation
     return LBFGS(params, net.body.comm, lr=o["lr"], history=o["lbfgs_history"],
