@@ -220,8 +220,12 @@ class _Messages:
                 x = torch.zeros(shape, dtype=self.dtype, device=self.device)
             else:
                 # copied out of the buffer, which the pool hands out again
+                # (on the device path once the copy has run: MPI may write
+                # into it as soon as the next receive is posted)
                 body = buf[_HEADER_BYTES:].view(self.dtype).view(shape)
                 x = body.to(self.device, copy=True)
+                if self.transport.device_direct:
+                    ready(buf.device)
         pool.give(slot)
         return x, bool(failed), float(clock)
 
