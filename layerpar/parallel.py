@@ -306,7 +306,7 @@ class LayerParallel(LayersByIndex, nn.Module):
         self._ghosts = Ghosts(self.stage, self.comm, self.layout, self.transport)
         self._ghosts.plan(fwd)
         self.pipeline = Pipeline(self.stage, lambda: self.communicator("pipeline"),
-                                 microbatches=microbatches)
+                                 microbatches=microbatches, transport=self.transport)
         self._mgrit = MGRITPasses(self.stage, self.comm, self.solvers, self._ghosts, apps,
                                   diagnose=self.pipeline.diagnose)
         self._anchor = torch.zeros((), requires_grad=True)  # keeps every rank in autograd

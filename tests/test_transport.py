@@ -153,3 +153,78 @@ def test_host_and_device_paths_bitwise_equal(dtype):
 def test_transport_option_is_checked():
     with pytest.raises(ValueError, match="transport="):
         net("pigeon", comm=MPI.COMM_SELF)
+
+
+# ---- the pipeline's messages -------------------------------------------------
+
+def pipe_net(transport, schedule, microbatches=3):
+    return Network(lambda: DenseOpening(2, 4), lambda n: DenseStep(4, "tanh"),
+                   lambda: DenseClosing(4, 3), nlayers=8, T=1.0, comm=WORLD, seed=5,
+                   microbatches=microbatches, schedule=schedule,
+                   transport=transport).double()
+
+
+def pipelined_steps(model, steps=3):
+    """Steps of one batch shape (10 samples: uneven micro-batches), each a
+    forward pass without autograd and a training step (loss_and_backward):
+    per step the scores, loss, gradients, and the message buffers the
+    network's transport has made so far."""
+    out = []
+    for s in range(steps):
+        g = torch.Generator().manual_seed(s)
+        x = torch.randn(10, 2, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (10,), generator=g)
+        model.zero_grad()
+        with torch.no_grad():
+            scores = model(x)
+        loss, _ = model.loss_and_backward(x, y, Fn.cross_entropy)
+        out.append((scores, loss, [p.grad.clone() for p in model.parameters()],
+                    model.body.transport.allocations))
+    return out
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("microbatches", [1, 3, 4])
+def test_pipeline_makes_no_buffer_after_the_first_pass(schedule, microbatches):
+    """The pipeline's messages travel in the transport's buffers, kept from
+    pass to pass: once a pass of a shape has run, later passes of that
+    shape (forward, backward; GPipe, 1F1B) make none.  A pool holds no
+    more buffers than there were messages of its direction in flight."""
+    model = pipe_net("host", schedule, microbatches)
+    try:
+        made = [step[3] for step in pipelined_steps(model, steps=4)]
+        slots = model.body.transport.pool_sizes()
+    finally:
+        model.close()
+    out = gathered(WORLD, (made, slots))
+    for rank, (made, slots) in enumerate(out):
+        assert made[1:] == made[:-1], made  # nothing made after the first step
+        # a pool per direction (forward, backward) and way (send, receive)
+        # with each neighbour: two on the first and last rank, four between
+        assert len(slots) == (0 if WORLD.size == 1 else 4 if 0 < rank < WORLD.size - 1
+                              else 2), slots
+        # never more than a direction's messages in a pass; one buffer each
+        assert all(1 <= n <= microbatches for n in slots.values()), slots
+        assert made[0] == sum(slots.values()), (made, slots)
+    if WORLD.size > 1:
+        assert all(made[0] > 0 for made, _ in out), out
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipeline_host_and_device_paths_bitwise_equal(schedule):
+    """The pipeline's messages staged through host buffers and handed to
+    MPI as tensors (the device path, here on CPU tensors) give bitwise the
+    same scores, losses and gradients."""
+    host, device = pipe_net("host", schedule), pipe_net("device", schedule)
+    try:
+        a, b = pipelined_steps(host), pipelined_steps(device)
+    finally:
+        host.close()
+        device.close()
+    same = all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+               and all(torch.equal(g, h) for g, h in zip(x[2], y[2]))
+               for x, y in zip(a, b))
+    steady = a[-1][3] == a[0][3] and b[-1][3] == b[0][3]
+    assert gathered(WORLD, (same, steady)) == [(True, True)] * WORLD.size

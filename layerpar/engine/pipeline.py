@@ -43,19 +43,23 @@ Messages carry a header of two float64 words, [failed flag, sender's virtual
 clock], then the micro-batch's values.  A rank whose layer raised (or made
 NaN/Inf) sends the header alone from then on, so the schedule of messages
 never changes; every rank then learns the failure at one agreement after
-the pass and raises.
+the pass and raises.  Their buffers are the network's transport's
+(``layerpar.engine.transport``: host memory, or the state's device on the
+device path), taken from a pool per direction and neighbour and kept from
+pass to pass: after the first pass of a shape, no message makes a buffer.
+A received micro-batch is copied out of its buffer into a tensor of its own.
 """
 from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from mpi4py import MPI
 
 from layerpar._collective import RemoteError, agree
 from layerpar._tags import tag
 from layerpar._watchdog import wait
 from layerpar.engine.context import record
+from layerpar.engine.transport import Transport, ready
 
 _HEADER = 2                      # float64 words: [failed flag, virtual clock]
 _HEADER_BYTES = 8 * _HEADER
@@ -172,55 +176,94 @@ def check_schedule(generate, size, m):
 
 class _Messages:
     """Non-blocking messages of one pass between neighbouring ranks: each
-    carries one micro-batch (or the header alone after a failure)."""
+    carries one micro-batch (or the header alone after a failure), of at
+    most ``rows`` samples.
 
-    def __init__(self, comm, row_shape, dtype, device):
+    Their buffers come from ``transport``'s pools, one per (direction, way,
+    peer), kept from pass to pass: a send's buffer goes back when the send
+    completes, a receive's once its micro-batch has been copied out (the
+    copy is the block's input that autograd saves, so a later message, or
+    a later pass, never overwrites it)."""
+
+    def __init__(self, comm, row_shape, dtype, device, transport, rows):
         self.comm = comm
         self.row_shape = tuple(row_shape)
         self.dtype, self.device = dtype, device
+        self.transport = transport
         self.itemsize = torch.empty((), dtype=dtype).element_size()
         self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.itemsize
-        self.sends = []  # (request, buffer, dest): a buffer lives until its send completes
+        # every buffer holds the largest micro-batch: a slot serves any of them
+        self.capacity = _HEADER_BYTES + rows * self.row_bytes
+        self.where = device if transport.device_direct else torch.device("cpu")
+        self.sends = []  # (request, pool, slot, dest): a buffer lives until its send completes
 
-    def post_recv(self, source, tag, rows):
-        buf = np.empty(_HEADER_BYTES + rows * self.row_bytes, dtype=np.uint8)
-        return self.comm.Irecv([buf, MPI.BYTE], source=source, tag=tag), buf, rows, source
+    def _pool(self, kind, way, peer):
+        return self.transport.pool((f"pipeline.{kind}.{way}", peer))
+
+    def post_recv(self, kind, source, tag, rows):
+        pool = self._pool(kind, "recv", source)
+        slot, buf = pool.take(self.capacity, self.where)
+        buf = buf[:_HEADER_BYTES + rows * self.row_bytes]
+        req = self.comm.Irecv(self.transport.handle(buf), source=source, tag=tag)
+        return req, pool, slot, buf, rows, source
 
     def finish_recv(self, posted):
         """(tensor or None after a failure upstream, failed, sender's clock);
         the wait has the communicator's timeout (layerpar._watchdog)."""
-        req, buf, rows, source = posted
+        req, pool, slot, buf, rows, source = posted
         wait(self.comm, req, "a micro-batch from the neighbouring rank", source)
-        failed, clock = np.frombuffer(buf, dtype=np.float64, count=_HEADER)
-        if failed:
-            return None, True, float(clock)
-        if rows * self.row_bytes == 0:
-            return torch.zeros((rows,) + self.row_shape, dtype=self.dtype,
-                               device=self.device), False, float(clock)
-        # a view of the receive buffer: no copy on the CPU
-        x = torch.frombuffer(memoryview(buf)[_HEADER_BYTES:], dtype=self.dtype)
-        return x.view((rows,) + self.row_shape).to(self.device), False, float(clock)
+        failed, clock = buf[:_HEADER_BYTES].view(torch.float64).tolist()
+        x = None
+        if not failed:
+            shape = (rows,) + self.row_shape
+            if rows * self.row_bytes == 0:
+                x = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            else:
+                # copied out of the buffer, which the pool hands out again
+                # (on the device path once the copy has run: MPI may write
+                # into it as soon as the next receive is posted)
+                body = buf[_HEADER_BYTES:].view(self.dtype).view(shape)
+                x = body.to(self.device, copy=True)
+                if self.transport.device_direct:
+                    ready(buf.device)
+        pool.give(slot)
+        return x, bool(failed), float(clock)
 
-    def send(self, dest, tag, x, failed, clock):
+    def send(self, kind, dest, tag, x, failed, clock):
         """Send micro-batch x (header only when failed) to dest."""
+        self.reap()
         nbytes = 0 if failed else x.numel() * self.itemsize
-        buf = np.empty(_HEADER_BYTES + nbytes, dtype=np.uint8)
-        buf[:_HEADER_BYTES].view(np.float64)[:] = (1.0 if failed else 0.0, clock)
+        pool = self._pool(kind, "send", dest)
+        slot, buf = pool.take(self.capacity, self.where)
+        buf = buf[:_HEADER_BYTES + nbytes]
+        header = torch.tensor((1.0 if failed else 0.0, clock), dtype=torch.float64)
+        buf[:_HEADER_BYTES].copy_(header.view(torch.uint8))
         if nbytes:
-            # one copy into the message (from the GPU when x lives there)
-            body = torch.frombuffer(memoryview(buf)[_HEADER_BYTES:], dtype=self.dtype)
-            body.view(x.shape).copy_(x.detach())
-        self.sends.append((self.comm.Isend([buf, MPI.BYTE], dest=dest, tag=tag), buf, dest))
+            # one copy into the message (from the GPU when x lives there and
+            # the message is staged through the host)
+            buf[_HEADER_BYTES:].view(self.dtype).view(x.shape).copy_(x.detach())
+        if self.transport.device_direct:
+            ready(buf.device)
+        req = self.comm.Isend(self.transport.handle(buf), dest=dest, tag=tag)
+        self.sends.append((req, pool, slot, dest))
 
     def reap(self):
-        """Release the buffers of the sends that have completed."""
-        self.sends = [(req, buf, dest) for req, buf, dest in self.sends if not req.Test()]
+        """Give back the buffers of the sends that have completed."""
+        pending = []
+        for sent in self.sends:
+            if sent[0].Test():
+                sent[1].give(sent[2])
+            else:
+                pending.append(sent)
+        self.sends = pending
 
     def wait_sends(self):
         """Wait for every send (each with the communicator's timeout)."""
-        for req, _, dest in self.sends:
+        while self.sends:
+            req, pool, slot, dest = self.sends[0]
             wait(self.comm, req, "a micro-batch sent to the neighbouring rank", dest)
-        self.sends.clear()
+            pool.give(slot)
+            self.sends.pop(0)
 
 
 def _agree(comm, error, clocks, norm=None):
@@ -247,10 +290,11 @@ class _Run:
     backward starts from (its output, or its loss); ``start(i)`` (last
     rank): the adjoint its backward starts with (None: a loss);
     ``collect``: weight gradients are summed here and returned (the
-    autograd function's backward) instead of accumulated in ``.grad``."""
+    autograd function's backward) instead of accumulated in ``.grad``;
+    ``transport``: the network's, whose buffers carry the messages."""
 
-    def __init__(self, stage, ctx, comm, sizes, *, source=None, sink=None, start=None,
-                 params=(), collect=False):
+    def __init__(self, stage, ctx, comm, sizes, transport, *, source=None, sink=None,
+                 start=None, params=(), collect=False):
         self.stage, self.ctx, self.comm = stage, ctx, comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.first, self.last = self.rank == 0, self.rank == self.size - 1
@@ -264,7 +308,8 @@ class _Run:
         self.sums = [None] * len(params)
         self.grad_inputs = {}
         meta = ctx.meta
-        self.msgs = _Messages(comm, meta.shape[1:], meta.dtype, meta.device)
+        self.msgs = _Messages(comm, meta.shape[1:], meta.dtype, meta.device,
+                              transport, max(sizes))
         self.error, self.clock, self.clock_fwd = None, 0.0, 0.0
         self.peak_held = 0
 
@@ -279,7 +324,7 @@ class _Run:
         while waiting and (self.lookahead is None or len(posted) < self.lookahead):
             i = waiting.popleft()
             t = tag(purpose, i)
-            posted[i] = self.msgs.post_recv(self._peer(kind), t, self.sizes[i])
+            posted[i] = self.msgs.post_recv(kind, self._peer(kind), t, self.sizes[i])
 
     def _receive(self, kind, i):
         """(tensor or None, failed) of micro-batch i from the neighbour."""
@@ -330,7 +375,7 @@ class _Run:
         if not self.last:
             # micro-batch i's block output, to the next rank
             t = tag("pipeline.forward", i)
-            self.msgs.send(self.rank + 1, t, y, failed, self.clock)
+            self.msgs.send("F", self.rank + 1, t, y, failed, self.clock)
 
     def _backward(self, i):
         failed, gx = False, None
@@ -353,7 +398,7 @@ class _Run:
         if not self.first:
             # the adjoint of micro-batch i's block input, to the previous rank
             t = tag("pipeline.backward", i)
-            self.msgs.send(self.rank - 1, t, gx, failed, self.clock)
+            self.msgs.send("B", self.rank - 1, t, gx, failed, self.clock)
         elif gx is not None:
             self.grad_inputs[i] = gx
 
@@ -378,12 +423,14 @@ class Pipeline:
     """The pipelined passes of a stage, with ``microbatches`` micro-batches,
     over the communicator ``communicator()`` gives (one of their own, made at
     the first pipelined pass on every rank, so that their messages never
-    meet the solvers' or the user's)."""
+    meet the solvers' or the user's), in buffers of ``transport`` (the
+    network's ``layerpar.engine.transport.Transport``; default: host)."""
 
-    def __init__(self, stage, communicator, *, microbatches=1):
+    def __init__(self, stage, communicator, *, microbatches=1, transport=None):
         self.stage = stage
         self._communicator = communicator
         self.microbatches = microbatches
+        self.transport = transport or Transport("host")
         self.peak_held = 0  # most micro-batch graphs held at once in the last pass
 
     @property
@@ -434,7 +481,7 @@ class Pipeline:
             outputs[i] = y.detach()
             return y
 
-        run = _Run(self.stage, ctx, comm, sizes,
+        run = _Run(self.stage, ctx, comm, sizes, self.transport,
                    source=lambda i: inputs[i].detach().requires_grad_(ctx.record), sink=keep)
         run.run(gpipe_forward(rank, size, len(sizes)))
         self.peak_held = len(ctx.graphs)
@@ -476,8 +523,8 @@ class Pipeline:
             if grad_out is None or tuple(grad_out.shape) != tuple(meta.shape):
                 grad_out = torch.zeros(meta.shape, dtype=meta.dtype, device=meta.device)
             seeds = grad_out.tensor_split(m)
-        run = _Run(self.stage, ctx, comm, sizes, start=lambda i: seeds[i], params=params,
-                   collect=True)
+        run = _Run(self.stage, ctx, comm, sizes, self.transport, start=lambda i: seeds[i],
+                   params=params, collect=True)
         run.run(gpipe_backward(rank, size, m))
         norm = float(torch.linalg.vector_norm(grad_out.detach())) if rank == size - 1 else None
         (clock,), norm = _agree(comm, run.error, (run.clock,), norm)
@@ -507,7 +554,8 @@ class Pipeline:
             return value
 
         generate, lookahead = SCHEDULES[schedule]
-        run = _Run(self.stage, ctx, comm, sizes, source=first, sink=loss, start=lambda i: None)
+        run = _Run(self.stage, ctx, comm, sizes, self.transport, source=first, sink=loss,
+                   start=lambda i: None)
         run.run(generate(rank, size, len(sizes)), lookahead)
         ctx.graphs.clear()
         self.peak_held = run.peak_held
