@@ -259,8 +259,15 @@ class _Run:
         self.several = self.m > 1
         self.source, self.sink, self.start = source, sink, start
         self.params, self.collect = params, collect
-        # frozen parameters (requires_grad False) get no gradient: None
-        self.trainable = [k for k, p in enumerate(params) if p.requires_grad]
+        # frozen parameters (requires_grad False) get no gradient: None; a
+        # parameter listed twice (a module shared by two layers) is
+        # differentiated once and its gradient returned at its first place
+        # (autograd would add the places' gradients)
+        self.trainable, seen = [], set()
+        for k, p in enumerate(params):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                self.trainable.append(k)
         self.sums = [None] * len(params)
         self.grad_inputs = {}
         meta = ctx.meta
