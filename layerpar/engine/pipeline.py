@@ -55,6 +55,7 @@ from mpi4py import MPI
 from layerpar._collective import RemoteError, agree
 from layerpar._tags import tag
 from layerpar._watchdog import wait
+from layerpar.engine import gradhooks
 from layerpar.engine.context import record
 
 _HEADER = 2                      # float64 words: [failed flag, virtual clock]
@@ -303,6 +304,9 @@ class _Run:
         self.waiting = {k: deque(a.micro for a in actions if a.kind == k and receives[k])
                         for k in ("F", "B")}
         self.posted = {"F": {}, "B": {}}
+        # the micro-batch of this rank's last backward: the earlier ones'
+        # accumulations into .grad are partial sums (engine.gradhooks)
+        self.final = next((a.micro for a in reversed(actions) if a.kind == "B"), None)
         for kind in ("F", "B"):
             self._post(kind)
         for action in actions:
@@ -350,7 +354,7 @@ class _Run:
         if not failed and self.error is None and graph is not None:
             try:
                 x_in, y = graph
-                gx = self._differentiate(x_in, y, g)
+                gx = self._differentiate(x_in, y, g, partial=i != self.final)
                 self.clock += self.cost
             except Exception as e:
                 self.error = e
@@ -364,9 +368,11 @@ class _Run:
         elif gx is not None:
             self.grad_inputs[i] = gx
 
-    def _differentiate(self, x_in, y, g):
+    def _differentiate(self, x_in, y, g, partial):
         """The adjoint of the block's input; the weight gradients summed
-        (``collect``) or accumulated in ``.grad``."""
+        (``collect``) or accumulated in ``.grad``, as partial sums of the
+        pass's (``gradhooks.partial_sums``) unless this is the rank's last
+        backward (``partial`` False)."""
         if self.collect:
             wrt = tuple(self.params[k] for k in self.trainable)
             grads = torch.autograd.grad(y, (x_in,) + wrt, grad_outputs=g, allow_unused=True,
@@ -375,7 +381,11 @@ class _Run:
                 if gp is not None:
                     self.sums[k] = gp if self.sums[k] is None else self.sums[k].add_(gp)
             return grads[0]
-        torch.autograd.backward(y, g)
+        if partial:
+            with gradhooks.partial_sums():
+                torch.autograd.backward(y, g)
+        else:
+            torch.autograd.backward(y, g)
         return None if self.first else x_in.grad
 
 
