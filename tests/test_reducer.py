@@ -290,6 +290,28 @@ def test_gradient_hooks_see_the_gradients_autograd_then_accumulates():
     net.close()
 
 
+def test_partial_sums_mark_the_accumulations_within():
+    """Accumulations within partial_sums() (nested too) are marked, those
+    after it not, also after an exception left it; a post-accumulate hook
+    sees the mark that held when autograd accumulated."""
+    p = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    seen = []
+    handle = p.register_post_accumulate_grad_hook(
+        lambda q: seen.append(gradhooks.in_partial_sums()))
+    with gradhooks.partial_sums():
+        (2 * p).sum().backward()
+        with gradhooks.partial_sums():
+            assert gradhooks.in_partial_sums()
+        assert gradhooks.in_partial_sums()
+    with pytest.raises(ValueError, match="inside"):
+        with gradhooks.partial_sums():
+            raise ValueError("inside")
+    assert not gradhooks.in_partial_sums()
+    (3 * p).sum().backward()
+    handle.remove()
+    assert seen == [True, False] and torch.equal(p.grad, torch.full((2,), 5.0, dtype=torch.float64))
+
+
 @pytest.mark.mpi
 def test_reducer_on_one_group_leaves_gradients_alone():
     p = torch.nn.Parameter(torch.ones(3))

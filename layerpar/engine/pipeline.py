@@ -28,6 +28,10 @@ actions:
   before later micro-batches have run forward, so the loss and the
   gradients are computed together (``Network.loss_and_backward``), the
   closing layer and the loss applied per micro-batch on the last rank.
+  Each micro-batch's backward is an autograd call of its own that
+  accumulates into ``.grad``; all but the rank's last run within
+  ``gradhooks.partial_sums()`` (not yet the step's gradients: a consumer
+  of final gradients, the data-parallel reducer, waits for the last).
 
 ``register_schedule(name, generate)`` adds a schedule; ``check_schedule``
 tells whether a generator's orders are complete and cannot deadlock.
