@@ -3,6 +3,7 @@
     mpiexec -n 4 python benchmarks/bench_transport.py ghosts    # ghost traffic per pass
     mpiexec -n 2 python benchmarks/bench_transport.py overlap   # grid 2x1: reducer with/without overlap
     mpiexec -n 2 python benchmarks/bench_transport.py overlap --mode layer-parallel
+    mpiexec -n 2 python benchmarks/bench_transport.py overlap --schedule 1f1b --microbatches 4
     mpiexec -n 4 python benchmarks/bench_transport.py wait      # pipeline, busy vs sleeping waits
     python benchmarks/bench_transport.py exact                  # exact mode vs nn.Sequential, one rank
     python benchmarks/bench_transport.py model                  # the reducer at 16 x 16, modelled
@@ -15,7 +16,9 @@ pass (nothing changed).  Counts, not times: load does not move them.
 overlap/wait/exact: median wall time per training step, the variants'
 repetitions alternating so that load affects them alike (wall times on a
 shared machine).  overlap runs the groups' passes exact (``--mode exact``:
-the one-rank graph, gradients from post-accumulate hooks) or
+the one-rank graph, gradients from post-accumulate hooks; with
+``--schedule gpipe`` or ``1f1b`` the pipeline with ``--microbatches``
+micro-batches, 1F1B's earlier micro-batches' accumulations partial sums) or
 layer-parallel (``--mode layer-parallel``: MGRIT, 2 levels, the residual
 layers' gradients from the adjoint solve's final sweep).  Appends to benchmarks/results/transport.csv.
 """
@@ -132,8 +135,12 @@ def overlap(args):
     x, y = batch("conv", args.batch)
     xs, ys = grid.shard(x, args.batch), grid.shard(y, args.batch)
     nets, steps, reds = {}, {}, {}
+    opts = dict(max_levels=1) if args.mode == "exact" else dict(max_levels=2, cfactor=4)
+    passes = args.mode
+    if args.schedule is not None:
+        opts.update(microbatches=args.microbatches, schedule=args.schedule)
+        passes = f"exact, {args.schedule} with {args.microbatches} micro-batches"
     for name, over in (("overlap", True), ("after backward", False)):
-        opts = dict(max_levels=1) if args.mode == "exact" else dict(max_levels=2, cfactor=4)
         net = conv(grid.layer_comm, nlayers=args.layers, channels=args.width, **opts)
         opt = torch.optim.SGD(net.parameters(), lr=0.01)
         red = grid.reducer(net.parameters(), overlap=over, bucket_bytes=args.bucket)
@@ -142,7 +149,7 @@ def overlap(args):
             opt.zero_grad()
             if over:
                 red.start(grid.weight(args.batch))
-            net.loss(xs, ys, Fn.cross_entropy).backward()
+            net.loss_and_backward(xs, ys, Fn.cross_entropy)
             if over:
                 red.finish()
             else:
@@ -153,7 +160,9 @@ def overlap(args):
     t = timed(steps, args.reps)
     red = reds["overlap"]
     early = f"{red.early} of {len(red.buckets)}"
-    note = (f"grid {grid.data}x{grid.layers}, {args.mode}, conv {args.layers} layers x "
+    if not red.early_gradients:
+        early += " (fell back: summed after backward)"
+    note = (f"grid {grid.data}x{grid.layers}, {passes}, conv {args.layers} layers x "
             f"{args.width} ch, batch {args.batch}, buckets {args.bucket} B, "
             f"{early} buckets started during backward; wall, shared machine")
     write([dict(what="time per step", variant=k, ranks=WORLD.size, value=f"{v * 1e3:.2f}",
@@ -252,11 +261,16 @@ def main():
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--schedule", choices=["gpipe", "1f1b"], default=None,
+                   help="overlap: exact passes with --microbatches micro-batches in this "
+                        "schedule (default: one micro-batch)")
     p.add_argument("--bucket", type=int, default=1 << 16)
     p.add_argument("--reps", type=int, default=21)
     p.add_argument("--mode", choices=["exact", "layer-parallel"], default="exact",
                    help="overlap: the groups' passes")
     args = p.parse_args()
+    if args.schedule is not None and args.mode != "exact":
+        p.error("--schedule: micro-batches run in exact mode only (--mode exact)")
     torch.set_num_threads(1)
     defaults = {"ghosts": (15, 16), "overlap": (16, 8), "wait": (16, 8), "exact": (16, 16),
                 "model": (256, 8)}

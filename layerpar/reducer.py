@@ -23,7 +23,13 @@ ready when it is final:
   returns; the value summed is the ``.grad`` autograd will then hold
   (``.grad + grad``, or ``grad`` when there was none);
 * elsewhere (the opening and closing layers, the one-rank graph path, the
-  exact pipeline) once autograd has accumulated it (a post-accumulate hook).
+  exact pipeline) once autograd has accumulated it (a post-accumulate hook)
+  for the last time in the pass: where a pipeline schedule differentiates
+  each micro-batch on its own (1F1B: one backward call per micro-batch,
+  each accumulating into ``.grad``), the accumulations of all but the
+  rank's last micro-batch are partial sums (``gradhooks.partial_sums``) and
+  are let pass, so that a bucket starts during the last micro-batch's
+  backward, when its gradients are final.
 
 Buckets are started in bucket order, each as soon as it and every bucket
 before it are ready, so that every rank of the column starts the same
@@ -38,13 +44,14 @@ the residual layers' although its gradient is made last).  ``finish``
 waits for all of them before the optimiser step.
 
 Before it sums, ``finish`` checks that every bucket started early is
-bitwise the one the final ``.grad``s give: it is not where a parameter took
-gradients more than once in one backward pass (micro-batches of a pipeline
-schedule on one rank, a parameter used twice); the column agrees on the
-check (one small allgather per step), and where it failed on any rank every
-rank sends every bucket again from ``.grad`` and starts no sum early from
-then on.  The result is therefore always bitwise that of the reducer that
-starts after backward.
+bitwise the one the final ``.grad``s give: it is not where a parameter
+took gradients more than once in one backward pass in a way the engine
+does not announce (two passes through the network before one backward, a
+layer module shared by two positions in a layer-parallel pass); the column
+agrees on the check (one small allgather per step), and where it failed on
+any rank every rank sends every bucket again from ``.grad`` and starts no
+sum early from then on.  The result is therefore always bitwise that of
+the reducer that starts after backward.
 """
 import torch
 from mpi4py import MPI
@@ -155,9 +162,10 @@ class GradientReducer:
         self._ready(p)
 
     def _accumulated(self, p):
-        """Autograd accumulated p.grad."""
+        """Autograd accumulated p.grad (ready unless a later backward call
+        of this pass adds to it: ``gradhooks.partial_sums``)."""
         key = id(p)
-        if not self._armed:
+        if not self._armed or gradhooks.in_partial_sums():
             return
         state = self._state.get(key)
         self._state[key] = "done"

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import layerpar
 from layerpar import Network, ProcessGrid, parallelize
 from layerpar.dropin import BlockStep, BranchStep
+from layerpar.stepping import _STEP_REDUCERS
 
 from conftest import clean_mpi_env
 
@@ -305,6 +306,8 @@ def test_step_equals_the_long_form_in_every_mode_and_on_grids(mode):
         if grid is not None and grid.data > 1:  # the groups hold the same weights
             mine = torch.cat([p.detach().reshape(-1) for p in n1.parameters()])
             ok.append((label, all(torch.equal(mine, w) for w in grid.data_comm.allgather(mine))))
+            # and the step's sums started during backward to the end (micro-batches too)
+            ok.append((label, _STEP_REDUCERS[n1][1].early_gradients, "early"))
         n1.close()
         n2.close()
     agreed(WORLD, all(o[1] for o in ok), str(ok))
@@ -584,7 +587,8 @@ def test_missing_or_unequal_batches_on_a_grid_fail_on_every_rank():
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("opts", [{}, LAYER_PARALLEL], ids=["exact", "layer-parallel"])
+@pytest.mark.parametrize("opts", [{}, LAYER_PARALLEL, MODES["1f1b"]],
+                         ids=["exact", "layer-parallel", "1f1b"])
 def test_a_step_failing_in_one_group_leaves_the_gradient_sums_in_step(opts):
     # the loss fails in the second data group only: the first group's backward
     # pass has started its gradient sums; every rank raises, and the steps after

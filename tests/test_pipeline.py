@@ -291,6 +291,48 @@ def test_1f1b_equals_serial_autograd(kind, microbatches):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("schedule,microbatches", [("gpipe", 1), ("gpipe", 3), ("1f1b", 3)])
+def test_a_layer_shared_by_two_positions_takes_both_gradients(schedule, microbatches):
+    """Layers 2k and 2k+1 are one module (on the same rank on 1, 2 and 4
+    ranks): its gradient is the sum of both positions' gradients, against
+    serial autograd through the same modules, batch 10 (uneven
+    micro-batches)."""
+    pairs = {}
+
+    def step(n):
+        if n // 2 not in pairs:
+            pairs[n // 2] = DenseStep(5, "tanh")
+        return pairs[n // 2]
+    net = Network(lambda: DenseOpening(2, 5), step, lambda: DenseClosing(5, 3), nlayers=8,
+                  T=2.0, comm=WORLD, seed=7, microbatches=microbatches,
+                  schedule=schedule).double()
+    x, y = batch("dense", 10)
+    net.loss_and_backward(x, y, Fn.cross_entropy)
+    body = net.body
+    mine = {n // 2: body.layer(n) for n in body.layer_indices}
+    assert all(body.layer(n) is mine[n // 2] for n in body.layer_indices)
+    ends = WORLD.allgather((net.opening if net.is_first else None,
+                            net.closing if net.is_last else None))
+    modules = {k: m for part in WORLD.allgather(mine) for k, m in part.items()}
+
+    # the serial network on one process: u <- u + h F_(n // 2)(u), copies of the modules
+    opening, closing = ends[body.first_rank][0], ends[body.last_rank][1]
+    for m in [opening, closing, *modules.values()]:
+        m.zero_grad()
+    u = opening(x)
+    for n in range(8):
+        u = u + (2.0 / 8) * modules[n // 2](u)
+    Fn.cross_entropy(closing(u), y).backward()
+    worst = max(rel_err(p.grad, q.grad) for k, m in mine.items()
+                for p, q in zip(m.parameters(), modules[k].parameters()))
+    if net.is_first:
+        worst = max(worst, max(rel_err(p.grad, q.grad)
+                               for p, q in zip(net.opening.parameters(), opening.parameters())))
+    assert worst <= TOL, worst
+    net.close()
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("microbatches", [2, 3, 8])
 def test_1f1b_holds_at_most_P_microbatches_where_gpipe_holds_all(microbatches):
     """The instrumented count of micro-batch graphs held at once: 1F1B at

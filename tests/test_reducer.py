@@ -1,8 +1,10 @@
 """The overlapped, bucketed gradient reducer: the same weights, bitwise, as
 the reducer that starts after backward (grids 2x1, 2x2, 4x1; exact,
-layer-parallel and one-shot passes), and bitwise the same weights in every
-data-parallel group after every step; in a layer-parallel backward pass the
-buckets start while the adjoint solve's final sweep still makes gradients.
+layer-parallel and one-shot passes; the exact pipeline with GPipe and 1F1B
+micro-batches), and bitwise the same weights in every data-parallel group
+after every step; in a layer-parallel backward pass the buckets start while
+the adjoint solve's final sweep still makes gradients, with micro-batches
+during the backward pass too.
 
 MPI tests on COMM_WORLD, for the grids its size allows; outcomes are
 gathered before any assertion."""
@@ -24,48 +26,68 @@ MODES = {  # the passes of the network in each group
     "one-shot": dict(max_levels=2, cfactor=2, min_coarse=1, fwd_iters=1, bwd_iters=1,
                      warm_start=True),
 }
+# the exact pipeline with 3 micro-batches (batches of 11 rows: uneven micro-batches,
+# and fewer of them in a group with fewer rows)
+PIPELINES = {"gpipe": dict(max_levels=1, microbatches=3),
+             "1f1b": dict(max_levels=1, microbatches=3, schedule="1f1b")}
 
 
-def train(grid, overlap, steps=3, mode=None, dtype=torch.float64, twice=False, log=None):
-    """A few SGD steps on the grid; this rank's weights afterwards, and
-    per step the reducer's number of buckets started during backward,
-    whether it still takes gradients from the final sweep and its number
-    of buckets (None without overlap); ``log`` (a list): cleared at the
-    start of every step.  ``twice``: the loss of two batches, each through the
-    network (every parameter takes two gradients in one backward pass)."""
+def train(grid, overlap, steps=3, mode=None, dtype=torch.float64, twice=False, log=None,
+          batch=8, shared=False):
+    """A few SGD steps on the grid, batches of ``batch`` rows; this rank's
+    weights afterwards, and per step the reducer's number of buckets
+    started during backward, whether it still takes gradients from the
+    final sweep and its number of buckets (None without overlap); ``log``
+    (a list): cleared at the start of every step.  ``twice``: the loss of
+    two batches, each through the network (every parameter takes two
+    gradients in one backward pass; with 1F1B two steps' passes before one
+    sum).  ``shared``: layers 0 and 1 are one module (on the first layer
+    rank)."""
     mode = mode or dict(max_levels=2 if grid.layers > 1 else 1, cfactor=2, min_coarse=1)
-    net = Network(lambda: DenseOpening(3, 5), lambda n: DenseStep(5, "tanh"),
-                  lambda: DenseClosing(5, 3), nlayers=6, T=1.0, comm=grid.layer_comm,
-                  seed=9, **mode).to(dtype)
+    first = []
+
+    def step(n):
+        if shared and n < 2:
+            if not first:
+                first.append(DenseStep(5, "tanh"))
+            return first[0]
+        return DenseStep(5, "tanh")
+    net = Network(lambda: DenseOpening(3, 5), step, lambda: DenseClosing(5, 3), nlayers=6,
+                  T=1.0, comm=grid.layer_comm, seed=9, **mode).to(dtype)
     opt = torch.optim.SGD(net.parameters(), lr=0.2)
     reducer = grid.reducer(net.parameters(), bucket_bytes=64, overlap=overlap)
     g = torch.Generator().manual_seed(3)
     stats = []
 
-    def loss(xs, ys):
+    def backward(xs, ys):
         if not twice:
-            return net.loss(xs, ys, Fn.cross_entropy)
+            net.loss_and_backward(xs, ys, Fn.cross_entropy)
+            return
         half = len(ys) // 2
-        return (net.loss(xs[:half], ys[:half], Fn.cross_entropy)
-                + net.loss(xs[half:], ys[half:], Fn.cross_entropy))
+        if mode.get("schedule") == "1f1b":  # forward and backward in one call per half
+            net.loss_and_backward(xs[:half], ys[:half], Fn.cross_entropy)
+            net.loss_and_backward(xs[half:], ys[half:], Fn.cross_entropy)
+            return
+        (net.loss(xs[:half], ys[:half], Fn.cross_entropy)
+         + net.loss(xs[half:], ys[half:], Fn.cross_entropy)).backward()
     try:
         for _ in range(steps):
             if log is not None:
                 log.clear()  # the events of the last step
-            x = torch.randn(8, 3, generator=g).to(dtype)
-            y = torch.randint(0, 3, (8,), generator=g)
-            xs, ys = grid.shard(x, 8), grid.shard(y, 8)
+            x = torch.randn(batch, 3, generator=g).to(dtype)
+            y = torch.randint(0, 3, (batch,), generator=g)
+            xs, ys = grid.shard(x, batch), grid.shard(y, batch)
             opt.zero_grad()
             if overlap:
-                reducer.start(grid.weight(8))
-                loss(xs, ys).backward()
+                reducer.start(grid.weight(batch))
+                backward(xs, ys)
                 if log is not None:
                     log.append(("backward returned",))
                 reducer.finish()
                 stats.append((reducer.early, reducer.early_gradients, len(reducer.buckets)))
             else:
-                loss(xs, ys).backward()
-                grid.average_gradients(net.parameters(), grid.weight(8))
+                backward(xs, ys)
+                grid.average_gradients(net.parameters(), grid.weight(batch))
                 stats.append(None)
             opt.step()
         return [p.detach().clone() for p in net.parameters()], stats
@@ -116,6 +138,61 @@ def test_gradients_from_the_final_sweep_give_the_same_weights_bitwise(shape, mod
         # every bucket from the second step on started during backward
         early = all(n == buckets for n, _, buckets in stats[1:])
     assert WORLD.allgather((result, kept, early)) == [((True, True), True, True)] * WORLD.size
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("shape", GRIDS, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("schedule", list(PIPELINES))
+def test_micro_batches_overlap_and_give_the_same_weights_bitwise(shape, schedule):
+    """The exact pipeline with 3 micro-batches of uneven sizes (GPipe: the
+    pipeline's function sums them; 1F1B: one backward call per
+    micro-batch, all but the last partial sums): every bucket from the
+    second step on starts during backward, no step needs the check's
+    fallback, and the weights after every step are bitwise those of the
+    reducer that starts after backward, in every group."""
+    D, L = shape
+    if WORLD.Get_size() != D * L:
+        pytest.skip(f"grid {D}x{L} needs {D * L} ranks")
+    with ProcessGrid(WORLD, data=D) as grid:
+        a, stats = train(grid, overlap=True, steps=4, mode=PIPELINES[schedule], batch=11)
+        b, _ = train(grid, overlap=False, steps=4, mode=PIPELINES[schedule], batch=11)
+        result = same_everywhere(grid, a, b)
+        kept = all(sweep for _, sweep, _ in stats)
+        early = all(n == buckets for n, _, buckets in stats[1:])
+    assert WORLD.allgather((result, kept, early)) == [((True, True), True, True)] * WORLD.size
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("shape", GRIDS, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("case,falls_back", [
+    ("layer-parallel, a layer used twice", True), ("1f1b, a layer used twice", False),
+    ("gpipe, a layer used twice", False), ("1f1b, two passes", True)])
+def test_a_parameter_used_twice(shape, case, falls_back):
+    """A module shared by layers 0 and 1 (its parameters take two layers'
+    gradients) or two passes before one sum: where the engine announces no
+    more than autograd's last accumulation (the final sweep makes the
+    module's gradient once per layer) the check finds the early bucket
+    incomplete and every rank of the column sends its buckets again from
+    .grad (the shared module's column: the first layer rank's); the
+    pipelines announce theirs and need no fallback.  Either way the
+    weights are bitwise those of the reducer that starts after backward,
+    in every group (batches of 11 rows)."""
+    D, L = shape
+    if WORLD.Get_size() != D * L:
+        pytest.skip(f"grid {D}x{L} needs {D * L} ranks")
+    kind, how = case.split(", ")
+    mode = MODES[kind] if kind in MODES else PIPELINES[kind]
+    opts = dict(steps=3, mode=mode, batch=11, shared=how != "two passes",
+                twice=how == "two passes")
+    with ProcessGrid(WORLD, data=D) as grid:
+        a, stats = train(grid, overlap=True, **opts)
+        b, _ = train(grid, overlap=False, **opts)
+        result = same_everywhere(grid, a, b)
+        fell_back = not stats[-1][1]
+        early = all(n == buckets for n, _, buckets in stats[1:])
+        falls_back = falls_back and (how == "two passes" or grid.layer_rank == 0)
+    want = ((True, True), falls_back, not falls_back)
+    assert WORLD.allgather((result, fell_back, early)) == WORLD.allgather(want)
 
 
 @pytest.mark.mpi
@@ -211,6 +288,28 @@ def test_gradient_hooks_see_the_gradients_autograd_then_accumulates():
     with pytest.raises(TypeError, match="fn must be callable"):
         gradhooks.register_gradient_hook(body[0], None)
     net.close()
+
+
+def test_partial_sums_mark_the_accumulations_within():
+    """Accumulations within partial_sums() (nested too) are marked, those
+    after it not, also after an exception left it; a post-accumulate hook
+    sees the mark that held when autograd accumulated."""
+    p = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    seen = []
+    handle = p.register_post_accumulate_grad_hook(
+        lambda q: seen.append(gradhooks.in_partial_sums()))
+    with gradhooks.partial_sums():
+        (2 * p).sum().backward()
+        with gradhooks.partial_sums():
+            assert gradhooks.in_partial_sums()
+        assert gradhooks.in_partial_sums()
+    with pytest.raises(ValueError, match="inside"):
+        with gradhooks.partial_sums():
+            raise ValueError("inside")
+    assert not gradhooks.in_partial_sums()
+    (3 * p).sum().backward()
+    handle.remove()
+    assert seen == [True, False] and torch.equal(p.grad, torch.full((2,), 5.0, dtype=torch.float64))
 
 
 @pytest.mark.mpi

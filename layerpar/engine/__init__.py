@@ -22,7 +22,8 @@
   solvers   the cache of forward/adjoint solver pairs and their warm states
   options   the two solves' MGRIT options in the network's names
   gradhooks hooks called with each layer's weight gradient as soon as the
-            adjoint solve's final sweep has made it
+            adjoint solve's final sweep has made it; the mark of backward
+            calls whose accumulations are partial sums (1F1B micro-batches)
   layers    ``LayersByIndex`` (a base of ``LayerParallel``): the local
             layers and their states by global index; the N layers gathered
 

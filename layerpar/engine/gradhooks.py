@@ -1,4 +1,5 @@
-"""Hooks on the weight gradients a layer-parallel backward pass makes.
+"""When a backward pass's weight gradients are final: hooks on those a
+layer-parallel backward pass makes, and the mark of partial sums.
 
 The adjoint MGRIT solve makes each layer's weight gradient in its final
 fine sweep, one layer after another; autograd adds them to the parameters'
@@ -16,10 +17,22 @@ parameter's post-accumulate hooks run.
 
 Hooks are kept by parameter identity and do not keep the parameter alive;
 a parameter without hooks costs one dictionary lookup per layer and pass.
+
+A pass can also be several backward calls of autograd, each accumulating
+into ``.grad``: a pipeline schedule that interleaves forward and backward
+(1F1B) differentiates each micro-batch on its own, so every parameter of a
+rank takes one accumulation per micro-batch.  The engine runs all but the
+rank's last such call within ``partial_sums()``; while
+``in_partial_sums()`` is true, what autograd accumulates (and what the
+parameters' post-accumulate hooks see) is not yet the pass's gradient, and
+a consumer waiting for final gradients lets those accumulations pass.
 """
+from contextlib import contextmanager
+
 from torch.utils.weak import WeakIdKeyDictionary
 
 _hooks = WeakIdKeyDictionary()  # {parameter: [fn, ...]}
+_partial = 0  # > 0: the backward calls running now accumulate partial sums
 
 
 class GradientHookHandle:
@@ -58,3 +71,23 @@ def made(params, grads):
         if fns:
             for fn in tuple(fns):
                 fn(p, g)
+
+
+@contextmanager
+def partial_sums():
+    """Within: autograd's accumulations into ``.grad`` are partial sums of
+    the pass's gradients (a later backward call of the same pass adds to
+    them).  Autograd may run a device's accumulations on a thread of its
+    own while the caller waits, so the mark is one for the process."""
+    global _partial
+    _partial += 1
+    try:
+        yield
+    finally:
+        _partial -= 1
+
+
+def in_partial_sums():
+    """Whether the accumulations into ``.grad`` running now are partial sums
+    (within ``partial_sums()``)."""
+    return _partial > 0

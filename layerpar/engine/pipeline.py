@@ -28,6 +28,10 @@ actions:
   before later micro-batches have run forward, so the loss and the
   gradients are computed together (``Network.loss_and_backward``), the
   closing layer and the loss applied per micro-batch on the last rank.
+  Each micro-batch's backward is an autograd call of its own that
+  accumulates into ``.grad``; all but the rank's last run within
+  ``gradhooks.partial_sums()`` (not yet the step's gradients: a consumer
+  of final gradients, the data-parallel reducer, waits for the last).
 
 ``register_schedule(name, generate)`` adds a schedule; ``check_schedule``
 tells whether a generator's orders are complete and cannot deadlock.
@@ -58,6 +62,7 @@ import torch
 from layerpar._collective import RemoteError, agree
 from layerpar._tags import tag
 from layerpar._watchdog import wait
+from layerpar.engine import gradhooks
 from layerpar.engine.context import record
 from layerpar.engine.transport import Transport, ready
 
@@ -303,8 +308,15 @@ class _Run:
         self.several = self.m > 1
         self.source, self.sink, self.start = source, sink, start
         self.params, self.collect = params, collect
-        # frozen parameters (requires_grad False) get no gradient: None
-        self.trainable = [k for k, p in enumerate(params) if p.requires_grad]
+        # frozen parameters (requires_grad False) get no gradient: None; a
+        # parameter listed twice (a module shared by two layers) is
+        # differentiated once and its gradient returned at its first place
+        # (autograd would add the places' gradients)
+        self.trainable, seen = [], set()
+        for k, p in enumerate(params):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                self.trainable.append(k)
         self.sums = [None] * len(params)
         self.grad_inputs = {}
         meta = ctx.meta
@@ -341,6 +353,9 @@ class _Run:
         self.waiting = {k: deque(a.micro for a in actions if a.kind == k and receives[k])
                         for k in ("F", "B")}
         self.posted = {"F": {}, "B": {}}
+        # the micro-batch of this rank's last backward: the earlier ones'
+        # accumulations into .grad are partial sums (engine.gradhooks)
+        self.final = next((a.micro for a in reversed(actions) if a.kind == "B"), None)
         for kind in ("F", "B"):
             self._post(kind)
         for action in actions:
@@ -388,7 +403,7 @@ class _Run:
         if not failed and self.error is None and graph is not None:
             try:
                 x_in, y = graph
-                gx = self._differentiate(x_in, y, g)
+                gx = self._differentiate(x_in, y, g, partial=i != self.final)
                 self.clock += self.cost
             except Exception as e:
                 self.error = e
@@ -402,9 +417,11 @@ class _Run:
         elif gx is not None:
             self.grad_inputs[i] = gx
 
-    def _differentiate(self, x_in, y, g):
+    def _differentiate(self, x_in, y, g, partial):
         """The adjoint of the block's input; the weight gradients summed
-        (``collect``) or accumulated in ``.grad``."""
+        (``collect``) or accumulated in ``.grad``, as partial sums of the
+        pass's (``gradhooks.partial_sums``) unless this is the rank's last
+        backward (``partial`` False)."""
         if self.collect:
             wrt = tuple(self.params[k] for k in self.trainable)
             grads = torch.autograd.grad(y, (x_in,) + wrt, grad_outputs=g, allow_unused=True,
@@ -413,7 +430,11 @@ class _Run:
                 if gp is not None:
                     self.sums[k] = gp if self.sums[k] is None else self.sums[k].add_(gp)
             return grads[0]
-        torch.autograd.backward(y, g)
+        if partial:
+            with gradhooks.partial_sums():
+                torch.autograd.backward(y, g)
+        else:
+            torch.autograd.backward(y, g)
         return None if self.first else x_in.grad
 
 
