@@ -201,9 +201,14 @@ class _Messages:
         self.capacity = _HEADER_BYTES + rows * self.row_bytes
         self.where = device if transport.device_direct else torch.device("cpu")
         self.sends = []  # (request, pool, slot, dest): a buffer lives until its send completes
+        self._pools = {}  # (kind, way, peer) -> the transport's pool, looked up once a pass
 
     def _pool(self, kind, way, peer):
-        return self.transport.pool((f"pipeline.{kind}.{way}", peer))
+        pool = self._pools.get((kind, way, peer))
+        if pool is None:
+            pool = self._pools[kind, way, peer] = self.transport.pool(
+                (f"pipeline.{kind}.{way}", peer))
+        return pool
 
     def post_recv(self, kind, source, tag, rows):
         pool = self._pool(kind, "recv", source)
@@ -241,8 +246,8 @@ class _Messages:
         pool = self._pool(kind, "send", dest)
         slot, buf = pool.take(self.capacity, self.where)
         buf = buf[:_HEADER_BYTES + nbytes]
-        header = torch.tensor((1.0 if failed else 0.0, clock), dtype=torch.float64)
-        buf[:_HEADER_BYTES].copy_(header.view(torch.uint8))
+        header = buf[:_HEADER_BYTES].view(torch.float64)  # written in place
+        header[0], header[1] = (1.0 if failed else 0.0), clock
         if nbytes:
             # one copy into the message (from the GPU when x lives there and
             # the message is staged through the host)
