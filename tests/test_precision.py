@@ -150,6 +150,21 @@ def gradients(step, shapes, dtype):
     return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
 
 
+def stepped_side_by_side(name, ours, ref, shapes, dtype, steps, check=None):
+    """``steps`` steps of the master optimiser over ``ours`` and of the torch
+    optimiser over ``ref``, fed the same gradients (of ``dtype``; ref's in
+    its own dtype); ``check(optimizer)`` after each.  The master optimiser."""
+    a, b = master_optimizer(name, ours), OPTIMIZERS[name][0](ref, **OPTIMIZERS[name][1])
+    for k in range(steps):
+        for p, q, g in zip(ours, ref, gradients(k, shapes, dtype)):
+            p.grad, q.grad = g.clone(), g.clone().to(q.dtype)
+        a.step()
+        b.step()
+        if check is not None:
+            check(a)
+    return a
+
+
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_master_optimizer_steps_other_dtypes_as_torch(name, dtype):
@@ -157,12 +172,7 @@ def test_master_optimizer_steps_other_dtypes_as_torch(name, dtype):
     shapes = [(4, 3), (3,)]
     ours = [torch.nn.Parameter(g) for g in gradients(-1, shapes, dtype)]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    a, b = master_optimizer(name, ours), OPTIMIZERS[name][0](ref, **OPTIMIZERS[name][1])
-    for k in range(4):
-        for p, q, g in zip(ours, ref, gradients(k, shapes, dtype)):
-            p.grad, q.grad = g.clone(), g.clone()
-        a.step()
-        b.step()
+    a = stepped_side_by_side(name, ours, ref, shapes, dtype, steps=4)
     assert all(torch.equal(p, q) for p, q in zip(ours, ref))
     assert all("master" not in a.state[p] for p in ours)
 
@@ -176,12 +186,8 @@ def test_master_weights_are_a_float32_run_rounded(name):
     start = [torch.randn(s, generator=g0).to(BF16) for s in shapes]
     ours = [torch.nn.Parameter(t.clone()) for t in start]
     ref = [torch.nn.Parameter(t.float()) for t in start]
-    a, b = master_optimizer(name, ours), OPTIMIZERS[name][0](ref, **OPTIMIZERS[name][1])
-    for k in range(6):
-        for p, q, g in zip(ours, ref, gradients(k, shapes, BF16)):
-            p.grad, q.grad = g.clone(), g.float()
-        a.step()
-        b.step()
+
+    def check(a):
         for p, q in zip(ours, ref):
             assert p.dtype == BF16 and p.grad.dtype == BF16
             assert a.state[p]["master"].dtype == torch.float32
@@ -189,6 +195,8 @@ def test_master_weights_are_a_float32_run_rounded(name):
             assert torch.equal(p.detach(), q.detach().to(BF16))
             assert all(v.dtype == torch.float32 for k2, v in a.state[p].items()
                        if k2 != "step" and isinstance(v, torch.Tensor))
+
+    stepped_side_by_side(name, ours, ref, shapes, BF16, steps=6, check=check)
 
 
 def test_master_weights_keep_updates_that_bfloat16_rounds_away():

@@ -127,15 +127,21 @@ def test_gradients_from_the_final_sweep_give_the_same_weights_bitwise(shape, mod
     layers start from the adjoint solve's final sweep; the weights after
     every step are those of the reducer that starts after backward, in
     every group, and no step needed the check's fallback."""
+    assert_overlap_is_early_and_bitwise(shape, MODES[mode])
+
+
+def assert_overlap_is_early_and_bitwise(shape, mode, **kw):
+    """4 steps on grid ``shape`` with and without overlap: the same weights
+    bitwise in every group, no fallback, and every bucket from the second
+    step on started during backward; on every rank."""
     D, L = shape
     if WORLD.Get_size() != D * L:
         pytest.skip(f"grid {D}x{L} needs {D * L} ranks")
     with ProcessGrid(WORLD, data=D) as grid:
-        a, stats = train(grid, overlap=True, steps=4, mode=MODES[mode])
-        b, _ = train(grid, overlap=False, steps=4, mode=MODES[mode])
+        a, stats = train(grid, overlap=True, steps=4, mode=mode, **kw)
+        b, _ = train(grid, overlap=False, steps=4, mode=mode, **kw)
         result = same_everywhere(grid, a, b)
         kept = all(sweep for _, sweep, _ in stats)
-        # every bucket from the second step on started during backward
         early = all(n == buckets for n, _, buckets in stats[1:])
     assert WORLD.allgather((result, kept, early)) == [((True, True), True, True)] * WORLD.size
 
@@ -150,16 +156,7 @@ def test_micro_batches_overlap_and_give_the_same_weights_bitwise(shape, schedule
     second step on starts during backward, no step needs the check's
     fallback, and the weights after every step are bitwise those of the
     reducer that starts after backward, in every group."""
-    D, L = shape
-    if WORLD.Get_size() != D * L:
-        pytest.skip(f"grid {D}x{L} needs {D * L} ranks")
-    with ProcessGrid(WORLD, data=D) as grid:
-        a, stats = train(grid, overlap=True, steps=4, mode=PIPELINES[schedule], batch=11)
-        b, _ = train(grid, overlap=False, steps=4, mode=PIPELINES[schedule], batch=11)
-        result = same_everywhere(grid, a, b)
-        kept = all(sweep for _, sweep, _ in stats)
-        early = all(n == buckets for n, _, buckets in stats[1:])
-    assert WORLD.allgather((result, kept, early)) == [((True, True), True, True)] * WORLD.size
+    assert_overlap_is_early_and_bitwise(shape, PIPELINES[schedule], batch=11)
 
 
 @pytest.mark.mpi
