@@ -2,7 +2,8 @@
 training loss and validation accuracy after 130 iterations, per seed, for
 each curvature rule of ``optim.lbfgs_curvature`` ('skip': the default, a
 pair of little or negative curvature dropped; 'damped': Powell-damped and
-kept) and each Armijo constant ``optim.lbfgs_c1`` (1e-4: the default; 0.5:
+kept), for L-SR1 in a trust region (rule 'lsr1': ``optim.name = "lsr1"``,
+every pair kept, no line search) and each Armijo constant ``optim.lbfgs_c1`` (1e-4: the default; 0.5:
 the paper's code, whose backtracking factor 0.5 is also its Armijo
 constant).
 
@@ -17,10 +18,11 @@ Trainer with that configuration on every rank of COMM_WORLD:
     python benchmarks/bench_lbfgs_paper.py --mode serial
     mpiexec -n 2 python benchmarks/bench_lbfgs_paper.py --mode one-shot
 
-    [--seeds 0,1,2] [--rules skip,damped] [--c1 1e-4] [--iters 130]
+    [--seeds 0,1,2] [--rules skip,damped,lsr1] [--c1 1e-4] [--iters 130]
 
 Rows are merged into benchmarks/results/lbfgs_paper.csv (a row of the same
-mode, ranks, rule, c1 and seed is replaced): mode, ranks, rule, c1, seed, iters,
+mode, ranks, rule, c1 and seed is replaced): mode, ranks, rule, c1 (empty for
+lsr1), seed, iters,
 train_loss (mean cross-entropy over the training set at the final weights,
 exact network), objective (train_loss + the Tikhonov term), val_acc,
 evaluations (fine forward+backward work: the metrics' fwd_work + bwd_work,
@@ -56,8 +58,9 @@ def tikhonov_term(trainer, beta):
 
 def run(comm, mode, rule, c1, seed, iters):
     with common.run_dir(comm, "lp-lbfgs-paper-") as run_dir:
-        cfg = resolve(CONFIG, [f'mgrit.mode="{mode}"', f'optim.lbfgs_curvature="{rule}"',
-                               f"optim.lbfgs_c1={c1!r}",
+        opt = ['optim.name="lsr1"'] if rule == "lsr1" else \
+            [f'optim.lbfgs_curvature="{rule}"', f"optim.lbfgs_c1={c1!r}"]
+        cfg = resolve(CONFIG, [f'mgrit.mode="{mode}"', *opt,
                                f"optim.epochs={iters}", f"model.seed={seed}",
                                f'run.dir="{run_dir}"', "run.plot=false",
                                "run.checkpoint_every=-1"])
@@ -74,7 +77,8 @@ def run(comm, mode, rule, c1, seed, iters):
             objective = train_loss + tikhonov_term(trainer, cfg["optim"]["tikhonov"])
         finally:
             trainer.close()
-    return dict(mode=mode, ranks=comm.size, rule=rule, c1=f"{c1:g}", seed=seed, iters=iters,
+    return dict(mode=mode, ranks=comm.size, rule=rule, c1="" if rule == "lsr1" else f"{c1:g}",
+                seed=seed, iters=iters,
                 train_loss=f"{train_loss:.6f}", objective=f"{objective:.6f}",
                 val_acc=f"{val_acc:.4f}", work=f"{work:.0f}", seconds=f"{seconds:.1f}")
 
@@ -84,10 +88,11 @@ def merge(path, new):
     old = []
     if os.path.exists(path):
         with open(path, newline="") as fh:
-            old = [dict(r, c1=r.get("c1") or "0.0001") for r in csv.DictReader(fh)]
+            old = [dict(r, c1=r.get("c1") or ("" if r["rule"] == "lsr1" else "0.0001"))
+                   for r in csv.DictReader(fh)]
     fresh = {key(r) for r in new}
     rows = [r for r in old if key(r) not in fresh] + new
-    rows.sort(key=lambda r: (r["mode"], int(r["ranks"]), r["rule"], float(r["c1"]),
+    rows.sort(key=lambda r: (r["mode"], int(r["ranks"]), r["rule"], float(r["c1"] or 0),
                              int(r["seed"])))
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=FIELDS)
@@ -100,7 +105,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", default="serial", choices=("serial", "one-shot", "layer-parallel"))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--rules", default="skip,damped")
+    p.add_argument("--rules", default="skip,damped",
+                   help="L-BFGS curvature rules, and lsr1 (L-SR1 in a trust region, "
+                        "optim.name = \"lsr1\"), comma-separated")
     p.add_argument("--c1", default="1e-4", help="Armijo constants, comma-separated")
     p.add_argument("--iters", type=int, default=130)
     p.add_argument("--out", default=os.path.join(RESULTS, "lbfgs_paper.csv"))
@@ -108,7 +115,10 @@ def main():
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD
     for seed in (int(s) for s in a.seeds.split(",")):
-        for rule, c1 in ((r, float(c)) for r in a.rules.split(",") for c in a.c1.split(",")):
+        runs = [(r, float(c)) for r in a.rules.split(",") if r != "lsr1"
+                for c in a.c1.split(",")]
+        runs += [("lsr1", 0.0)] if "lsr1" in a.rules.split(",") else []
+        for rule, c1 in runs:
             row = run(comm, a.mode, rule, c1, seed, a.iters)
             if comm.rank == 0:  # merged at once: a stopped run keeps what it measured
                 os.makedirs(os.path.dirname(a.out), exist_ok=True)

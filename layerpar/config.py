@@ -25,7 +25,7 @@ from layerpar.steps import ACTIVATIONS, BIASES
 from layerpar.transformer import POOLS
 
 MODES = ("serial", "layer-parallel", "one-shot")
-OPTIMIZERS = ("sgd", "adam", "lbfgs")
+OPTIMIZERS = ("sgd", "adam", "lbfgs", "lsr1")
 SCHEDULES = ("constant", "step", "cosine")
 MULTILEVEL_METHODS = ("none", "nested", "mgopt", "rmtr")
 COARSE_STATES = ("restrict", "keep")
@@ -117,16 +117,17 @@ DEFAULTS = {
                                # backward: at most P micro-batches held per rank)
     },
     "optim": {
-        "name": "adam",        # sgd, adam, lbfgs
-        "lr": 0.01,            # learning rate (L-BFGS: the first trial step, default 1)
+        "name": "adam",        # sgd, adam, lbfgs, lsr1 (L-SR1 in a trust region)
+        "lr": 0.01,            # learning rate (L-BFGS: the first trial step, default 1;
+                               #   L-SR1: the initial trust radius, default 1)
         "momentum": 0.9,       # sgd
-        "epochs": 40,          # L-BFGS: iterations on the whole training set
+        "epochs": 40,          # L-BFGS, L-SR1: iterations on the whole training set
         "schedule": "cosine",  # constant, step, cosine
         "step_epochs": 10,     # step schedule: decay every this many epochs
         "decay": 0.5,          # step schedule: factor
         "tikhonov": 0.0,       # beta/2 * sum ||theta_n||^2
         "smoothness": 0.0,     # gamma/2 * sum ||(theta_n - theta_{n-1})/h||^2
-        "lbfgs_history": 10,   # lbfgs: pairs of updates kept
+        "lbfgs_history": 10,   # lbfgs, lsr1: pairs of updates kept
         "line_search": "armijo",  # lbfgs: armijo or strong-wolfe
         "lbfgs_curvature": "skip",  # lbfgs: a pair with little or negative curvature is
                                   #   skipped or damped (Powell)
@@ -191,8 +192,12 @@ DEFAULTS = {
 
 # Defaults that differ by optimiser, used where the configuration does not
 # set the key: L-BFGS takes unit trial steps with a line search, and a
-# decaying schedule would only shorten them.
-OPTIMIZER_DEFAULTS = {"lbfgs": {"lr": 1.0, "schedule": "constant"}}
+# decaying schedule would only shorten them; L-SR1's radius starts at 1 and
+# then follows its ratio test.
+OPTIMIZER_DEFAULTS = {"lbfgs": {"lr": 1.0, "schedule": "constant"},
+                      "lsr1": {"lr": 1.0, "schedule": "constant"}}
+# the optimisers that evaluate the loss through a closure, on the full batch
+FULL_BATCH_OPTIMIZERS = ("lbfgs", "lsr1")
 GENERATED_DATASETS = ("peaks", "digits", "recall")  # need no files: data.root does not apply
 # the MGRIT solves' min_coarse: LayerParallel's default, which the command uses
 MIN_COARSE = 2
@@ -390,6 +395,8 @@ def check(config):
     need(o["tikhonov"] >= 0, "optim.tikhonov", "must be >= 0")
     need(o["smoothness"] >= 0, "optim.smoothness", "must be >= 0")
     need(o["lbfgs_history"] >= 1, "optim.lbfgs_history", "must be >= 1")
+    need(o["name"] != "lsr1" or o["schedule"] == "constant", "optim.schedule",
+         "lsr1's trust radius follows its ratio test: only \"constant\" applies")
     need(r["checkpoint_every"] >= -1, "run.checkpoint_every",
          "must be >= 0 (0: each epoch), or -1 for only the last checkpoint")
     need(o["line_search"] in LINE_SEARCHES, "optim.line_search",

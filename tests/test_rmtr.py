@@ -22,7 +22,7 @@ from test_multilevel import (  # noqa: F401
 )
 
 from layerpar.config import ConfigError, resolve
-from layerpar.multilevel import trust
+from layerpar.optim import trust
 from layerpar.multilevel.batching import CycleBatches
 from layerpar.training import Trainer
 
@@ -269,10 +269,13 @@ RMTR_CASES = [
      "multilevel.epochs_per_level": "[1, 1, 2]", "data.batch_size": 1000,
      "multilevel.cycle_batches": 2},
 ]
+# L-SR1 on every level (full batch): its own trust region inside the cycle's
+LSR1_CASE = {"optim.name": '"lsr1"', "optim.lr": 1.0, "optim.schedule": '"constant"',
+             "multilevel.post_steps": 1}
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("sets", RMTR_CASES)
+@pytest.mark.parametrize("sets", RMTR_CASES + [LSR1_CASE])
 def test_same_result_on_any_number_of_ranks(sets, run_dirs):
     world = Trainer(rmtr(run_dirs(), **sets), WORLD)
     world.run()

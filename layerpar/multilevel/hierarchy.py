@@ -21,7 +21,7 @@ import torch
 
 from layerpar import transfer
 from layerpar._collective import agree, check_comm
-from layerpar.optim import LBFGS
+from layerpar.optim._flat import FlatOptimizer
 
 # optimiser state that scales like a gradient (a layer's gradient is
 # proportional to h), and like its square
@@ -196,8 +196,8 @@ class Hierarchy:
         kept >= 0 where linear prolongation extrapolates).  Other state
         (step counters) is copied from this rank's layers, parameter by
         name; the opening and closing layers keep theirs.  L-BFGS state is
-        not moved: its curvature pairs describe another problem, and the
-        destination starts with an empty history."""
+        not moved (nor L-SR1's): its curvature pairs describe another
+        problem, and the destination starts with an empty history."""
         msg = None
         try:
             owned = {id(p) for g in dst.optimizer.param_groups for p in g["params"]}
@@ -209,7 +209,7 @@ class Hierarchy:
         except Exception as e:  # noqa: BLE001 - reported on every rank
             msg = f"dst.optimizer: {type(e).__name__}: {e}"
         agree(self.comm, msg)
-        if isinstance(src.optimizer, LBFGS):
+        if isinstance(src.optimizer, FlatOptimizer):  # L-BFGS, L-SR1: curvature pairs
             return
         n_src, n_dst = src.net.body.nlayers, dst.net.body.nlayers
         if n_dst >= n_src:

@@ -23,7 +23,7 @@ on the cycle's batch B, the same batch on every level:
      s)) / (m_{l+1}(y0) - m_{l+1}(y)) >= eta_1 (``accept_ratio``), the two
      decreases on the same batch; the radius then grows (rho >= eta_2 with
      the step on the boundary), shrinks (rejected) or stays
-     (``layerpar.multilevel.trust``); a correction whose coarse model
+     (``layerpar.optim.trust``); a correction whose coarse model
      predicts no decrease is rejected without a fine evaluation;
   4. ``post_steps`` optimiser steps on m_l.
 
@@ -61,7 +61,7 @@ import math
 
 import torch
 
-from layerpar.multilevel import trust
+from layerpar.optim import trust
 from layerpar.multilevel.batching import CycleBatches
 from layerpar.multilevel.cycling import CyclingMethod
 from layerpar.multilevel.hierarchy import gradient, linear_term, point, set_point
@@ -213,7 +213,7 @@ class RMTR(CyclingMethod):
         lev = self.levels[l]
         first, norm = None, 0.0
         for _ in range(count):
-            if lev.lbfgs:  # closure-driven: it evaluates where it needs to
+            if lev.closure_driven:  # closure-driven: it evaluates where it needs to
                 before = lev.work["fwd"] + lev.work["bwd"]
                 s = lev.step(x, y, size)
                 self._count(lev, before, size)
@@ -351,7 +351,7 @@ class RMTR(CyclingMethod):
         # the trial's gradient serves a post-smoothing step, or (one batch per
         # epoch) the next cycle
         with_grad = (ml["post_steps"] > 0 or (l == 0 and self.batches_per_epoch == 1)) \
-            and not lev.lbfgs
+            and not lev.closure_driven
         if with_grad:
             f1, grads, stats = self._evaluate(lev, x, y, size)
             correct = stats["correct"]

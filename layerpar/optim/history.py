@@ -18,10 +18,15 @@ from layerpar._watchdog import guard
 from layerpar.optim._sums import allsum, dot
 
 
-def load(comm, params, state, dtype, device, *, keep):
+def load(comm, params, state, dtype, device, *, keep, curvature=True):
     """Collective: the history held in ``state`` (an optimiser's state:
     ``state[p] = {'s': (k, *p.shape), 'y': (k, *p.shape)}``, no entry while
-    it is empty) for ``params``, the newest ``keep`` pairs at most."""
+    it is empty) for ``params``, the newest ``keep`` pairs at most.
+
+    With ``curvature`` (L-BFGS) every pair must have y.s > 0 and the
+    history is (S, Y, rho, gamma); without it (L-SR1, whose pairs may have
+    any curvature) it is (S, Y) and nothing is summed over the ranks
+    beyond the agreement on the number of pairs."""
     ks, msg = set(), None
     for i, p in enumerate(params):
         st = state.get(p)
@@ -54,7 +59,7 @@ def load(comm, params, state, dtype, device, *, keep):
     n = sum(p.numel() for p in params)
     if k == 0:
         empty = torch.zeros(0, n, dtype=dtype, device=device)
-        return empty, empty.clone(), [], 1.0
+        return (empty, empty.clone(), [], 1.0) if curvature else (empty, empty.clone())
     S = torch.cat([state[p]["s"].reshape(k, -1) for p in params], dim=1) \
         if params else torch.zeros(k, 0, dtype=dtype, device=device)
     Y = torch.cat([state[p]["y"].reshape(k, -1) for p in params], dim=1) \
@@ -63,6 +68,8 @@ def load(comm, params, state, dtype, device, *, keep):
     Y = Y.to(dtype)
     if k > keep:  # loaded with a shorter history: keep the newest pairs
         S, Y, k = S[-keep:], Y[-keep:], keep
+    if not curvature:
+        return S, Y
     # one sum over the ranks: y_i.s_i for every pair and y.y of the newest
     sums = allsum(comm, [dot(Y[i], S[i]) for i in range(k)] + [dot(Y[-1], Y[-1])])
     ys, yy = sums[:k], sums[k]

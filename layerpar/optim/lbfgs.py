@@ -10,13 +10,11 @@ the objective along the search direction.
 import math
 import numbers
 
-import numpy as np
 import torch
 
-from layerpar._collective import check_comm, collective
-from layerpar._watchdog import guard
 from layerpar.optim import history
-from layerpar.optim._sums import allsum as _allsum, dot as _dot, flat as _flat
+from layerpar.optim._flat import FlatOptimizer
+from layerpar.optim._sums import allsum as _allsum, dot as _dot
 from layerpar.optim.linesearch import (LINE_SEARCHES, LineSearchError, Trial, armijo,
                                        backtracking, strong_wolfe)
 
@@ -31,7 +29,7 @@ _OPTIONS = ("lr", "history", "max_iter", "max_backtracks", "c1", "shrink", "grad
             "reuse_evaluation", "curvature")
 
 
-class LBFGS(torch.optim.Optimizer):
+class LBFGS(FlatOptimizer):
     """Full-batch L-BFGS with a backtracking (Armijo) or a strong Wolfe line
     search, for parameters split over the ranks of ``comm``.
 
@@ -125,107 +123,23 @@ class LBFGS(torch.optim.Optimizer):
       recomputed from the pairs at every step.
     """
 
+    _what = "L-BFGS"
+
     def __init__(self, params, comm, *, lr=1.0, history=10, max_iter=1, max_backtracks=20,
                  c1=1e-4, shrink=0.5, grad_tol=0.0, curvature_eps=1e-10, on_failure="reset",
                  line_search="armijo", c2=STRONG_WOLFE_C2, max_line_evals=25,
                  reuse_evaluation=False, curvature="skip"):
-        check_comm(comm)
         _check_options(lr=lr, history=history, max_iter=max_iter,
                        max_backtracks=max_backtracks, c1=c1, shrink=shrink, grad_tol=grad_tol,
                        curvature_eps=curvature_eps, on_failure=on_failure,
                        line_search=line_search, c2=c2, max_line_evals=max_line_evals,
                        reuse_evaluation=reuse_evaluation, curvature=curvature)
-        params = list(params)
-        if params and isinstance(params[0], dict):
-            if len(params) != 1:
-                raise ValueError(f"LBFGS takes one parameter group, got {len(params)}: pass "
-                                 "the parameters as one list")
-        elif not params:
-            params = [{"params": []}]  # a rank whose layers have no parameters
         defaults = dict(lr=lr, history=history, max_iter=max_iter,
                         max_backtracks=max_backtracks, c1=c1, shrink=shrink, grad_tol=grad_tol,
                         curvature_eps=curvature_eps, on_failure=on_failure,
                         line_search=line_search, c2=c2, max_line_evals=max_line_evals,
                         reuse_evaluation=reuse_evaluation, curvature=curvature)
-        super().__init__(params, defaults)
-        kinds = {(p.dtype, p.device) for p in self._params}
-        if len(kinds) > 1:
-            raise ValueError(f"LBFGS needs all parameters of one dtype and device, got {kinds}: "
-                             "convert the model (e.g. .double())")
-        self._dtype, self._device = kinds.pop() if kinds else (torch.float64, torch.device("cpu"))
-        self._numels = [p.numel() for p in self._params]
-        self.comm = comm
-        self.last_step = {}
-        self._last = None  # (flat parameters, f, flat gradient, ||g||^2) after a call
-
-    def load_state_dict(self, state_dict):
-        self._last = None
-        super().load_state_dict(state_dict)
-
-    @property
-    def _params(self):
-        return self.param_groups[0]["params"]
-
-    def add_param_group(self, param_group):
-        if getattr(self, "param_groups", None):
-            raise ValueError("LBFGS takes one parameter group")
-        super().add_param_group(param_group)
-
-    # ---- flat local slices -------------------------------------------------
-    def _flat_params(self):
-        return _flat([p.detach() for p in self._params], self._dtype, self._device).clone()
-
-    def _flat_grad(self):
-        gs = []
-        for p in self._params:
-            if p.grad is None:
-                gs.append(torch.zeros_like(p))
-            elif p.grad.is_sparse:
-                raise RuntimeError("LBFGS does not support sparse gradients")
-            else:
-                gs.append(p.grad.detach())
-        return _flat(gs, self._dtype, self._device).clone()
-
-    def _set_params(self, flat):
-        for p, piece in zip(self._params, torch.split(flat, self._numels)):
-            p.copy_(piece.view_as(p))
-
-    def _set_grads(self, flat):
-        for p, piece in zip(self._params, torch.split(flat, self._numels)):
-            if p.grad is None:
-                p.grad = piece.view_as(p).clone()
-            else:
-                p.grad.copy_(piece.view_as(p))
-
-    def _evaluate(self, closure):
-        """Collective: (f, flat local gradient, ||g||^2 over all ranks) at the
-        current parameters."""
-        # a closure that fails after its collective work on some ranks only
-        # (e.g. in the loss) raises on every rank
-        with collective(self.comm, "the closure"), torch.enable_grad():
-            value = closure()
-        try:
-            f = float(value.detach() if isinstance(value, torch.Tensor) else value)
-        except (TypeError, ValueError):
-            f = None
-        g = self._flat_grad()
-        # every rank -> every rank: its loss value (they must agree) and its
-        # part of ||g||^2, added in rank order as in _allsum
-        guard(self.comm, "the L-BFGS objective and gradient norm")
-        parts = self.comm.allgather((f, _dot(g, g)))
-        values = [v for v, _ in parts]
-        if any(v is None for v in values):
-            raise TypeError("the closure must return the loss as a float or a 0-d tensor "
-                            f"(got {type(value).__name__} on some rank)")
-        if any(not (v == f or (math.isnan(v) and math.isnan(f))) for v in values):
-            raise ValueError(f"the closure returned different loss values on different ranks "
-                             f"({values}): return the same value everywhere, e.g. "
-                             "net.reduce(loss)")
-        gg = np.float64(parts[0][1])
-        for _, part in parts[1:]:
-            gg += part
-        self.last_step["evaluations"] += 1
-        return f, g, float(gg)
+        super().__init__(params, comm, defaults)
 
     # ---- history: the per-parameter state <-> flat matrices ------------------
     def _load_history(self, group):
@@ -329,13 +243,6 @@ class LBFGS(torch.optim.Optimizer):
             self._publish(hist[0], hist[1])
             self.last_step["pairs"] = hist[0].shape[0]
         return self.last_step["loss"]
-
-    def _unchanged(self, last):
-        """Collective: whether every rank's parameters are bitwise those of
-        ``last`` (each rank sends its yes/no to every rank)."""
-        mine = last is not None and torch.equal(self._flat_params(), last[0])
-        guard(self.comm, "an L-BFGS agreement")
-        return all(self.comm.allgather(mine))
 
     def _iterate(self, closure, x0, f, g, gg, hist, group):
         """One iteration: direction and line search, with one retry along -g

@@ -6,8 +6,8 @@ from layerpar import checkpoint as ckpt
 from layerpar._collective import agree
 from layerpar._watchdog import env_timeout, set_timeout
 
-from layerpar.config import mode_iterations
-from layerpar.optim import LBFGS, master, schedule
+from layerpar.config import FULL_BATCH_OPTIMIZERS, mode_iterations
+from layerpar.optim import LBFGS, LSR1, master, schedule
 from layerpar.parallel import Network
 from layerpar.models import factories
 from layerpar.training.controller import GradientController
@@ -77,6 +77,9 @@ def make_optimizer(config, net):
         return optim.Adam(params, lr=o["lr"])
     # serial mode: the full-batch objective is the same at every step, so
     # a step starts from the previous step's last evaluation
+    if o["name"] == "lsr1":
+        return LSR1(params, net.body.comm, lr=o["lr"], history=o["lbfgs_history"],
+                    reuse_evaluation=config["mgrit"]["mode"] == "serial")
     return LBFGS(params, net.body.comm, lr=o["lr"], history=o["lbfgs_history"],
                  line_search=o["line_search"], curvature=o["lbfgs_curvature"], c1=o["lbfgs_c1"],
                  reuse_evaluation=config["mgrit"]["mode"] == "serial")
@@ -123,9 +126,9 @@ def make_loaders(config, data, rank, size, *, grid=None):
     group's loaders give its rows of the same global batches."""
     d, o = config["data"], config["optim"]
     first, last = rank == 0, rank == size - 1
-    # one batch of the whole training split in a fixed order: for L-BFGS, and
+    # one batch of the whole training split in a fixed order: for L-BFGS and L-SR1, and
     # for any optimiser given a batch size of at least the split's size
-    full_batch = o["name"] == "lbfgs" or d["batch_size"] >= len(data.train)
+    full_batch = o["name"] in FULL_BATCH_OPTIMIZERS or d["batch_size"] >= len(data.train)
     batch = len(data.train) if full_batch else d["batch_size"]
     opts = dict(need_inputs=first, need_labels=last)
     val_batch = max(d["batch_size"], 1000)

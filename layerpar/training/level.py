@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as Fn
 
 from layerpar._watchdog import guard
+from layerpar.config import FULL_BATCH_OPTIMIZERS
 from layerpar.engine.policy import is_stochastic
 from layerpar.optim import regularize
 from layerpar.training.build import build_network, make_monitor, make_optimizer
@@ -75,7 +76,8 @@ class Level:
         self.monitor = make_monitor(config)
         # the gradient-accuracy controller (layerpar.training.controller), or None
         self.controller = self.monitor.controller if self.monitor else None
-        self.lbfgs = config["optim"]["name"] == "lbfgs"
+        # L-BFGS and L-SR1 evaluate through a closure, where they need to
+        self.closure_driven = config["optim"]["name"] in FULL_BATCH_OPTIMIZERS
         self.work = {"fwd": 0, "bwd": 0}
         self._linear = None  # {parameter: tensor v}: the objective gets -<v, x>
         self.reusing = bool(reuse) and not (self.body.fwd_options["warm_start"]
@@ -83,6 +85,7 @@ class Level:
                                             or any(True for _ in self.net.buffers()))
         self._memo = []  # the last KEPT evaluations with their gradients, newest first
         self._reused = False  # did the last evaluation come from the memo
+        self._point_stats = None  # (loss, correct) at the weights a closure-driven step left
 
     # ---- the objective ---------------------------------------------------------
     def set_linear_term(self, v):
@@ -264,10 +267,13 @@ class Level:
         reference = self.exact_gradient(x, y, size) if ctl and ctl.due(self.body) else None
         measured = {}
 
+        evaluations = []  # (loss, correct) of each evaluation of the step
+
         def closure():
             value, correct = self._evaluate_with_grad(x, y, size)
             first = not stats
             stats.update(loss=value, correct=correct)
+            evaluations.append(dict(stats))
             if reference is not None and first:  # the step's gradient at the step's weights
                 vtime = 0.0 if self._reused else \
                     self.body.last_forward["virtual_time"] + self.body.last_backward["virtual_time"]
@@ -283,10 +289,18 @@ class Level:
             solves["vtime"] += f["virtual_time"] + b["virtual_time"]
             return value
 
-        if self.lbfgs:
+        if self.closure_driven:
             self.optimizer.step(closure)
             if not stats:  # the step reused the last evaluation and took no trial
                 closure()
+            # the statistics of the point the step ends at: L-SR1 may have
+            # rejected its last trial (L-BFGS ends at its last evaluation)
+            at = getattr(self.optimizer, "last_step", {}).get("point_evaluation", -1)
+            if at is not None and at >= 0:
+                stats.update(evaluations[at])
+            elif at is None and self.optimizer.last_step["evaluations"] and self._point_stats:
+                stats.update(self._point_stats)  # evaluated by the step before
+            self._point_stats = dict(stats)
         else:
             closure()
             self.optimizer.step()

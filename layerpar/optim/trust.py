@@ -1,5 +1,5 @@
-"""The trust-region rules of the globalised multilevel method (``RMTR``),
-as plain functions of floats (no torch, no communication): every rank
+"""The trust-region rules of the globalised multilevel method (``RMTR``) and
+of the L-SR1 optimiser (``LSR1``), as plain functions of floats (no torch, no communication): every rank
 computes the same floats, so every rank takes the same decision.
 
     rho = ratio(actual, predicted)
@@ -25,12 +25,18 @@ GROW = 2.0       # gamma_2: the radius after a very successful correction, relat
 BOUNDARY = 0.9   # a step of at least this fraction of its bound reached the boundary
 
 
-def ratio(actual, predicted):
+def ratio(actual, predicted, noise=0.0):
     """actual / predicted decrease; -inf when the model predicts no decrease
-    (predicted <= 0) or a value is not finite: such a step is rejected."""
+    (predicted <= 0) or a value is not finite: such a step is rejected.
+
+    ``noise`` > 0 (the round-off of the objective's values, e.g. a few
+    machine epsilons times |f|) is added to both decreases, so that steps
+    whose decreases are both lost in round-off have a ratio near 1 instead
+    of a random one (Conn, Gould & Toint, Trust-Region Methods, 2000,
+    Section 17.4.2)."""
     if not (math.isfinite(actual) and math.isfinite(predicted)) or predicted <= 0:
         return -math.inf
-    return actual / predicted
+    return (actual + noise) / (predicted + noise)
 
 
 def update(radius, rho, step_norm, bound, *, accept=ACCEPT, grow_at=GROW_AT, shrink=SHRINK,
