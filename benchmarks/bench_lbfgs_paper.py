@@ -123,7 +123,8 @@ def main():
             if comm.rank == 0:  # merged at once: a stopped run keeps what it measured
                 os.makedirs(os.path.dirname(a.out), exist_ok=True)
                 merge(a.out, [row])
-                print(f"{a.mode:9s} {comm.size} rank(s)  {rule:7s} c1 {c1:g} seed {seed}: "
+                c1_text = "" if rule == "lsr1" else f"c1 {c1:g} "
+                print(f"{a.mode:9s} {comm.size} rank(s)  {rule:7s} {c1_text}seed {seed}: "
                       f"train loss "
                       f"{row['train_loss']}  val {100 * float(row['val_acc']):.1f}%  "
                       f"({row['seconds']} s), merged into {a.out}", flush=True)

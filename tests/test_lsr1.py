@@ -81,12 +81,12 @@ def test_trust_region_step_satisfies_the_optimality_conditions(kind):
 
 def dense_sr1(S, Y, skip_eps):
     """The SR1 recursion with explicit matrices, B0 = gamma I with gamma =
-    y.y/s.y of the newest pair of positive curvature."""
+    s.y/s.s of the newest pair of positive curvature."""
     n = S.shape[1]
     gamma = 1.0
     for s, y in zip(S[::-1], Y[::-1]):
         if s @ y > 0:
-            gamma = (y @ y) / (s @ y)
+            gamma = (s @ y) / (s @ s)
             break
     B, skipped = gamma * np.eye(n), 0
     for s, y in zip(S, Y):
@@ -108,7 +108,7 @@ def test_sr1_matrix_in_coefficients_equals_the_dense_recursion():
     n, k = 9, 5
     S, Y, g = rng.normal(size=(k, n)), rng.normal(size=(k, n)), rng.normal(size=n)
     Y[4] = S[4] + 0.3 * Y[4]  # the newest pair has positive curvature: gamma is its
-    gamma = (Y[4] @ Y[4]) / (S[4] @ Y[4])
+    gamma = (S[4] @ Y[4]) / (S[4] @ S[4])
     B3 = gamma * np.eye(n)
     for s, y in zip(S[:3], Y[:3]):
         B3 += np.outer(y - B3 @ s, y - B3 @ s) / ((y - B3 @ s) @ s)
@@ -211,9 +211,12 @@ def test_lsr1_finds_the_minimiser_of_a_quadratic():
     assert all(b <= a + 1e-14 * max(1.0, abs(a)) for a, b in zip(values, values[1:]))
 
 
-# Iterates on P ranks against one rank, as for L-BFGS (measured: 4e-14 on 2
-# ranks and 9e-14 on 4 after 15 steps)
-RANKS_RTOL = 1e-12
+# Iterates on P ranks against one rank: 1e-10, looser than L-BFGS's 1e-12.
+# An SR1 update divides by u.s, which the skip rule bounds only by 1e-8
+# |u| |s|, so a pair with a small u.s amplifies the round-off of the sums'
+# order (measured on 2 ranks: 5e-16 after 5 steps, then 9e-14 after the
+# sixth pair, 3e-12 after 15 steps; on 4 ranks 3e-13).
+RANKS_RTOL = 1e-10
 
 
 @pytest.mark.mpi
