@@ -34,8 +34,12 @@ reaches it are recorded (empty when never reached).  Wall times on a loaded
 machine are indicative only; work and accuracy are not affected by load.
 
 Writes benchmarks/results/transformer.csv (one row per run; ``--quick``:
-transformer_quick.csv), the runs' per-epoch curves (transformer_curves.csv)
-and the PNG beside them (accuracy against work).
+transformer_quick.csv), the runs' per-epoch curves (transformer_curves.csv),
+the summary per depth and method over the seeds (transformer_summary.csv:
+final accuracy, its difference to exact, the seeds that reached exact's
+accuracy, work and time ratios exact / method to it, total work, the
+fraction of exact steps; also printed by ``--merge``) and the PNG beside
+them (accuracy against work).
 """
 import argparse
 import csv
@@ -192,6 +196,74 @@ def _write(a, name, rows, curves):
             for e, c in enumerate(cs, 1):
                 w.writerow({"depth": depth, "seed": seed, "method": method, "epoch": e, **c})
     _plot(curves, os.path.join(a.out, name + ".png"))
+    summary = _summary([{k: str(v) for k, v in r.items()} for r in rows])
+    with open(os.path.join(a.out, name + "_summary.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
+        w.writeheader()
+        w.writerows(summary)
+    return summary
+
+
+SUMMARY_FIELDS = ["depth", "method", "seeds", "final_acc_median", "final_acc_min",
+                  "final_acc_max", "delta_vs_exact_median", "reached", "work_ratio_median",
+                  "work_ratio_worst", "time_ratio_median", "total_work_vs_exact",
+                  "exact_steps_median"]
+
+
+def _median(values):
+    values = sorted(v for v in values if not math.isnan(v))
+    if not values:
+        return math.nan
+    m = len(values) // 2
+    return values[m] if len(values) % 2 else 0.5 * (values[m - 1] + values[m])
+
+
+def _summary(rows):
+    """Per depth and method over the seeds: final accuracy (median, min,
+    max), its difference to the same seed's exact run (median), the seeds
+    that reached the exact run's accuracy, the work and time ratios to it
+    (exact / method over the seeds that reached it: > 1 is less work; the
+    worst counts a seed that never reached it as 0), the total work against
+    exact's and the fraction of steps propagated exactly."""
+    f = lambda r, k: float(r[k]) if r[k] not in ("", None) else math.nan
+    exact = {(int(r["depth"]), int(r["seed"])): r for r in rows if r["method"] == "exact"}
+    out = []
+    for depth in sorted({int(r["depth"]) for r in rows}):
+        for method in METHODS:
+            mine = [r for r in rows if int(r["depth"]) == depth and r["method"] == method
+                    and (depth, int(r["seed"])) in exact]
+            if not mine:
+                continue
+            ref = [exact[(depth, int(r["seed"]))] for r in mine]
+            ratios = [f(e, "work_to_target") / f(r, "work_to_target") for r, e in zip(mine, ref)]
+            times = [f(e, "time_to_target") / f(r, "time_to_target") for r, e in zip(mine, ref)]
+            accs = [f(r, "final_val_acc") for r in mine]
+            out.append({
+                "depth": depth, "method": method, "seeds": len(mine),
+                "final_acc_median": _median(accs), "final_acc_min": min(accs),
+                "final_acc_max": max(accs),
+                "delta_vs_exact_median": _median([f(r, "final_val_acc") - f(e, "final_val_acc")
+                                                  for r, e in zip(mine, ref)]),
+                "reached": sum(not math.isnan(x) for x in ratios),
+                "work_ratio_median": _median(ratios),
+                "work_ratio_worst": min(0.0 if math.isnan(x) else x for x in ratios),
+                "time_ratio_median": _median(times),
+                "total_work_vs_exact": _median([f(r, "total_work") / f(e, "total_work")
+                                                for r, e in zip(mine, ref)]),
+                "exact_steps_median": _median([f(r, "exact_steps") for r in mine])})
+    return out
+
+
+def _print_summary(summary):
+    print("depth method           seeds final acc (min-max)   vs exact reached work ratio "
+          "(worst) time ratio total work exact steps")
+    for s in summary:
+        print(f"{s['depth']:5d} {s['method']:16s} {s['seeds']:5d} "
+              f"{100 * s['final_acc_median']:5.1f}% ({100 * s['final_acc_min']:.1f}-"
+              f"{100 * s['final_acc_max']:.1f}) {100 * s['delta_vs_exact_median']:+6.1f} pts "
+              f"{s['reached']}/{s['seeds']}     {s['work_ratio_median']:5.2f} "
+              f"({s['work_ratio_worst']:.2f})    {s['time_ratio_median']:5.2f} "
+              f"{s['total_work_vs_exact']:9.2f}x {s['exact_steps_median']:.2f}")
 
 
 def _merge(a, name):
@@ -206,7 +278,7 @@ def _merge(a, name):
                     {k: float(r[k]) for k in ("steps", "work", "time", "val_acc", "exact_steps")})
     rows.sort(key=lambda r: (int(r["seed"]), int(r["depth"]), METHODS.index(r["method"])))
     _targets(rows, curves)
-    _write(a, name, rows, curves)
+    _print_summary(_write(a, name, rows, curves))
 
 
 if __name__ == "__main__":
