@@ -46,7 +46,8 @@ momentum, no schedule), 120 steps single-level.  Nested iteration over 3
 depths (16, 32, 64) with budgets of 30, 60 and 120 steps.  MG/OPT: 3 levels,
 no pre-smoothing, one post-smoothing step, 8 coarsest steps, ``reuse``, 24
 cycles; ``mgopt-noreuse`` the same without reuse; ``rmtr``,
-``nested-rmtr`` and ``fmg`` as below.  ``--optimizer`` picks another smoother for every method.
+``nested-rmtr`` and ``fmg`` as below.  ``--optimizer`` picks another smoother for every method
+(gd, momentum, adam, lbfgs, lsr1: L-SR1 in its own trust region on every level).
 
 Suite ``stochastic``: the first suite, short runs (peaks N = 32, 6 epochs;
 digits N = 16, 4 epochs) of single, nested and MG/OPT.
@@ -126,7 +127,8 @@ FULL_BATCH = PEAKS + ["data.batch_size=5000", "model.nlayers=64", 'optim.schedul
 SMOOTHERS = {"gd": ['optim.name="sgd"', "optim.momentum=0.0", "optim.lr=0.3"],
              "momentum": ['optim.name="sgd"', "optim.momentum=0.9", "optim.lr=0.03"],
              "adam": ['optim.name="adam"', "optim.lr=0.01"],
-             "lbfgs": ['optim.name="lbfgs"', "optim.lr=1.0"]}
+             "lbfgs": ['optim.name="lbfgs"', "optim.lr=1.0"],
+             "lsr1": ['optim.name="lsr1"', "optim.lr=1.0"]}
 DET_STEPS, DET_CYCLES = 120, 24
 DET_MGOPT = ['multilevel.method="mgopt"', "multilevel.levels=3", "multilevel.factor=2",
              "multilevel.pre_steps=0", "multilevel.post_steps=1", "multilevel.coarse_steps=8"]
