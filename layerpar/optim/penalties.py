@@ -44,10 +44,10 @@ def _structure_error(a, b, na, nb):
 
 
 def regularize(net, *, tikhonov=0.0, smoothness=0.0, ends=False, add_grad=True):
-    """Collective: the penalty
+    """Collective: the penalty::
 
         tikhonov/2 * sum_n ||theta_n||^2
-      + smoothness/2 * sum_{n>=1} ||(theta_n - theta_{n-1}) / h||^2
+          + smoothness/2 * sum_{n>=1} ||(theta_n - theta_{n-1}) / h||^2
 
     over the residual layers n = 0..N-1 of a ``Network`` (or a
     ``LayerParallel``), h = T/N; the difference is taken between parameters
