@@ -25,7 +25,7 @@ from layerpar.optim import LSR1, trust
 from layerpar.optim.lsr1 import sr1_model, subspace_step, trust_region_step
 from layerpar.training import Trainer
 
-from test_optim import Quadratic
+from test_optim import Quadratic, run_quadratic
 from test_training import run_dirs, small_config, weights  # noqa: F401 (run_dirs: a fixture)
 
 F64 = torch.float64
@@ -145,13 +145,7 @@ def test_step_in_the_span_equals_the_dense_subproblem(radius):
 # the optimiser on a quadratic split over the ranks
 # ---------------------------------------------------------------------------
 def run_lsr1(comm, steps, cond=50.0, **opts):
-    q = Quadratic(comm, cond=cond)
-    opt = LSR1(q.params, comm, **opts)
-    iterates = [q.x()]
-    for _ in range(steps):
-        opt.step(q.closure(opt))
-        iterates.append(q.x())
-    return q, opt, iterates
+    return run_quadratic(comm, steps, cond, optimizer=LSR1, **opts)
 
 
 def reference_lsr1(f, grad, x, steps, *, history, radius, accept=trust.ACCEPT, skip_eps=1e-8):

@@ -95,9 +95,9 @@ class Quadratic:
         return closure
 
 
-def run_quadratic(comm, steps, cond=50.0, **opts):
+def run_quadratic(comm, steps, cond=50.0, optimizer=LBFGS, **opts):
     q = Quadratic(comm, cond=cond)
-    opt = LBFGS(q.params, comm, **opts)
+    opt = optimizer(q.params, comm, **opts)
     iterates = [q.x()]
     for _ in range(steps):
         opt.step(q.closure(opt))

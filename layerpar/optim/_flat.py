@@ -121,3 +121,23 @@ class FlatOptimizer(torch.optim.Optimizer):
         mine = last is not None and torch.equal(self._flat_params(), last[0])
         guard(self.comm, f"an {self._what} agreement")
         return all(self.comm.allgather(mine))
+
+    def _start(self, closure, group):
+        """Collective: (f, flat local gradient, ||g||^2, evaluated) at the
+        current parameters: the previous call's last evaluation when
+        ``reuse_evaluation`` is on and every rank's parameters are bitwise
+        where that call left them (evaluated False), else a new evaluation."""
+        last, self._last = self._last, None
+        if group["reuse_evaluation"] and self._unchanged(last):
+            self._set_grads(last[2])
+            return last[1], last[2].clone(), last[3], False
+        return (*self._evaluate(closure), True)
+
+    @staticmethod
+    def _converged(f, gg, group):
+        """Whether ||g|| <= ``grad_tol`` (or g = 0); FloatingPointError when
+        the loss or its gradient is not finite."""
+        if not (math.isfinite(f) and math.isfinite(gg)):
+            raise FloatingPointError(f"the loss ({f}) or its gradient (norm^2 {gg}) is "
+                                     "not finite at the current parameters")
+        return math.sqrt(gg) <= group["grad_tol"] or gg == 0.0

@@ -205,19 +205,11 @@ class LBFGS(FlatOptimizer):
                               step_lengths=[], pairs=0, skipped_pairs=0, damped_pairs=0, resets=0,
                               status="ok")
         hist = self._load_history(group)
-        last, self._last = self._last, None
-        if group["reuse_evaluation"] and self._unchanged(last):
-            f, g, gg = last[1], last[2].clone(), last[3]
-            self._set_grads(g)
-        else:
-            f, g, gg = self._evaluate(closure)
+        f, g, gg, evaluated = self._start(closure, group)
         self.last_step["loss"] = self.last_step["new_loss"] = f
         try:
             for _ in range(group["max_iter"]):
-                if not (math.isfinite(f) and math.isfinite(gg)):
-                    raise FloatingPointError(f"the loss ({f}) or its gradient (norm^2 {gg}) is "
-                                             "not finite at the current parameters")
-                if math.sqrt(gg) <= group["grad_tol"] or gg == 0.0:
+                if self._converged(f, gg, group):
                     self.last_step["status"] = "converged"
                     break
                 x0 = self._flat_params()

@@ -124,20 +124,13 @@ class LSR1(FlatOptimizer):
                               status="ok", point_evaluation=None)
         S, Y = history.load(self.comm, self._params, self.state, self._dtype, self._device,
                             keep=group["history"], curvature=False)
-        last, self._last = self._last, None
-        if group["reuse_evaluation"] and self._unchanged(last):
-            f, g, gg = last[1], last[2].clone(), last[3]
-            self._set_grads(g)
-        else:
-            f, g, gg = self._evaluate(closure)
+        f, g, gg, evaluated = self._start(closure, group)
+        if evaluated:
             self.last_step["point_evaluation"] = 0
         self.last_step["loss"] = self.last_step["new_loss"] = f
         try:
             for _ in range(group["max_iter"]):
-                if not (math.isfinite(f) and math.isfinite(gg)):
-                    raise FloatingPointError(f"the loss ({f}) or its gradient (norm^2 {gg}) is "
-                                             "not finite at the current parameters")
-                if math.sqrt(gg) <= group["grad_tol"] or gg == 0.0:
+                if self._converged(f, gg, group):
                     self.last_step["status"] = "converged"
                     break
                 coef, norm, predicted, skipped = self._model_step(g, S, Y, radius, group)
